@@ -1,0 +1,118 @@
+//! Typed element storage, owned or borrowed from a memory-mapped file.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use bytemuck::Pod;
+use memmap2::Mmap;
+
+/// A contiguous run of `T`, either owned or borrowed from a memory map.
+///
+/// Cloning is cheap (a reference count); slicing shares the storage. A mapped buffer is only
+/// created when its bytes are aligned for `T`, so dereferencing never copies.
+#[derive(Clone)]
+pub struct Buffer<T: Pod> {
+    source: Source<T>,
+    /// First element, counted in `T`s from the start of `source`.
+    start: usize,
+    len: usize,
+}
+
+#[derive(Clone)]
+enum Source<T> {
+    Owned(Arc<[T]>),
+    /// `byte_offset` is where element 0 lives inside the map; it is aligned for `T`.
+    Mapped {
+        map: Arc<Mmap>,
+        byte_offset: usize,
+    },
+}
+
+impl<T: Pod> Buffer<T> {
+    /// Takes ownership of `data`.
+    pub fn from_vec(data: Vec<T>) -> Self {
+        let len = data.len();
+        Buffer {
+            source: Source::Owned(data.into()),
+            start: 0,
+            len,
+        }
+    }
+
+    /// Borrows `len` elements at `byte_offset` in `map` when that is aligned for `T`, or copies
+    /// them into owned storage when it is not. The caller has checked the range is in bounds.
+    pub(crate) fn from_map(map: &Arc<Mmap>, byte_offset: usize, len: usize) -> Self {
+        let size = std::mem::size_of::<T>();
+        let bytes = &map[byte_offset..byte_offset + len * size];
+        if bytemuck::try_cast_slice::<u8, T>(bytes).is_ok() {
+            Buffer {
+                source: Source::Mapped {
+                    map: Arc::clone(map),
+                    byte_offset,
+                },
+                start: 0,
+                len,
+            }
+        } else {
+            // Misaligned in the file: one copy, element by element from unaligned bytes.
+            let data: Vec<T> = bytes
+                .chunks_exact(size)
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            Self::from_vec(data)
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// True when the elements live in a memory map rather than in owned memory.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.source, Source::Mapped { .. })
+    }
+
+    /// Elements `start..start + len` of this buffer, sharing storage.
+    ///
+    /// # Panics
+    /// When the range is out of bounds (a programming error, not a data error).
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        assert!(start + len <= self.len, "buffer slice out of bounds");
+        Buffer {
+            source: self.source.clone(),
+            start: self.start + start,
+            len,
+        }
+    }
+}
+
+impl<T: Pod> Deref for Buffer<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match &self.source {
+            Source::Owned(data) => &data[self.start..self.start + self.len],
+            Source::Mapped { map, byte_offset } => {
+                let size = std::mem::size_of::<T>();
+                let begin = byte_offset + self.start * size;
+                // Alignment was checked when the buffer was created, so this cast cannot fail.
+                bytemuck::cast_slice(&map[begin..begin + self.len * size])
+            }
+        }
+    }
+}
+
+impl<T: Pod + std::fmt::Debug> std::fmt::Debug for Buffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("len", &self.len)
+            .field("mapped", &self.is_mapped())
+            .finish()
+    }
+}

@@ -1,0 +1,19 @@
+#![deny(missing_docs)]
+//! Shared foundation of the Llama 4 crates: weights in their stored dtype (owned or borrowed from
+//! a memory map), checkpoint reading in Hugging Face layout, CPU kernels, and the error type.
+
+mod buffer;
+mod checkpoint;
+mod dtype;
+mod error;
+pub mod kernels;
+pub mod safetensors;
+mod weight;
+
+pub use buffer::Buffer;
+pub use checkpoint::{Checkpoint, Scope};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use weight::{BatchedWeight, Layout, Weight, WeightData};
+
+pub use half::{bf16, f16};

@@ -1,0 +1,283 @@
+//! Reading the safetensors format: an 8-byte little-endian header length, a JSON header, then
+//! the data section. Every number in the header is checked before it is used.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::{Buffer, DType, Error, Result, WeightData};
+
+/// Headers larger than this are refused rather than parsed (real ones are a few MB at most).
+pub const MAX_HEADER_LEN: u64 = 100 << 20;
+
+/// One tensor's entry in a header, validated against the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The dtype string as written (`"BF16"`, …).
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// Byte range inside the data section.
+    pub data_offsets: (usize, usize),
+}
+
+/// A parsed header: tensors and the free-form `__metadata__` strings.
+#[derive(Clone, Debug, Default)]
+pub struct Header {
+    /// Tensors by name.
+    pub tensors: HashMap<String, TensorInfo>,
+    /// The `__metadata__` map, if present.
+    pub metadata: HashMap<String, String>,
+    /// Offset of the data section from the start of the file.
+    pub data_start: usize,
+}
+
+/// Bytes per element of every dtype the format defines; `None` for strings it does not.
+fn element_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
+        "I16" | "U16" | "F16" | "BF16" => 2,
+        "I32" | "U32" | "F32" => 4,
+        "I64" | "U64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+/// Parses and validates the header of a safetensors file held in `bytes`. `path` only names the
+/// file in errors. Never panics, whatever the bytes.
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let file_len = bytes.len() as u64;
+    let err_path = || path.to_path_buf();
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(Error::Truncated {
+            path: err_path(),
+            file_len,
+            needed: 8,
+        });
+    };
+    let mut le = [0u8; 8];
+    le.copy_from_slice(len_bytes);
+    let header_len = u64::from_le_bytes(le);
+    if header_len > MAX_HEADER_LEN {
+        return Err(Error::HeaderLength {
+            path: err_path(),
+            header_len,
+        });
+    }
+    let data_start = 8 + header_len;
+    if data_start > file_len {
+        return Err(Error::Truncated {
+            path: err_path(),
+            file_len,
+            needed: data_start,
+        });
+    }
+    let data_start = data_start as usize;
+    let data_len = file_len - data_start as u64;
+    let header_err = |reason: String| Error::Header {
+        path: err_path(),
+        reason,
+    };
+
+    let json: Value =
+        serde_json::from_slice(&bytes[8..data_start]).map_err(|e| header_err(format!("not JSON: {e}")))?;
+    let Value::Object(entries) = json else {
+        return Err(header_err("not a JSON object".into()));
+    };
+
+    let mut header = Header {
+        data_start,
+        ..Header::default()
+    };
+    for (name, entry) in entries {
+        if name == "__metadata__" {
+            let Value::Object(meta) = entry else {
+                return Err(header_err("__metadata__ is not an object".into()));
+            };
+            for (k, v) in meta {
+                let Value::String(v) = v else {
+                    return Err(header_err(format!("__metadata__ value `{k}` is not a string")));
+                };
+                header.metadata.insert(k, v);
+            }
+            continue;
+        }
+        let info =
+            parse_entry(&name, &entry).map_err(|reason| header_err(format!("tensor `{name}`: {reason}")))?;
+        let Some(size) = element_size(&info.0) else {
+            return Err(Error::UnsupportedDtype {
+                path: err_path(),
+                name,
+                dtype: info.0,
+            });
+        };
+        let (start, end) = info.2;
+        if start > end || end > data_len {
+            return Err(Error::OutOfBounds {
+                path: err_path(),
+                name,
+                start,
+                end,
+                data_len,
+            });
+        }
+        let expected = info
+            .1
+            .iter()
+            .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| Error::Overflow {
+                path: err_path(),
+                name: name.clone(),
+            })?;
+        let shape: Option<Vec<usize>> = info.1.iter().map(|&d| usize::try_from(d).ok()).collect();
+        let Some(shape) = shape else {
+            return Err(Error::Overflow {
+                path: err_path(),
+                name,
+            });
+        };
+        if end - start != expected {
+            return Err(Error::ByteLength {
+                path: err_path(),
+                name,
+                shape,
+                expected,
+                got: end - start,
+            });
+        }
+        // Both offsets are at most `data_len`, which is a usize-sized slice length.
+        let data_offsets = (start as usize, end as usize);
+        header.tensors.insert(
+            name,
+            TensorInfo {
+                dtype: info.0,
+                shape,
+                data_offsets,
+            },
+        );
+    }
+
+    // Tensors must not share bytes; empty tensors occupy none.
+    let mut ranges: Vec<(&str, usize, usize)> = header
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.data_offsets.0 < t.data_offsets.1)
+        .map(|(n, t)| (n.as_str(), t.data_offsets.0, t.data_offsets.1))
+        .collect();
+    ranges.sort_by_key(|r| (r.1, r.2));
+    for pair in ranges.windows(2) {
+        if pair[1].1 < pair[0].2 {
+            return Err(Error::Overlap {
+                path: err_path(),
+                first: pair[0].0.to_string(),
+                second: pair[1].0.to_string(),
+            });
+        }
+    }
+    Ok(header)
+}
+
+/// `(dtype, shape, (start, end))` of one entry, or why it is malformed.
+type RawEntry = (String, Vec<u64>, (u64, u64));
+
+fn parse_entry(name: &str, entry: &Value) -> std::result::Result<RawEntry, String> {
+    let _ = name;
+    let obj = entry.as_object().ok_or("entry is not an object")?;
+    let dtype = obj
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or("missing or non-string `dtype`")?;
+    let shape = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .ok_or("missing or non-array `shape`")?
+        .iter()
+        .map(|d| d.as_u64().ok_or("shape entries must be non-negative integers"))
+        .collect::<std::result::Result<Vec<u64>, _>>()?;
+    let offsets = obj
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .ok_or("missing or non-array `data_offsets`")?;
+    let [start, end] = offsets.as_slice() else {
+        return Err("`data_offsets` must have two entries".into());
+    };
+    let start = start.as_u64().ok_or("offsets must be non-negative integers")?;
+    let end = end.as_u64().ok_or("offsets must be non-negative integers")?;
+    Ok((dtype.to_string(), shape, (start, end)))
+}
+
+/// A memory-mapped safetensors file with a validated header.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    header: Header,
+}
+
+impl SafetensorsFile {
+    /// Maps and validates `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        if file_len < 8 {
+            // Mapping an empty file fails on some systems; this is the error that matters.
+            return Err(Error::Truncated {
+                path,
+                file_len,
+                needed: 8,
+            });
+        }
+        // SAFETY: the map is read-only. Like every memory-mapped reader, this assumes the file
+        // is not truncated or rewritten by another process while it is mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let header = parse_header(&path, &map)?;
+        Ok(SafetensorsFile {
+            path,
+            map: Arc::new(map),
+            header,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The tensor's entry, if present.
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.header.tensors.get(name)
+    }
+
+    /// The tensor's elements as stored (zero-copy when aligned).
+    pub fn data(&self, name: &str) -> Result<WeightData> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+        })?;
+        let dtype = DType::from_safetensors_name(&info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            path: self.path.clone(),
+            name: name.to_string(),
+            dtype: info.dtype.clone(),
+        })?;
+        let offset = self.header.data_start + info.data_offsets.0;
+        let len = (info.data_offsets.1 - info.data_offsets.0) / dtype.size();
+        Ok(match dtype {
+            DType::F32 => WeightData::F32(Buffer::from_map(&self.map, offset, len)),
+            DType::BF16 => WeightData::BF16(Buffer::from_map(&self.map, offset, len)),
+            DType::F16 => WeightData::F16(Buffer::from_map(&self.map, offset, len)),
+        })
+    }
+}

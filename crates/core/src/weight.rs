@@ -1,0 +1,283 @@
+//! Weight views: a linear layer's matrix, or a batch of them (the expert tensors).
+
+use half::{bf16, f16};
+use ndarray::{Array2, ArrayView2};
+
+use crate::{Buffer, DType, Error, Result};
+
+/// Stored elements of a weight, in the dtype the checkpoint holds.
+///
+/// New storage formats (quantised ones) are added here; layers only see [`Weight`].
+#[derive(Clone, Debug)]
+pub enum WeightData {
+    /// f32 elements.
+    F32(Buffer<f32>),
+    /// bf16 elements.
+    BF16(Buffer<bf16>),
+    /// f16 elements.
+    F16(Buffer<f16>),
+}
+
+impl WeightData {
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            WeightData::F32(_) => DType::F32,
+            WeightData::BF16(_) => DType::BF16,
+            WeightData::F16(_) => DType::F16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            WeightData::F32(b) => b.len(),
+            WeightData::BF16(b) => b.len(),
+            WeightData::F16(b) => b.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when the elements live in a memory map.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            WeightData::F32(b) => b.is_mapped(),
+            WeightData::BF16(b) => b.is_mapped(),
+            WeightData::F16(b) => b.is_mapped(),
+        }
+    }
+
+    /// Elements `start..start + len`, sharing storage.
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        match self {
+            WeightData::F32(b) => WeightData::F32(b.slice(start, len)),
+            WeightData::BF16(b) => WeightData::BF16(b.slice(start, len)),
+            WeightData::F16(b) => WeightData::F16(b.slice(start, len)),
+        }
+    }
+
+    /// All elements widened to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        match self {
+            WeightData::F32(b) => b.to_vec(),
+            WeightData::BF16(b) => b.iter().map(|v| v.to_f32()).collect(),
+            WeightData::F16(b) => b.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+
+    /// Owned storage of `values` rounded to `dtype` (round to nearest even).
+    pub fn from_f32(values: &[f32], dtype: DType) -> Self {
+        match dtype {
+            DType::F32 => WeightData::F32(Buffer::from_vec(values.to_vec())),
+            DType::BF16 => WeightData::BF16(Buffer::from_vec(
+                values.iter().map(|&v| bf16::from_f32(v)).collect(),
+            )),
+            DType::F16 => WeightData::F16(Buffer::from_vec(
+                values.iter().map(|&v| f16::from_f32(v)).collect(),
+            )),
+        }
+    }
+}
+
+/// How a 2-D weight is laid out in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `[out, in]` row-major: PyTorch `nn.Linear`, applied as `x · Wᵀ`.
+    OutIn,
+    /// `[in, out]` row-major: Llama 4's fused expert tensors, applied as `x · W`.
+    InOut,
+}
+
+/// The matrix of a linear map from `in_features` to `out_features`, in its stored dtype and
+/// layout. Cloning shares storage.
+#[derive(Clone, Debug)]
+pub struct Weight {
+    data: WeightData,
+    in_features: usize,
+    out_features: usize,
+    layout: Layout,
+}
+
+impl Weight {
+    /// A weight over `data` holding `out_features × in_features` elements in `layout`.
+    pub fn new(data: WeightData, layout: Layout, out_features: usize, in_features: usize) -> Result<Self> {
+        let need = out_features.checked_mul(in_features);
+        if need != Some(data.len()) {
+            return Err(Error::shape(
+                "Weight::new",
+                format!("{} elements for {out_features}×{in_features}", data.len()),
+            ));
+        }
+        Ok(Weight {
+            data,
+            in_features,
+            out_features,
+            layout,
+        })
+    }
+
+    /// An owned weight from a `[out, in]` f32 matrix, stored in `dtype` (rounded to nearest).
+    pub fn from_out_in(w: ArrayView2<f32>, dtype: DType) -> Self {
+        let (out_features, in_features) = w.dim();
+        let values: Vec<f32> = w.iter().copied().collect();
+        Weight {
+            data: WeightData::from_f32(&values, dtype),
+            in_features,
+            out_features,
+            layout: Layout::OutIn,
+        }
+    }
+
+    /// An owned weight from an `[in, out]` f32 matrix, stored in `dtype` (rounded to nearest).
+    pub fn from_in_out(w: ArrayView2<f32>, dtype: DType) -> Self {
+        let (in_features, out_features) = w.dim();
+        let values: Vec<f32> = w.iter().copied().collect();
+        Weight {
+            data: WeightData::from_f32(&values, dtype),
+            in_features,
+            out_features,
+            layout: Layout::InOut,
+        }
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Memory layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// The stored elements.
+    pub fn data(&self) -> &WeightData {
+        &self.data
+    }
+
+    /// Bytes of stored elements (what one pass over the weight reads).
+    pub fn nbytes(&self) -> usize {
+        self.data.len() * self.dtype().size()
+    }
+
+    /// The matrix as `[out, in]` f32, whatever the storage: for tests and reference paths.
+    pub fn to_f32_out_in(&self) -> Array2<f32> {
+        let v = self.data.to_f32_vec();
+        match self.layout {
+            Layout::OutIn => Array2::from_shape_vec((self.out_features, self.in_features), v)
+                .expect("length checked at construction"),
+            Layout::InOut => Array2::from_shape_vec((self.in_features, self.out_features), v)
+                .expect("length checked at construction")
+                .reversed_axes()
+                .as_standard_layout()
+                .into_owned(),
+        }
+    }
+
+    /// An owned copy stored in `dtype` and `layout` (rounded to nearest): for tests and for
+    /// repacking at load time.
+    pub fn converted(&self, dtype: DType, layout: Layout) -> Self {
+        let w = self.to_f32_out_in();
+        match layout {
+            Layout::OutIn => Self::from_out_in(w.view(), dtype),
+            Layout::InOut => Self::from_in_out(w.t(), dtype),
+        }
+    }
+}
+
+/// A batch of equally shaped weights in one tensor, `[batch, ..]`: the expert tensors
+/// (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, both [`Layout::InOut`]).
+#[derive(Clone, Debug)]
+pub struct BatchedWeight {
+    data: WeightData,
+    batch: usize,
+    in_features: usize,
+    out_features: usize,
+    layout: Layout,
+}
+
+impl BatchedWeight {
+    /// A batch over `data` of `batch` matrices, each `out_features × in_features` in `layout`.
+    pub fn new(
+        data: WeightData,
+        layout: Layout,
+        batch: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self> {
+        let need = batch
+            .checked_mul(out_features)
+            .and_then(|n| n.checked_mul(in_features));
+        if need != Some(data.len()) {
+            return Err(Error::shape(
+                "BatchedWeight::new",
+                format!("{} elements for {batch}×{out_features}×{in_features}", data.len()),
+            ));
+        }
+        Ok(BatchedWeight {
+            data,
+            batch,
+            in_features,
+            out_features,
+            layout,
+        })
+    }
+
+    /// Number of matrices.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Input width of each matrix.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Output width of each matrix.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// Memory layout of each matrix.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Matrix `index`, sharing storage (no bytes are read).
+    ///
+    /// # Panics
+    /// When `index >= batch()`.
+    pub fn get(&self, index: usize) -> Weight {
+        assert!(
+            index < self.batch,
+            "batch index {index} out of range {}",
+            self.batch
+        );
+        let per = self.in_features * self.out_features;
+        Weight {
+            data: self.data.slice(index * per, per),
+            in_features: self.in_features,
+            out_features: self.out_features,
+            layout: self.layout,
+        }
+    }
+}

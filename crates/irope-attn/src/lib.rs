@@ -1,0 +1,2 @@
+#![deny(missing_docs)]
+//! irope-attn (in progress).

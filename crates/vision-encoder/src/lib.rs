@@ -1,0 +1,2 @@
+#![deny(missing_docs)]
+//! vision-encoder (in progress).
