@@ -6,6 +6,7 @@ mod buffer;
 mod checkpoint;
 mod dtype;
 mod error;
+mod kv;
 pub mod kernels;
 pub mod safetensors;
 mod weight;
@@ -14,6 +15,7 @@ pub use buffer::Buffer;
 pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use kv::{KvData, KvView};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 
 pub use half::{bf16, f16};
