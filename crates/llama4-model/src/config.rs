@@ -1,0 +1,548 @@
+//! `config.json` of Llama 4 checkpoints: a serde mirror that accepts every spelling found in the
+//! wild, then one validated, fully resolved [`TextConfig`] with the derived layer sets.
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// RoPE frequency scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Plain `theta^(-2j/D)`.
+    None,
+    /// Llama 3.1 style: low frequencies divided by `factor`, a smooth band in between.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Context length of pre-training.
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// RoPE parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeConfig {
+    /// Base of the frequencies.
+    pub theta: f64,
+    /// Scaling of the frequencies.
+    pub scaling: RopeScaling,
+}
+
+/// What one decoder layer is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerSpec {
+    /// RoPE layer (rotary positions, chunked attention, QK norm) or NoPE layer (no positions,
+    /// global attention, temperature tuning).
+    pub rope: bool,
+    /// Attention restricted to the current chunk of this size (`None`: causal over everything).
+    pub chunk: Option<usize>,
+    /// Mixture-of-experts feed-forward (else the dense MLP of width `intermediate_size_mlp`).
+    pub moe: bool,
+}
+
+/// The resolved text-model config: every default applied, every derived set computed, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TextConfig {
+    /// Vocabulary size `V`.
+    pub vocab_size: usize,
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Width `I` of each expert and of the shared expert.
+    pub intermediate_size: usize,
+    /// Width of the dense MLP of non-MoE layers.
+    pub intermediate_size_mlp: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads.
+    pub num_key_value_heads: usize,
+    /// Dimension of one head.
+    pub head_dim: usize,
+    /// RMSNorm epsilon (also the QK-norm epsilon).
+    pub rms_norm_eps: f32,
+    /// Experts per MoE layer.
+    pub num_local_experts: usize,
+    /// Experts chosen per token.
+    pub num_experts_per_tok: usize,
+    /// Per-head RMS norm of q and k on RoPE layers.
+    pub use_qk_norm: bool,
+    /// Chunk size of the RoPE layers' local attention (`None`: causal).
+    pub attention_chunk_size: Option<usize>,
+    /// Query scaling by position on NoPE layers.
+    pub attn_temperature_tuning: bool,
+    /// Positions per temperature step.
+    pub floor_scale: f32,
+    /// Strength of the temperature scaling.
+    pub attn_scale: f32,
+    /// Biases on q/k/v/o projections.
+    pub attention_bias: bool,
+    /// RoPE parameters.
+    pub rope: RopeConfig,
+    /// `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Longest context the model was configured for.
+    pub max_position_embeddings: usize,
+    /// Beginning-of-text id, if any.
+    pub bos_token_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// Padding id, if any.
+    pub pad_token_id: Option<u32>,
+    /// One entry per decoder layer.
+    pub layers: Vec<LayerSpec>,
+}
+
+/// A checkpoint's whole config: the text model, and for multimodal checkpoints the raw vision
+/// config and image-token ids.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// The text decoder.
+    pub text: TextConfig,
+    /// Weight-name prefix of the text model: `""` or `"language_model."`.
+    pub text_prefix: &'static str,
+    /// The `vision_config` object of a multimodal checkpoint, unparsed.
+    pub vision: Option<Value>,
+    /// Id of `<|patch|>` (`image_token_index`) in multimodal checkpoints.
+    pub image_token_index: Option<u32>,
+}
+
+/// An integer-or-list field (`eos_token_id`).
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum IntOrList {
+    One(i64),
+    Many(Vec<i64>),
+}
+
+/// A bool-or-integer field (`attn_temperature_tuning` is `true` in 5.x, `4` in published files).
+#[derive(Deserialize, Clone, Copy, Debug)]
+#[serde(untagged)]
+enum BoolOrInt {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+}
+
+impl BoolOrInt {
+    fn on(self) -> bool {
+        match self {
+            BoolOrInt::Bool(b) => b,
+            BoolOrInt::Int(i) => i != 0,
+            BoolOrInt::Float(f) => f != 0.0,
+        }
+    }
+}
+
+/// Both RoPE spellings: 4.x `rope_scaling` and 5.x `rope_parameters`.
+#[derive(Deserialize, Clone, Debug, Default)]
+struct RawRope {
+    rope_type: Option<String>,
+    #[serde(rename = "type")]
+    type_alias: Option<String>,
+    rope_theta: Option<f64>,
+    factor: Option<f64>,
+    low_freq_factor: Option<f64>,
+    high_freq_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+}
+
+/// Distinguishes an absent field (outer `None`) from an explicit `null` (`Some(None)`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<Option<T>>, D::Error> {
+    Ok(Some(Option::deserialize(d)?))
+}
+
+/// The text config as written; every field optional so that defaults are applied in one place.
+#[derive(Deserialize, Clone, Debug, Default)]
+struct RawText {
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    intermediate_size_mlp: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    hidden_act: Option<String>,
+    rms_norm_eps: Option<f64>,
+    num_local_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_layers: Option<Vec<i64>>,
+    interleave_moe_layer_step: Option<usize>,
+    use_qk_norm: Option<bool>,
+    no_rope_layers: Option<Vec<i64>>,
+    no_rope_layer_interval: Option<usize>,
+    #[serde(default, deserialize_with = "present")]
+    attention_chunk_size: Option<Option<usize>>,
+    layer_types: Option<Vec<String>>,
+    attn_temperature_tuning: Option<BoolOrInt>,
+    floor_scale: Option<f64>,
+    attn_scale: Option<f64>,
+    attention_bias: Option<bool>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<RawRope>,
+    rope_parameters: Option<RawRope>,
+    tie_word_embeddings: Option<bool>,
+    max_position_embeddings: Option<usize>,
+    bos_token_id: Option<i64>,
+    eos_token_id: Option<IntOrList>,
+    pad_token_id: Option<i64>,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Config {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn token_id(field: &'static str, v: i64) -> Result<u32> {
+    u32::try_from(v).map_err(|_| bad(field, format!("{v} is not a token id")))
+}
+
+impl ModelConfig {
+    /// Reads and resolves `config.json` in `dir`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let path = dir.as_ref().join("config.json");
+        let text = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_json_bytes(&text).map_err(|e| match e {
+            Error::ConfigJson { reason, .. } => Error::ConfigJson { path, reason },
+            e => e,
+        })
+    }
+
+    /// Resolves a config from JSON text (text-only `llama4_text` or multimodal `llama4`).
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        let json_err = |e: serde_json::Error| Error::ConfigJson {
+            path: "config.json".into(),
+            reason: e.to_string(),
+        };
+        let value: Value = serde_json::from_slice(bytes).map_err(json_err)?;
+        let Value::Object(top) = &value else {
+            return Err(Error::ConfigJson {
+                path: "config.json".into(),
+                reason: "not a JSON object".into(),
+            });
+        };
+        let model_type = top.get("model_type").and_then(Value::as_str).unwrap_or("llama4_text");
+        match model_type {
+            "llama4" => {
+                let text_value = top
+                    .get("text_config")
+                    .cloned()
+                    .ok_or_else(|| bad("text_config", "missing in a multimodal (llama4) config"))?;
+                let mut raw: RawText = serde_json::from_value(text_value).map_err(json_err)?;
+                // Multimodal configs may carry tying at the top level only.
+                if raw.tie_word_embeddings.is_none() {
+                    raw.tie_word_embeddings = top.get("tie_word_embeddings").and_then(Value::as_bool);
+                }
+                let image_token_index = match top.get("image_token_index") {
+                    None => Some(200092),
+                    Some(v) => Some(token_id(
+                        "image_token_index",
+                        v.as_i64().ok_or_else(|| bad("image_token_index", "not an integer"))?,
+                    )?),
+                };
+                Ok(ModelConfig {
+                    text: resolve(raw)?,
+                    text_prefix: "language_model.",
+                    vision: top.get("vision_config").cloned(),
+                    image_token_index,
+                })
+            }
+            "llama4_text" => {
+                let raw: RawText = serde_json::from_value(value.clone()).map_err(json_err)?;
+                Ok(ModelConfig {
+                    text: resolve(raw)?,
+                    text_prefix: "",
+                    vision: None,
+                    image_token_index: None,
+                })
+            }
+            other => Err(bad("model_type", format!("`{other}` is not a Llama 4 model type"))),
+        }
+    }
+}
+
+impl TextConfig {
+    /// Resolves a text config from JSON text of a `llama4_text` config (or the `text_config`
+    /// object of a multimodal one).
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self> {
+        let raw: RawText = serde_json::from_slice(bytes).map_err(|e| Error::ConfigJson {
+            path: "config.json".into(),
+            reason: e.to_string(),
+        })?;
+        resolve(raw)
+    }
+
+    /// The layers that use RoPE (the rest are NoPE layers).
+    pub fn rope_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().enumerate().filter(|(_, l)| l.rope).map(|(i, _)| i)
+    }
+
+    /// The layers whose feed-forward is a mixture of experts.
+    pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
+        self.layers.iter().enumerate().filter(|(_, l)| l.moe).map(|(i, _)| i)
+    }
+
+    /// Llama 4 Scout (17B active, 16 experts) text shape: every layer MoE, QK norm, llama3
+    /// RoPE scaling with factor 16 and low = high = 1, 10M context.
+    pub fn scout() -> Self {
+        let rope = RawRope {
+            rope_type: Some("llama3".into()),
+            rope_theta: Some(500000.0),
+            factor: Some(16.0),
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(1.0),
+            original_max_position_embeddings: Some(8192.0),
+            ..RawRope::default()
+        };
+        preset(16, 1, true, rope, 10_485_760)
+    }
+
+    /// Llama 4 Maverick (17B active, 128 experts) text shape: MoE every second layer with a
+    /// dense MLP between, no QK norm, unscaled RoPE, 1M context.
+    pub fn maverick() -> Self {
+        let rope = RawRope {
+            rope_theta: Some(500000.0),
+            ..RawRope::default()
+        };
+        preset(128, 2, false, rope, 1_048_576)
+    }
+}
+
+/// The published text shape (hidden 5120, 48 layers, 40/8 heads of 128, expert width 8192,
+/// dense width 16384, vocab 202048, chunk 8192) with the fields where Scout and Maverick differ.
+fn preset(experts: usize, moe_step: usize, qk_norm: bool, rope: RawRope, context: usize) -> TextConfig {
+    let raw = RawText {
+        num_local_experts: Some(experts),
+        interleave_moe_layer_step: Some(moe_step),
+        use_qk_norm: Some(qk_norm),
+        max_position_embeddings: Some(context),
+        eos_token_id: Some(IntOrList::Many(vec![200001, 200007, 200008])),
+        bos_token_id: Some(200000),
+        pad_token_id: Some(200018),
+        rope_parameters: Some(rope),
+        ..RawText::default()
+    };
+    resolve(raw).expect("presets are valid")
+}
+
+fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
+    // 5.x `rope_parameters` wins; 4.x writes `rope_theta` beside `rope_scaling` (possibly null).
+    let params = raw.rope_parameters.clone().or_else(|| raw.rope_scaling.clone()).unwrap_or_default();
+    let theta = params.rope_theta.or(raw.rope_theta).unwrap_or(500000.0);
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(bad("rope_theta", format!("{theta} must be a finite number above 1")));
+    }
+    let kind = params.rope_type.or(params.type_alias).unwrap_or_else(|| "default".into());
+    let scaling = match kind.as_str() {
+        "default" => RopeScaling::None,
+        "llama3" => {
+            let need = |v: Option<f64>, field: &'static str| {
+                v.filter(|x| x.is_finite() && *x > 0.0)
+                    .ok_or_else(|| bad(field, "llama3 RoPE scaling needs a positive value"))
+            };
+            let low = need(params.low_freq_factor, "low_freq_factor")?;
+            let high = need(params.high_freq_factor, "high_freq_factor")?;
+            if low > high {
+                return Err(bad("low_freq_factor", format!("{low} exceeds high_freq_factor {high}")));
+            }
+            RopeScaling::Llama3 {
+                factor: need(params.factor, "factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: need(
+                    params.original_max_position_embeddings,
+                    "original_max_position_embeddings",
+                )?,
+            }
+        }
+        other => return Err(bad("rope_type", format!("`{other}` is not supported (default, llama3)"))),
+    };
+    Ok(RopeConfig { theta, scaling })
+}
+
+fn resolve(raw: RawText) -> Result<TextConfig> {
+    let hidden_size = raw.hidden_size.unwrap_or(5120);
+    let num_attention_heads = raw.num_attention_heads.unwrap_or(40);
+    let num_hidden_layers = raw.num_hidden_layers.unwrap_or(48);
+    let positive = |v: usize, field: &'static str| {
+        if v == 0 {
+            Err(bad(field, "must be positive"))
+        } else {
+            Ok(v)
+        }
+    };
+    positive(hidden_size, "hidden_size")?;
+    positive(num_attention_heads, "num_attention_heads")?;
+    positive(num_hidden_layers, "num_hidden_layers")?;
+    // transformers' default is 8 kv heads (the published shape).
+    let num_key_value_heads = positive(raw.num_key_value_heads.unwrap_or(8), "num_key_value_heads")?;
+    if num_attention_heads % num_key_value_heads != 0 {
+        return Err(bad(
+            "num_key_value_heads",
+            format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+        ));
+    }
+    // An absent head_dim is hidden / heads (transformers would take its class default of 128,
+    // which contradicts any checkpoint whose q_proj is not 128 wide per head).
+    let head_dim = match raw.head_dim {
+        Some(d) => d,
+        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None => {
+            return Err(bad(
+                "head_dim",
+                format!("absent, and hidden_size {hidden_size} is not a multiple of {num_attention_heads} heads"),
+            ))
+        }
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(bad("head_dim", format!("{head_dim} must be positive and even (RoPE pairs)")));
+    }
+    let vocab_size = positive(raw.vocab_size.unwrap_or(202048), "vocab_size")?;
+    let intermediate_size = positive(raw.intermediate_size.unwrap_or(8192), "intermediate_size")?;
+    let intermediate_size_mlp = positive(raw.intermediate_size_mlp.unwrap_or(16384), "intermediate_size_mlp")?;
+    let num_local_experts = positive(raw.num_local_experts.unwrap_or(16), "num_local_experts")?;
+    let num_experts_per_tok = positive(raw.num_experts_per_tok.unwrap_or(1), "num_experts_per_tok")?;
+    if num_experts_per_tok > num_local_experts {
+        return Err(bad(
+            "num_experts_per_tok",
+            format!("{num_experts_per_tok} exceeds num_local_experts {num_local_experts}"),
+        ));
+    }
+    if let Some(act) = &raw.hidden_act {
+        if act != "silu" {
+            return Err(bad("hidden_act", format!("`{act}` is not supported (silu)")));
+        }
+    }
+    let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
+    if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+        return Err(bad("rms_norm_eps", format!("{rms_norm_eps} must be positive")));
+    }
+
+    // Layer sets. An absent OR EMPTY no_rope_layers means "every interval-th layer is NoPE".
+    let rope: Vec<bool> = match raw.no_rope_layers.as_deref() {
+        Some(list) if !list.is_empty() => {
+            if list.len() < num_hidden_layers {
+                return Err(bad(
+                    "no_rope_layers",
+                    format!("{} entries for {num_hidden_layers} layers", list.len()),
+                ));
+            }
+            list[..num_hidden_layers]
+                .iter()
+                .map(|&v| match v {
+                    0 => Ok(false),
+                    1 => Ok(true),
+                    v => Err(bad("no_rope_layers", format!("entries are 0 or 1, found {v}"))),
+                })
+                .collect::<Result<_>>()?
+        }
+        _ => {
+            let interval = positive(raw.no_rope_layer_interval.unwrap_or(4), "no_rope_layer_interval")?;
+            (0..num_hidden_layers).map(|i| (i + 1) % interval != 0).collect()
+        }
+    };
+    let moe_layers: Vec<usize> = match &raw.moe_layers {
+        Some(list) => list
+            .iter()
+            .map(|&i| {
+                usize::try_from(i)
+                    .ok()
+                    .filter(|&i| i < num_hidden_layers)
+                    .ok_or_else(|| bad("moe_layers", format!("layer {i} is not in 0..{num_hidden_layers}")))
+            })
+            .collect::<Result<_>>()?,
+        None => {
+            let step = positive(raw.interleave_moe_layer_step.unwrap_or(1), "interleave_moe_layer_step")?;
+            (step - 1..num_hidden_layers).step_by(step).collect()
+        }
+    };
+    // Absent means the default 8192; an explicit null means plain causal attention.
+    let attention_chunk_size = match raw.attention_chunk_size {
+        None => Some(8192),
+        Some(c) => c,
+    };
+    if attention_chunk_size == Some(0) {
+        return Err(bad("attention_chunk_size", "must be positive or null"));
+    }
+    // The mask follows `layer_types` when given (transformers does), else the RoPE layers are chunked.
+    let chunked: Vec<bool> = match &raw.layer_types {
+        Some(types) => {
+            if types.len() != num_hidden_layers {
+                return Err(bad(
+                    "layer_types",
+                    format!("{} entries for {num_hidden_layers} layers", types.len()),
+                ));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "chunked_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(bad("layer_types", format!("unknown layer type `{other}`"))),
+                })
+                .collect::<Result<_>>()?
+        }
+        None => rope.clone(),
+    };
+    let layers = (0..num_hidden_layers)
+        .map(|i| LayerSpec {
+            rope: rope[i],
+            chunk: if chunked[i] { attention_chunk_size } else { None },
+            moe: moe_layers.contains(&i),
+        })
+        .collect();
+
+    let floor_scale = raw.floor_scale.unwrap_or(8192.0);
+    if !(floor_scale.is_finite() && floor_scale > 0.0) {
+        return Err(bad("floor_scale", format!("{floor_scale} must be positive")));
+    }
+    let attn_scale = raw.attn_scale.unwrap_or(0.1);
+    if !attn_scale.is_finite() {
+        return Err(bad("attn_scale", "must be finite"));
+    }
+    let rope = resolve_rope(&raw)?;
+    let eos_token_ids = match raw.eos_token_id {
+        None => vec![],
+        Some(IntOrList::One(v)) => vec![token_id("eos_token_id", v)?],
+        Some(IntOrList::Many(vs)) => vs
+            .into_iter()
+            .map(|v| token_id("eos_token_id", v))
+            .collect::<Result<_>>()?,
+    };
+    Ok(TextConfig {
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        intermediate_size_mlp,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        rms_norm_eps: rms_norm_eps as f32,
+        num_local_experts,
+        num_experts_per_tok,
+        use_qk_norm: raw.use_qk_norm.unwrap_or(true),
+        attention_chunk_size,
+        attn_temperature_tuning: raw.attn_temperature_tuning.is_none_or(BoolOrInt::on),
+        floor_scale: floor_scale as f32,
+        attn_scale: attn_scale as f32,
+        attention_bias: raw.attention_bias.unwrap_or(false),
+        rope,
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        max_position_embeddings: raw.max_position_embeddings.unwrap_or(131072),
+        bos_token_id: raw.bos_token_id.map(|v| token_id("bos_token_id", v)).transpose()?,
+        eos_token_ids,
+        pad_token_id: raw.pad_token_id.map(|v| token_id("pad_token_id", v)).transpose()?,
+        layers,
+    })
+}

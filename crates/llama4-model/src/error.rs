@@ -1,0 +1,64 @@
+//! Errors of the model crate.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading weights, or a kernel call, failed.
+    #[error(transparent)]
+    Core(#[from] llama4_core::Error),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not valid JSON or does not have the fields' types.
+    #[error("{path}: malformed config: {reason}")]
+    ConfigJson {
+        /// The file.
+        path: PathBuf,
+        /// What serde reported.
+        reason: String,
+    },
+    /// A config value is missing, out of range, or inconsistent with another.
+    #[error("invalid config: `{field}`: {reason}")]
+    Config {
+        /// The offending field.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A component crate rejected its input.
+    #[error("{0}")]
+    Component(String),
+    /// The prompt (plus the tokens to generate) does not fit the context.
+    #[error("{tokens} tokens exceed the context limit of {limit}")]
+    ContextOverflow {
+        /// Tokens requested.
+        tokens: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary of {vocab} entries")]
+    TokenOutOfRange {
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// A call that needs tokens got none.
+    #[error("{0} needs at least one token")]
+    Empty(&'static str),
+    /// Sampling parameters out of range.
+    #[error("invalid sampling setting: {0}")]
+    Sampling(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
