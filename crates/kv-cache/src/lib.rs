@@ -1,2 +1,20 @@
 #![deny(missing_docs)]
-//! kv-cache (in progress).
+#![doc = include_str!("../README.md")]
+
+mod cache;
+mod error;
+mod kind;
+mod layer;
+mod spec;
+mod storage;
+
+pub use cache::KvCache;
+pub use error::{KvError, Result};
+pub use kind::{capacity_ladder, LayerKind, MIN_CAPACITY};
+pub use layer::{LayerCache, LayerView};
+pub use spec::{CacheSpec, MemoryBytes};
+
+pub use llama4_core::{DType, KvData, KvView};
+
+#[cfg(test)]
+mod scout;

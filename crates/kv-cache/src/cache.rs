@@ -1,0 +1,225 @@
+//! The cache of a whole decoder: one [`LayerCache`] per layer.
+
+use std::ops::Range;
+
+use ndarray::ArrayView3;
+
+use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, Result};
+
+/// One cache per decoder layer, built from the layers' kinds.
+///
+/// During a forward pass each layer appends its new keys/values and reads its view; layers are
+/// updated one after another, so between layers they may briefly disagree on their length
+/// ([`KvCache::len`] is the smallest).
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    spec: CacheSpec,
+    layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// An empty cache with one layer per entry of `kinds`; nothing is allocated yet.
+    pub fn new(kinds: &[LayerKind], spec: CacheSpec) -> Result<Self> {
+        let layers = kinds
+            .iter()
+            .map(|&kind| LayerCache::new(kind, spec))
+            .collect::<Result<Vec<_>>>()?;
+        spec.validate()?;
+        Ok(Self { spec, layers })
+    }
+
+    /// The shapes and dtype shared by every layer.
+    pub fn spec(&self) -> CacheSpec {
+        self.spec
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The layers' kinds, in order.
+    pub fn kinds(&self) -> impl Iterator<Item = LayerKind> + '_ {
+        self.layers.iter().map(LayerCache::kind)
+    }
+
+    /// Layer `i`'s cache.
+    pub fn layer(&self, i: usize) -> Result<&LayerCache> {
+        let layers = self.layers.len();
+        self.layers
+            .get(i)
+            .ok_or(KvError::NoSuchLayer { layer: i, layers })
+    }
+
+    /// Layer `i`'s cache, mutably (hand it to that layer's attention).
+    pub fn layer_mut(&mut self, i: usize) -> Result<&mut LayerCache> {
+        let layers = self.layers.len();
+        self.layers
+            .get_mut(i)
+            .ok_or(KvError::NoSuchLayer { layer: i, layers })
+    }
+
+    /// All layers, mutably, in order.
+    pub fn layers_mut(&mut self) -> impl Iterator<Item = &mut LayerCache> {
+        self.layers.iter_mut()
+    }
+
+    /// Positions every layer has appended: the absolute position of the next token.
+    pub fn len(&self) -> usize {
+        self.layers.iter().map(LayerCache::next_pos).min().unwrap_or(0)
+    }
+
+    /// True when no position was appended.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pieces in which layer `layer` must append (and attend) the next `t` tokens; see
+    /// [`LayerKind::segments`].
+    pub fn segments(&self, layer: usize, t: usize) -> Result<Vec<Range<usize>>> {
+        Ok(self.layer(layer)?.segments(t))
+    }
+
+    /// Appends to layer `layer`; see [`LayerCache::append`].
+    ///
+    /// # Shapes
+    /// `k`, `v`: `[T, Hkv, D]`.
+    pub fn append(&mut self, layer: usize, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<()> {
+        self.layer_mut(layer)?.append(k, v)
+    }
+
+    /// What layer `layer`'s attention reads; see [`LayerCache::view`].
+    pub fn view(&self, layer: usize) -> Result<LayerView<'_>> {
+        Ok(self.layer(layer)?.view())
+    }
+
+    /// Keeps the first `len` positions in every layer (to regenerate from a shorter prefix).
+    /// All layers or none: if any layer refuses (see [`LayerCache::truncate`]), nothing changes.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for l in &self.layers {
+            l.check_truncate(len)?;
+        }
+        for l in &mut self.layers {
+            l.truncate(len)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every position in every layer; capacity is kept.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(LayerCache::reset);
+    }
+
+    /// Pre-sizes every layer for a context of `n_tokens` positions in total; afterwards, filling
+    /// `n_tokens` holds exactly [`CacheSpec::estimate_minimal`].
+    pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
+        self.layers.iter_mut().try_for_each(|l| l.reserve(n_tokens))
+    }
+
+    /// Frees capacity beyond what each layer holds.
+    pub fn shrink_to_fit(&mut self) {
+        self.layers.iter_mut().for_each(LayerCache::shrink_to_fit);
+    }
+
+    /// Bytes allocated, per layer kind.
+    pub fn memory_bytes(&self) -> MemoryBytes {
+        let mut out = MemoryBytes::default();
+        for l in &self.layers {
+            // Sums of allocated sizes cannot overflow u64.
+            let _ = out.add(l.kind(), l.memory_bytes());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama4_core::DType;
+    use ndarray::Array3;
+
+    fn fill(c: &mut KvCache, t: usize) {
+        let s = c.spec();
+        let k = Array3::from_shape_fn((t, s.kv_heads, s.head_dim), |(i, h, j)| {
+            (i * 100 + h * 10 + j) as f32
+        });
+        for layer in 0..c.num_layers() {
+            for piece in c.segments(layer, t).unwrap() {
+                let kp = k.slice(ndarray::s![piece, .., ..]);
+                c.append(layer, kp, kp).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn per_kind_memory_and_lengths() {
+        let kinds = [
+            LayerKind::Chunked { chunk: 8 },
+            LayerKind::Global,
+            LayerKind::Chunked { chunk: 8 },
+        ];
+        let spec = CacheSpec::new(2, 4, DType::F16);
+        let mut c = KvCache::new(&kinds, spec).unwrap();
+        assert!(c.is_empty());
+        assert_eq!(c.memory_bytes(), MemoryBytes::default());
+        fill(&mut c, 20);
+        assert_eq!(c.len(), 20);
+        // Chunked: capacity 8 each (ladder 16 capped at the chunk); global: ladder(20) = 24.
+        let per_pos = 2 * 2 * 4 * 2;
+        assert_eq!(
+            c.memory_bytes(),
+            MemoryBytes {
+                chunked: 2 * 8 * per_pos,
+                global: 24 * per_pos
+            }
+        );
+        assert_eq!(c.memory_bytes(), spec.estimate(&kinds, 20).unwrap());
+        assert_eq!(c.view(0).unwrap().k.first_pos, 16);
+        assert_eq!(c.view(1).unwrap().k.len, 20);
+        c.reset();
+        assert!(c.is_empty());
+        assert_eq!(c.memory_bytes().global, 24 * per_pos);
+    }
+
+    #[test]
+    fn len_is_the_shortest_layer_and_bad_layers_are_errors() {
+        let kinds = [LayerKind::Global, LayerKind::Chunked { chunk: 4 }];
+        let mut c = KvCache::new(&kinds, CacheSpec::new(1, 2, DType::F32)).unwrap();
+        let k = Array3::<f32>::zeros((3, 1, 2));
+        c.append(0, k.view(), k.view()).unwrap();
+        assert_eq!(c.len(), 0);
+        c.append(1, k.view(), k.view()).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(
+            c.append(2, k.view(), k.view()),
+            Err(KvError::NoSuchLayer { layer: 2, layers: 2 })
+        );
+        assert!(matches!(c.view(5), Err(KvError::NoSuchLayer { layer: 5, .. })));
+    }
+
+    #[test]
+    fn truncate_is_all_layers_or_none() {
+        let kinds = [LayerKind::Global, LayerKind::Chunked { chunk: 4 }];
+        let mut c = KvCache::new(&kinds, CacheSpec::new(1, 2, DType::F32)).unwrap();
+        fill(&mut c, 10); // chunked holds 8, 9
+        assert_eq!(
+            c.truncate(7),
+            Err(KvError::Evicted {
+                requested: 7,
+                first_held: 8,
+                chunk: 4
+            })
+        );
+        assert_eq!(c.view(0).unwrap().k.len, 10);
+        c.truncate(8).unwrap();
+        assert_eq!(c.len(), 8);
+        assert_eq!(c.view(0).unwrap().k.len, 8);
+    }
+
+    #[test]
+    fn errors_convert_to_the_core_error() {
+        let e: llama4_core::Error = KvError::NoSuchLayer { layer: 3, layers: 2 }.into();
+        assert!(matches!(e, llama4_core::Error::Shape { op: "kv-cache", .. }));
+        assert!(e.to_string().contains("layer 3"));
+    }
+}

@@ -1,0 +1,110 @@
+//! Sizes shared by every layer of a cache, the memory report, and the estimates.
+
+use llama4_core::DType;
+
+use crate::{KvError, LayerKind, Result};
+
+/// Shape and storage dtype of every layer's cache: keys and values are `[kv_heads, ·, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CacheSpec {
+    /// Key/value heads `Hkv`.
+    pub kv_heads: usize,
+    /// Elements per head vector `D`.
+    pub head_dim: usize,
+    /// Storage element type; appended f32 values are rounded to it (nearest, ties to even).
+    pub dtype: DType,
+}
+
+/// Bytes held by a cache, split by layer kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MemoryBytes {
+    /// All [`LayerKind::Chunked`] layers together.
+    pub chunked: u64,
+    /// All [`LayerKind::Global`] layers together.
+    pub global: u64,
+}
+
+impl MemoryBytes {
+    /// Chunked plus global.
+    pub fn total(&self) -> u64 {
+        self.chunked + self.global
+    }
+
+    pub(crate) fn add(&mut self, kind: LayerKind, bytes: u64) -> Result<()> {
+        let slot = match kind {
+            LayerKind::Chunked { .. } => &mut self.chunked,
+            LayerKind::Global => &mut self.global,
+        };
+        *slot = slot.checked_add(bytes).ok_or(KvError::Overflow("memory bytes"))?;
+        Ok(())
+    }
+}
+
+impl CacheSpec {
+    /// A spec; see [`CacheSpec::validate`] for what a cache accepts.
+    pub fn new(kv_heads: usize, head_dim: usize, dtype: DType) -> Self {
+        Self {
+            kv_heads,
+            head_dim,
+            dtype,
+        }
+    }
+
+    /// Rejects zero heads or a zero head dim.
+    pub fn validate(&self) -> Result<()> {
+        if self.kv_heads == 0 || self.head_dim == 0 {
+            return Err(KvError::InvalidSpec(format!(
+                "kv_heads {} and head_dim {} must be positive",
+                self.kv_heads, self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes one layer allocates for a capacity of `positions`: keys and values,
+    /// `2 · Hkv · positions · D · sizeof(dtype)`.
+    pub fn layer_bytes(&self, positions: usize) -> Result<u64> {
+        [
+            2,
+            self.kv_heads as u64,
+            positions as u64,
+            self.head_dim as u64,
+            self.dtype.size() as u64,
+        ]
+        .into_iter()
+        .try_fold(1u64, |acc, x| acc.checked_mul(x))
+        .ok_or(KvError::Overflow("layer bytes"))
+    }
+
+    /// Bytes a fresh [`crate::KvCache`] over `kinds` holds after `n_tokens` positions were
+    /// appended, however the appends were split, without [`crate::KvCache::reserve`]: each
+    /// layer's capacity is the [`crate::capacity_ladder`] step for the most positions it held
+    /// (capped at the chunk size for chunked layers). Allocates nothing.
+    pub fn estimate(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
+        self.estimate_with(kinds, n_tokens, |kind, held| kind.grown_capacity(held))
+    }
+
+    /// The least memory `n_tokens` positions need: exactly `min(n, C)` positions per chunked
+    /// layer and `n` per global layer, no growth slack. A cache reaches it with
+    /// [`crate::KvCache::reserve`]`(n_tokens)` before filling. Allocates nothing.
+    pub fn estimate_minimal(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
+        self.estimate_with(kinds, n_tokens, |_, held| Ok(held))
+    }
+
+    fn estimate_with(
+        &self,
+        kinds: &[LayerKind],
+        n_tokens: usize,
+        capacity: impl Fn(LayerKind, usize) -> Result<usize>,
+    ) -> Result<MemoryBytes> {
+        self.validate()?;
+        let mut out = MemoryBytes::default();
+        for &kind in kinds {
+            kind.validate()?;
+            let held = kind.max_held(n_tokens);
+            let cap = if held == 0 { 0 } else { capacity(kind, held)? };
+            out.add(kind, self.layer_bytes(cap)?)?;
+        }
+        Ok(out)
+    }
+}
