@@ -242,10 +242,9 @@ impl<'a> Scope<'a> {
     /// A tensor of any shape converted to f32 (norm weights, embeddings of small models, …).
     pub fn array(&self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let data = self.ckpt.data(&self.name(name), shape)?;
-        Ok(
-            ArrayD::from_shape_vec(IxDyn(shape), data.to_f32_vec())
-                .expect("shape checked against the header"),
-        )
+        // The header check makes this infallible; an error rather than a panic all the same.
+        ArrayD::from_shape_vec(IxDyn(shape), data.to_f32_vec())
+            .map_err(|e| Error::shape("Scope::array", format!("`{}`: {e}", self.name(name))))
     }
 
     /// A 1-D tensor converted to f32.

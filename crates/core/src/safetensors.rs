@@ -125,14 +125,20 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
                 data_len,
             });
         }
-        let expected = info
+        // A zero dimension makes the byte count 0, but the other dimensions must still describe
+        // an array that can be indexed: ndarray refuses shapes whose non-zero dimensions multiply
+        // past isize::MAX, and a look-up would then fail on a header that was accepted.
+        let nonzero_bytes = info
             .1
             .iter()
+            .filter(|&&d| d != 0)
             .try_fold(size, |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= isize::MAX as u64)
             .ok_or_else(|| Error::Overflow {
                 path: err_path(),
                 name: name.clone(),
             })?;
+        let expected = if info.1.contains(&0) { 0 } else { nonzero_bytes };
         let shape: Option<Vec<usize>> = info.1.iter().map(|&d| usize::try_from(d).ok()).collect();
         let Some(shape) = shape else {
             return Err(Error::Overflow {
