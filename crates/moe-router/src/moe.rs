@@ -1,0 +1,357 @@
+//! The MoE layer: route, group tokens by expert, run each selected expert once over its group,
+//! scatter back, add the shared expert.
+
+use llama4_core::{kernels, Scope, Weight};
+use ndarray::{Array2, ArrayView2};
+
+use crate::experts::ExpertScratch;
+use crate::{
+    Error, ExpertGroups, Experts, FeedForward, Llama4Router, Mlp, Result, Router, Routing, RoutingStats,
+};
+
+/// Where a routing weight is applied.
+///
+/// Because SwiGLU is not linear, `expert(w·x)` and `w·expert(x)` differ: Llama 4 scales the
+/// input; most other MoE models (Mixtral, DeepSeek) scale the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WeightPlacement {
+    /// `y = expert(w · x)`: Llama 4.
+    #[default]
+    ExpertInput,
+    /// `y = w · expert(x)`: Mixtral, DeepSeek.
+    ExpertOutput,
+}
+
+/// Sizes and routing choices of a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Width `I` of each expert and of the shared expert.
+    pub intermediate_size: usize,
+    /// Number of routed experts `E` (`num_local_experts`).
+    pub num_experts: usize,
+    /// Experts per token `k` (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Where the routing weight is applied.
+    pub weight_placement: WeightPlacement,
+}
+
+impl MoeConfig {
+    /// Llama 4's choices for the given sizes: weight on the expert input.
+    pub fn llama4(hidden_size: usize, intermediate_size: usize, num_experts: usize, top_k: usize) -> Self {
+        MoeConfig {
+            hidden_size,
+            intermediate_size,
+            num_experts,
+            top_k,
+            weight_placement: WeightPlacement::ExpertInput,
+        }
+    }
+}
+
+/// A forward call's output together with the routing that produced it.
+#[derive(Clone, Debug)]
+pub struct MoeOutput {
+    /// The layer output, `[T, H]`.
+    pub output: Array2<f32>,
+    /// The experts each token used and their weights.
+    pub routing: Routing,
+}
+
+/// A mixture-of-experts feed-forward: `out = shared_expert(x) + Σ_selected y_e`, where only
+/// the experts some token selected run (each once, over the tokens that chose it).
+///
+/// An expert no token chose costs nothing: its weights are never read.
+#[derive(Debug)]
+pub struct Moe {
+    router: Box<dyn Router>,
+    experts: Experts,
+    shared_expert: Option<Mlp>,
+    weight_placement: WeightPlacement,
+    stats: RoutingStats,
+}
+
+impl Moe {
+    /// A layer from its parts; sizes must agree (`router` and `experts` on `E` and `H`, the
+    /// shared expert on `H`). `shared_expert` is optional for research variants; Llama 4
+    /// always has one.
+    pub fn new(
+        router: Box<dyn Router>,
+        experts: Experts,
+        shared_expert: Option<Mlp>,
+        weight_placement: WeightPlacement,
+    ) -> Result<Self> {
+        check_router(router.as_ref(), &experts)?;
+        if let Some(s) = &shared_expert {
+            if s.hidden_size() != experts.hidden_size() {
+                return Err(Error::Mismatch {
+                    what: "shared expert hidden size",
+                    expected: experts.hidden_size(),
+                    got: s.hidden_size(),
+                });
+            }
+        }
+        let stats = RoutingStats::new(experts.num_experts());
+        Ok(Moe {
+            router,
+            experts,
+            shared_expert,
+            weight_placement,
+            stats,
+        })
+    }
+
+    /// Loads a Llama 4 MoE layer from `scope` (`model.layers.{i}.feed_forward`): `router.weight`,
+    /// `experts.{gate_up_proj,down_proj}` and `shared_expert.{gate,up,down}_proj.weight`, with
+    /// shape checks against `config`.
+    pub fn load(scope: &Scope, config: &MoeConfig) -> Result<Self> {
+        let c = config;
+        let router = Llama4Router::load(&scope.scope("router"), c.hidden_size, c.num_experts, c.top_k)?;
+        let experts = Experts::load(
+            &scope.scope("experts"),
+            c.num_experts,
+            c.hidden_size,
+            c.intermediate_size,
+        )?;
+        let shared = Mlp::load(&scope.scope("shared_expert"), c.hidden_size, c.intermediate_size)?;
+        Self::new(Box::new(router), experts, Some(shared), c.weight_placement)
+    }
+
+    /// The same layer with another router (statistics are kept: `E` is unchanged).
+    pub fn with_router(mut self, router: Box<dyn Router>) -> Result<Self> {
+        self.set_router(router)?;
+        Ok(self)
+    }
+
+    /// Replaces the router in place (for a layer already inside a model), returning the old one.
+    pub fn set_router(&mut self, router: Box<dyn Router>) -> Result<Box<dyn Router>> {
+        check_router(router.as_ref(), &self.experts)?;
+        Ok(std::mem::replace(&mut self.router, router))
+    }
+
+    /// The same layer with the routing weight applied at `placement`.
+    pub fn with_weight_placement(mut self, placement: WeightPlacement) -> Self {
+        self.weight_placement = placement;
+        self
+    }
+
+    /// The router.
+    pub fn router(&self) -> &dyn Router {
+        self.router.as_ref()
+    }
+
+    /// The routed experts.
+    pub fn experts(&self) -> &Experts {
+        &self.experts
+    }
+
+    /// The shared expert, if any.
+    pub fn shared_expert(&self) -> Option<&Mlp> {
+        self.shared_expert.as_ref()
+    }
+
+    /// Where routing weights are applied.
+    pub fn weight_placement(&self) -> WeightPlacement {
+        self.weight_placement
+    }
+
+    /// Counters accumulated over every forward call (tokens per expert, weight bytes read).
+    pub fn stats(&self) -> &RoutingStats {
+        &self.stats
+    }
+
+    /// Bytes of stored weights the smallest possible decode step reads: the router, the shared
+    /// expert and `top_k` experts.
+    pub fn min_decode_weight_bytes(&self) -> usize {
+        self.router.weight_bytes()
+            + self.shared_expert.as_ref().map_or(0, Mlp::weight_bytes)
+            + self.router.top_k() * self.experts.expert_bytes()
+    }
+
+    /// Routes `x` and applies the layer, returning the routing too.
+    ///
+    /// # Shapes
+    /// `x: [T, H]` → output `[T, H]`, routing of `T` tokens.
+    pub fn forward_with_routing(&self, x: ArrayView2<f32>) -> Result<MoeOutput> {
+        self.check_input(x)?;
+        let routing = self.router.route(x)?;
+        let output = self.forward_routed(x, &routing)?;
+        Ok(MoeOutput { output, routing })
+    }
+
+    /// Applies the layer to `x` with a routing chosen elsewhere (forced routing, ablations).
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `routing` of `T` tokens over `E` experts → `[T, H]`.
+    pub fn forward_routed(&self, x: ArrayView2<f32>, routing: &Routing) -> Result<Array2<f32>> {
+        let (t, h) = self.check_input(x)?;
+        self.check_routing(routing, t)?;
+        let groups = ExpertGroups::from_routing(routing);
+        let mut out = match &self.shared_expert {
+            Some(shared) => shared.forward(x)?,
+            None => Array2::zeros((t, h)),
+        };
+        let x = x.as_standard_layout();
+        let (Some(xs), Some(os)) = (x.as_slice(), out.as_slice_mut()) else {
+            unreachable!("standard-layout arrays are contiguous")
+        };
+        let input_scaled = self.weight_placement == WeightPlacement::ExpertInput;
+        let mut gathered = Vec::with_capacity(groups.max_len() * h);
+        let mut scratch = ExpertScratch::default();
+        for e in groups.active_experts() {
+            let (tokens, weights) = (groups.tokens(e), groups.weights(e));
+            gathered.clear();
+            for (&tok, &w) in tokens.iter().zip(weights) {
+                let row = &xs[tok as usize * h..(tok as usize + 1) * h];
+                if input_scaled {
+                    gathered.extend(row.iter().map(|&v| v * w));
+                } else {
+                    gathered.extend_from_slice(row);
+                }
+            }
+            let y = self.experts.run(e, &gathered, tokens.len(), &mut scratch)?;
+            for ((&tok, &w), yr) in tokens.iter().zip(weights).zip(y.chunks_exact(h)) {
+                let orow = &mut os[tok as usize * h..(tok as usize + 1) * h];
+                let scale = if input_scaled { 1.0 } else { w };
+                orow.iter_mut().zip(yr).for_each(|(o, &v)| *o += scale * v);
+            }
+        }
+        let active = groups.active_experts().count();
+        let bytes = self.router.weight_bytes()
+            + self.shared_expert.as_ref().map_or(0, Mlp::weight_bytes)
+            + active * self.experts.expert_bytes();
+        self.stats.record(&groups, t, bytes);
+        Ok(out)
+    }
+
+    /// The reference formula, as transformers computes it: EVERY expert over EVERY token with
+    /// the dense `[T, E]` weights (0 for unselected experts), summed, plus the shared expert;
+    /// scalar kernels with f64 accumulation. Reads every weight: for tests only. Statistics are
+    /// not updated.
+    ///
+    /// # Shapes
+    /// `x: [T, H]` → `[T, H]`.
+    pub fn forward_dense_reference(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+        self.check_input(x)?;
+        let routing = self.router.route(x)?;
+        self.forward_routed_dense_reference(x, &routing)
+    }
+
+    /// [`Moe::forward_dense_reference`] with a given routing.
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `routing` of `T` tokens over `E` experts → `[T, H]`.
+    pub fn forward_routed_dense_reference(
+        &self,
+        x: ArrayView2<f32>,
+        routing: &Routing,
+    ) -> Result<Array2<f32>> {
+        let (t, h) = self.check_input(x)?;
+        self.check_routing(routing, t)?;
+        let i = self.experts.intermediate_size();
+        let dense = routing.dense_weights();
+        let mut out = match &self.shared_expert {
+            Some(s) => {
+                let xo = x.to_owned();
+                let act = scalar_swiglu(
+                    &scalar_linear(&xo, s.gate_proj()),
+                    &scalar_linear(&xo, s.up_proj()),
+                );
+                scalar_linear(&act, s.down_proj())
+            }
+            None => Array2::zeros((t, h)),
+        };
+        for e in 0..self.experts.num_experts() {
+            let w = dense.column(e);
+            let mut xin = x.to_owned();
+            if self.weight_placement == WeightPlacement::ExpertInput {
+                for (mut row, &wt) in xin.rows_mut().into_iter().zip(w.iter()) {
+                    row.mapv_inplace(|v| v * wt);
+                }
+            }
+            let gate_up = scalar_linear(&xin, &self.experts.gate_up_proj().get(e));
+            let gate = gate_up.slice(ndarray::s![.., ..i]).to_owned();
+            let up = gate_up.slice(ndarray::s![.., i..]).to_owned();
+            let mut y = scalar_linear(&scalar_swiglu(&gate, &up), &self.experts.down_proj().get(e));
+            if self.weight_placement == WeightPlacement::ExpertOutput {
+                for (mut row, &wt) in y.rows_mut().into_iter().zip(w.iter()) {
+                    row.mapv_inplace(|v| v * wt);
+                }
+            }
+            out += &y;
+        }
+        Ok(out)
+    }
+
+    fn check_input(&self, x: ArrayView2<f32>) -> Result<(usize, usize)> {
+        let (t, h) = x.dim();
+        if h != self.experts.hidden_size() {
+            return Err(Error::Mismatch {
+                what: "input width (H)",
+                expected: self.experts.hidden_size(),
+                got: h,
+            });
+        }
+        Ok((t, h))
+    }
+
+    fn check_routing(&self, routing: &Routing, tokens: usize) -> Result<()> {
+        if routing.num_tokens() != tokens {
+            return Err(Error::Mismatch {
+                what: "routed tokens",
+                expected: tokens,
+                got: routing.num_tokens(),
+            });
+        }
+        if routing.num_experts() != self.experts.num_experts() {
+            return Err(Error::Mismatch {
+                what: "routing expert count",
+                expected: self.experts.num_experts(),
+                got: routing.num_experts(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl FeedForward for Moe {
+    /// # Shapes
+    /// `x: [T, H]` → `[T, H]`.
+    fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
+        Ok(self.forward_with_routing(x)?.output)
+    }
+}
+
+fn check_router(router: &dyn Router, experts: &Experts) -> Result<()> {
+    if router.num_experts() != experts.num_experts() {
+        return Err(Error::Mismatch {
+            what: "router expert count",
+            expected: experts.num_experts(),
+            got: router.num_experts(),
+        });
+    }
+    if router.hidden_size() != experts.hidden_size() {
+        return Err(Error::Mismatch {
+            what: "router hidden size",
+            expected: experts.hidden_size(),
+            got: router.hidden_size(),
+        });
+    }
+    Ok(())
+}
+
+/// `x · W` through the scalar twin (f64 accumulation).
+fn scalar_linear(x: &Array2<f32>, w: &Weight) -> Array2<f32> {
+    let t = x.nrows();
+    let x = x.as_standard_layout();
+    let mut y = Array2::zeros((t, w.out_features()));
+    let ys = y.as_slice_mut().expect("fresh array");
+    kernels::scalar::linear(x.as_slice().expect("standard layout"), t, w, ys);
+    y
+}
+
+/// `silu(gate) · up` elementwise with the scalar SiLU.
+fn scalar_swiglu(gate: &Array2<f32>, up: &Array2<f32>) -> Array2<f32> {
+    gate.mapv(kernels::scalar::silu) * up
+}
