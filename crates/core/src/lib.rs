@@ -6,8 +6,8 @@ mod buffer;
 mod checkpoint;
 mod dtype;
 mod error;
-mod kv;
 pub mod kernels;
+mod kv;
 pub mod safetensors;
 mod weight;
 

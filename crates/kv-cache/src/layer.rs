@@ -127,7 +127,7 @@ impl LayerCache {
             if start / chunk != (start + t - 1) / chunk {
                 return Err(KvError::CrossesChunk { start, len: t, chunk });
             }
-            if start % chunk == 0 {
+            if start.is_multiple_of(chunk) {
                 // A new chunk: no later query can see what is held.
                 self.first_pos = start;
                 self.len = 0;
@@ -202,7 +202,7 @@ impl LayerCache {
             });
         }
         match self.kind {
-            LayerKind::Chunked { chunk } if len < self.first_pos && len % chunk != 0 => {
+            LayerKind::Chunked { chunk } if len < self.first_pos && !len.is_multiple_of(chunk) => {
                 Err(KvError::Evicted {
                     requested: len,
                     first_held: self.first_pos,

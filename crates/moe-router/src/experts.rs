@@ -30,7 +30,7 @@ impl Experts {
     /// the same batch `E` (any stored layout, though checkpoints hold [`llama4_core::Layout::InOut`]).
     pub fn new(gate_up_proj: BatchedWeight, down_proj: BatchedWeight) -> Result<Self> {
         let two_i = gate_up_proj.out_features();
-        if two_i % 2 != 0 {
+        if !two_i.is_multiple_of(2) {
             return Err(Error::Mismatch {
                 what: "gate_up_proj output width modulo 2",
                 expected: 0,

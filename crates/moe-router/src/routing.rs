@@ -31,7 +31,7 @@ impl Routing {
                 got: weights.len(),
             });
         }
-        if experts.len() % top_k != 0 {
+        if !experts.len().is_multiple_of(top_k) {
             return Err(Error::Mismatch {
                 what: "routing length modulo top-k",
                 expected: 0,

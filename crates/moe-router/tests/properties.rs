@@ -103,7 +103,7 @@ proptest! {
         // So the token lists are each token repeated k times.
         let mut all: Vec<u32> = g.all_tokens().to_vec();
         all.sort_unstable();
-        let want: Vec<u32> = (0..t as u32).flat_map(|tok| std::iter::repeat(tok).take(k)).collect();
+        let want: Vec<u32> = (0..t as u32).flat_map(|tok| std::iter::repeat_n(tok, k)).collect();
         prop_assert_eq!(all, want);
         prop_assert_eq!(g.active_experts().count(), r.tokens_per_expert().iter().filter(|&&c| c > 0).count());
     }

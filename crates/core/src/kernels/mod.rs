@@ -1,34 +1,162 @@
 //! CPU kernels over f32 activations. Each public function checks shapes and then runs the
 //! fastest path the CPU supports; [`scalar`] holds the plain twins the tests compare against.
+//!
+//! # Dispatch
+//! The instruction set is chosen once per process ([`active_isa`]): the best of
+//! [`Isa::Avx512`] (AVX-512F/BW/DQ/VL), [`Isa::Avx2`] (AVX2 + FMA + F16C) and
+//! [`Isa::Portable`] the CPU supports, detected at run time (no `target-cpu=native` needed).
+//! The environment variable `LLAMA4_KERNEL=avx512|avx2|portable` forces a path; a forced path
+//! the CPU lacks falls back to the detected one.
+//!
+//! # Numerics
+//! Activations stay f32; bf16 / f16 weights are widened to f32 exactly and products are
+//! accumulated in f32 with FMA. No path rounds activations to a narrower type. The order of
+//! the additions differs from [`scalar`], so results agree to rounding, not bit for bit.
 
+mod elementwise;
+mod linear;
 pub mod scalar;
+mod simd;
 
-use half::{bf16, f16};
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis};
+use std::sync::OnceLock;
+
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
 use crate::{Error, Layout, Result, Weight, WeightData};
+use linear::{Job, SyncPtr};
+use simd::Elem;
 
-/// A stored element that widens to f32.
-trait Elem: Copy + Send + Sync {
-    fn f32(self) -> f32;
+/// A kernel implementation, by instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// 16-lane AVX-512 (F, BW, DQ, VL) with FMA and F16C.
+    Avx512,
+    /// 8-lane AVX2 with FMA and F16C.
+    Avx2,
+    /// Plain Rust the compiler vectorises for the baseline target; runs everywhere.
+    Portable,
 }
-impl Elem for f32 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
+
+impl Isa {
+    /// Every implementation, fastest first.
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+
+    /// True when this CPU can run the implementation.
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vl")
+                    && Isa::Avx2.is_available()
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The name `LLAMA4_KERNEL` accepts: `avx512`, `avx2` or `portable`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
     }
 }
-impl Elem for bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
-    }
+
+/// The implementations this CPU can run, fastest first.
+pub fn available_isas() -> Vec<Isa> {
+    Isa::ALL.into_iter().filter(|i| i.is_available()).collect()
 }
-impl Elem for f16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self.to_f32()
+
+/// The implementation the public kernels use: `LLAMA4_KERNEL` when set to an available path,
+/// else the fastest available. Decided once per process.
+pub fn active_isa() -> Isa {
+    static ACTIVE: OnceLock<Isa> = OnceLock::new();
+    *ACTIVE.get_or_init(|| {
+        let forced = std::env::var("LLAMA4_KERNEL").ok().and_then(|v| {
+            let v = v.trim().to_ascii_lowercase();
+            Isa::ALL.into_iter().find(|i| i.name() == v)
+        });
+        match forced {
+            Some(isa) if isa.is_available() => isa,
+            _ => available_isas()[0],
+        }
+    })
+}
+
+/// Defines `fn $name(isa, args..)` that runs `elementwise::$body` compiled for `isa`.
+macro_rules! elementwise_dispatch {
+    ($name:ident => $body:ident ($($p:ident : $t:ty),*)) => {
+        fn $name(isa: Isa, $($p: $t),*) {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+            unsafe fn avx512($($p: $t),*) {
+                elementwise::$body::<simd::Avx512>($($p),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2($($p: $t),*) {
+                elementwise::$body::<simd::Avx2>($($p),*)
+            }
+            assert!(isa.is_available(), "kernel path {isa:?} is not available on this CPU");
+            // SAFETY: the CPU supports `isa` (asserted above); the bodies only touch the slices
+            // they are given, whose lengths the public callers checked.
+            unsafe {
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => avx512($($p),*),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => avx2($($p),*),
+                    _ => elementwise::$body::<simd::Portable>($($p),*),
+                }
+            }
+        }
+    };
+}
+
+elementwise_dispatch!(rms_row => rms_norm_row(x: &mut [f32], weight: Option<&[f32]>, eps: f32));
+elementwise_dispatch!(layer_row => layer_norm_row(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f32));
+elementwise_dispatch!(softmax_row => softmax_row(x: &mut [f32]));
+elementwise_dispatch!(silu_slice => silu(x: &mut [f32]));
+elementwise_dispatch!(silu_mul_slice => silu_mul(gate: &mut [f32], up: &[f32]));
+elementwise_dispatch!(gelu_slice => gelu(x: &mut [f32]));
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+unsafe fn linear_range_avx512<E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+    linear::run_range::<simd::Avx512, E>(job, lo, hi)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn linear_range_avx2<E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+    linear::run_range::<simd::Avx2, E>(job, lo, hi)
+}
+
+/// Output columns `lo..hi` of `job` on `isa`.
+///
+/// # Safety
+/// `isa` is available; `job` is consistent (see [`linear::run_range`]); no other task writes
+/// columns `lo..hi`.
+unsafe fn linear_range<E: Elem>(isa: Isa, job: &Job<E>, lo: usize, hi: usize) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => linear_range_avx512(job, lo, hi),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => linear_range_avx2(job, lo, hi),
+        _ => linear::run_range::<simd::Portable, E>(job, lo, hi),
     }
 }
 
@@ -46,80 +174,122 @@ pub fn linear(x: ArrayView2<f32>, w: &Weight) -> Result<Array2<f32>> {
 ///
 /// # Shapes
 /// `x: [T, in]`, `y: [T, out]`.
-pub fn linear_into(x: ArrayView2<f32>, w: &Weight, mut y: ArrayViewMut2<f32>) -> Result<()> {
-    let (t, n_in) = x.dim();
-    if n_in != w.in_features() || y.dim() != (t, w.out_features()) {
+pub fn linear_into(x: ArrayView2<f32>, w: &Weight, y: ArrayViewMut2<f32>) -> Result<()> {
+    linear_with(active_isa(), None, x, w, y)
+}
+
+/// Splits `n` output columns into at most `tasks` ranges, each a multiple of the panel width.
+fn split(n: usize, tasks: usize) -> (usize, usize) {
+    let per = n.div_ceil(tasks.max(1)).div_ceil(linear::SPLIT) * linear::SPLIT;
+    let per = per.max(linear::SPLIT);
+    (per, n.div_ceil(per))
+}
+
+fn linear_with(
+    isa: Isa,
+    tasks: Option<usize>,
+    x: ArrayView2<f32>,
+    w: &Weight,
+    mut y: ArrayViewMut2<f32>,
+) -> Result<()> {
+    let (t, k) = x.dim();
+    let n = w.out_features();
+    if k != w.in_features() || y.dim() != (t, n) {
         return Err(Error::shape(
             "linear",
             format!(
                 "x {:?}, weight {}→{}, y {:?}",
                 x.dim(),
                 w.in_features(),
-                w.out_features(),
+                n,
                 y.dim()
             ),
         ));
     }
+    assert!(
+        isa.is_available(),
+        "kernel path {isa:?} is not available on this CPU"
+    );
+    if t == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
     let x = x.as_standard_layout();
-    let x = x.as_slice().expect("standard layout");
+    let x = x.as_slice().expect("a standard-layout array is contiguous");
     let run = |y: &mut [f32]| match w.data() {
-        WeightData::F32(d) => linear_generic(x, t, w, d, y),
-        WeightData::BF16(d) => linear_generic(x, t, w, d, y),
-        WeightData::F16(d) => linear_generic(x, t, w, d, y),
+        WeightData::F32(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
+        WeightData::BF16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
+        WeightData::F16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
     };
     if let Some(y) = y.as_slice_mut() {
         run(y);
     } else {
         // A strided output: compute contiguously, then copy.
-        let mut buf = vec![0f32; t * w.out_features()];
+        let mut buf = vec![0f32; t * n];
         run(&mut buf);
-        y.assign(&ArrayView2::from_shape((t, w.out_features()), &buf).expect("sized above"));
+        y.assign(&ArrayView2::from_shape((t, n), &buf).expect("sized above"));
     }
     Ok(())
 }
 
-/// Output columns handed to one task.
-const COLS_PER_TASK: usize = 64;
+#[allow(clippy::too_many_arguments)]
+fn run_linear<E: Elem>(
+    isa: Isa,
+    tasks: Option<usize>,
+    x: &[f32],
+    t: usize,
+    k: usize,
+    n: usize,
+    w: &[E],
+    layout: Layout,
+    y: &mut [f32],
+) {
+    debug_assert!(x.len() == t * k && w.len() == k * n && y.len() == t * n);
+    let job = Job {
+        x,
+        t,
+        k,
+        n,
+        w,
+        layout,
+        y: SyncPtr(y.as_mut_ptr()),
+    };
+    let tasks = tasks.unwrap_or_else(|| {
+        if t * k * n < linear::MIN_PARALLEL_WORK {
+            1
+        } else {
+            rayon::current_num_threads()
+        }
+    });
+    let (per, count) = split(n, tasks);
+    // SAFETY: `isa` was checked available by the caller; the slices have the sizes `job`
+    // states (checked shapes); the ranges `i·per..` are disjoint.
+    if count <= 1 {
+        unsafe { linear_range(isa, &job, 0, n) };
+    } else {
+        (0..count)
+            .into_par_iter()
+            .for_each(|i| unsafe { linear_range(isa, &job, i * per, ((i + 1) * per).min(n)) });
+    }
+}
 
-fn linear_generic<E: Elem>(x: &[f32], t: usize, w: &Weight, data: &[E], y: &mut [f32]) {
-    let (n_in, n_out) = (w.in_features(), w.out_features());
-    let blocks: Vec<usize> = (0..n_out).step_by(COLS_PER_TASK).collect();
-    let results: Vec<Vec<f32>> = blocks
-        .par_iter()
-        .map(|&o0| {
-            let o1 = (o0 + COLS_PER_TASK).min(n_out);
-            let mut out = vec![0f32; t * (o1 - o0)];
-            match w.layout() {
-                Layout::OutIn => {
-                    for o in o0..o1 {
-                        let row = &data[o * n_in..(o + 1) * n_in];
-                        for r in 0..t {
-                            let xr = &x[r * n_in..(r + 1) * n_in];
-                            out[r * (o1 - o0) + o - o0] =
-                                xr.iter().zip(row).map(|(&a, &b)| a * b.f32()).sum();
-                        }
-                    }
-                }
-                Layout::InOut => {
-                    for r in 0..t {
-                        let acc = &mut out[r * (o1 - o0)..(r + 1) * (o1 - o0)];
-                        for i in 0..n_in {
-                            let xi = x[r * n_in + i];
-                            let row = &data[i * n_out + o0..i * n_out + o1];
-                            for (a, &b) in acc.iter_mut().zip(row) {
-                                *a += xi * b.f32();
-                            }
-                        }
-                    }
-                }
-            }
-            out
-        })
-        .collect();
-    for (&o0, out) in blocks.iter().zip(results) {
-        let width = out.len() / t.max(1);
-        for r in 0..t {
-            y[r * n_out + o0..r * n_out + o0 + width].copy_from_slice(&out[r * width..(r + 1) * width]);
+/// Runs `f` on each row of `x` as a contiguous slice (copying only strided rows).
+fn for_each_row(mut x: ArrayViewMut2<f32>, mut f: impl FnMut(&mut [f32])) {
+    for mut row in x.axis_iter_mut(Axis(0)) {
+        for_slice(row.view_mut(), &mut f);
+    }
+}
+
+fn for_slice(mut row: ArrayViewMut1<f32>, f: &mut impl FnMut(&mut [f32])) {
+    match row.as_slice_mut() {
+        Some(s) => f(s),
+        None => {
+            let mut tmp = row.to_vec();
+            f(&mut tmp);
+            row.iter_mut().zip(tmp).for_each(|(d, s)| *d = s);
         }
     }
 }
@@ -128,7 +298,11 @@ fn linear_generic<E: Elem>(x: &[f32], t: usize, w: &Weight, data: &[E], y: &mut 
 ///
 /// # Shapes
 /// `x: [T, H]`, `weight: [H]`.
-pub fn rms_norm_inplace(mut x: ArrayViewMut2<f32>, weight: Option<ArrayView1<f32>>, eps: f32) -> Result<()> {
+pub fn rms_norm_inplace(x: ArrayViewMut2<f32>, weight: Option<ArrayView1<f32>>, eps: f32) -> Result<()> {
+    rms_norm_with(active_isa(), x, weight, eps)
+}
+
+fn rms_norm_with(isa: Isa, x: ArrayViewMut2<f32>, weight: Option<ArrayView1<f32>>, eps: f32) -> Result<()> {
     let h = x.ncols();
     if let Some(w) = &weight {
         if w.len() != h {
@@ -138,15 +312,10 @@ pub fn rms_norm_inplace(mut x: ArrayViewMut2<f32>, weight: Option<ArrayView1<f32
             ));
         }
     }
-    let w = weight.map(|w| w.to_vec());
-    for mut row in x.axis_iter_mut(Axis(0)) {
-        let ms = row.iter().map(|&v| v * v).sum::<f32>() / h as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        match &w {
-            Some(w) => row.iter_mut().zip(w).for_each(|(v, &g)| *v = *v * inv * g),
-            None => row.iter_mut().for_each(|v| *v *= inv),
-        }
-    }
+    // Borrowed when contiguous (the usual case): no copy per call.
+    let w = weight.as_ref().map(|w| w.as_standard_layout());
+    let w = w.as_ref().map(|w| w.as_slice().expect("standard layout"));
+    for_each_row(x, |row| rms_row(isa, row, w, eps));
     Ok(())
 }
 
@@ -155,7 +324,7 @@ pub fn rms_norm_inplace(mut x: ArrayViewMut2<f32>, weight: Option<ArrayView1<f32
 /// # Shapes
 /// `x: [T, H]`, `weight: [H]` → `[T, H]`.
 pub fn rms_norm(x: ArrayView2<f32>, weight: Option<ArrayView1<f32>>, eps: f32) -> Result<Array2<f32>> {
-    let mut y = x.to_owned();
+    let mut y = x.as_standard_layout().into_owned();
     rms_norm_inplace(y.view_mut(), weight, eps)?;
     Ok(y)
 }
@@ -165,7 +334,17 @@ pub fn rms_norm(x: ArrayView2<f32>, weight: Option<ArrayView1<f32>>, eps: f32) -
 /// # Shapes
 /// `x: [T, H]`, `weight, bias: [H]`.
 pub fn layer_norm_inplace(
-    mut x: ArrayViewMut2<f32>,
+    x: ArrayViewMut2<f32>,
+    weight: ArrayView1<f32>,
+    bias: ArrayView1<f32>,
+    eps: f32,
+) -> Result<()> {
+    layer_norm_with(active_isa(), x, weight, bias, eps)
+}
+
+fn layer_norm_with(
+    isa: Isa,
+    x: ArrayViewMut2<f32>,
     weight: ArrayView1<f32>,
     bias: ArrayView1<f32>,
     eps: f32,
@@ -182,36 +361,27 @@ pub fn layer_norm_inplace(
             ),
         ));
     }
-    for mut row in x.axis_iter_mut(Axis(0)) {
-        let mean = row.sum() / h as f32;
-        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for ((v, &g), &b) in row.iter_mut().zip(weight.iter()).zip(bias.iter()) {
-            *v = (*v - mean) * inv * g + b;
-        }
-    }
+    let (w, b) = (weight.as_standard_layout(), bias.as_standard_layout());
+    let (w, b) = (
+        w.as_slice().expect("standard layout"),
+        b.as_slice().expect("standard layout"),
+    );
+    for_each_row(x, |row| layer_row(isa, row, w, b, eps));
     Ok(())
 }
 
-/// Row-wise softmax in place; `-inf` entries get probability 0.
+/// Row-wise softmax in place; `-inf` entries get probability 0 (a row that is all `-inf` gives
+/// NaN, as in PyTorch).
 ///
 /// # Shapes
 /// `x: [T, N]`.
-pub fn softmax_inplace(mut x: ArrayViewMut2<f32>) {
-    for mut row in x.axis_iter_mut(Axis(0)) {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        row.iter_mut().for_each(|v| {
-            *v = (*v - m).exp();
-            sum += *v;
-        });
-        row.iter_mut().for_each(|v| *v /= sum);
-    }
+pub fn softmax_inplace(x: ArrayViewMut2<f32>) {
+    for_each_row(x, |row| softmax_row(active_isa(), row));
 }
 
 /// SiLU in place: `x · sigmoid(x)`.
 pub fn silu_inplace(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp());
+    silu_slice(active_isa(), x)
 }
 
 /// SwiGLU's gate in place: `gate = silu(gate) · up`.
@@ -219,20 +389,84 @@ pub fn silu_inplace(x: &mut [f32]) {
 /// # Shapes
 /// `gate` and `up` of equal length.
 pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) -> Result<()> {
+    silu_mul_with(active_isa(), gate, up)
+}
+
+fn silu_mul_with(isa: Isa, gate: &mut [f32], up: &[f32]) -> Result<()> {
     if gate.len() != up.len() {
         return Err(Error::shape(
             "silu_mul",
             format!("gate {}, up {}", gate.len(), up.len()),
         ));
     }
-    gate.iter_mut()
-        .zip(up)
-        .for_each(|(g, &u)| *g = *g / (1.0 + (-*g).exp()) * u);
+    silu_mul_slice(isa, gate, up);
     Ok(())
 }
 
-/// Exact (erf) GELU in place.
+/// Exact (erf) GELU in place, `x/2 · (1 + erf(x/√2))`, with erf evaluated to about 1.5e-7
+/// absolute.
 pub fn gelu_inplace(x: &mut [f32]) {
-    x.iter_mut()
-        .for_each(|v| *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2)));
+    gelu_slice(active_isa(), x)
+}
+
+/// Every kernel on a named [`Isa`], for tests and benchmarks that compare paths.
+///
+/// Same contracts as the public kernels above, plus: each function panics when the named path
+/// is not [available](Isa::is_available) on this CPU.
+#[doc(hidden)]
+pub mod forced {
+    use super::*;
+
+    /// [`linear_into`](super::linear_into) on `isa`, split into at most `tasks` parallel tasks
+    /// (`None`: the automatic choice).
+    pub fn linear_into(
+        isa: Isa,
+        tasks: Option<usize>,
+        x: ArrayView2<f32>,
+        w: &Weight,
+        y: ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        linear_with(isa, tasks, x, w, y)
+    }
+
+    /// [`rms_norm_inplace`](super::rms_norm_inplace) on `isa`.
+    pub fn rms_norm_inplace(
+        isa: Isa,
+        x: ArrayViewMut2<f32>,
+        weight: Option<ArrayView1<f32>>,
+        eps: f32,
+    ) -> Result<()> {
+        rms_norm_with(isa, x, weight, eps)
+    }
+
+    /// [`layer_norm_inplace`](super::layer_norm_inplace) on `isa`.
+    pub fn layer_norm_inplace(
+        isa: Isa,
+        x: ArrayViewMut2<f32>,
+        weight: ArrayView1<f32>,
+        bias: ArrayView1<f32>,
+        eps: f32,
+    ) -> Result<()> {
+        layer_norm_with(isa, x, weight, bias, eps)
+    }
+
+    /// [`softmax_inplace`](super::softmax_inplace) on `isa`.
+    pub fn softmax_inplace(isa: Isa, x: ArrayViewMut2<f32>) {
+        for_each_row(x, |row| softmax_row(isa, row));
+    }
+
+    /// [`silu_inplace`](super::silu_inplace) on `isa`.
+    pub fn silu_inplace(isa: Isa, x: &mut [f32]) {
+        silu_slice(isa, x)
+    }
+
+    /// [`silu_mul_inplace`](super::silu_mul_inplace) on `isa`.
+    pub fn silu_mul_inplace(isa: Isa, gate: &mut [f32], up: &[f32]) -> Result<()> {
+        silu_mul_with(isa, gate, up)
+    }
+
+    /// [`gelu_inplace`](super::gelu_inplace) on `isa`.
+    pub fn gelu_inplace(isa: Isa, x: &mut [f32]) {
+        gelu_slice(isa, x)
+    }
 }

@@ -1,0 +1,398 @@
+//! `y = x · Wᵀ` (`Layout::OutIn`) or `y = x · W` (`Layout::InOut`) for f32 activations and
+//! f32 / bf16 / f16 weights read in place.
+//!
+//! Two regimes:
+//! - few tokens (`t ≤ SMALL_T`, decode): memory-bound, so each weight element is read once and
+//!   used for all tokens while it is in cache. `OutIn` takes 4 weight rows at a time as dot
+//!   products; `InOut` accumulates 4 weight rows at a time into the (L1-resident) output row.
+//! - more tokens (prefill): FMA-bound. A `KC × NR` weight panel is widened to f32 (and, for
+//!   `OutIn`, transposed 16×16 in registers) into a small aligned buffer, then a register-tiled
+//!   `MR × NR` microkernel (vectors along the output, activations broadcast) runs it against
+//!   every token, so each weight element is converted once per call.
+//!
+//! Work is split across output columns into at most one task per rayon thread; boundaries are
+//! multiples of [`SPLIT`] so every task but the last sees whole panels.
+
+use std::cell::Cell;
+
+use super::simd::{load_partial, store_partial, Elem, Simd, MAX_LANES};
+use crate::Layout;
+
+/// Token counts up to this take the streaming (decode) path.
+pub(crate) const SMALL_T: usize = 3;
+/// Depth of a packed weight panel: `KC × 32` f32 is 32 KiB, so it stays in L1 across tokens.
+const KC: usize = 256;
+/// Task boundaries along the output are multiples of this (the widest `NR`).
+pub(crate) const SPLIT: usize = 32;
+/// Below this many multiply-adds a call runs on the calling thread: forking costs microseconds.
+pub(crate) const MIN_PARALLEL_WORK: usize = 1 << 17;
+
+/// One call's operands, shared by its tasks.
+pub(crate) struct Job<'a, E> {
+    /// `[t, k]` row-major.
+    pub x: &'a [f32],
+    pub t: usize,
+    /// Input features.
+    pub k: usize,
+    /// Output features.
+    pub n: usize,
+    pub w: &'a [E],
+    pub layout: Layout,
+    /// `[t, n]` row-major; tasks write disjoint column ranges.
+    pub y: SyncPtr,
+}
+
+/// The output pointer, shared by tasks that write disjoint columns.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub *mut f32);
+// SAFETY: tasks write disjoint column ranges of the output (see `Job::y`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Computes output columns `lo..hi` (all tokens) of `job`.
+///
+/// # Safety
+/// The CPU supports `S`; `job`'s slices have the sizes its fields state; no other task writes
+/// columns `lo..hi`.
+#[inline(always)]
+pub(crate) unsafe fn run_range<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+    if lo >= hi {
+        return;
+    }
+    if job.t <= SMALL_T {
+        match job.layout {
+            Layout::OutIn => decode_out_in::<S, E>(job, lo, hi),
+            Layout::InOut => decode_in_out::<S, E>(job, lo, hi),
+        }
+    } else {
+        // The buffer is moved out and back rather than used inside `with`'s closure: a closure
+        // is compiled without the caller's target features, so the kernel would not inline.
+        let mut buf = PACK.with(Cell::take);
+        gemm::<S, E>(job, lo, hi, &mut buf);
+        PACK.with(|b| b.set(buf));
+    }
+}
+
+/// `OutIn`, few tokens: `y[r, o] = x[r] · W[o]`, four weight rows at a time (two vectors each
+/// per step: eight independent accumulators keep the FMA latency hidden).
+#[inline(always)]
+unsafe fn decode_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+    let (k, n, l) = (job.k, job.n, S::LANES);
+    let (x, w, y) = (job.x.as_ptr(), job.w.as_ptr(), job.y.0);
+    let k2 = k - k % (2 * l);
+    let k1 = k - k % l;
+    let mut o = lo;
+    while o + 4 <= hi {
+        let rows = [0, 1, 2, 3].map(|j| w.add((o + j) * k));
+        for r in 0..job.t {
+            let xr = x.add(r * k);
+            let mut acc = [[S::splat(0.0); 2]; 4];
+            let mut i = 0;
+            while i < k2 {
+                let x0 = S::load(xr.add(i));
+                let x1 = S::load(xr.add(i + l));
+                for j in 0..4 {
+                    acc[j][0] = S::fma(E::load::<S>(rows[j].add(i)), x0, acc[j][0]);
+                    acc[j][1] = S::fma(E::load::<S>(rows[j].add(i + l)), x1, acc[j][1]);
+                }
+                i += 2 * l;
+            }
+            if i < k1 {
+                let x0 = S::load(xr.add(i));
+                for j in 0..4 {
+                    acc[j][0] = S::fma(E::load::<S>(rows[j].add(i)), x0, acc[j][0]);
+                }
+            }
+            for j in 0..4 {
+                let mut s = S::hsum(S::add(acc[j][0], acc[j][1]));
+                for i in k1..k {
+                    s += *xr.add(i) * (*rows[j].add(i)).to_f32();
+                }
+                *y.add(r * n + o + j) = s;
+            }
+        }
+        o += 4;
+    }
+    while o < hi {
+        let row = w.add(o * k);
+        for r in 0..job.t {
+            let xr = x.add(r * k);
+            let mut acc = [S::splat(0.0); 2];
+            let mut i = 0;
+            while i < k2 {
+                acc[0] = S::fma(E::load::<S>(row.add(i)), S::load(xr.add(i)), acc[0]);
+                acc[1] = S::fma(E::load::<S>(row.add(i + l)), S::load(xr.add(i + l)), acc[1]);
+                i += 2 * l;
+            }
+            if i < k1 {
+                acc[0] = S::fma(E::load::<S>(row.add(i)), S::load(xr.add(i)), acc[0]);
+            }
+            let mut s = S::hsum(S::add(acc[0], acc[1]));
+            for i in k1..k {
+                s += *xr.add(i) * (*row.add(i)).to_f32();
+            }
+            *y.add(r * n + o) = s;
+        }
+        o += 1;
+    }
+}
+
+/// `InOut`, few tokens: `y[r, lo..hi] += Σ_i x[r, i] · W[i, lo..hi]`, four weight rows per pass
+/// over an output chunk small enough to stay in L1, so the weight streams contiguously once.
+#[inline(always)]
+unsafe fn decode_in_out<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+    let (k, n, t, l) = (job.k, job.n, job.t, S::LANES);
+    let (x, w, y) = (job.x.as_ptr(), job.w.as_ptr(), job.y.0);
+    // t chunks of `chunk` f32 in ≤ 32 KiB.
+    let chunk = ((8192 / t) / SPLIT * SPLIT).max(SPLIT);
+    let mut c0 = lo;
+    while c0 < hi {
+        let c1 = (c0 + chunk).min(hi);
+        let cv = c0 + (c1 - c0) / l * l;
+        for r in 0..t {
+            std::ptr::write_bytes(y.add(r * n + c0), 0, c1 - c0);
+        }
+        let mut i = 0;
+        while i < k {
+            let step = (k - i).min(4);
+            let wr = [0, 1, 2, 3].map(|j| w.add((i + j.min(step - 1)) * n));
+            for r in 0..t {
+                let xr = x.add(r * k + i);
+                let yr = y.add(r * n);
+                // Rows past the end of k get a zero coefficient (and re-read a valid row).
+                let xs = [0, 1, 2, 3].map(|j| if j < step { *xr.add(j) } else { 0.0 });
+                let xv = xs.map(|v| S::splat(v));
+                let mut c = c0;
+                while c < cv {
+                    let mut acc = S::load(yr.add(c));
+                    for j in 0..4 {
+                        acc = S::fma(xv[j], E::load::<S>(wr[j].add(c)), acc);
+                    }
+                    S::store(yr.add(c), acc);
+                    c += l;
+                }
+                while c < c1 {
+                    let mut s = *yr.add(c);
+                    for j in 0..4 {
+                        s += xs[j] * (*wr[j].add(c)).to_f32();
+                    }
+                    *yr.add(c) = s;
+                    c += 1;
+                }
+            }
+            i += step;
+        }
+        c0 = c1;
+    }
+}
+
+thread_local! {
+    /// Per-thread packed-panel storage, reused across calls (no allocation per call).
+    static PACK: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Blocked GEMM over output columns `lo..hi`: for each `KC` slice of the input dimension and
+/// each `NR`-wide panel, pack the panel once, then run the microkernel over all tokens.
+#[inline(always)]
+unsafe fn gemm<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize, buf: &mut Vec<f32>) {
+    let nr = 2 * S::LANES;
+    // 16 spare floats let the panel start on a 64-byte boundary (no split-line loads).
+    if buf.len() < KC * nr + 16 {
+        buf.resize(KC * nr + 16, 0.0);
+    }
+    let off = buf.as_ptr().align_offset(64).min(16);
+    let pack = buf.as_mut_ptr().add(off);
+    let (t, k, n) = (job.t, job.k, job.n);
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let mut n0 = lo;
+        while n0 < hi {
+            let nc = nr.min(hi - n0);
+            match job.layout {
+                Layout::InOut => pack_in_out::<S, E>(job, k0, kc, n0, nc, pack),
+                Layout::OutIn => pack_out_in::<S, E>(job, k0, kc, n0, nc, pack),
+            }
+            let mut m0 = 0;
+            while m0 < t {
+                let mc = S::MR.min(t - m0);
+                let tile = Tile {
+                    kc,
+                    a: job.x.as_ptr().add(m0 * k + k0),
+                    lda: k,
+                    b: pack,
+                    c: job.y.0.add(m0 * n + n0),
+                    ldc: n,
+                    nc,
+                    accumulate: k0 > 0,
+                };
+                micro_dispatch::<S>(mc, &tile);
+                m0 += mc;
+            }
+            n0 += nc;
+        }
+        k0 += kc;
+    }
+}
+
+/// Packs `W[k0..k0+kc, n0..n0+nc]` of an `[k, n]` weight as `kc` rows of `NR` f32 (zero-padded).
+#[inline(always)]
+unsafe fn pack_in_out<S: Simd, E: Elem>(
+    job: &Job<E>,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    nc: usize,
+    pack: *mut f32,
+) {
+    let (l, nr, n) = (S::LANES, 2 * S::LANES, job.n);
+    let w = job.w.as_ptr();
+    for kk in 0..kc {
+        let src = w.add((k0 + kk) * n + n0);
+        let dst = pack.add(kk * nr);
+        if nc == nr {
+            S::store(dst, E::load::<S>(src));
+            S::store(dst.add(l), E::load::<S>(src.add(l)));
+        } else {
+            for j in 0..nr {
+                *dst.add(j) = if j < nc { (*src.add(j)).to_f32() } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Packs the same panel from an `[n, k]` weight: rows of `W` become columns of the panel, by
+/// `LANES × LANES` register transposes (scalar only at ragged edges).
+#[inline(always)]
+unsafe fn pack_out_in<S: Simd, E: Elem>(
+    job: &Job<E>,
+    k0: usize,
+    kc: usize,
+    n0: usize,
+    nc: usize,
+    pack: *mut f32,
+) {
+    let (l, nr, k) = (S::LANES, 2 * S::LANES, job.k);
+    let w = job.w.as_ptr();
+    let kv = kc / l * l;
+    if nc == nr {
+        let mut rows = [S::splat(0.0); MAX_LANES];
+        for half in 0..2 {
+            let base = w.add((n0 + half * l) * k + k0);
+            let mut kb = 0;
+            while kb < kv {
+                for (j, row) in rows.iter_mut().take(l).enumerate() {
+                    *row = E::load::<S>(base.add(j * k + kb));
+                }
+                S::transpose(&mut rows);
+                for (i, row) in rows.iter().take(l).enumerate() {
+                    S::store(pack.add((kb + i) * nr + half * l), *row);
+                }
+                kb += l;
+            }
+        }
+    }
+    let k_start = if nc == nr { kv } else { 0 };
+    for kk in k_start..kc {
+        for j in 0..nr {
+            *pack.add(kk * nr + j) = if j < nc {
+                (*w.add((n0 + j) * k + k0 + kk)).to_f32()
+            } else {
+                0.0
+            };
+        }
+    }
+}
+
+/// One microkernel call: `C[M, nc] (+)= A[M, kc] · B[kc, NR]`.
+struct Tile {
+    kc: usize,
+    /// Activations, row stride `lda`.
+    a: *const f32,
+    lda: usize,
+    /// Packed panel, `kc × NR`, 64-byte aligned.
+    b: *const f32,
+    /// Output, row stride `ldc`; only `nc ≤ NR` columns are valid.
+    c: *mut f32,
+    ldc: usize,
+    nc: usize,
+    /// Add to `C` instead of overwriting it (every `KC` slice after the first).
+    accumulate: bool,
+}
+
+#[inline(always)]
+unsafe fn micro_dispatch<S: Simd>(m: usize, tile: &Tile) {
+    match m {
+        1 => micro::<S, 1>(tile),
+        2 => micro::<S, 2>(tile),
+        3 => micro::<S, 3>(tile),
+        4 => micro::<S, 4>(tile),
+        5 => micro::<S, 5>(tile),
+        6 => micro::<S, 6>(tile),
+        7 => micro::<S, 7>(tile),
+        8 => micro::<S, 8>(tile),
+        9 => micro::<S, 9>(tile),
+        10 => micro::<S, 10>(tile),
+        11 => micro::<S, 11>(tile),
+        12 => micro::<S, 12>(tile),
+        _ => unreachable!("microkernel rows are at most MR ≤ 12"),
+    }
+}
+
+/// The register tile: `M × 2` vector accumulators; per step of `k` two panel vectors and `M`
+/// broadcast activations feed `2M` FMAs.
+#[inline(always)]
+unsafe fn micro<S: Simd, const M: usize>(tile: &Tile) {
+    let l = S::LANES;
+    let nr = 2 * l;
+    let mut acc0 = [S::splat(0.0); M];
+    let mut acc1 = [S::splat(0.0); M];
+    let (a, b) = (tile.a, tile.b);
+    for kk in 0..tile.kc {
+        let b0 = S::load(b.add(kk * nr));
+        let b1 = S::load(b.add(kk * nr + l));
+        for m in 0..M {
+            let av = S::splat(*a.add(m * tile.lda + kk));
+            acc0[m] = S::fma(av, b0, acc0[m]);
+            acc1[m] = S::fma(av, b1, acc1[m]);
+        }
+    }
+    for m in 0..M {
+        let c = tile.c.add(m * tile.ldc);
+        if tile.nc == nr {
+            let (mut v0, mut v1) = (acc0[m], acc1[m]);
+            if tile.accumulate {
+                v0 = S::add(v0, S::load(c));
+                v1 = S::add(v1, S::load(c.add(l)));
+            }
+            S::store(c, v0);
+            S::store(c.add(l), v1);
+        } else {
+            for (h, v) in [acc0[m], acc1[m]].into_iter().enumerate() {
+                let lo = h * l;
+                if tile.nc <= lo {
+                    break;
+                }
+                let cnt = (tile.nc - lo).min(l);
+                let p = c.add(lo);
+                let v = if tile.accumulate {
+                    S::add(
+                        v,
+                        if cnt == l {
+                            S::load(p)
+                        } else {
+                            load_partial::<S>(p, cnt, 0.0)
+                        },
+                    )
+                } else {
+                    v
+                };
+                if cnt == l {
+                    S::store(p, v);
+                } else {
+                    store_partial::<S>(p, cnt, v);
+                }
+            }
+        }
+    }
+}
