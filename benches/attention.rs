@@ -1,0 +1,89 @@
+//! One decode step (T = 1) of the attention kernel at long context, Scout's head layout
+//! (40 query heads, 8 kv heads, head dim 128), bf16 K/V views as the cache hands them out.
+//!
+//! - `chunked`: a RoPE layer with chunk 8192; its cache holds only the current chunk, so it
+//!   reads at most 8192 keys whatever the context.
+//! - `global`: a NoPE layer; it reads every key of the context.
+//!
+//! Throughput is the K/V bytes read per step, so criterion reports GB/s to compare with the
+//! machine's memory bandwidth. Run: `cargo bench --bench attention`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use half::bf16;
+use irope_attn::{attention, AttnContext, MaskKind};
+use llama4_core::{KvData, KvView};
+use ndarray::Array3;
+
+const HQ: usize = 40;
+const HKV: usize = 8;
+const D: usize = 128;
+const CHUNK: usize = 8192;
+const MAX_CTX: usize = 128 * 1024;
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG), cheap enough to fill 512 MiB.
+fn fill(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+fn decode(c: &mut Criterion) {
+    // One allocation of the longest context; shorter contexts are prefix views of it (the
+    // head stride stays that of the full buffer, as a growing cache's would).
+    let k = fill(HKV * MAX_CTX * D, 1);
+    let v = fill(HKV * MAX_CTX * D, 2);
+    let q = Array3::from_shape_vec((1, HQ, D), fill(HQ * D, 3).iter().map(|x| x.to_f32()).collect())
+        .expect("sized");
+    let scale = 1.0 / (D as f32).sqrt();
+
+    let mut group = c.benchmark_group("attention_decode_bf16");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(4));
+    for ctx_len in [4 * 1024, 32 * 1024, 128 * 1024] {
+        let pos = ctx_len - 1;
+        for (name, mask) in [
+            ("chunked", MaskKind::Chunked(CHUNK)),
+            ("global", MaskKind::Causal),
+        ] {
+            // A chunked cache holds keys C·floor(p/C) ..= p, stored from slot 0.
+            let (first_pos, len) = match mask {
+                MaskKind::Chunked(c) => (pos / c * c, pos % c + 1),
+                MaskKind::Causal => (0, ctx_len),
+            };
+            let kv = KvView {
+                data: KvData::BF16(&k),
+                heads: HKV,
+                len,
+                head_dim: D,
+                head_stride: MAX_CTX * D,
+                first_pos,
+            };
+            let vv = KvView {
+                data: KvData::BF16(&v),
+                ..kv
+            };
+            let positions = [pos];
+            let actx = AttnContext {
+                positions: &positions,
+                mask,
+                scale,
+            };
+            let bytes = 2 * HKV * len * D * std::mem::size_of::<bf16>();
+            group.throughput(Throughput::Bytes(bytes as u64));
+            group.bench_with_input(BenchmarkId::new(name, ctx_len), &ctx_len, |b, _| {
+                b.iter(|| attention(q.view(), &kv, &vv, &actx).expect("valid shapes"))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode);
+criterion_main!(benches);
