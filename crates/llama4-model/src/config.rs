@@ -153,7 +153,9 @@ struct RawRope {
 }
 
 /// Distinguishes an absent field (outer `None`) from an explicit `null` (`Some(None)`).
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> std::result::Result<Option<Option<T>>, D::Error> {
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> std::result::Result<Option<Option<T>>, D::Error> {
     Ok(Some(Option::deserialize(d)?))
 }
 
@@ -232,7 +234,10 @@ impl ModelConfig {
                 reason: "not a JSON object".into(),
             });
         };
-        let model_type = top.get("model_type").and_then(Value::as_str).unwrap_or("llama4_text");
+        let model_type = top
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("llama4_text");
         match model_type {
             "llama4" => {
                 let text_value = top
@@ -248,7 +253,8 @@ impl ModelConfig {
                     None => Some(200092),
                     Some(v) => Some(token_id(
                         "image_token_index",
-                        v.as_i64().ok_or_else(|| bad("image_token_index", "not an integer"))?,
+                        v.as_i64()
+                            .ok_or_else(|| bad("image_token_index", "not an integer"))?,
                     )?),
                 };
                 Ok(ModelConfig {
@@ -267,7 +273,10 @@ impl ModelConfig {
                     image_token_index: None,
                 })
             }
-            other => Err(bad("model_type", format!("`{other}` is not a Llama 4 model type"))),
+            other => Err(bad(
+                "model_type",
+                format!("`{other}` is not a Llama 4 model type"),
+            )),
         }
     }
 }
@@ -285,12 +294,20 @@ impl TextConfig {
 
     /// The layers that use RoPE (the rest are NoPE layers).
     pub fn rope_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.layers.iter().enumerate().filter(|(_, l)| l.rope).map(|(i, _)| i)
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.rope)
+            .map(|(i, _)| i)
     }
 
     /// The layers whose feed-forward is a mixture of experts.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
-        self.layers.iter().enumerate().filter(|(_, l)| l.moe).map(|(i, _)| i)
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.moe)
+            .map(|(i, _)| i)
     }
 
     /// Llama 4 Scout (17B active, 16 experts) text shape: every layer MoE, QK norm, llama3
@@ -338,12 +355,22 @@ fn preset(experts: usize, moe_step: usize, qk_norm: bool, rope: RawRope, context
 
 fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
     // 5.x `rope_parameters` wins; 4.x writes `rope_theta` beside `rope_scaling` (possibly null).
-    let params = raw.rope_parameters.clone().or_else(|| raw.rope_scaling.clone()).unwrap_or_default();
+    let params = raw
+        .rope_parameters
+        .clone()
+        .or_else(|| raw.rope_scaling.clone())
+        .unwrap_or_default();
     let theta = params.rope_theta.or(raw.rope_theta).unwrap_or(500000.0);
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(bad("rope_theta", format!("{theta} must be a finite number above 1")));
+        return Err(bad(
+            "rope_theta",
+            format!("{theta} must be a finite number above 1"),
+        ));
     }
-    let kind = params.rope_type.or(params.type_alias).unwrap_or_else(|| "default".into());
+    let kind = params
+        .rope_type
+        .or(params.type_alias)
+        .unwrap_or_else(|| "default".into());
     let scaling = match kind.as_str() {
         "default" => RopeScaling::None,
         "llama3" => {
@@ -354,7 +381,10 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
             let low = need(params.low_freq_factor, "low_freq_factor")?;
             let high = need(params.high_freq_factor, "high_freq_factor")?;
             if low > high {
-                return Err(bad("low_freq_factor", format!("{low} exceeds high_freq_factor {high}")));
+                return Err(bad(
+                    "low_freq_factor",
+                    format!("{low} exceeds high_freq_factor {high}"),
+                ));
             }
             RopeScaling::Llama3 {
                 factor: need(params.factor, "factor")?,
@@ -366,7 +396,12 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
                 )?,
             }
         }
-        other => return Err(bad("rope_type", format!("`{other}` is not supported (default, llama3)"))),
+        other => {
+            return Err(bad(
+                "rope_type",
+                format!("`{other}` is not supported (default, llama3)"),
+            ))
+        }
     };
     Ok(RopeConfig { theta, scaling })
 }
@@ -387,7 +422,7 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
     positive(num_hidden_layers, "num_hidden_layers")?;
     // transformers' default is 8 kv heads (the published shape).
     let num_key_value_heads = positive(raw.num_key_value_heads.unwrap_or(8), "num_key_value_heads")?;
-    if num_attention_heads % num_key_value_heads != 0 {
+    if !num_attention_heads.is_multiple_of(num_key_value_heads) {
         return Err(bad(
             "num_key_value_heads",
             format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
@@ -397,20 +432,28 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
     // which contradicts any checkpoint whose q_proj is not 128 wide per head).
     let head_dim = match raw.head_dim {
         Some(d) => d,
-        None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+        None if hidden_size.is_multiple_of(num_attention_heads) => hidden_size / num_attention_heads,
         None => {
             return Err(bad(
                 "head_dim",
-                format!("absent, and hidden_size {hidden_size} is not a multiple of {num_attention_heads} heads"),
+                format!(
+                    "absent, and hidden_size {hidden_size} is not a multiple of {num_attention_heads} heads"
+                ),
             ))
         }
     };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(bad("head_dim", format!("{head_dim} must be positive and even (RoPE pairs)")));
+        return Err(bad(
+            "head_dim",
+            format!("{head_dim} must be positive and even (RoPE pairs)"),
+        ));
     }
     let vocab_size = positive(raw.vocab_size.unwrap_or(202048), "vocab_size")?;
     let intermediate_size = positive(raw.intermediate_size.unwrap_or(8192), "intermediate_size")?;
-    let intermediate_size_mlp = positive(raw.intermediate_size_mlp.unwrap_or(16384), "intermediate_size_mlp")?;
+    let intermediate_size_mlp = positive(
+        raw.intermediate_size_mlp.unwrap_or(16384),
+        "intermediate_size_mlp",
+    )?;
     let num_local_experts = positive(raw.num_local_experts.unwrap_or(16), "num_local_experts")?;
     let num_experts_per_tok = positive(raw.num_experts_per_tok.unwrap_or(1), "num_experts_per_tok")?;
     if num_experts_per_tok > num_local_experts {
@@ -459,11 +502,19 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
                 usize::try_from(i)
                     .ok()
                     .filter(|&i| i < num_hidden_layers)
-                    .ok_or_else(|| bad("moe_layers", format!("layer {i} is not in 0..{num_hidden_layers}")))
+                    .ok_or_else(|| {
+                        bad(
+                            "moe_layers",
+                            format!("layer {i} is not in 0..{num_hidden_layers}"),
+                        )
+                    })
             })
             .collect::<Result<_>>()?,
         None => {
-            let step = positive(raw.interleave_moe_layer_step.unwrap_or(1), "interleave_moe_layer_step")?;
+            let step = positive(
+                raw.interleave_moe_layer_step.unwrap_or(1),
+                "interleave_moe_layer_step",
+            )?;
             (step - 1..num_hidden_layers).step_by(step).collect()
         }
     };
@@ -540,9 +591,48 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
         rope,
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         max_position_embeddings: raw.max_position_embeddings.unwrap_or(131072),
-        bos_token_id: raw.bos_token_id.map(|v| token_id("bos_token_id", v)).transpose()?,
+        bos_token_id: raw
+            .bos_token_id
+            .map(|v| token_id("bos_token_id", v))
+            .transpose()?,
         eos_token_ids,
-        pad_token_id: raw.pad_token_id.map(|v| token_id("pad_token_id", v)).transpose()?,
+        pad_token_id: raw
+            .pad_token_id
+            .map(|v| token_id("pad_token_id", v))
+            .transpose()?,
         layers,
     })
+}
+
+/// The ids that end generation for the checkpoint in `dir`: `eos_token_id` of config.json
+/// together with that of `generation_config.json` when present (each an int or a list).
+pub fn stop_ids(dir: impl AsRef<Path>, text: &TextConfig) -> Result<Vec<u32>> {
+    let mut ids = text.eos_token_ids.clone();
+    let path = dir.as_ref().join("generation_config.json");
+    if path.is_file() {
+        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        #[derive(Deserialize)]
+        struct Generation {
+            eos_token_id: Option<IntOrList>,
+        }
+        let g: Generation = serde_json::from_slice(&bytes).map_err(|e| Error::ConfigJson {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let more = match g.eos_token_id {
+            None => vec![],
+            Some(IntOrList::One(v)) => vec![v],
+            Some(IntOrList::Many(vs)) => vs,
+        };
+        for v in more {
+            let id = token_id("eos_token_id", v)?;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
 }

@@ -33,9 +33,12 @@ pub enum Error {
         /// Why it is rejected.
         reason: String,
     },
-    /// A component crate rejected its input.
-    #[error("{0}")]
-    Component(String),
+    /// The feed-forward (router, experts, MLP) rejected its input.
+    #[error(transparent)]
+    Moe(#[from] moe_router::Error),
+    /// The key/value cache rejected an operation.
+    #[error(transparent)]
+    Cache(#[from] kv_cache::KvError),
     /// The prompt (plus the tokens to generate) does not fit the context.
     #[error("{tokens} tokens exceed the context limit of {limit}")]
     ContextOverflow {
@@ -55,6 +58,14 @@ pub enum Error {
     /// A call that needs tokens got none.
     #[error("{0} needs at least one token")]
     Empty(&'static str),
+    /// `tokenizer.json` could not be read, or text could not be encoded or decoded.
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// Sampling parameters out of range.
     #[error("invalid sampling setting: {0}")]
     Sampling(String),

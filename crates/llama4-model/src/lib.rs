@@ -4,6 +4,14 @@
 
 pub mod config;
 mod error;
+mod generate;
+mod model;
+mod session;
+mod tokenizer;
 
-pub use config::{LayerSpec, ModelConfig, RopeConfig, RopeScaling, TextConfig};
+pub use config::{stop_ids, LayerSpec, ModelConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
+pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
+pub use model::{DecoderLayer, FeedForwardLayer, TextModel};
+pub use session::{Logits, Session};
+pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};

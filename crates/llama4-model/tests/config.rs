@@ -6,7 +6,9 @@ use llama4_model::{Error, LayerSpec, ModelConfig, RopeScaling, TextConfig};
 use serde_json::{json, Value};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
 }
 
 fn parse(v: Value) -> llama4_model::Result<ModelConfig> {
@@ -64,7 +66,9 @@ fn scout_fixture_integer_temperature_flag_and_empty_no_rope_layers() {
 fn maverick_fixture_legacy_rope_spelling_interleaved_moe_eos_list() {
     let t = ModelConfig::from_dir(fixture("maverick")).unwrap().text;
     assert_eq!(t.rope.theta, 500000.0);
-    assert!(matches!(t.rope.scaling, RopeScaling::Llama3 { high_freq_factor, .. } if high_freq_factor == 4.0));
+    assert!(
+        matches!(t.rope.scaling, RopeScaling::Llama3 { high_freq_factor, .. } if high_freq_factor == 4.0)
+    );
     let moe: Vec<usize> = t.moe_layers().collect();
     assert_eq!(moe, [1, 3], "interleave_moe_layer_step 2 without moe_layers");
     assert!(!t.use_qk_norm);
@@ -76,7 +80,10 @@ fn maverick_fixture_legacy_rope_spelling_interleaved_moe_eos_list() {
 fn top2_fixture_null_chunk_tied_no_head_dim() {
     let t = ModelConfig::from_dir(fixture("top2_tied")).unwrap().text;
     assert_eq!(t.attention_chunk_size, None);
-    assert!(t.layers.iter().all(|l| l.chunk.is_none()), "null chunk size means causal");
+    assert!(
+        t.layers.iter().all(|l| l.chunk.is_none()),
+        "null chunk size means causal"
+    );
     assert_eq!(t.head_dim, 16, "head_dim absent: hidden / heads");
     assert!(t.tie_word_embeddings);
     assert_eq!(t.num_experts_per_tok, 2);
@@ -89,7 +96,14 @@ fn top2_fixture_null_chunk_tied_no_head_dim() {
 fn defaults_absent_chunk_is_8192_absent_rope_is_default() {
     let t = parse(small()).unwrap().text;
     assert_eq!(t.attention_chunk_size, Some(8192));
-    assert_eq!(t.layers[0], LayerSpec { rope: true, chunk: Some(8192), moe: true });
+    assert_eq!(
+        t.layers[0],
+        LayerSpec {
+            rope: true,
+            chunk: Some(8192),
+            moe: true
+        }
+    );
     assert_eq!(t.rope.scaling, RopeScaling::None);
     assert_eq!(t.rope.theta, 500000.0);
     assert_eq!(t.eos_token_ids, Vec::<u32>::new());
@@ -117,7 +131,14 @@ fn presets_have_published_shapes() {
     let maverick = TextConfig::maverick();
     assert_eq!(maverick.moe_layers().count(), 24);
     assert_eq!(maverick.num_local_experts, 128);
-    assert_eq!((maverick.num_attention_heads, maverick.num_key_value_heads, maverick.head_dim), (40, 8, 128));
+    assert_eq!(
+        (
+            maverick.num_attention_heads,
+            maverick.num_key_value_heads,
+            maverick.head_dim
+        ),
+        (40, 8, 128)
+    );
 }
 
 #[test]
@@ -156,8 +177,17 @@ fn inconsistent_values_are_rejected_with_their_field() {
     rejects(with("floor_scale", json!(0)), "floor_scale");
     rejects(with("hidden_act", json!("gelu")), "hidden_act");
     rejects(with("eos_token_id", json!([2, -1])), "eos_token_id");
-    rejects(with("rope_parameters", json!({"rope_type": "yarn", "rope_theta": 1e4})), "rope_type");
-    rejects(with("rope_parameters", json!({"rope_type": "llama3", "rope_theta": 1e4})), "low_freq_factor");
+    rejects(
+        with("rope_parameters", json!({"rope_type": "yarn", "rope_theta": 1e4})),
+        "rope_type",
+    );
+    rejects(
+        with(
+            "rope_parameters",
+            json!({"rope_type": "llama3", "rope_theta": 1e4}),
+        ),
+        "low_freq_factor",
+    );
     rejects(
         with(
             "rope_scaling",
@@ -178,4 +208,31 @@ fn legacy_null_rope_scaling_is_unscaled() {
     let t = parse(v).unwrap().text;
     assert_eq!(t.rope.theta, 10000.0);
     assert_eq!(t.rope.scaling, RopeScaling::None);
+}
+
+#[test]
+fn stop_ids_join_config_and_generation_config() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        with("eos_token_id", json!(2)).to_string(),
+    )
+    .unwrap();
+    let t = ModelConfig::from_dir(dir.path()).unwrap().text;
+    assert_eq!(llama4_model::stop_ids(dir.path(), &t).unwrap(), [2]);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [7, 2, 9]}"#,
+    )
+    .unwrap();
+    assert_eq!(llama4_model::stop_ids(dir.path(), &t).unwrap(), [2, 7, 9]);
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": "x"}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        llama4_model::stop_ids(dir.path(), &t),
+        Err(Error::ConfigJson { .. })
+    ));
 }

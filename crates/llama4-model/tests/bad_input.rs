@@ -1,0 +1,195 @@
+//! Bad input gets a clear error, never a panic: broken checkpoints, prompts over the context
+//! limit, ids outside the vocabulary, invalid sampling settings.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use llama4_core::DType;
+use llama4_model::{Error, GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name)
+}
+
+/// A copy of the scout fixture in a temporary directory.
+fn scout_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("scout").join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+/// Rewrites `dir/model.safetensors` with `edit` applied to its tensors.
+fn rewrite(dir: &Path, edit: impl FnOnce(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: HashMap<_, _> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, (t.dtype(), t.shape().to_vec(), t.data().to_vec())))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, (d, s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+#[test]
+fn missing_tensor_names_it() {
+    let dir = scout_copy();
+    rewrite(dir.path(), |t| {
+        t.remove("model.layers.2.feed_forward.router.weight");
+    });
+    let err = TextModel::load(dir.path()).unwrap_err();
+    assert!(
+        matches!(&err, Error::Moe(moe_router::Error::Core(llama4_core::Error::MissingTensor { name, .. }))
+            if name == "model.layers.2.feed_forward.router.weight"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn mis_shaped_tensor_names_it_and_both_shapes() {
+    let dir = scout_copy();
+    rewrite(dir.path(), |t| {
+        let e = t.get_mut("model.layers.0.input_layernorm.weight").unwrap();
+        e.1 = vec![32];
+        e.2.truncate(32 * 4);
+    });
+    let err = TextModel::load(dir.path()).unwrap_err();
+    match &err {
+        Error::Core(llama4_core::Error::ShapeMismatch {
+            name, expected, got, ..
+        }) => {
+            assert_eq!(name, "model.layers.0.input_layernorm.weight");
+            assert_eq!(
+                (expected.as_slice(), got.as_slice()),
+                (&[64usize][..], &[32usize][..])
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn config_that_disagrees_with_the_weights_is_a_shape_error() {
+    let dir = scout_copy();
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
+    std::fs::write(&path, text).unwrap();
+    let err = TextModel::load(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("gate_up_proj"), "{err}");
+}
+
+#[test]
+fn malformed_config_json_and_missing_weights() {
+    let dir = scout_copy();
+    std::fs::write(dir.path().join("config.json"), b"{\"hidden_size\": 64,").unwrap();
+    assert!(matches!(
+        TextModel::load(dir.path()),
+        Err(Error::ConfigJson { .. })
+    ));
+
+    let dir = scout_copy();
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert!(matches!(
+        TextModel::load(dir.path()),
+        Err(Error::Core(llama4_core::Error::NoCheckpoint { .. }))
+    ));
+}
+
+#[test]
+fn truncated_weights_file() {
+    let dir = scout_copy();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        TextModel::load(dir.path()),
+        Err(Error::Core(llama4_core::Error::OutOfBounds { .. }))
+    ));
+}
+
+#[test]
+fn prompt_over_the_context_limit_is_refused_and_the_session_is_unchanged() {
+    let model = TextModel::load(fixture("scout")).unwrap();
+    let mut s = Session::new(&model, DType::F32).unwrap().with_max_len(16);
+    s.prefill(&[5; 10], Logits::Last).unwrap();
+    let err = s.prefill(&[5; 7], Logits::Last).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ContextOverflow {
+                tokens: 17,
+                limit: 16
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(s.len(), 10);
+    s.prefill(&[5; 6], Logits::Last).unwrap();
+
+    // Generation checks prompt + new tokens before running anything.
+    let mut s = Session::new(&model, DType::F32).unwrap().with_max_len(16);
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        ..GenerateOptions::default()
+    };
+    let err = s
+        .generate(&[5; 10], &opts, |_| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(matches!(err, Error::ContextOverflow { .. }), "{err:?}");
+    assert!(s.is_empty());
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_and_empty_prompts() {
+    let model = TextModel::load(fixture("scout")).unwrap();
+    let mut s = Session::new(&model, DType::F32).unwrap();
+    assert!(matches!(
+        s.prefill(&[1, 512], Logits::Last),
+        Err(Error::TokenOutOfRange { id: 512, vocab: 512 })
+    ));
+    assert!(matches!(s.prefill(&[], Logits::Last), Err(Error::Empty(_))));
+    assert!(s.is_empty());
+}
+
+#[test]
+fn invalid_sampling_settings() {
+    for cfg in [
+        SamplingConfig {
+            temperature: -1.0,
+            ..SamplingConfig::default()
+        },
+        SamplingConfig {
+            temperature: f32::NAN,
+            ..SamplingConfig::default()
+        },
+        SamplingConfig {
+            top_p: Some(0.0),
+            ..SamplingConfig::default()
+        },
+        SamplingConfig {
+            top_p: Some(1.5),
+            ..SamplingConfig::default()
+        },
+    ] {
+        assert!(matches!(Sampler::new(cfg), Err(Error::Sampling(_))), "{cfg:?}");
+    }
+    let mut s = Sampler::new(SamplingConfig::greedy()).unwrap();
+    assert!(matches!(s.sample(&[]), Err(Error::Empty(_))));
+}
