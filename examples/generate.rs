@@ -1,0 +1,275 @@
+//! Generate text with a Llama 4 checkpoint.
+//!
+//! ```text
+//! cargo run --release --example generate                      # the embedded demo model
+//! cargo run --release --example generate -- --model DIR --prompt "Hello" --chat
+//! ```
+//!
+//! Options (this command line is an interface other tools rely on):
+//! ```text
+//! --model DIR          checkpoint directory (default: the embedded demo model)
+//! --prompt TEXT | --prompt-ids 1,2,3
+//! --chat               wrap the prompt in the Llama 4 chat format
+//! --image FILE         repeatable; each <|image|> in the prompt takes the next
+//! --max-new-tokens N   --temperature T (0 = greedy)   --top-k K   --top-p P   --seed S   --ignore-eos
+//! --dump-logits FILE   safetensors with one tensor "logits", F32 [generated, vocab]; row r holds the
+//!                      logits that chose generated token r (row 0 comes from the prompt's last position)
+//! --json               print one JSON object as the last line of stdout with prompt_ids, generated_ids,
+//!                      text, prefill_tokens_per_s, decode_tokens_per_s
+//! ```
+
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use llama4_core::DType;
+use llama4_model::{
+    chat_prompt, stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+};
+
+/// The embedded demo model and the prompt it is shown with.
+const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
+const DEMO_PROMPT_FILE: &str = "default_prompt.txt";
+
+#[derive(Debug, Default)]
+struct Args {
+    model: Option<PathBuf>,
+    prompt: Option<String>,
+    prompt_ids: Option<Vec<u32>>,
+    chat: bool,
+    images: Vec<PathBuf>,
+    max_new_tokens: Option<usize>,
+    sampling: SamplingConfig,
+    ignore_eos: bool,
+    dump_logits: Option<PathBuf>,
+    json: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args::default();
+    let mut it = std::env::args().skip(1);
+    fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
+        let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+        v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
+    }
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--model" => a.model = Some(value(&flag, it.next())?),
+            "--prompt" => a.prompt = Some(value(&flag, it.next())?),
+            "--prompt-ids" => {
+                let list: String = value(&flag, it.next())?;
+                let ids = list
+                    .split(',')
+                    .map(|s| {
+                        s.trim()
+                            .parse::<u32>()
+                            .map_err(|_| format!("--prompt-ids: bad id `{s}`"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                a.prompt_ids = Some(ids);
+            }
+            "--chat" => a.chat = true,
+            "--image" => a.images.push(value(&flag, it.next())?),
+            "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
+            "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
+            "--top-k" => a.sampling.top_k = Some(value(&flag, it.next())?),
+            "--top-p" => a.sampling.top_p = Some(value(&flag, it.next())?),
+            "--seed" => a.sampling.seed = value(&flag, it.next())?,
+            "--ignore-eos" => a.ignore_eos = true,
+            "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
+            "--json" => a.json = true,
+            "-h" | "--help" => {
+                println!(
+                    "{}",
+                    include_str!("generate.rs")
+                        .lines()
+                        .skip(8)
+                        .take(11)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown option `{other}` (see --help)")),
+        }
+    }
+    if a.prompt.is_some() && a.prompt_ids.is_some() {
+        return Err("give --prompt or --prompt-ids, not both".into());
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
+    let model = TextModel::load(&dir)?;
+    let tokenizer = Tokenizer::from_dir(&dir)?;
+    if !args.images.is_empty() {
+        return Err(
+            "--image needs a multimodal checkpoint with a vision tower; this build runs text models".into(),
+        );
+    }
+
+    let prompt_text = match (&args.prompt, &args.prompt_ids) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(_)) => None,
+        (None, None) => Some(
+            std::fs::read_to_string(dir.join(DEMO_PROMPT_FILE))
+                .map_err(|_| {
+                    format!(
+                        "no --prompt given and {} has no {DEMO_PROMPT_FILE}",
+                        dir.display()
+                    )
+                })?
+                .trim_end_matches('\n')
+                .to_string(),
+        ),
+    };
+    let prompt_ids = match (&prompt_text, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => {
+            let tok = tokenizer
+                .as_ref()
+                .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
+            if args.chat {
+                tok.encode_with(&chat_prompt(text), false)?
+            } else {
+                tok.encode(text)?
+            }
+        }
+        (None, None) => unreachable!("one of them is set above"),
+    };
+
+    let stops = if args.ignore_eos {
+        vec![]
+    } else {
+        stop_ids(&dir, model.config())?
+    };
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens.unwrap_or(64),
+        sampling: args.sampling,
+        stop_ids: stops.clone(),
+        keep_logits: args.dump_logits.is_some(),
+    };
+
+    if !args.json {
+        match (&prompt_text, &tokenizer) {
+            (Some(t), _) if !args.chat => println!("prompt: {t}"),
+            (_, Some(tok)) => println!("prompt: {}", tok.decode(&prompt_ids)?),
+            _ => println!("prompt ids: {prompt_ids:?}"),
+        }
+        print!("answer: ");
+        std::io::stdout().flush()?;
+    }
+    let mut session = Session::new(&model, DType::F32)?;
+    let mut stream = StreamDecoder::new();
+    let mut stream_err = None;
+    let generation = session.generate(&prompt_ids, &options, |id| {
+        if !args.json && !stops.contains(&id) {
+            match &tokenizer {
+                Some(tok) => match stream.push(tok, id) {
+                    Ok(piece) => print!("{piece}"),
+                    Err(e) => {
+                        stream_err = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                },
+                None => print!("{id} "),
+            }
+            let _ = std::io::stdout().flush();
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e.into());
+    }
+
+    if let (Some(path), Some(logits)) = (&args.dump_logits, &generation.logits) {
+        dump_logits(path, logits)?;
+    }
+    let shown: Vec<u32> = generation
+        .generated_ids
+        .iter()
+        .copied()
+        .filter(|id| !stops.contains(id))
+        .collect();
+    let text = match &tokenizer {
+        Some(tok) => tok.decode(&shown)?,
+        None => String::new(),
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "prompt_ids": generation.prompt_ids,
+            "generated_ids": generation.generated_ids,
+            "text": text,
+            "prefill_tokens_per_s": generation.prefill_tokens_per_s(),
+            "decode_tokens_per_s": generation.decode_tokens_per_s(),
+        });
+        println!("{out}");
+    } else {
+        println!();
+        let cache = session.cache_memory();
+        println!(
+            "prefill: {} tokens in {:.1} ms ({:.1} tokens/s)",
+            generation.prompt_ids.len(),
+            generation.prefill_time.as_secs_f64() * 1e3,
+            generation.prefill_tokens_per_s()
+        );
+        println!(
+            "decode:  {} tokens in {:.1} ms ({:.1} tokens/s)",
+            generation.decode_steps,
+            generation.decode_time.as_secs_f64() * 1e3,
+            generation.decode_tokens_per_s()
+        );
+        println!(
+            "memory:  weights {:.2} MB mapped, KV cache {:.1} KB (chunked layers {:.1} KB, global layers {:.1} KB), peak RSS {:.1} MB",
+            weight_file_bytes(&dir) as f64 / 1e6,
+            cache.total() as f64 / 1e3,
+            cache.chunked as f64 / 1e3,
+            cache.global as f64 / 1e3,
+            peak_rss_bytes().unwrap_or(0) as f64 / 1e6
+        );
+    }
+    Ok(())
+}
+
+/// Writes `logits` `[generated, vocab]` as the one F32 tensor "logits".
+fn dump_logits(path: &Path, logits: &ndarray::Array2<f32>) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, logits.shape().to_vec(), &bytes)?;
+    safetensors::serialize_to_file([("logits", view)], None, path)?;
+    Ok(())
+}
+
+/// Bytes of the checkpoint's safetensors files (memory-mapped, not copied).
+fn weight_file_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter(|e| e.file_name() != "reference.safetensors")
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
