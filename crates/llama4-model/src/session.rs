@@ -120,7 +120,19 @@ impl<'m> Session<'m> {
             )
             .into());
         }
-        let hidden = self.model.forward_hidden(embeddings, &mut self.cache)?;
+        let before = self.tokens.len();
+        let hidden = match self.model.forward_hidden(embeddings, &mut self.cache) {
+            Ok(h) => h,
+            Err(e) => {
+                // Some layers may have appended already: rewind them, or, when a chunked layer
+                // has moved past keys it no longer holds, start over rather than keep a cache
+                // that disagrees with `tokens`.
+                if self.cache.truncate(before).is_err() {
+                    self.reset();
+                }
+                return Err(e);
+            }
+        };
         self.tokens.extend_from_slice(tokens);
         let rows = match which {
             Logits::Last => hidden.slice(s![hidden.nrows() - 1.., ..]),
