@@ -25,7 +25,8 @@ use std::process::ExitCode;
 
 use llama4_core::DType;
 use llama4_model::{
-    chat_prompt, stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    chat_prompt, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
+    Session, StreamDecoder, TextModel, Tokenizer,
 };
 
 /// The embedded demo model and the prompt it is shown with.
@@ -113,13 +114,29 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
     let dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
-    let model = TextModel::load(&dir)?;
-    let tokenizer = Tokenizer::from_dir(&dir)?;
-    if !args.images.is_empty() {
-        return Err(
-            "--image needs a multimodal checkpoint with a vision tower; this build runs text models".into(),
-        );
-    }
+    // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
+    let (text_model, multimodal, tokenizer) = if args.images.is_empty() {
+        (Some(TextModel::load(&dir)?), None, Tokenizer::from_dir(&dir)?)
+    } else {
+        if ModelConfig::from_dir(&dir)?.vision.is_none() {
+            return Err(format!(
+                "--image needs a multimodal checkpoint with a vision tower; {} is text-only",
+                dir.display()
+            )
+            .into());
+        }
+        let tokenizer = Tokenizer::from_dir(&dir)?;
+        let tok = tokenizer
+            .as_ref()
+            .ok_or("--image needs the checkpoint's tokenizer.json (for the image tokens' ids)")?;
+        let mm = MultimodalModel::load_with_ids(&dir, ImageTokenIds::from_tokenizer(tok)?)?;
+        (None, Some(mm), tokenizer)
+    };
+    let model: &TextModel = match (&text_model, &multimodal) {
+        (Some(m), _) => m,
+        (None, Some(mm)) => mm.text(),
+        (None, None) => unreachable!("one of them is loaded above"),
+    };
 
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
@@ -163,6 +180,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         keep_logits: args.dump_logits.is_some(),
     };
 
+    // Each <|image|> of the prompt takes the next image; the model sees the expanded prompt.
+    let prepared = match &multimodal {
+        Some(mm) => {
+            let images = args
+                .images
+                .iter()
+                .map(|path| mm.encode_image_file(path))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !args.json {
+                for (path, image) in args.images.iter().zip(&images) {
+                    let (rows, cols) = image.aspect_ratio;
+                    println!(
+                        "image: {} ({rows}×{cols} tiles{}, {} image tokens)",
+                        path.display(),
+                        if rows * cols > 1 { " + global" } else { "" },
+                        image.features.nrows()
+                    );
+                }
+            }
+            Some(mm.prepare(&prompt_ids, &images)?)
+        }
+        None => None,
+    };
+
     if !args.json {
         match (&prompt_text, &tokenizer) {
             (Some(t), _) if !args.chat => println!("prompt: {t}"),
@@ -172,10 +213,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         print!("answer: ");
         std::io::stdout().flush()?;
     }
-    let mut session = Session::new(&model, DType::F32)?;
+    let mut session = Session::new(model, DType::F32)?;
     let mut stream = StreamDecoder::new();
     let mut stream_err = None;
-    let generation = session.generate(&prompt_ids, &options, |id| {
+    let on_token = |id| {
         if !args.json && !stops.contains(&id) {
             match &tokenizer {
                 Some(tok) => match stream.push(tok, id) {
@@ -190,7 +231,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             let _ = std::io::stdout().flush();
         }
         ControlFlow::Continue(())
-    })?;
+    };
+    let generation = match prepared {
+        Some(p) => session.generate_with_embeddings(&p.ids, p.embeddings, &options, on_token)?,
+        None => session.generate(&prompt_ids, &options, on_token)?,
+    };
     if let Some(e) = stream_err {
         return Err(e.into());
     }

@@ -69,6 +69,42 @@ pub enum Error {
     /// Sampling parameters out of range.
     #[error("invalid sampling setting: {0}")]
     Sampling(String),
+    /// The vision side (config, weights, image processing) failed.
+    #[error(transparent)]
+    Vision(#[from] vision_encoder::Error),
+    /// An image file's bytes could not be decoded.
+    #[error("{path}: {source}")]
+    Image {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: vision_encoder::Error,
+    },
+    /// The prompt's `<|image|>` placeholders and the images given differ in number.
+    #[error("the prompt has {placeholders} <|image|> placeholder(s) but {images} image(s) were given")]
+    ImageCount {
+        /// `<|image|>` tokens in the prompt.
+        placeholders: usize,
+        /// Images given.
+        images: usize,
+    },
+    /// The expanded prompt's `<|patch|>` tokens and the projected image tokens differ in number.
+    #[error(
+        "the prompt has {patch_tokens} <|patch|> token(s) but the images give {features} image token(s)"
+    )]
+    ImageFeatureCount {
+        /// `<|patch|>` tokens in the expanded prompt.
+        patch_tokens: usize,
+        /// Rows of projected image features.
+        features: usize,
+    },
+    /// A special token of the image layout is not in the tokenizer.
+    #[error("the tokenizer has no `{token}` token (needed to lay out images in the prompt)")]
+    MissingImageToken {
+        /// The token's text.
+        token: &'static str,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -202,6 +202,18 @@ impl Session<'_> {
         &mut self,
         prompt: &[u32],
         options: &GenerateOptions,
+        on_token: impl FnMut(u32) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        self.generate_from(prompt, None, options, on_token)
+    }
+
+    /// The generation loop; the prompt's input embeddings are looked up unless given (images
+    /// already scattered into them).
+    pub(crate) fn generate_from(
+        &mut self,
+        prompt: &[u32],
+        embeddings: Option<Array2<f32>>,
+        options: &GenerateOptions,
         mut on_token: impl FnMut(u32) -> ControlFlow<()>,
     ) -> Result<Generation> {
         let mut sampler = Sampler::new(options.sampling)?;
@@ -215,7 +227,11 @@ impl Session<'_> {
             });
         }
         let start = Instant::now();
-        let mut logits = self.prefill(prompt, Logits::Last)?.row(0).to_owned();
+        let first = match embeddings {
+            Some(e) => self.prefill_embeddings(prompt, e, Logits::Last)?,
+            None => self.prefill(prompt, Logits::Last)?,
+        };
+        let mut logits = first.row(0).to_owned();
         let prefill_time = start.elapsed();
         let mut decode_time = Duration::ZERO;
         let mut decode_steps = 0;

@@ -6,6 +6,7 @@ pub mod config;
 mod error;
 mod generate;
 mod model;
+mod multimodal;
 mod session;
 mod tokenizer;
 
@@ -13,5 +14,9 @@ pub use config::{stop_ids, LayerSpec, ModelConfig, RopeConfig, RopeScaling, Text
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
 pub use model::{DecoderLayer, FeedForwardLayer, TextModel};
+pub use multimodal::{
+    expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
+    PreparedPrompt,
+};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};
