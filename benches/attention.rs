@@ -5,6 +5,9 @@
 //!   reads at most 8192 keys whatever the context.
 //! - `global`: a NoPE layer; it reads every key of the context.
 //!
+//! - `in_cache`: 512 keys (2 MiB of K/V, heads packed), which stay in L2: the kernel's
+//!   arithmetic ceiling, with memory out of the way.
+//!
 //! Throughput is the K/V bytes read per step, so criterion reports GB/s to compare with the
 //! machine's memory bandwidth. Run: `cargo bench --bench attention`.
 
@@ -82,6 +85,40 @@ fn decode(c: &mut Criterion) {
             });
         }
     }
+    group.finish();
+
+    // The kernel's arithmetic ceiling: a context small enough (2 MiB of K/V) to stay in the
+    // cores' L2, so memory does not limit it. Decoding at long context reaches memory
+    // bandwidth only if this is well above it.
+    let mut group = c.benchmark_group("attention_decode_bf16_in_cache");
+    group.sample_size(20);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(2));
+    let len = 512;
+    let kv = KvView {
+        data: KvData::BF16(&k),
+        heads: HKV,
+        len,
+        head_dim: D,
+        head_stride: len * D,
+        first_pos: 0,
+    };
+    let vv = KvView {
+        data: KvData::BF16(&v),
+        ..kv
+    };
+    let positions = [len - 1];
+    let actx = AttnContext {
+        positions: &positions,
+        mask: MaskKind::Causal,
+        scale,
+    };
+    group.throughput(Throughput::Bytes(
+        (2 * HKV * len * D * std::mem::size_of::<bf16>()) as u64,
+    ));
+    group.bench_function(BenchmarkId::new("global", len), |b| {
+        b.iter(|| attention(q.view(), &kv, &vv, &actx).expect("valid shapes"))
+    });
     group.finish();
 }
 

@@ -4,8 +4,11 @@
 //!
 //! Work is split by key/value head (and by blocks of query tokens): the `Hq / Hkv` query heads
 //! that share a kv head are processed together, so each key and value is read from memory once
-//! per call and widened to f32 once per tile, whatever the group size. Decoding at long context
-//! is then bound by memory bandwidth, as it should be.
+//! per call, whatever the group size.
+//!
+//! The AVX-512 path ([`avx512`]) is register-blocked so that decoding at long context is bound
+//! by memory bandwidth; the AVX2 and portable paths (one generic body, [`item_body`]) widen a
+//! tile of keys and values to f32 and work row by row: correct, slower.
 
 use std::sync::OnceLock;
 
@@ -16,6 +19,9 @@ use ndarray::{Array3, ArrayView3};
 use rayon::prelude::*;
 
 use crate::MaskKind;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Everything the kernel needs besides the tensors.
 #[derive(Clone, Copy, Debug)]
@@ -40,7 +46,7 @@ const MIN_KEYS_PER_SPLIT: usize = 1024;
 /// The instruction set the kernel runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512F (x86-64).
+    /// AVX-512F/BW/VL (x86-64).
     Avx512,
     /// AVX2 with FMA (x86-64).
     Avx2,
@@ -74,7 +80,11 @@ pub fn supported_isas() -> Vec<Isa> {
     let mut v = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma")
+        {
             v.push(Isa::Avx512);
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -89,9 +99,21 @@ pub fn supported_isas() -> Vec<Isa> {
 trait KvElem: Copy + Send + Sync {
     /// `dst[i] = src[i]` as f32 (same lengths).
     fn widen(src: &[Self], dst: &mut [f32]);
+
+    /// The AVX-512 item kernel for this dtype.
+    ///
+    /// # Safety
+    /// As [`avx512::item`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial;
 }
 
 impl KvElem for f32 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
+        avx512::item(args, it)
+    }
+
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -99,6 +121,11 @@ impl KvElem for f32 {
 }
 
 impl KvElem for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
+        avx512::item(args, it)
+    }
+
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         // bf16 is the top half of an f32: a shift that vectorises (half's `to_f32` also quiets
@@ -110,6 +137,11 @@ impl KvElem for bf16 {
 }
 
 impl KvElem for f16 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
+        avx512::item(args, it)
+    }
+
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         // half converts slices with F16C when the CPU has it.
@@ -371,17 +403,11 @@ fn run_item<E: KvElem>(isa: Isa, args: &Args<E>, it: Item) -> Partial {
     match isa {
         // SAFETY: `attention_with` only selects a path that `supported_isas` detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { item_avx512(args, it) },
+        Isa::Avx512 => unsafe { E::item_avx512(args, it) },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { item_avx2(args, it) },
         _ => item_body::<E, Portable>(args, it),
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-unsafe fn item_avx512<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
-    item_body::<E, x86::Avx512>(args, it)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -435,35 +461,14 @@ impl Simd for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! Explicit dot products: the compiler's own vectorisation of a 16-lane accumulator came
-    //! out 2 lanes wide, which made decoding compute-bound.
+    //! Explicit AVX2 dot products: the compiler's own vectorisation of a 16-lane accumulator
+    //! came out 2 lanes wide.
     use std::arch::x86_64::*;
 
     use super::Simd;
 
-    /// AVX-512F.
-    pub(super) struct Avx512;
     /// AVX2 + FMA.
     pub(super) struct Avx2;
-
-    impl Simd for Avx512 {
-        #[inline(always)]
-        fn dot(a: &[f32], b: &[f32]) -> f32 {
-            // SAFETY: only instantiated inside `item_avx512`, which runs after detection.
-            unsafe { dot512(a, b) }
-        }
-
-        #[inline(always)]
-        fn fma(a: f32, b: f32, c: f32) -> f32 {
-            a.mul_add(b, c)
-        }
-
-        #[inline(always)]
-        fn axpy_rows(acc: &mut [f32], p: &[f32], vals: &[f32]) {
-            // SAFETY: as `dot`.
-            unsafe { axpy_rows512(acc, p, vals) }
-        }
-    }
 
     impl Simd for Avx2 {
         #[inline(always)]
@@ -475,82 +480,6 @@ mod x86 {
         #[inline(always)]
         fn fma(a: f32, b: f32, c: f32) -> f32 {
             a.mul_add(b, c)
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn dot512(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc0 = _mm512_setzero_ps();
-        let mut acc1 = _mm512_setzero_ps();
-        let mut i = 0;
-        // SAFETY (all loads): `i + 16 <= n`, or a mask covering only `i..n`.
-        while i + 32 <= n {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i + 16)),
-                _mm512_loadu_ps(pb.add(i + 16)),
-                acc1,
-            );
-            i += 32;
-        }
-        if i + 16 <= n {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), acc0);
-            i += 16;
-        }
-        if i < n {
-            let m = ((1u32 << (n - i)) - 1) as __mmask16;
-            acc1 = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, pa.add(i)),
-                _mm512_maskz_loadu_ps(m, pb.add(i)),
-                acc1,
-            );
-        }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1))
-    }
-
-    /// Keeps up to 8 registers (128 floats) of the accumulator in registers across all keys of
-    /// the tile, instead of loading and storing it once per key.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn axpy_rows512(acc: &mut [f32], p: &[f32], vals: &[f32]) {
-        let d = acc.len();
-        let n = p.len().min(vals.len() / d.max(1));
-        let pa = acc.as_mut_ptr();
-        let pv = vals.as_ptr();
-        let mut i = 0;
-        // SAFETY (all accesses): columns `i..i + 16·R ≤ d` (or masked to `i..d`) of rows `j < n`.
-        while i + 128 <= d {
-            let mut r = [_mm512_setzero_ps(); 8];
-            for (k, x) in r.iter_mut().enumerate() {
-                *x = _mm512_loadu_ps(pa.add(i + 16 * k));
-            }
-            for (j, &pj) in p.iter().enumerate().take(n) {
-                let b = _mm512_set1_ps(pj);
-                let row = pv.add(j * d + i);
-                for (k, x) in r.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(b, _mm512_loadu_ps(row.add(16 * k)), *x);
-                }
-            }
-            for (k, x) in r.iter().enumerate() {
-                _mm512_storeu_ps(pa.add(i + 16 * k), *x);
-            }
-            i += 128;
-        }
-        while i < d {
-            let m: __mmask16 = if d - i >= 16 {
-                0xFFFF
-            } else {
-                ((1u32 << (d - i)) - 1) as __mmask16
-            };
-            let mut x = _mm512_maskz_loadu_ps(m, pa.add(i));
-            for (j, &pj) in p.iter().enumerate().take(n) {
-                x = _mm512_fmadd_ps(_mm512_set1_ps(pj), _mm512_maskz_loadu_ps(m, pv.add(j * d + i)), x);
-            }
-            _mm512_mask_storeu_ps(pa.add(i), m, x);
-            i += 16;
         }
     }
 

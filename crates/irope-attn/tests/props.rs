@@ -33,11 +33,11 @@ struct Case {
     kv: Vec<f32>,
 }
 
-fn case(max_len: usize, max_t: usize) -> impl Strategy<Value = Case> {
+fn case(max_len: usize, max_t: usize, reps: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> {
     (
         1..=max_t,
         1usize..=3,
-        1usize..=4,
+        reps,
         // Small dims, and around 128 (Scout's) for the register-blocked value path.
         prop_oneof![1usize..=40, 120usize..=136],
         0..=max_len,
@@ -125,7 +125,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn tiled_equals_naive(c in case(200, 12)) {
+    fn tiled_equals_naive(c in case(200, 12, 1..=4)) {
         check(&c)?;
     }
 }
@@ -135,7 +135,18 @@ proptest! {
 
     /// Long views: several tiles per query, and (decoding) keys split across threads.
     #[test]
-    fn tiled_equals_naive_long(c in case(3000, 3)) {
+    fn tiled_equals_naive_long(c in case(3000, 3, 1..=4)) {
+        check(&c)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Groups of 5 to 8 query heads per kv head (Scout's 5, and more): the AVX-512 path blocks
+    /// rows by 5, so these mix full and partial row blocks within and across tokens.
+    #[test]
+    fn tiled_equals_naive_large_groups(c in case(400, 5, 5..=8)) {
         check(&c)?;
     }
 }
