@@ -243,14 +243,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if let (Some(path), Some(logits)) = (&args.dump_logits, &generation.logits) {
         dump_logits(path, logits)?;
     }
-    let shown: Vec<u32> = generation
-        .generated_ids
-        .iter()
-        .copied()
-        .filter(|id| !stops.contains(id))
-        .collect();
+    let shown = generation.answer_ids();
     let text = match &tokenizer {
-        Some(tok) => tok.decode(&shown)?,
+        Some(tok) => tok.decode(shown)?,
         None => String::new(),
     };
     if args.json {

@@ -115,13 +115,8 @@ fn evaluate(
     for (prompt, answer) in cases {
         let mut session = Session::new(model, DType::F32)?;
         let g = session.generate(&tok.encode(prompt)?, &options, |_| ControlFlow::Continue(()))?;
-        let body: Vec<u32> = g
-            .generated_ids
-            .iter()
-            .copied()
-            .filter(|i| !stops.contains(i))
-            .collect();
-        let text = tok.decode(&body)?;
+        let body = g.answer_ids();
+        let text = tok.decode(body)?;
         outcome.correct += usize::from(&text == answer);
         outcome.answers.push(text);
     }

@@ -181,9 +181,17 @@ pub struct Generation {
     pub decode_time: Duration,
     /// Forward passes after the prefill.
     pub decode_steps: usize,
+    /// True when a stop id ended generation (it is the last of `generated_ids`).
+    pub stopped: bool,
 }
 
 impl Generation {
+    /// The generated ids without the stop id that ended generation: the answer's text.
+    pub fn answer_ids(&self) -> &[u32] {
+        let n = self.generated_ids.len() - usize::from(self.stopped);
+        &self.generated_ids[..n]
+    }
+
     /// Prompt tokens per second of prefill.
     pub fn prefill_tokens_per_s(&self) -> f64 {
         self.prompt_ids.len() as f64 / self.prefill_time.as_secs_f64().max(1e-12)
@@ -235,6 +243,7 @@ impl Session<'_> {
         let prefill_time = start.elapsed();
         let mut decode_time = Duration::ZERO;
         let mut decode_steps = 0;
+        let mut stopped = false;
         while generated.len() < options.max_new_tokens {
             let row = logits.as_slice().ok_or(Error::Empty("logits"))?;
             let id = sampler.sample(row)?;
@@ -242,8 +251,8 @@ impl Session<'_> {
                 kept.extend_from_slice(row);
             }
             generated.push(id);
-            let stop = options.stop_ids.contains(&id);
-            if on_token(id).is_break() || stop || generated.len() == options.max_new_tokens {
+            stopped = options.stop_ids.contains(&id);
+            if on_token(id).is_break() || stopped || generated.len() == options.max_new_tokens {
                 break;
             }
             let t = Instant::now();
@@ -263,6 +272,7 @@ impl Session<'_> {
             prefill_time,
             decode_time,
             decode_steps,
+            stopped,
         })
     }
 }

@@ -54,13 +54,8 @@ fn demo_sorts_digits_on_held_out_inputs() {
                 ControlFlow::Continue(())
             })
             .unwrap();
-        let body: Vec<u32> = g
-            .generated_ids
-            .iter()
-            .copied()
-            .filter(|i| !stops.contains(i))
-            .collect();
-        let text = tok.decode(&body).unwrap();
+        let body = g.answer_ids();
+        let text = tok.decode(body).unwrap();
         assert_eq!(streamed, text, "streamed decoding must equal decoding at once");
         correct += usize::from(&text == answer && g.generated_ids.last().is_some_and(|i| stops.contains(i)));
     }

@@ -64,13 +64,8 @@ fn vision_demo_names_the_shapes_of_held_out_pictures() {
             })
             .unwrap();
         let stopped = g.generated_ids.last().is_some_and(|i| stops.contains(i));
-        let body: Vec<u32> = g
-            .generated_ids
-            .iter()
-            .copied()
-            .filter(|i| !stops.contains(i))
-            .collect();
-        let text = tok.decode(&body).unwrap();
+        let body = g.answer_ids();
+        let text = tok.decode(body).unwrap();
         let ok = stopped && text == case.answer;
         if !ok {
             println!("  {}: want {:?}, got {text:?}", case.image.display(), case.answer);
