@@ -15,7 +15,7 @@
 
 use std::cell::Cell;
 
-use super::simd::{load_partial, store_partial, Elem, Simd, MAX_LANES};
+use super::simd::{load_partial, prefetch, store_partial, Elem, Simd, MAX_LANES};
 use crate::Layout;
 
 /// Token counts up to this take the streaming (decode) path.
@@ -49,6 +49,13 @@ pub(crate) struct SyncPtr(pub *mut f32);
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
+impl SyncPtr {
+    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
+    pub fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Computes output columns `lo..hi` (all tokens) of `job`.
 ///
 /// # Safety
@@ -62,7 +69,7 @@ pub(crate) unsafe fn run_range<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: us
     if job.t <= SMALL_T {
         match job.layout {
             Layout::OutIn => decode_out_in::<S, E>(job, lo, hi),
-            Layout::InOut => decode_in_out::<S, E>(job, lo, hi),
+            Layout::InOut => decode_in_out::<S, E>(job, lo, hi, 0, job.k, job.y.0),
         }
     } else {
         // The buffer is moved out and back rather than used inside `with`'s closure: a closure
@@ -71,6 +78,19 @@ pub(crate) unsafe fn run_range<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: us
         gemm::<S, E>(job, lo, hi, &mut buf);
         PACK.with(|b| b.set(buf));
     }
+}
+
+/// `InOut`, few tokens: the partial sum over input rows `i0..i1` of every output column, written
+/// to `out` (`[t, n]`). Splitting a decode call along the input lets each task stream one
+/// contiguous block of the weight instead of a strided half of every row.
+///
+/// # Safety
+/// As [`run_range`], with `job.layout == InOut`, `job.t <= SMALL_T`, `i0 <= i1 <= job.k`, and
+/// `out` valid for `t · n` writes that no other task makes.
+#[inline(always)]
+pub(crate) unsafe fn run_rows<S: Simd, E: Elem>(job: &Job<E>, i0: usize, i1: usize, out: *mut f32) {
+    debug_assert!(job.layout == Layout::InOut && job.t <= SMALL_T);
+    decode_in_out::<S, E>(job, 0, job.n, i0, i1, out)
 }
 
 /// `OutIn`, few tokens: `y[r, o] = x[r] · W[o]`, four weight rows at a time (two vectors each
@@ -84,11 +104,23 @@ unsafe fn decode_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
     let mut o = lo;
     while o + 4 <= hi {
         let rows = [0, 1, 2, 3].map(|j| w.add((o + j) * k));
+        // The next four rows, prefetched at the pace this block is consumed: the hardware
+        // prefetcher stops at page boundaries, software prefetch does not.
+        let next = w.wrapping_add((o + 4) * k).cast::<u8>();
+        let step_bytes = 4 * 2 * l * std::mem::size_of::<E>();
         for r in 0..job.t {
             let xr = x.add(r * k);
             let mut acc = [[S::splat(0.0); 2]; 4];
             let mut i = 0;
             while i < k2 {
+                if r == 0 && o + 4 < hi {
+                    let p = next.wrapping_add(i / (2 * l) * step_bytes);
+                    let mut b = 0;
+                    while b < step_bytes {
+                        prefetch(p.wrapping_add(b));
+                        b += 64;
+                    }
+                }
                 let x0 = S::load(xr.add(i));
                 let x1 = S::load(xr.add(i + l));
                 for j in 0..4 {
@@ -137,12 +169,21 @@ unsafe fn decode_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
     }
 }
 
-/// `InOut`, few tokens: `y[r, lo..hi] += Σ_i x[r, i] · W[i, lo..hi]`, four weight rows per pass
-/// over an output chunk small enough to stay in L1, so the weight streams contiguously once.
+/// `InOut`, few tokens: `y[r, lo..hi] = Σ_{i in i0..i1} x[r, i] · W[i, lo..hi]`, four weight rows
+/// per pass over an output chunk small enough to stay in L1, so the weight streams contiguously
+/// once. `y` has row stride `job.n`.
 #[inline(always)]
-unsafe fn decode_in_out<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_in_out<S: Simd, E: Elem>(
+    job: &Job<E>,
+    lo: usize,
+    hi: usize,
+    i0: usize,
+    i1: usize,
+    y: *mut f32,
+) {
     let (k, n, t, l) = (job.k, job.n, job.t, S::LANES);
-    let (x, w, y) = (job.x.as_ptr(), job.w.as_ptr(), job.y.0);
+    let (x, w) = (job.x.as_ptr(), job.w.as_ptr());
     // t chunks of `chunk` f32 in ≤ 32 KiB.
     let chunk = ((8192 / t) / SPLIT * SPLIT).max(SPLIT);
     let mut c0 = lo;
@@ -152,18 +193,27 @@ unsafe fn decode_in_out<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
         for r in 0..t {
             std::ptr::write_bytes(y.add(r * n + c0), 0, c1 - c0);
         }
-        let mut i = 0;
-        while i < k {
-            let step = (k - i).min(4);
+        let mut i = i0;
+        while i < i1 {
+            let step = (i1 - i).min(4);
             let wr = [0, 1, 2, 3].map(|j| w.add((i + j.min(step - 1)) * n));
+            // The next four rows at the same columns: the hardware prefetcher stops at page
+            // boundaries, and a row segment is often a page or less.
+            let ahead = [0, 1, 2, 3].map(|j| w.wrapping_add((i + 4 + j) * n));
+            let fetch = i + 4 < i1;
             for r in 0..t {
                 let xr = x.add(r * k + i);
                 let yr = y.add(r * n);
-                // Rows past the end of k get a zero coefficient (and re-read a valid row).
+                // Rows past the end of the range get a zero coefficient (and re-read a valid row).
                 let xs = [0, 1, 2, 3].map(|j| if j < step { *xr.add(j) } else { 0.0 });
                 let xv = xs.map(|v| S::splat(v));
                 let mut c = c0;
                 while c < cv {
+                    if fetch && r == 0 {
+                        for a in ahead {
+                            prefetch(a.wrapping_add(c));
+                        }
+                    }
                     let mut acc = S::load(yr.add(c));
                     for j in 0..4 {
                         acc = S::fma(xv[j], E::load::<S>(wr[j].add(c)), acc);

@@ -18,6 +18,7 @@ mod linear;
 pub mod scalar;
 mod simd;
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
@@ -145,6 +146,32 @@ unsafe fn linear_range_avx2<E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
     linear::run_range::<simd::Avx2, E>(job, lo, hi)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
+unsafe fn linear_rows_avx512<E: Elem>(job: &Job<E>, i0: usize, i1: usize, out: *mut f32) {
+    linear::run_rows::<simd::Avx512, E>(job, i0, i1, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn linear_rows_avx2<E: Elem>(job: &Job<E>, i0: usize, i1: usize, out: *mut f32) {
+    linear::run_rows::<simd::Avx2, E>(job, i0, i1, out)
+}
+
+/// The partial sum over input rows `i0..i1` of an `InOut` decode `job`, on `isa`, into `out`.
+///
+/// # Safety
+/// As [`linear::run_rows`]; `isa` is available.
+unsafe fn linear_rows<E: Elem>(isa: Isa, job: &Job<E>, i0: usize, i1: usize, out: *mut f32) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => linear_rows_avx512(job, i0, i1, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => linear_rows_avx2(job, i0, i1, out),
+        _ => linear::run_rows::<simd::Portable, E>(job, i0, i1, out),
+    }
+}
+
 /// Output columns `lo..hi` of `job` on `isa`.
 ///
 /// # Safety
@@ -264,6 +291,9 @@ fn run_linear<E: Elem>(
             rayon::current_num_threads()
         }
     });
+    if tasks > 1 && t <= linear::SMALL_T && layout == Layout::InOut {
+        return split_rows(isa, tasks, &job, y);
+    }
     let (per, count) = split(n, tasks);
     // SAFETY: `isa` was checked available by the caller; the slices have the sizes `job`
     // states (checked shapes); the ranges `i·per..` are disjoint.
@@ -274,6 +304,38 @@ fn run_linear<E: Elem>(
             .into_par_iter()
             .for_each(|i| unsafe { linear_range(isa, &job, i * per, ((i + 1) * per).min(n)) });
     }
+}
+
+thread_local! {
+    /// Partial sums of split decode calls, reused across calls (no allocation per token).
+    static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// An `InOut` decode call split along the input: task 0 writes `y`, the others write partial
+/// sums that are then added to it. Each task streams one contiguous block of rows.
+fn split_rows<E: Elem>(isa: Isa, tasks: usize, job: &Job<E>, y: &mut [f32]) {
+    let (t, k, n) = (job.t, job.k, job.n);
+    // Whole groups of four rows per task (the kernel's step).
+    let per = k.div_ceil(tasks).next_multiple_of(4);
+    let count = k.div_ceil(per);
+    let mut partials = PARTIALS.with(Cell::take);
+    partials.resize((count - 1) * t * n, 0.0);
+    let base = SyncPtr(partials.as_mut_ptr());
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    (0..count).into_par_iter().for_each(|p| {
+        let out = if p == 0 {
+            y_ptr.get()
+        } else {
+            base.get().wrapping_add((p - 1) * t * n)
+        };
+        // SAFETY: `isa` is available (checked by the caller); the row ranges lie inside `k`;
+        // each task writes its own `t · n` block (`y` or one partial).
+        unsafe { linear_rows(isa, job, p * per, ((p + 1) * per).min(k), out) };
+    });
+    for part in partials.chunks_exact(t * n) {
+        y.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
+    PARTIALS.with(|b| b.set(partials));
 }
 
 /// Runs `f` on each row of `x` as a contiguous slice (copying only strided rows).

@@ -52,6 +52,18 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn transpose(rows: &mut [Self::V; MAX_LANES]);
 }
 
+/// Hints the cache line holding `p` into L1. Never faults, so `p` may point anywhere.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64; a prefetch does not access memory architecturally.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// A stored weight element that widens exactly to f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
