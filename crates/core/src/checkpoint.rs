@@ -256,15 +256,21 @@ impl<'a> Scope<'a> {
     /// Like [`Scope::weight`], but only if stored in one of `dtypes`.
     pub fn weight_of(&self, name: &str, shape: [usize; 2], dtypes: &[DType]) -> Result<Weight> {
         let w = self.weight(name, shape)?;
-        if !dtypes.contains(&w.dtype()) {
-            let full = self.name(name);
-            let (file, _) = self.ckpt.find(&full)?;
-            return Err(Error::DtypeMismatch {
-                name: full,
-                path: file.path().to_path_buf(),
-                got: w.dtype(),
-            });
+        match w.dtype() {
+            Some(d) if dtypes.contains(&d) => Ok(w),
+            Some(got) => {
+                let full = self.name(name);
+                let (file, _) = self.ckpt.find(&full)?;
+                Err(Error::DtypeMismatch {
+                    name: full,
+                    path: file.path().to_path_buf(),
+                    got,
+                })
+            }
+            None => Err(Error::Quant(format!(
+                "`{}` is quantised; it must be stored as one of {dtypes:?}",
+                self.name(name)
+            ))),
         }
-        Ok(w)
     }
 }

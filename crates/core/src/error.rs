@@ -153,6 +153,9 @@ pub enum Error {
         /// The dtype stored.
         got: DType,
     },
+    /// A weight cannot be quantised, or quantised data is inconsistent.
+    #[error("quantisation: {0}")]
+    Quant(String),
     /// Arguments of a kernel or layer call have inconsistent shapes.
     #[error("{op}: {detail}")]
     Shape {

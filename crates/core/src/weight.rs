@@ -3,6 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
 
+use crate::quant::{self, QuantData, QuantSpec};
 use crate::{Buffer, DType, Error, Result};
 
 /// Stored elements of a weight, in the dtype the checkpoint holds.
@@ -16,15 +17,36 @@ pub enum WeightData {
     BF16(Buffer<bf16>),
     /// f16 elements.
     F16(Buffer<f16>),
+    /// Quantised integers with per-group scales (always [`Layout::OutIn`]; see [`crate::quant`]).
+    Quant(Box<QuantData>),
 }
 
 impl WeightData {
-    /// The element type.
-    pub fn dtype(&self) -> DType {
+    /// The element type of float storage; `None` for quantised storage (see [`Self::quant`]).
+    pub fn dtype(&self) -> Option<DType> {
         match self {
-            WeightData::F32(_) => DType::F32,
-            WeightData::BF16(_) => DType::BF16,
-            WeightData::F16(_) => DType::F16,
+            WeightData::F32(_) => Some(DType::F32),
+            WeightData::BF16(_) => Some(DType::BF16),
+            WeightData::F16(_) => Some(DType::F16),
+            WeightData::Quant(_) => None,
+        }
+    }
+
+    /// The quantisation of quantised storage; `None` for floats.
+    pub fn quant(&self) -> Option<QuantSpec> {
+        match self {
+            WeightData::Quant(q) => Some(q.spec()),
+            _ => None,
+        }
+    }
+
+    /// Bytes stored (for quantised storage, values and scales).
+    pub fn nbytes(&self) -> usize {
+        match self {
+            WeightData::F32(b) => b.len() * 4,
+            WeightData::BF16(b) => b.len() * 2,
+            WeightData::F16(b) => b.len() * 2,
+            WeightData::Quant(q) => q.nbytes(),
         }
     }
 
@@ -34,6 +56,7 @@ impl WeightData {
             WeightData::F32(b) => b.len(),
             WeightData::BF16(b) => b.len(),
             WeightData::F16(b) => b.len(),
+            WeightData::Quant(q) => q.len(),
         }
     }
 
@@ -48,6 +71,7 @@ impl WeightData {
             WeightData::F32(b) => b.is_mapped(),
             WeightData::BF16(b) => b.is_mapped(),
             WeightData::F16(b) => b.is_mapped(),
+            WeightData::Quant(q) => q.is_mapped(),
         }
     }
 
@@ -57,6 +81,7 @@ impl WeightData {
             WeightData::F32(b) => WeightData::F32(b.slice(start, len)),
             WeightData::BF16(b) => WeightData::BF16(b.slice(start, len)),
             WeightData::F16(b) => WeightData::F16(b.slice(start, len)),
+            WeightData::Quant(q) => WeightData::Quant(Box::new(q.slice(start, len))),
         }
     }
 
@@ -66,6 +91,7 @@ impl WeightData {
             WeightData::F32(b) => b.to_vec(),
             WeightData::BF16(b) => b.iter().map(|v| v.to_f32()).collect(),
             WeightData::F16(b) => b.iter().map(|v| v.to_f32()).collect(),
+            WeightData::Quant(q) => q.to_f32_vec(),
         }
     }
 
@@ -112,6 +138,7 @@ impl Weight {
                 format!("{} elements for {out_features}×{in_features}", data.len()),
             ));
         }
+        check_quant_layout(&data, layout, in_features)?;
         Ok(Weight {
             data,
             in_features,
@@ -159,9 +186,14 @@ impl Weight {
         self.layout
     }
 
-    /// Element type.
-    pub fn dtype(&self) -> DType {
+    /// Element type of float storage; `None` when quantised (see [`Self::quant`]).
+    pub fn dtype(&self) -> Option<DType> {
         self.data.dtype()
+    }
+
+    /// The quantisation, when quantised.
+    pub fn quant(&self) -> Option<QuantSpec> {
+        self.data.quant()
     }
 
     /// The stored elements.
@@ -169,9 +201,23 @@ impl Weight {
         &self.data
     }
 
-    /// Bytes of stored elements (what one pass over the weight reads).
+    /// Bytes stored (what one pass over the weight reads).
     pub fn nbytes(&self) -> usize {
-        self.data.len() * self.dtype().size()
+        self.data.nbytes()
+    }
+
+    /// This matrix quantised with `spec`, stored `[out, in]` whatever its layout.
+    ///
+    /// Errors when `spec` does not fit the input width or a value is not finite.
+    pub fn quantized(&self, spec: QuantSpec) -> Result<Self> {
+        let w = self.to_f32_out_in();
+        let values = w.as_slice().expect("to_f32_out_in is standard layout");
+        Ok(Weight {
+            data: WeightData::Quant(Box::new(quant::quantize(values, self.in_features, spec)?)),
+            in_features: self.in_features,
+            out_features: self.out_features,
+            layout: Layout::OutIn,
+        })
     }
 
     /// The matrix as `[out, in]` f32, whatever the storage: for tests and reference paths.
@@ -228,6 +274,7 @@ impl BatchedWeight {
                 format!("{} elements for {batch}×{out_features}×{in_features}", data.len()),
             ));
         }
+        check_quant_layout(&data, layout, in_features)?;
         Ok(BatchedWeight {
             data,
             batch,
@@ -252,9 +299,41 @@ impl BatchedWeight {
         self.out_features
     }
 
-    /// Element type.
-    pub fn dtype(&self) -> DType {
+    /// Element type of float storage; `None` when quantised (see [`Self::quant`]).
+    pub fn dtype(&self) -> Option<DType> {
         self.data.dtype()
+    }
+
+    /// The quantisation, when quantised.
+    pub fn quant(&self) -> Option<QuantSpec> {
+        self.data.quant()
+    }
+
+    /// The stored elements of all matrices.
+    pub fn data(&self) -> &WeightData {
+        &self.data
+    }
+
+    /// Bytes stored per matrix (what one pass over one matrix reads).
+    pub fn nbytes_per_matrix(&self) -> usize {
+        self.data.nbytes() / self.batch.max(1)
+    }
+
+    /// Every matrix quantised with `spec`, stored `[out, in]` whatever the layout.
+    ///
+    /// Errors when `spec` does not fit the input width or a value is not finite.
+    pub fn quantized(&self, spec: QuantSpec) -> Result<Self> {
+        let mut values = Vec::with_capacity(self.data.len());
+        for e in 0..self.batch {
+            values.extend(self.get(e).to_f32_out_in());
+        }
+        Ok(BatchedWeight {
+            data: WeightData::Quant(Box::new(quant::quantize(&values, self.in_features, spec)?)),
+            batch: self.batch,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            layout: Layout::OutIn,
+        })
     }
 
     /// Memory layout of each matrix.
@@ -280,4 +359,15 @@ impl BatchedWeight {
             layout: self.layout,
         }
     }
+}
+
+/// Quantised storage is `[out, in]` with whole groups per row.
+fn check_quant_layout(data: &WeightData, layout: Layout, in_features: usize) -> Result<()> {
+    if let WeightData::Quant(q) = data {
+        if layout != Layout::OutIn {
+            return Err(Error::Quant("quantised weights are stored [out, in]".into()));
+        }
+        q.spec().check(in_features)?;
+    }
+    Ok(())
 }

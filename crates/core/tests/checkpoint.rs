@@ -238,12 +238,12 @@ fn single_file_every_dtype_and_accessor() {
 
         let embed = model.weight("embed_tokens.weight", [5, 3]).unwrap();
         assert_eq!((embed.out_features(), embed.in_features()), (5, 3));
-        assert_eq!((embed.dtype(), embed.layout()), (DType::F32, Layout::OutIn));
+        assert_eq!((embed.dtype(), embed.layout()), (Some(DType::F32), Layout::OutIn));
         assert!(embed.data().is_mapped());
         assert_out_in(&embed, &tensors[0].values);
 
         let q = layer.scope("self_attn").weight("q_proj.weight", [4, 6]).unwrap();
-        assert_eq!(q.dtype(), DType::BF16);
+        assert_eq!(q.dtype(), Some(DType::BF16));
         assert!(q.data().is_mapped());
         assert_out_in(&q, &tensors[1].values);
 
@@ -265,7 +265,7 @@ fn single_file_every_dtype_and_accessor() {
         }
 
         let router = layer.weight("feed_forward.router.weight", [3, 6]).unwrap();
-        assert_eq!(router.dtype(), DType::F16);
+        assert_eq!(router.dtype(), Some(DType::F16));
         assert!(router.data().is_mapped());
         assert_out_in(&router, &tensors[4].values);
 
@@ -279,7 +279,7 @@ fn single_file_every_dtype_and_accessor() {
         let accepted = layer
             .weight_of("feed_forward.router.weight", [3, 6], &[DType::F16, DType::BF16])
             .unwrap();
-        assert_eq!(accepted.dtype(), DType::F16);
+        assert_eq!(accepted.dtype(), Some(DType::F16));
 
         let arr = model.array("norm.weight", &[3]).unwrap();
         assert_bits_eq(arr.as_slice().unwrap(), &tensors[6].values);
@@ -348,7 +348,7 @@ fn sharded_checkpoint() {
         assert_out_in(&w, &transpose(&second[0].values[e * 24..(e + 1) * 24], 4, 6));
     }
     let o = layer.weight("self_attn.o_proj.weight", [4, 5]).unwrap();
-    assert_eq!(o.dtype(), DType::F16);
+    assert_eq!(o.dtype(), Some(DType::F16));
     assert_out_in(&o, &second[1].values);
 }
 

@@ -104,7 +104,7 @@ impl Experts {
 
     /// Bytes of stored weights one expert holds (what running it once reads).
     pub fn expert_bytes(&self) -> usize {
-        let per = |w: &BatchedWeight| w.in_features() * w.out_features() * w.dtype().size();
+        let per = |w: &BatchedWeight| w.nbytes_per_matrix();
         per(&self.gate_up_proj) + per(&self.down_proj)
     }
 

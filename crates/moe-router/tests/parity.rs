@@ -61,7 +61,7 @@ fn parity(name: &str, tokens: usize, dtype: DType) {
     let moe = Moe::load(&scope, &cfg).unwrap();
     assert_eq!(
         moe.experts().gate_up_proj().dtype(),
-        dtype,
+        Some(dtype),
         "weights kept in their stored dtype"
     );
     let router = Llama4Router::load(

@@ -15,6 +15,7 @@
 
 mod elementwise;
 mod linear;
+mod quant;
 pub mod scalar;
 mod simd;
 
@@ -250,6 +251,7 @@ fn linear_with(
         WeightData::F32(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
         WeightData::BF16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
         WeightData::F16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
+        WeightData::Quant(q) => quant::linear(isa, tasks, x, t, k, n, q, y),
     };
     if let Some(y) = y.as_slice_mut() {
         run(y);

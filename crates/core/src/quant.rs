@@ -1,0 +1,420 @@
+//! Quantised weight storage: int8 (`q8`) and int4 (`q4`), symmetric, one scale per group of
+//! `group` consecutive input features of an output row.
+//!
+//! A quantised matrix is always stored `[out, in]` ([`Layout::OutIn`](crate::Layout)), whatever
+//! layout it was quantised from, so that every group is contiguous. For row `o` and group `g`
+//! (input features `g·group .. (g+1)·group`):
+//!
+//! ```text
+//! s[o, g] = max |w[o, i]| / QMAX            (QMAX = 127 for q8, 7 for q4; rounded to the scale dtype)
+//! q[o, i] = clamp(round_half_even(w[o, i] / s[o, g]), -QMAX, QMAX)     (0 when s = 0)
+//! w[o, i] ≈ q[o, i] · s[o, g]
+//! ```
+//!
+//! Storage: q8 keeps one `i8` per element; q4 packs two per byte as `q + 8` (0..=15), element
+//! `2j` in the low nibble and `2j + 1` in the high one. Scales are `[out, in / group]` row-major,
+//! f32 or f16.
+//!
+//! The kernels ([`crate::kernels::linear`]) multiply by integer dot products, as llama.cpp's
+//! Q8_0 / Q4_0 paths do: each token's activations are quantised to int8 per group with the
+//! same rule (`QMAX = 127`, f32 scale), and
+//!
+//! ```text
+//! y[r, o] = Σ_g  s_w[o, g] · s_x[r, g] · Σ_{i in g} q_w[o, i] · q_x[r, i]
+//! ```
+//!
+//! The integer sums are exact; only the order of the f32 sum over groups differs between
+//! kernel paths. [`linear_reference`] is the scalar definition the kernels are tested against.
+
+use half::f16;
+
+use crate::{Buffer, Error, Result};
+
+/// Group sizes must be multiples of this (one 32-byte block of int8 activations).
+pub const GROUP_ALIGN: usize = 32;
+
+/// The integer format of a quantised weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 8-bit signed integers in `[-127, 127]`.
+    Q8,
+    /// 4-bit signed integers in `[-7, 7]`, two per byte.
+    Q4,
+}
+
+impl QuantFormat {
+    /// The largest magnitude stored.
+    pub fn qmax(self) -> i32 {
+        match self {
+            QuantFormat::Q8 => 127,
+            QuantFormat::Q4 => 7,
+        }
+    }
+
+    /// The name used on the command line and in checkpoint metadata: `q8` or `q4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8 => "q8",
+            QuantFormat::Q4 => "q4",
+        }
+    }
+
+    /// Parses [`QuantFormat::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "q8" => Some(QuantFormat::Q8),
+            "q4" => Some(QuantFormat::Q4),
+            _ => None,
+        }
+    }
+
+    /// Bytes holding `elements` values (`elements` even for q4).
+    pub fn value_bytes(self, elements: usize) -> usize {
+        match self {
+            QuantFormat::Q8 => elements,
+            QuantFormat::Q4 => elements / 2,
+        }
+    }
+}
+
+/// The storage type of the per-group scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScaleType {
+    /// f32 scales.
+    F32,
+    /// f16 scales (the scale is rounded to f16 before the weights are quantised with it).
+    F16,
+}
+
+/// How to quantise: format, group size along the input dimension, scale type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantSpec {
+    /// Integer format.
+    pub format: QuantFormat,
+    /// Input features per scale: a positive multiple of [`GROUP_ALIGN`].
+    pub group: usize,
+    /// Scale storage.
+    pub scales: ScaleType,
+}
+
+impl QuantSpec {
+    /// `format` with groups of `group` and f32 scales.
+    pub fn new(format: QuantFormat, group: usize) -> Self {
+        QuantSpec {
+            format,
+            group,
+            scales: ScaleType::F32,
+        }
+    }
+
+    /// The same spec with `scales`.
+    pub fn with_scales(self, scales: ScaleType) -> Self {
+        QuantSpec { scales, ..self }
+    }
+
+    /// Checks that rows of `in_features` can be quantised with this spec.
+    pub fn check(&self, in_features: usize) -> Result<()> {
+        if self.group == 0 || !self.group.is_multiple_of(GROUP_ALIGN) {
+            return Err(Error::Quant(format!(
+                "group size {} is not a positive multiple of {GROUP_ALIGN}",
+                self.group
+            )));
+        }
+        if !in_features.is_multiple_of(self.group) {
+            return Err(Error::Quant(format!(
+                "input width {in_features} is not a multiple of the group size {}",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Per-group scales, `[rows, in / group]` row-major.
+#[derive(Clone, Debug)]
+pub enum Scales {
+    /// f32 scales.
+    F32(Buffer<f32>),
+    /// f16 scales.
+    F16(Buffer<f16>),
+}
+
+impl Scales {
+    /// Number of scales.
+    pub fn len(&self) -> usize {
+        match self {
+            Scales::F32(b) => b.len(),
+            Scales::F16(b) => b.len(),
+        }
+    }
+
+    /// True when there are no scales.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Scale `i` as f32.
+    ///
+    /// # Panics
+    /// When `i >= len()`.
+    #[inline]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            Scales::F32(b) => b[i],
+            Scales::F16(b) => b[i].to_f32(),
+        }
+    }
+
+    /// The storage type.
+    pub fn scale_type(&self) -> ScaleType {
+        match self {
+            Scales::F32(_) => ScaleType::F32,
+            Scales::F16(_) => ScaleType::F16,
+        }
+    }
+
+    /// Bytes stored.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Scales::F32(b) => b.len() * 4,
+            Scales::F16(b) => b.len() * 2,
+        }
+    }
+
+    fn slice(&self, start: usize, len: usize) -> Self {
+        match self {
+            Scales::F32(b) => Scales::F32(b.slice(start, len)),
+            Scales::F16(b) => Scales::F16(b.slice(start, len)),
+        }
+    }
+
+    /// True when the scales live in a memory map.
+    pub fn is_mapped(&self) -> bool {
+        match self {
+            Scales::F32(b) => b.is_mapped(),
+            Scales::F16(b) => b.is_mapped(),
+        }
+    }
+}
+
+/// The stored values and scales of a quantised matrix (or batch of matrices), rows of a width
+/// that is a multiple of `group` laid end to end.
+#[derive(Clone, Debug)]
+pub struct QuantData {
+    format: QuantFormat,
+    group: usize,
+    values: Buffer<u8>,
+    scales: Scales,
+}
+
+impl QuantData {
+    /// Values and scales as stored (see the module doc for the encoding). Checks that their
+    /// sizes agree: `values` holds `scales.len() · group` elements.
+    pub fn new(format: QuantFormat, group: usize, values: Buffer<u8>, scales: Scales) -> Result<Self> {
+        QuantSpec::new(format, group).check(0)?;
+        let elements = scales.len().checked_mul(group);
+        if elements.map(|e| format.value_bytes(e)) != Some(values.len()) {
+            return Err(Error::Quant(format!(
+                "{} value bytes do not match {} scales of groups of {group} in {}",
+                values.len(),
+                scales.len(),
+                format.name()
+            )));
+        }
+        Ok(QuantData {
+            format,
+            group,
+            values,
+            scales,
+        })
+    }
+
+    /// The integer format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Input features per scale.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// The spec this data was quantised with.
+    pub fn spec(&self) -> QuantSpec {
+        QuantSpec::new(self.format, self.group).with_scales(self.scales.scale_type())
+    }
+
+    /// The stored value bytes.
+    pub fn values(&self) -> &Buffer<u8> {
+        &self.values
+    }
+
+    /// The scales.
+    pub fn scales(&self) -> &Scales {
+        &self.scales
+    }
+
+    /// Number of (logical) elements.
+    pub fn len(&self) -> usize {
+        self.scales.len() * self.group
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes stored (values and scales).
+    pub fn nbytes(&self) -> usize {
+        self.values.len() + self.scales.nbytes()
+    }
+
+    /// True when values and scales live in a memory map.
+    pub fn is_mapped(&self) -> bool {
+        self.values.is_mapped() && self.scales.is_mapped()
+    }
+
+    /// Elements `start..start + len`, sharing storage.
+    ///
+    /// # Panics
+    /// When `start` or `len` is not a multiple of the group size (slices are whole rows or
+    /// whole matrices, whose widths are), or the range is out of bounds.
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        assert!(
+            start.is_multiple_of(self.group) && len.is_multiple_of(self.group),
+            "quantised slice {start}+{len} is not aligned to groups of {}",
+            self.group
+        );
+        QuantData {
+            format: self.format,
+            group: self.group,
+            values: self
+                .values
+                .slice(self.format.value_bytes(start), self.format.value_bytes(len)),
+            scales: self.scales.slice(start / self.group, len / self.group),
+        }
+    }
+
+    /// Stored integer `i` (in `[-QMAX, QMAX]`).
+    #[inline]
+    pub fn q(&self, i: usize) -> i32 {
+        match self.format {
+            QuantFormat::Q8 => self.values[i] as i8 as i32,
+            QuantFormat::Q4 => {
+                let b = self.values[i / 2];
+                let nib = if i.is_multiple_of(2) { b & 0x0f } else { b >> 4 };
+                nib as i32 - 8
+            }
+        }
+    }
+
+    /// All elements dequantised (`q · s`) to f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        (0..self.len())
+            .map(|i| self.q(i) as f32 * self.scales.get(i / self.group))
+            .collect()
+    }
+}
+
+/// Quantises rows of `values` (`[rows, in_features]` row-major) with `spec`.
+///
+/// Errors when the spec does not fit `in_features`, or a value is not finite.
+pub fn quantize(values: &[f32], in_features: usize, spec: QuantSpec) -> Result<QuantData> {
+    spec.check(in_features)?;
+    let g = spec.group;
+    let qmax = spec.format.qmax();
+    let groups = values.len() / g;
+    if !values.len().is_multiple_of(g) {
+        return Err(Error::Quant(format!(
+            "{} values are not whole groups of {g}",
+            values.len()
+        )));
+    }
+    let mut scales = Vec::with_capacity(groups);
+    let mut q = vec![0i8; values.len()];
+    for (gi, (src, dst)) in values.chunks_exact(g).zip(q.chunks_exact_mut(g)).enumerate() {
+        let mut amax = 0f32;
+        for (i, &v) in src.iter().enumerate() {
+            if !v.is_finite() {
+                return Err(Error::Quant(format!(
+                    "value {v} at element {} cannot be quantised",
+                    gi * g + i
+                )));
+            }
+            amax = amax.max(v.abs());
+        }
+        let mut s = amax / qmax as f32;
+        if spec.scales == ScaleType::F16 {
+            s = f16::from_f32(s).to_f32();
+        }
+        scales.push(s);
+        if s > 0.0 {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = (v / s).round_ties_even().clamp(-qmax as f32, qmax as f32) as i8;
+            }
+        }
+    }
+    let values = match spec.format {
+        QuantFormat::Q8 => q.iter().map(|&v| v as u8).collect(),
+        QuantFormat::Q4 => q
+            .chunks_exact(2)
+            .map(|p| ((p[0] + 8) as u8) | (((p[1] + 8) as u8) << 4))
+            .collect(),
+    };
+    let scales = match spec.scales {
+        ScaleType::F32 => Scales::F32(Buffer::from_vec(scales)),
+        ScaleType::F16 => Scales::F16(Buffer::from_vec(
+            scales.iter().map(|&s| f16::from_f32(s)).collect(),
+        )),
+    };
+    QuantData::new(spec.format, g, Buffer::from_vec(values), scales)
+}
+
+/// One token row's activations quantised to int8 per group: `s = max|x| / 127` (f32),
+/// `q = round_half_even(x · (127 / max|x|))` (0 when the group is all zero). The kernels use
+/// exactly this rule, so their integer sums equal the reference's.
+///
+/// # Shapes
+/// `x: [k]` → `q: [k]`, `s: [k / group]`.
+pub fn quantize_activations(x: &[f32], group: usize, q: &mut [i8], s: &mut [f32]) {
+    for ((xg, qg), sg) in x.chunks(group).zip(q.chunks_mut(group)).zip(s.iter_mut()) {
+        let amax = xg.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if amax > 0.0 && amax.is_finite() {
+            let inv = 127.0 / amax;
+            *sg = amax / 127.0;
+            for (d, &v) in qg.iter_mut().zip(xg) {
+                *d = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+            }
+        } else {
+            *sg = if amax.is_finite() { 0.0 } else { f32::NAN };
+            qg.fill(0);
+        }
+    }
+}
+
+/// The scalar definition of the quantised linear map (see the module doc): `y = x · Wᵀ` with
+/// `w` an `[n, k]` quantised matrix.
+///
+/// # Shapes
+/// `x: [t, k]`, `y: [t, n]`, both row-major.
+#[allow(clippy::needless_range_loop)] // index loops state the formula most plainly
+pub fn linear_reference(x: &[f32], t: usize, k: usize, n: usize, w: &QuantData, y: &mut [f32]) {
+    let g = w.group();
+    let groups = k / g;
+    let mut qx = vec![0i8; k];
+    let mut sx = vec![0f32; groups];
+    for r in 0..t {
+        quantize_activations(&x[r * k..(r + 1) * k], g, &mut qx, &mut sx);
+        for o in 0..n {
+            let mut acc = 0f32;
+            for gi in 0..groups {
+                let mut isum = 0i32;
+                for i in gi * g..(gi + 1) * g {
+                    isum += w.q(o * k + i) * qx[i] as i32;
+                }
+                acc += w.scales().get(o * groups + gi) * sx[gi] * isum as f32;
+            }
+            y[r * n + o] = acc;
+        }
+    }
+}
