@@ -16,17 +16,30 @@
 //!                      logits that chose generated token r (row 0 comes from the prompt's last position)
 //! --json               print one JSON object as the last line of stdout with prompt_ids, generated_ids,
 //!                      text, prefill_tokens_per_s, decode_tokens_per_s
+//! --quantize q8|q4     quantise weights at load time (int8 / int4, symmetric, one scale per group);
+//!                      by default only the MoE experts; never embeddings, norms, router, vision tower
+//! --quantize-all       with --quantize: also every other projection of the text decoder (attention,
+//!                      shared expert, dense MLP, lm_head)
+//! --quant-group N      input features per scale: a multiple of 32 dividing every quantised weight's
+//!                      input width (default 32)
+//! --quant-scales f32|f16  storage of the scales (default f32)
+//! --save-quantized DIR write the quantised checkpoint to DIR (model.safetensors with `llama4.quant`
+//!                      metadata, plus config and tokenizer files) and exit; with --prompt or
+//!                      --prompt-ids, generate afterwards with the checkpoint just written
 //! ```
+//! A checkpoint saved quantised loads as is (`--model DIR`, no `--quantize` needed) and is never
+//! requantised.
 
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
-use llama4_core::DType;
+use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_model::{
-    chat_prompt, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
-    Session, StreamDecoder, TextModel, Tokenizer,
+    chat_prompt, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel,
+    SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
 };
 
 /// The embedded demo model and the prompt it is shown with.
@@ -45,6 +58,25 @@ struct Args {
     ignore_eos: bool,
     dump_logits: Option<PathBuf>,
     json: bool,
+    quantize: Option<QuantFormat>,
+    quantize_all: bool,
+    quant_group: Option<usize>,
+    quant_scales: Option<ScaleType>,
+    save_quantized: Option<PathBuf>,
+}
+
+impl Args {
+    /// The load-time quantisation asked for.
+    fn quant_policy(&self) -> Option<QuantPolicy> {
+        let spec = QuantSpec::new(self.quantize?, self.quant_group.unwrap_or(32))
+            .with_scales(self.quant_scales.unwrap_or(ScaleType::F32));
+        let scope = if self.quantize_all {
+            QuantScope::AllLinear
+        } else {
+            QuantScope::Experts
+        };
+        Some(QuantPolicy::new(spec, scope))
+    }
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -80,13 +112,30 @@ fn parse_args() -> Result<Args, String> {
             "--ignore-eos" => a.ignore_eos = true,
             "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
             "--json" => a.json = true,
+            "--quantize" => {
+                let name: String = value(&flag, it.next())?;
+                a.quantize = Some(
+                    QuantFormat::parse(&name)
+                        .ok_or_else(|| format!("--quantize takes q8 or q4, not `{name}`"))?,
+                );
+            }
+            "--quantize-all" => a.quantize_all = true,
+            "--quant-group" => a.quant_group = Some(value(&flag, it.next())?),
+            "--quant-scales" => {
+                let name: String = value(&flag, it.next())?;
+                a.quant_scales = Some(
+                    ScaleType::parse(&name)
+                        .ok_or_else(|| format!("--quant-scales takes f32 or f16, not `{name}`"))?,
+                );
+            }
+            "--save-quantized" => a.save_quantized = Some(value(&flag, it.next())?),
             "-h" | "--help" => {
                 println!(
                     "{}",
                     include_str!("generate.rs")
                         .lines()
                         .skip(8)
-                        .take(11)
+                        .take_while(|l| *l != "//! ```")
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -97,6 +146,19 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.prompt.is_some() && a.prompt_ids.is_some() {
         return Err("give --prompt or --prompt-ids, not both".into());
+    }
+    if a.quantize.is_none()
+        && (a.quantize_all
+            || a.quant_group.is_some()
+            || a.quant_scales.is_some()
+            || a.save_quantized.is_some())
+    {
+        return Err(
+            "--quantize-all, --quant-group, --quant-scales and --save-quantized need --quantize q8|q4".into(),
+        );
+    }
+    if let Some(policy) = a.quant_policy() {
+        policy.spec.check(0).map_err(|e| format!("--quant-group: {e}"))?;
     }
     Ok(a)
 }
@@ -113,10 +175,39 @@ fn main() -> ExitCode {
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
-    let dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
+    let mut dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
+    let mut policy = args.quant_policy();
+    if let (Some(out), Some(p)) = (&args.save_quantized, &policy) {
+        let started = Instant::now();
+        let summary = quantize_checkpoint(&dir, out, p).map_err(|e| quant_error(e, p))?;
+        eprintln!(
+            "saved {}: {} tensors quantised ({} {} group {}, {} scales), {} copied, {:.2} MB → {:.2} MB in {:.1} s",
+            summary.path.display(),
+            summary.quantized,
+            p.scope.name(),
+            p.spec.format.name(),
+            p.spec.group,
+            p.spec.scales.name(),
+            summary.copied,
+            summary.bytes_in as f64 / 1e6,
+            summary.bytes_out as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        if args.prompt.is_none() && args.prompt_ids.is_none() {
+            return Ok(());
+        }
+        // Go on with the checkpoint just written: it loads without requantising.
+        dir = out.clone();
+        policy = None;
+    }
+    let load_started = Instant::now();
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
     let (text_model, multimodal, tokenizer) = if args.images.is_empty() {
-        (Some(TextModel::load(&dir)?), None, Tokenizer::from_dir(&dir)?)
+        let model = TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
+            Some(p) => quant_error(e, p),
+            None => e.into(),
+        })?;
+        (Some(model), None, Tokenizer::from_dir(&dir)?)
     } else {
         if ModelConfig::from_dir(&dir)?.vision.is_none() {
             return Err(format!(
@@ -129,7 +220,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let tok = tokenizer
             .as_ref()
             .ok_or("--image needs the checkpoint's tokenizer.json (for the image tokens' ids)")?;
-        let mm = MultimodalModel::load_with_ids(&dir, ImageTokenIds::from_tokenizer(tok)?)?;
+        let mm = MultimodalModel::load_with_quantization(&dir, ImageTokenIds::from_tokenizer(tok)?, policy)
+            .map_err(|e| match &policy {
+            Some(p) => quant_error(e, p),
+            None => e.into(),
+        })?;
         (None, Some(mm), tokenizer)
     };
     let model: &TextModel = match (&text_model, &multimodal) {
@@ -137,6 +232,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(mm)) => mm.text(),
         (None, None) => unreachable!("one of them is loaded above"),
     };
+    let load_time = load_started.elapsed();
+    let weight_bytes = model.checkpoint().weight_bytes();
 
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
@@ -255,6 +352,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "text": text,
             "prefill_tokens_per_s": generation.prefill_tokens_per_s(),
             "decode_tokens_per_s": generation.decode_tokens_per_s(),
+            "weight_bytes": weight_bytes,
+            "load_s": load_time.as_secs_f64(),
         });
         println!("{out}");
     } else {
@@ -280,8 +379,46 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             cache.global as f64 / 1e3,
             peak_rss_bytes().unwrap_or(0) as f64 / 1e6
         );
+        let quantized = model.checkpoint().quantized_weights();
+        println!(
+            "weights: {:.2} MB loaded in {:.1} ms, {quantized} tensors quantised{}",
+            weight_bytes as f64 / 1e6,
+            load_time.as_secs_f64() * 1e3,
+            match policy {
+                Some(p) if quantized > 0 => format!(
+                    " ({} {} group {}, {} scales, at load time)",
+                    p.scope.name(),
+                    p.spec.format.name(),
+                    p.spec.group,
+                    p.spec.scales.name()
+                ),
+                None if quantized > 0 => " (stored quantised)".to_string(),
+                _ => String::new(),
+            }
+        );
     }
     Ok(())
+}
+
+/// A quantisation error with what to do about it: most often a group size that does not divide
+/// a weight's input width.
+fn quant_error(e: llama4_model::Error, policy: &QuantPolicy) -> Box<dyn std::error::Error> {
+    let text = e.to_string();
+    if text.contains("not a multiple of the group size") {
+        format!(
+            "{text}\n--quant-group {} does not divide that weight's input width: choose a multiple of 32 \
+             that divides it{}",
+            policy.spec.group,
+            if policy.scope == QuantScope::AllLinear {
+                ", or drop --quantize-all"
+            } else {
+                ""
+            }
+        )
+        .into()
+    } else {
+        e.into()
+    }
 }
 
 /// Writes `logits` `[generated, vocab]` as the one F32 tensor "logits".

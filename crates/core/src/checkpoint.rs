@@ -1,13 +1,29 @@
 //! A checkpoint directory in Hugging Face layout, with look-up by scoped names.
+//!
+//! # Quantised weights
+//! A weight `N` may be stored quantised, as `N.qweight` and `N.qscale` (see
+//! [`crate::quant`] for the encoding) with the file's `__metadata__` entry
+//! [`METADATA_KEY`](crate::quant::METADATA_KEY) giving format, group size and scale type. The
+//! look-ups ([`Scope::weight`], [`Scope::weight_in_out`], [`Scope::batched_in_out`]) load such a
+//! pair when `N` itself is absent, checked against the metadata and the shape asked for, and
+//! return a quantised [`Weight`] (always [`Layout::OutIn`]) borrowing the memory map.
+//!
+//! A [`QuantPolicy`] set with [`Checkpoint::set_quantization`] quantises the float weights it
+//! selects as they are looked up, so layer code does not change. Weights stored quantised are
+//! used as stored: they are never requantised, whatever the policy says.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::{Array1, ArrayD, IxDyn};
 use serde_json::Value;
 
-use crate::safetensors::SafetensorsFile;
-use crate::{BatchedWeight, DType, Error, Layout, Result, Weight, WeightData};
+use crate::quant::{QuantData, QuantFormat, QuantPolicy, QuantSpec, QuantTarget, ScaleType, Scales};
+use crate::quant::{METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
+use crate::safetensors::{SafetensorsFile, TensorInfo};
+use crate::{BatchedWeight, Buffer, DType, Error, Layout, Result, Weight, WeightData};
+use rayon::prelude::*;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -20,6 +36,12 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// Tensor name → index into `files`.
     names: HashMap<String, usize>,
+    /// Load-time quantisation of float weights.
+    quant: Option<QuantPolicy>,
+    /// Bytes of the weights handed out by look-ups (as stored, after any quantisation).
+    weight_bytes: AtomicUsize,
+    /// Weights handed out quantised (stored so, or quantised by the policy).
+    quantized_weights: AtomicUsize,
 }
 
 impl Checkpoint {
@@ -49,11 +71,7 @@ impl Checkpoint {
                 names.insert(name.clone(), i);
             }
         }
-        Ok(Checkpoint {
-            location,
-            files,
-            names,
-        })
+        Ok(Checkpoint::assemble(location, files, names))
     }
 
     fn open_sharded(dir: &Path, index: &Path) -> Result<Self> {
@@ -106,11 +124,58 @@ impl Checkpoint {
             }
             files.push(SafetensorsFile::open(path)?);
         }
-        Ok(Checkpoint {
-            location: dir.to_path_buf(),
+        Ok(Checkpoint::assemble(dir.to_path_buf(), files, names))
+    }
+
+    fn assemble(location: PathBuf, files: Vec<SafetensorsFile>, names: HashMap<String, usize>) -> Self {
+        Checkpoint {
+            location,
             files,
             names,
-        })
+            quant: None,
+            weight_bytes: AtomicUsize::new(0),
+            quantized_weights: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sets (or clears) the load-time quantisation of float weights: every later
+    /// [`Scope::weight`], [`Scope::weight_in_out`] or [`Scope::batched_in_out`] of a tensor the
+    /// policy selects ([`QuantPolicy::selects`]) returns it quantised with the policy's spec.
+    ///
+    /// Weights stored quantised (`N.qweight` + `N.qscale`) are returned as stored whatever the
+    /// policy: a pre-quantised checkpoint is never requantised.
+    pub fn set_quantization(&mut self, policy: Option<QuantPolicy>) {
+        self.quant = policy;
+    }
+
+    /// [`Checkpoint::set_quantization`] by value.
+    pub fn with_quantization(mut self, policy: Option<QuantPolicy>) -> Self {
+        self.set_quantization(policy);
+        self
+    }
+
+    /// The load-time quantisation, if any.
+    pub fn quantization(&self) -> Option<QuantPolicy> {
+        self.quant
+    }
+
+    /// Bytes of every weight the look-ups have returned so far, as held in memory or in the
+    /// map (quantised weights count their values and scales).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes.load(Ordering::Relaxed)
+    }
+
+    /// How many of the weights returned so far were quantised (stored so, or by the policy).
+    pub fn quantized_weights(&self) -> usize {
+        self.quantized_weights.load(Ordering::Relaxed)
+    }
+
+    /// Records a weight handed out.
+    fn account(&self, nbytes: usize, quantized: bool) {
+        self.weight_bytes.fetch_add(nbytes, Ordering::Relaxed);
+        if quantized {
+            self.quantized_weights.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The directory (or file) this checkpoint was opened from.
@@ -123,9 +188,25 @@ impl Checkpoint {
         self.names.keys().map(String::as_str)
     }
 
-    /// True when the checkpoint has a tensor of this full name.
+    /// True when the checkpoint has a tensor of exactly this full name (a quantised `N` is
+    /// stored as `N.qweight` and `N.qscale`: see [`Checkpoint::is_stored_quantized`]).
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
+    }
+
+    /// True when `name` is stored quantised (`name.qweight` exists and `name` does not).
+    pub fn is_stored_quantized(&self, name: &str) -> bool {
+        !self.contains(name) && self.contains(&format!("{name}{QWEIGHT_SUFFIX}"))
+    }
+
+    /// The header entry (dtype, shape, offsets) of a tensor by full name.
+    pub fn info(&self, name: &str) -> Result<&TensorInfo> {
+        Ok(self.find(name)?.1)
+    }
+
+    /// The bytes of a tensor exactly as stored (to copy it unchanged).
+    pub fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+        self.find(name)?.0.raw_bytes(name)
     }
 
     /// The `__metadata__` strings of the file holding `name`, if that tensor exists.
@@ -162,6 +243,120 @@ impl Checkpoint {
     /// The stored shape of a tensor by full name.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
         Ok(&self.find(name)?.1.shape)
+    }
+
+    /// The quantisation spec in the `__metadata__` of the file holding tensor `stored`, the
+    /// `.qweight` or `.qscale` of quantised tensor `name`.
+    fn file_spec(&self, name: &str, stored: &str) -> Result<(QuantSpec, &Path)> {
+        let (file, _) = self.find(stored)?;
+        let bad = |reason: String| Error::QuantTensor {
+            name: name.to_string(),
+            path: file.path().to_path_buf(),
+            reason,
+        };
+        let meta = file
+            .header()
+            .metadata
+            .get(METADATA_KEY)
+            .ok_or_else(|| bad(format!("the file has no `{METADATA_KEY}` metadata")))?;
+        let spec = QuantSpec::from_metadata(meta).map_err(|e| bad(e.to_string()))?;
+        Ok((spec, file.path()))
+    }
+
+    /// The stored quantisation of `name` (from `name.qweight` and `name.qscale`), checked
+    /// against the file's metadata and against `lead` batch dimensions of `out × in` matrices:
+    /// `qweight` must be `lead + [out, in]` I8 (q8) or `lead + [out, in / 2]` U8 (q4), `qscale`
+    /// `lead + [out, in / group]` in the metadata's scale type.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] naming `name.qweight` or `name.qscale` when one is absent,
+    /// [`Error::ShapeMismatch`] naming it when its shape is wrong, [`Error::QuantTensor`] when the
+    /// metadata is missing or malformed, a dtype disagrees with it, or `in` is not whole groups.
+    pub fn stored_quant(&self, name: &str, lead: &[usize], out: usize, inp: usize) -> Result<QuantData> {
+        let qw = format!("{name}{QWEIGHT_SUFFIX}");
+        let qs = format!("{name}{QSCALE_SUFFIX}");
+        let (wfile, winfo) = self.find(&qw)?;
+        let (sfile, sinfo) = self.find(&qs)?;
+        let (spec, path) = self.file_spec(name, &qw)?;
+        let bad = |path: &Path, reason: String| Error::QuantTensor {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            reason,
+        };
+        if sfile.path() != path {
+            let (other, _) = self.file_spec(name, &qs)?;
+            if other != spec {
+                return Err(bad(
+                    sfile.path(),
+                    format!("metadata {other:?} differs from {spec:?} of the qweight's file"),
+                ));
+            }
+        }
+        spec.check(inp).map_err(|e| bad(path, e.to_string()))?;
+        let (want_w, want_s) = (
+            match spec.format {
+                QuantFormat::Q8 => "I8",
+                QuantFormat::Q4 => "U8",
+            },
+            match spec.scales {
+                ScaleType::F32 => "F32",
+                ScaleType::F16 => "F16",
+            },
+        );
+        for (tensor, info, want) in [(&qw, winfo, want_w), (&qs, sinfo, want_s)] {
+            if info.dtype != want {
+                return Err(bad(
+                    path,
+                    format!(
+                        "`{tensor}` is {}, {} needs {want}",
+                        info.dtype,
+                        spec.to_metadata()
+                    ),
+                ));
+            }
+        }
+        let shape = |last: usize| lead.iter().copied().chain([out, last]).collect::<Vec<_>>();
+        let checks = [
+            (&qw, wfile, winfo, shape(spec.format.value_bytes(inp))),
+            (&qs, sfile, sinfo, shape(inp / spec.group)),
+        ];
+        for (tensor, file, info, expected) in checks {
+            if info.shape != expected {
+                return Err(Error::ShapeMismatch {
+                    name: tensor.clone(),
+                    path: file.path().to_path_buf(),
+                    expected,
+                    got: info.shape.clone(),
+                });
+            }
+        }
+        let values = wfile.byte_data(&qw)?;
+        let scales = match sfile.data(&qs)? {
+            WeightData::F32(b) => Scales::F32(b),
+            WeightData::F16(b) => Scales::F16(b),
+            _ => return Err(bad(sfile.path(), format!("`{qs}` is not F32 or F16"))),
+        };
+        QuantData::new(spec.format, spec.group, values, scales).map_err(|e| bad(path, e.to_string()))
+    }
+
+    /// The policy's spec if it selects `name` as a `target`.
+    fn policy_for(&self, name: &str, target: QuantTarget) -> Option<QuantSpec> {
+        let policy = self.quant?;
+        (policy.selects(name) == Some(target)).then_some(policy.spec)
+    }
+
+    /// Refuses a name stored both as floats and quantised: which one is meant is unclear.
+    fn check_not_both(&self, name: &str) -> Result<bool> {
+        let quantized = self.contains(&format!("{name}{QWEIGHT_SUFFIX}"));
+        if quantized && self.contains(name) {
+            let (file, _) = self.find(name)?;
+            return Err(Error::QuantTensor {
+                name: name.to_string(),
+                path: file.path().to_path_buf(),
+                reason: format!("stored both as floats and as `{name}{QWEIGHT_SUFFIX}`"),
+            });
+        }
+        Ok(quantized)
     }
 
     /// The elements of a tensor by full name, checked against `expected` shape.
@@ -210,33 +405,95 @@ impl<'a> Scope<'a> {
         self.ckpt
     }
 
-    /// True when the tensor exists.
+    /// True when the tensor exists, stored as floats or quantised (`name.qweight`).
     pub fn contains(&self, name: &str) -> bool {
-        self.ckpt.contains(&self.name(name))
+        let full = self.name(name);
+        self.ckpt.contains(&full) || self.ckpt.contains(&format!("{full}{QWEIGHT_SUFFIX}"))
     }
 
     /// A linear layer's weight stored `[out, in]` (PyTorch `nn.Linear`).
-    pub fn weight(&self, name: &str, [out_features, in_features]: [usize; 2]) -> Result<Weight> {
-        let data = self.ckpt.data(&self.name(name), &[out_features, in_features])?;
-        Weight::new(data, Layout::OutIn, out_features, in_features)
+    ///
+    /// Quantised when stored so or when the checkpoint's [`QuantPolicy`] selects it (see the
+    /// module doc); [`Error::Quant`] naming the tensor when its input width is not whole groups.
+    pub fn weight(&self, name: &str, shape: [usize; 2]) -> Result<Weight> {
+        self.matrix(name, shape, Layout::OutIn)
     }
 
     /// A weight stored `[in, out]` and applied as `x · W`.
-    pub fn weight_in_out(&self, name: &str, [in_features, out_features]: [usize; 2]) -> Result<Weight> {
-        let data = self.ckpt.data(&self.name(name), &[in_features, out_features])?;
-        Weight::new(data, Layout::InOut, out_features, in_features)
+    ///
+    /// Quantised like [`Scope::weight`] (then stored `[out, in]`).
+    pub fn weight_in_out(&self, name: &str, shape: [usize; 2]) -> Result<Weight> {
+        self.matrix(name, shape, Layout::InOut)
+    }
+
+    /// A 2-D weight whose `stored` shape is in `layout`'s order.
+    fn matrix(&self, name: &str, stored: [usize; 2], layout: Layout) -> Result<Weight> {
+        let full = self.name(name);
+        let (out, inp) = match layout {
+            Layout::OutIn => (stored[0], stored[1]),
+            Layout::InOut => (stored[1], stored[0]),
+        };
+        if self.ckpt.check_not_both(&full)? {
+            let q = self.ckpt.stored_quant(&full, &[], out, inp)?;
+            let w = Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?;
+            self.ckpt.account(w.nbytes(), true);
+            return Ok(w);
+        }
+        let w = Weight::new(self.ckpt.data(&full, &stored)?, layout, out, inp)?;
+        let w = match self.ckpt.policy_for(&full, QuantTarget::Linear) {
+            Some(spec) => {
+                let m = w.to_f32_out_in();
+                let q = quantize_rows(&[m.as_slice().unwrap_or(&[])], inp, spec)
+                    .map_err(|e| name_quant_error(&full, e))?;
+                Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?
+            }
+            None => w,
+        };
+        self.ckpt.account(w.nbytes(), w.quant().is_some());
+        Ok(w)
     }
 
     /// A batch of weights stored `[batch, in, out]` (the expert tensors).
+    ///
+    /// Quantised like [`Scope::weight`] (then stored `[batch, out, in]`).
     pub fn batched_in_out(
         &self,
         name: &str,
         [batch, in_features, out_features]: [usize; 3],
     ) -> Result<BatchedWeight> {
-        let data = self
-            .ckpt
-            .data(&self.name(name), &[batch, in_features, out_features])?;
-        BatchedWeight::new(data, Layout::InOut, batch, out_features, in_features)
+        let full = self.name(name);
+        if self.ckpt.check_not_both(&full)? {
+            let q = self
+                .ckpt
+                .stored_quant(&full, &[batch], out_features, in_features)?;
+            let data = WeightData::Quant(Box::new(q));
+            let w = BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?;
+            self.ckpt.account(w.data().nbytes(), true);
+            return Ok(w);
+        }
+        let data = self.ckpt.data(&full, &[batch, in_features, out_features])?;
+        let w = BatchedWeight::new(data, Layout::InOut, batch, out_features, in_features)?;
+        let w = match self.ckpt.policy_for(&full, QuantTarget::Experts) {
+            Some(spec) => {
+                spec.check(in_features).map_err(|e| name_quant_error(&full, e))?;
+                // One expert at a time in parallel: each is widened to f32 `[out, in]` only
+                // while it is quantised.
+                let parts = (0..batch)
+                    .into_par_iter()
+                    .map(|e| {
+                        let m = w.get(e).to_f32_out_in();
+                        quantize_rows(&[m.as_slice().unwrap_or(&[])], in_features, spec)
+                    })
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| name_quant_error(&full, e))?;
+                let q = concat_quant(&parts, spec)?;
+                let data = WeightData::Quant(Box::new(q));
+                BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?
+            }
+            None => w,
+        };
+        self.ckpt.account(w.data().nbytes(), w.quant().is_some());
+        Ok(w)
     }
 
     /// A tensor of any shape converted to f32 (norm weights, embeddings of small models, …).
@@ -272,5 +529,65 @@ impl<'a> Scope<'a> {
                 self.name(name)
             ))),
         }
+    }
+}
+
+/// Rows of `in_features` (the matrices of `mats`, each `[rows, in]` row-major, one after the
+/// other) quantised with `spec`, in parallel blocks of rows.
+///
+/// Identical, bit for bit, to [`quant::quantize`](crate::quant::quantize) over all the rows at
+/// once (which [`Weight::quantized`] and [`BatchedWeight::quantized`] call): every group is
+/// quantised on its own, and blocks hold whole rows. The tests compare the two.
+fn quantize_rows(mats: &[&[f32]], in_features: usize, spec: QuantSpec) -> Result<QuantData> {
+    spec.check(in_features)?;
+    // Blocks of about 256K elements: large enough to amortise the task, small enough to spread.
+    let rows_per_block = ((1usize << 18) / in_features.max(1)).max(1);
+    let block = rows_per_block * in_features;
+    let parts = mats
+        .iter()
+        .flat_map(|m| m.chunks(block.max(1)))
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|chunk| crate::quant::quantize(chunk, in_features, spec))
+        .collect::<Result<Vec<_>>>()?;
+    concat_quant(&parts, spec)
+}
+
+/// Quantised blocks laid end to end (all quantised with `spec`).
+fn concat_quant(parts: &[QuantData], spec: QuantSpec) -> Result<QuantData> {
+    let mut values = Vec::with_capacity(parts.iter().map(|p| p.values().len()).sum());
+    for p in parts {
+        values.extend_from_slice(p.values());
+    }
+    let scales = match spec.scales {
+        ScaleType::F32 => {
+            let mut s = Vec::with_capacity(parts.iter().map(|p| p.scales().len()).sum());
+            for p in parts {
+                if let Scales::F32(b) = p.scales() {
+                    s.extend_from_slice(b);
+                }
+            }
+            Scales::F32(Buffer::from_vec(s))
+        }
+        ScaleType::F16 => {
+            let mut s = Vec::with_capacity(parts.iter().map(|p| p.scales().len()).sum());
+            for p in parts {
+                if let Scales::F16(b) = p.scales() {
+                    s.extend_from_slice(b);
+                }
+            }
+            Scales::F16(Buffer::from_vec(s))
+        }
+    };
+    // `QuantData::new` checks that values and scales agree in length, which a part with other
+    // scales than `spec` would break.
+    QuantData::new(spec.format, spec.group, Buffer::from_vec(values), scales)
+}
+
+/// Names the tensor in a quantisation error (the quantiser does not know it).
+fn name_quant_error(name: &str, e: Error) -> Error {
+    match e {
+        Error::Quant(reason) => Error::Quant(format!("`{name}`: {reason}")),
+        e => e,
     }
 }

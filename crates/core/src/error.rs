@@ -156,6 +156,17 @@ pub enum Error {
     /// A weight cannot be quantised, or quantised data is inconsistent.
     #[error("quantisation: {0}")]
     Quant(String),
+    /// A stored quantised tensor (`N.qweight` + `N.qscale`) disagrees with its file's
+    /// quantisation metadata, or the metadata is missing or malformed.
+    #[error("quantised tensor `{name}` in {path}: {reason}")]
+    QuantTensor {
+        /// The full tensor name (`N`, without the suffixes).
+        name: String,
+        /// The file holding it.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Arguments of a kernel or layer call have inconsistent shapes.
     #[error("{op}: {detail}")]
     Shape {

@@ -8,6 +8,7 @@ mod dtype;
 mod error;
 pub mod kernels;
 mod kv;
+pub mod pool;
 pub mod quant;
 pub mod safetensors;
 mod weight;
@@ -17,7 +18,7 @@ pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{KvData, KvView};
-pub use quant::{QuantData, QuantFormat, QuantSpec, ScaleType, Scales};
+pub use quant::{QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 
 pub use half::{bf16, f16};

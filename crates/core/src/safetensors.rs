@@ -286,4 +286,38 @@ impl SafetensorsFile {
             DType::F16 => WeightData::F16(Buffer::from_map(&self.map, offset, len)),
         })
     }
+
+    /// The bytes of an `I8` or `U8` tensor (the integers of a quantised tensor), borrowed from
+    /// the map. Other dtypes are [`Error::UnsupportedDtype`]: they have their own element type
+    /// ([`SafetensorsFile::data`]).
+    pub fn byte_data(&self, name: &str) -> Result<Buffer<u8>> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+        })?;
+        if !matches!(info.dtype.as_str(), "I8" | "U8") {
+            return Err(Error::UnsupportedDtype {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype: info.dtype.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        Ok(Buffer::from_map(
+            &self.map,
+            self.header.data_start + start,
+            end - start,
+        ))
+    }
+
+    /// The stored bytes of any tensor, exactly as in the file (for copying it unchanged).
+    pub fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+        let info = self.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            path: self.path.clone(),
+        })?;
+        let (start, end) = info.data_offsets;
+        // The header check put both offsets inside the data section.
+        Ok(&self.map[self.header.data_start + start..self.header.data_start + end])
+    }
 }

@@ -99,6 +99,14 @@ pub enum Error {
         /// Rows of projected image features.
         features: usize,
     },
+    /// A quantised checkpoint cannot be written from this source to this destination.
+    #[error("{path}: cannot write a quantised checkpoint: {reason}")]
+    QuantizeCheckpoint {
+        /// The source or destination concerned.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A special token of the image layout is not in the tokenizer.
     #[error("the tokenizer has no `{token}` token (needed to lay out images in the prompt)")]
     MissingImageToken {

@@ -7,6 +7,7 @@ mod error;
 mod generate;
 mod model;
 mod multimodal;
+mod quant;
 mod session;
 mod tokenizer;
 
@@ -18,5 +19,6 @@ pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,
 };
+pub use quant::{quantize_checkpoint, QuantizeSummary, SCOPE_METADATA_KEY};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};

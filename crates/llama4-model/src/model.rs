@@ -5,7 +5,7 @@ use std::path::Path;
 use irope_attn::{Attention, AttnConfig, LayerKind as AttnKind};
 use kv_cache::{CacheSpec, KvCache, LayerKind as CacheKind};
 use llama4_core::kernels::{linear, rms_norm_inplace};
-use llama4_core::{Checkpoint, DType, Scope, Weight};
+use llama4_core::{Checkpoint, DType, QuantPolicy, Scope, Weight};
 use moe_router::{FeedForward, Mlp, Moe, MoeConfig, Router};
 use ndarray::{s, Array1, Array2, ArrayView2, Axis};
 
@@ -113,6 +113,22 @@ impl TextModel {
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
         Self::from_checkpoint(ckpt, &config)
+    }
+
+    /// [`TextModel::load`] with load-time quantisation of the weights `policy` selects (see
+    /// [`Checkpoint::set_quantization`]). Weights the checkpoint stores quantised are used as
+    /// stored, with or without a policy, and never requantised.
+    pub fn load_with_quantization(dir: impl AsRef<Path>, policy: Option<QuantPolicy>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
+        Self::from_checkpoint(ckpt, &config)
+    }
+
+    /// The checkpoint the weights come from (its [`Checkpoint::weight_bytes`] and
+    /// [`Checkpoint::quantized_weights`] say what loading produced).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self._checkpoint
     }
 
     /// Builds the model from an opened checkpoint and its resolved config.

@@ -6,7 +6,7 @@
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use llama4_core::Checkpoint;
+use llama4_core::{Checkpoint, QuantPolicy};
 use ndarray::{Array2, ArrayView2, Axis};
 use vision_encoder::image::DynamicImage;
 use vision_encoder::{
@@ -215,6 +215,17 @@ impl MultimodalModel {
     /// is not config.json's `image_token_index`, or when the processor's tile size is not the
     /// vision tower's `image_size`.
     pub fn load_with_ids(dir: impl AsRef<Path>, token_ids: ImageTokenIds) -> Result<Self> {
+        Self::load_with_quantization(dir, token_ids, None)
+    }
+
+    /// [`MultimodalModel::load_with_ids`] with load-time quantisation of the text decoder's
+    /// weights `policy` selects (the vision tower and projector are never selected; see
+    /// [`TextModel::load_with_quantization`]).
+    pub fn load_with_quantization(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        policy: Option<QuantPolicy>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let vision_json = config.vision.as_ref().ok_or_else(|| Error::Config {
@@ -242,7 +253,7 @@ impl MultimodalModel {
                 ),
             });
         }
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
         let vision = VisionModel::load(ckpt.scope("vision_model"), &vision_cfg)?;
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),

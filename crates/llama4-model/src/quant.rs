@@ -1,0 +1,322 @@
+//! Writing quantised checkpoints.
+//!
+//! [`quantize_checkpoint`] reads a float checkpoint and writes one `model.safetensors` in which
+//! every tensor `N` a [`QuantPolicy`] selects is replaced by `N.qweight` and `N.qscale` (the
+//! encoding of [`llama4_core::quant`]), with `__metadata__` entry
+//! [`METADATA_KEY`] = `{"format":"q4","group":128,"scales":"f32"}`. Everything else is copied
+//! byte for byte. Loading the result ([`crate::TextModel::load`]) maps the stored integers
+//! without requantising, and gives weights bit-identical to quantising the source at load time
+//! with the same policy ([`crate::TextModel::load_with_quantization`]): both go through the same
+//! [`Scope`](llama4_core::Scope) look-up.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use llama4_core::quant::{QuantTarget, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
+use llama4_core::{Checkpoint, QuantData, QuantFormat, QuantPolicy, Scales, WeightData};
+use serde_json::{json, Value};
+
+use crate::{Error, Result};
+
+/// The metadata key naming the policy's scope (`experts` or `all-linear`), for people reading
+/// the file; loading does not need it.
+pub const SCOPE_METADATA_KEY: &str = "llama4.quant.scope";
+
+/// What [`quantize_checkpoint`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantizeSummary {
+    /// The file written (`dst/model.safetensors`).
+    pub path: PathBuf,
+    /// Tensors replaced by `.qweight` + `.qscale`.
+    pub quantized: usize,
+    /// Tensors copied unchanged.
+    pub copied: usize,
+    /// Bytes of the source tensors.
+    pub bytes_in: u64,
+    /// Bytes of the tensors written.
+    pub bytes_out: u64,
+    /// Other files copied beside it (config.json, tokenizer files, …).
+    pub files_copied: Vec<String>,
+}
+
+/// Where the bytes of one output tensor come from.
+enum Source {
+    /// A source tensor, unchanged.
+    Copy(String),
+    /// The integers of quantised source tensor `N`.
+    Values(String),
+    /// The scales of quantised source tensor `N`.
+    Scales(String),
+}
+
+/// One tensor of the output file.
+struct Entry {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    len: usize,
+    elem: usize,
+    source: Source,
+}
+
+/// How a source tensor selected by the policy is laid out: `(lead, out, in)`.
+fn quant_dims(target: QuantTarget, shape: &[usize]) -> Option<(Vec<usize>, usize, usize)> {
+    match (target, shape) {
+        (QuantTarget::Linear, &[out, inp]) => Some((vec![], out, inp)),
+        (QuantTarget::Experts, &[e, inp, out]) => Some((vec![e], out, inp)),
+        _ => None,
+    }
+}
+
+/// Bytes per element of a safetensors dtype string (the file was validated, so it is known).
+fn element_size(dtype: &str) -> usize {
+    match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        _ => 1,
+    }
+}
+
+/// Quantises the checkpoint at `src` (a directory or one `.safetensors` file) with `policy` and
+/// writes `dst/model.safetensors`, copying the directory's other files (config.json, tokenizer
+/// and generation configs, …) beside it.
+///
+/// Tensors are streamed: one is quantised at a time, through the same look-up that load-time
+/// quantisation uses, so the stored bytes are exactly those a model loaded with
+/// [`crate::TextModel::load_with_quantization`] holds. Tensors are written widest element first
+/// so every one stays aligned for zero-copy mapping.
+///
+/// # Errors
+/// [`Error::QuantizeCheckpoint`] when the source already holds quantised tensors or `dst` is
+/// the source directory; [`llama4_core::Error::Quant`] naming the tensor when a selected weight's
+/// input width is not whole groups (checked before anything is written); file errors.
+pub fn quantize_checkpoint(
+    src: impl AsRef<Path>,
+    dst: impl AsRef<Path>,
+    policy: &QuantPolicy,
+) -> Result<QuantizeSummary> {
+    let (src, dst) = (src.as_ref(), dst.as_ref());
+    let ckpt = Checkpoint::open(src)?.with_quantization(Some(*policy));
+    let src_dir = if src.is_file() {
+        src.parent().map(Path::to_path_buf)
+    } else {
+        Some(src.to_path_buf())
+    };
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    std::fs::create_dir_all(dst).map_err(io(dst))?;
+    if let Some(dir) = &src_dir {
+        let same =
+            std::fs::canonicalize(dir).map_err(io(dir))? == std::fs::canonicalize(dst).map_err(io(dst))?;
+        if same {
+            return Err(Error::QuantizeCheckpoint {
+                path: dst.to_path_buf(),
+                reason: "the destination is the source directory".into(),
+            });
+        }
+    }
+
+    let mut names: Vec<&str> = ckpt.tensor_names().collect();
+    names.sort_unstable();
+    let (entries, metadata, quantized) = plan(&ckpt, &names, policy)?;
+
+    // Header: offsets in write order, then padded with spaces to a multiple of 8 so the data
+    // section starts aligned.
+    let mut tensors = serde_json::Map::new();
+    let mut offsets = Vec::with_capacity(entries.len());
+    let mut offset = 0usize;
+    for e in &entries {
+        let end = offset + e.len;
+        tensors.insert(
+            e.name.clone(),
+            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
+        );
+        offsets.push(offset);
+        offset = end;
+    }
+    tensors.insert("__metadata__".into(), json!(metadata));
+    let mut header = Value::Object(tensors).to_string().into_bytes();
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+
+    let path = dst.join("model.safetensors");
+    let tmp = dst.join("model.safetensors.partial");
+    let file = File::create(&tmp).map_err(io(&tmp))?;
+    let mut out = BufWriter::new(file);
+    let data_start = 8 + header.len() as u64;
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| out.write_all(&header))
+        .map_err(io(&tmp))?;
+
+    // Write each source tensor once; a quantised one's values and scales land at their
+    // (separate) offsets, so the file is written out of order with seeks.
+    let at: BTreeMap<(&str, u8), usize> = entries
+        .iter()
+        .zip(&offsets)
+        .map(|(e, &o)| match &e.source {
+            Source::Copy(n) => ((n.as_str(), 0), o),
+            Source::Values(n) => ((n.as_str(), 1), o),
+            Source::Scales(n) => ((n.as_str(), 2), o),
+        })
+        .collect();
+    let mut write_at = |offset: usize, bytes: &[u8]| -> Result<()> {
+        out.seek(SeekFrom::Start(data_start + offset as u64))
+            .and_then(|_| out.write_all(bytes))
+            .map_err(io(&tmp))
+    };
+    let mut bytes_in = 0u64;
+    for &name in &names {
+        bytes_in += ckpt.raw_bytes(name)?.len() as u64;
+        if let Some(&o) = at.get(&(name, 0)) {
+            write_at(o, ckpt.raw_bytes(name)?)?;
+            continue;
+        }
+        let q = quantized_data(&ckpt, name, policy)?;
+        let (Some(&values_at), Some(&scales_at)) = (at.get(&(name, 1)), at.get(&(name, 2))) else {
+            return Err(internal(name));
+        };
+        write_at(values_at, q.values())?;
+        write_at(scales_at, &scale_bytes(q.scales()))?;
+    }
+    out.flush().map_err(io(&tmp))?;
+    drop(out);
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+
+    let mut files_copied = Vec::new();
+    if let Some(dir) = &src_dir {
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
+            let from = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let is_weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+            if from.is_file() && !is_weights {
+                std::fs::copy(&from, dst.join(&name)).map_err(io(&from))?;
+                files_copied.push(name);
+            }
+        }
+    }
+    files_copied.sort();
+    // The file must open as a checkpoint: this validates the header just written.
+    Checkpoint::open(&path)?;
+    Ok(QuantizeSummary {
+        path,
+        quantized,
+        copied: names.len() - quantized,
+        bytes_in,
+        bytes_out: offset as u64,
+        files_copied,
+    })
+}
+
+/// The output tensors in write order, the file's metadata, and how many tensors are quantised.
+/// Checks every selected tensor before anything is written.
+fn plan(
+    ckpt: &Checkpoint,
+    names: &[&str],
+    policy: &QuantPolicy,
+) -> Result<(Vec<Entry>, BTreeMap<String, String>, usize)> {
+    let spec = policy.spec;
+    let mut entries = Vec::new();
+    let mut metadata = BTreeMap::new();
+    let mut quantized = 0;
+    for &name in names {
+        if name.ends_with(QWEIGHT_SUFFIX) || name.ends_with(QSCALE_SUFFIX) {
+            return Err(Error::QuantizeCheckpoint {
+                path: ckpt.location().to_path_buf(),
+                reason: format!("`{name}` is already quantised"),
+            });
+        }
+        if let Some(meta) = ckpt.metadata_of(name) {
+            for (k, v) in meta {
+                metadata.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        let info = ckpt.info(name)?;
+        let dims = policy
+            .selects(name)
+            .and_then(|target| quant_dims(target, &info.shape));
+        let Some((lead, out, inp)) = dims else {
+            entries.push(Entry {
+                name: name.to_string(),
+                dtype: info.dtype.clone(),
+                shape: info.shape.clone(),
+                len: info.data_offsets.1 - info.data_offsets.0,
+                elem: element_size(&info.dtype),
+                source: Source::Copy(name.to_string()),
+            });
+            continue;
+        };
+        spec.check(inp).map_err(|e| match e {
+            llama4_core::Error::Quant(reason) => llama4_core::Error::Quant(format!("`{name}`: {reason}")),
+            e => e,
+        })?;
+        quantized += 1;
+        let rows: usize = lead.iter().product::<usize>() * out;
+        let shape = |last: usize| lead.iter().copied().chain([out, last]).collect::<Vec<_>>();
+        let value_bytes = spec.format.value_bytes(inp);
+        entries.push(Entry {
+            name: format!("{name}{QWEIGHT_SUFFIX}"),
+            dtype: match spec.format {
+                QuantFormat::Q8 => "I8",
+                QuantFormat::Q4 => "U8",
+            }
+            .into(),
+            shape: shape(value_bytes),
+            len: rows * value_bytes,
+            elem: 1,
+            source: Source::Values(name.to_string()),
+        });
+        let groups = inp / spec.group;
+        entries.push(Entry {
+            name: format!("{name}{QSCALE_SUFFIX}"),
+            dtype: spec.scales.name().to_uppercase(),
+            shape: shape(groups),
+            len: rows * groups * spec.scales.size(),
+            elem: spec.scales.size(),
+            source: Source::Scales(name.to_string()),
+        });
+    }
+    // Widest elements first: with a data section starting 8-aligned, every tensor then starts
+    // at a multiple of its element size.
+    entries.sort_by(|a, b| b.elem.cmp(&a.elem).then_with(|| a.name.cmp(&b.name)));
+    metadata.insert(METADATA_KEY.to_string(), spec.to_metadata());
+    metadata.insert(SCOPE_METADATA_KEY.to_string(), policy.scope.name().to_string());
+    Ok((entries, metadata, quantized))
+}
+
+/// Tensor `name` quantised by the look-up a model load uses.
+fn quantized_data(ckpt: &Checkpoint, name: &str, policy: &QuantPolicy) -> Result<QuantData> {
+    let info = ckpt.info(name)?;
+    let root = ckpt.root();
+    let data = match (policy.selects(name), info.shape.as_slice()) {
+        (Some(QuantTarget::Linear), &[out, inp]) => root.weight(name, [out, inp])?.data().clone(),
+        (Some(QuantTarget::Experts), &[e, inp, out]) => {
+            root.batched_in_out(name, [e, inp, out])?.data().clone()
+        }
+        _ => return Err(internal(name)),
+    };
+    match data {
+        WeightData::Quant(q) => Ok(*q),
+        _ => Err(internal(name)),
+    }
+}
+
+/// The plan and the look-up disagree about `name` (a bug here, not bad input).
+fn internal(name: &str) -> Error {
+    Error::QuantizeCheckpoint {
+        path: PathBuf::from(name),
+        reason: "internal error: the plan and the load-time policy disagree about this tensor".into(),
+    }
+}
+
+/// Scales as little-endian bytes.
+fn scale_bytes(scales: &Scales) -> Vec<u8> {
+    match scales {
+        Scales::F32(b) => b.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        Scales::F16(b) => b.iter().flat_map(|s| s.to_bits().to_le_bytes()).collect(),
+    }
+}
