@@ -1,36 +1,223 @@
 //! `y = x · Wᵀ` for quantised `[out, in]` weights (see [`crate::quant`] for the arithmetic).
 //!
-//! Each token's activations are quantised to int8 per group once per call; output rows are then
-//! split across tasks, each row a sum over groups of an integer dot product times two scales.
+//! Each token's activations are quantised to int8 per group once per call (vectorised, bit for
+//! bit the rule of [`quantize_activations`]); output rows are then split into at most one
+//! contiguous range per pool thread, each row a sum over groups of an exact integer dot
+//! product times two scales.
+//!
+//! # Paths
+//! - [`Isa::Avx512`] on a CPU with AVX-512 VNNI: `vpdpbusd` row kernels (`quant_x86.rs`).
+//! - [`Isa::Avx2`], and `Avx512` without VNNI: `vpmaddubsw` / `vpmaddwd` row kernels.
+//! - [`Isa::Portable`], and group sizes that are not powers of two (the SIMD kernels map whole
+//!   vector lanes to groups): scalar integer dots.
+//!
+//! Decode (`t ≤ 3`) streams every weight row once for all tokens, with software prefetch ahead
+//! of the read. Prefill streams an L2-sized chunk of rows once per block of
+//! [`PREFILL_T`] tokens, so the weight comes from memory once per call.
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 
-use rayon::prelude::*;
+use half::f16;
 
-use super::linear::SyncPtr;
+use super::linear::{SyncPtr, SMALL_T};
 use super::Isa;
-use crate::quant::{quantize_activations, QuantData, QuantFormat};
+use crate::quant::{quantize_activations, QuantData, QuantFormat, Scales};
+
+#[cfg(target_arch = "x86_64")]
+#[path = "quant_x86.rs"]
+mod x86;
 
 /// Below this many multiply-adds a call runs on the calling thread.
 const MIN_PARALLEL_WORK: usize = 1 << 17;
+/// Tokens per pass of the row kernel in prefill (its register tile holds this many tokens).
+const PREFILL_T: usize = 4;
+/// Weight bytes per prefill chunk: it stays in L2 while every token block passes over it.
+const CHUNK_BYTES: usize = 256 << 10;
+/// Activation rows are padded to a multiple of this many elements (the widest q4 unit), and
+/// scale rows to a multiple of [`GROUP_PAD`] groups, with zeros: kernels read whole vectors.
+const ELEM_PAD: usize = 128;
+const GROUP_PAD: usize = 16;
+
+/// The kernel family a call runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// AVX-512 with VNNI.
+    Vnni,
+    /// AVX2 (also AVX-512 CPUs without VNNI).
+    Avx2,
+    /// Scalar.
+    Portable,
+}
+
+/// True when the CPU has AVX-512 VNNI (checked once).
+fn has_vnni() -> bool {
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+fn choose(isa: Isa, w: &QuantData) -> Path {
+    if !w.group().is_power_of_two() {
+        return Path::Portable;
+    }
+    match isa {
+        Isa::Avx512 if has_vnni() => Path::Vnni,
+        Isa::Avx512 | Isa::Avx2 => Path::Avx2,
+        Isa::Portable => Path::Portable,
+    }
+}
+
+/// Per-thread activation storage, reused across calls (no allocation per call once warm).
+#[derive(Default)]
+struct Scratch {
+    q: Vec<i8>,
+    s: Vec<f32>,
+    corr: Vec<i32>,
+    /// One token's quantised row before de-interleaving (q4).
+    row: Vec<i8>,
+}
 
 thread_local! {
-    /// Quantised activations of the current call (reused: no allocation per token).
-    static ACT: Cell<(Vec<i8>, Vec<f32>)> = const { Cell::new((Vec::new(), Vec::new())) };
+    static ACT: Cell<Scratch> = const {
+        Cell::new(Scratch { q: Vec::new(), s: Vec::new(), corr: Vec::new(), row: Vec::new() })
+    };
 }
 
 /// Quantised activations of all tokens of a call.
-struct Acts<'a> {
-    /// `[t, k]` int8.
+pub(crate) struct Acts<'a> {
+    /// `[t, kp]` int8, zero beyond `k`; for q4 on the SIMD paths each unit of
+    /// [`unit_elems`] elements is de-interleaved (even elements, then odd ones).
     q: &'a [i8],
-    /// `[t, k / group]` scales.
+    /// `[t, gp]` activation scales, zero beyond the last group.
     s: &'a [f32],
+    /// `[t, gp]`: `bias · Σ q_x` per group, subtracted from the biased integer sums.
+    corr: &'a [i32],
+    /// Row stride of `q`.
+    kp: usize,
+    /// Row stride of `s` and `corr`.
+    gp: usize,
+}
+
+/// Scale storage as the kernels read it.
+#[derive(Clone, Copy)]
+pub(crate) enum MatScales {
+    F32(*const f32),
+    F16(*const f16),
+}
+
+/// The weight as the kernels read it.
+pub(crate) struct Mat {
+    vals: *const u8,
+    scales: MatScales,
+    k: usize,
+    n: usize,
+    group: usize,
+    groups: usize,
+    q4: bool,
+}
+
+// SAFETY: `Mat` only reads the weight, which outlives the call and is not mutated.
+unsafe impl Sync for Mat {}
+
+/// Elements per SIMD unit (one vector of weight bytes) of q4 on `path`.
+fn unit_elems(path: Path) -> usize {
+    match path {
+        Path::Vnni => 128,
+        _ => 64,
+    }
+}
+
+/// Reorders each `unit` elements of `src` as its even elements followed by its odd ones, the
+/// order of the low and high nibbles of a q4 unit.
+fn deinterleave(src: &[i8], unit: usize, dst: &mut [i8]) {
+    for (s, d) in src.chunks_exact(unit).zip(dst.chunks_exact_mut(unit)) {
+        let (even, odd) = d.split_at_mut(unit / 2);
+        for (j, p) in s.chunks_exact(2).enumerate() {
+            even[j] = p[0];
+            odd[j] = p[1];
+        }
+    }
+}
+
+/// Quantises one token row with the path's instruction set: `q` and `s` as
+/// [`quantize_activations`], `sum` the integer sum of each group.
+fn quantize_row(path: Path, x: &[f32], g: usize, q: &mut [i8], s: &mut [f32], sum: &mut [i32]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the VNNI path is chosen only on CPUs with AVX-512 (F/BW/VL checked by
+        // `Isa::Avx512`); lengths are checked inside.
+        Path::Vnni => unsafe { x86::quantize_avx512(x, g, q, s, sum) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 + FMA are checked by `Isa::Avx2` (and implied by `Isa::Avx512`).
+        Path::Avx2 => unsafe { x86::quantize_avx2(x, g, q, s, sum) },
+        _ => {
+            quantize_activations(x, g, q, s);
+            for (d, qg) in sum.iter_mut().zip(q.chunks(g)) {
+                *d = qg.iter().map(|&v| v as i32).sum();
+            }
+        }
+    }
+}
+
+/// Fills `sc` with the quantised activations of `x` (`[t, k]`) laid out for `path`.
+fn prepare<'a>(path: Path, x: &[f32], t: usize, k: usize, w: &QuantData, sc: &'a mut Scratch) -> Acts<'a> {
+    let g = w.group();
+    let groups = k / g;
+    let kp = k.next_multiple_of(ELEM_PAD);
+    let gp = groups.next_multiple_of(GROUP_PAD);
+    sc.q.clear();
+    sc.q.resize(t * kp, 0);
+    sc.s.clear();
+    sc.s.resize(t * gp, 0.0);
+    sc.corr.clear();
+    sc.corr.resize(t * gp, 0);
+    let q4 = w.format() == QuantFormat::Q4;
+    // The unsigned weight operand carries this bias (see `quant_x86.rs`).
+    let bias = match (path, w.format()) {
+        (Path::Vnni, QuantFormat::Q8) => 128,
+        (Path::Vnni | Path::Avx2, QuantFormat::Q4) => 8,
+        _ => 0,
+    };
+    let permute = q4 && path != Path::Portable;
+    if permute {
+        sc.row.clear();
+        sc.row.resize(kp, 0);
+    }
+    for r in 0..t {
+        let xr = &x[r * k..(r + 1) * k];
+        let qr = &mut sc.q[r * kp..(r + 1) * kp];
+        let sr = &mut sc.s[r * gp..r * gp + groups];
+        let cr = &mut sc.corr[r * gp..r * gp + groups];
+        if permute {
+            quantize_row(path, xr, g, &mut sc.row[..k], sr, cr);
+            deinterleave(&sc.row, unit_elems(path), qr);
+        } else {
+            quantize_row(path, xr, g, &mut qr[..k], sr, cr);
+        }
+        cr.iter_mut().for_each(|c| *c *= bias);
+    }
+    Acts {
+        q: &sc.q,
+        s: &sc.s,
+        corr: &sc.corr,
+        kp,
+        gp,
+    }
 }
 
 /// `y[t, n] = x[t, k] · Wᵀ` for quantised `w` (`[n, k]`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
-    _isa: Isa,
+    isa: Isa,
     tasks: Option<usize>,
     x: &[f32],
     t: usize,
@@ -39,25 +226,30 @@ pub(super) fn linear(
     w: &QuantData,
     y: &mut [f32],
 ) {
-    let g = w.group();
-    let groups = k / g;
-    let (mut qx, mut sx) = ACT.with(Cell::take);
-    qx.resize(t * k, 0);
-    sx.resize(t * groups, 0.0);
-    for r in 0..t {
-        quantize_activations(
-            &x[r * k..(r + 1) * k],
-            g,
-            &mut qx[r * k..(r + 1) * k],
-            &mut sx[r * groups..(r + 1) * groups],
-        );
-    }
-    let acts = Acts { q: &qx, s: &sx };
+    assert!(
+        w.len() == n * k && x.len() == t * k && y.len() == t * n,
+        "quantised linear: shapes checked by the caller"
+    );
+    let path = choose(isa, w);
+    let mut sc = ACT.with(Cell::take);
+    let acts = prepare(path, x, t, k, w, &mut sc);
+    let mat = Mat {
+        vals: w.values().as_ptr(),
+        scales: match w.scales() {
+            Scales::F32(b) => MatScales::F32(b.as_ptr()),
+            Scales::F16(b) => MatScales::F16(b.as_ptr()),
+        },
+        k,
+        n,
+        group: w.group(),
+        groups: k / w.group(),
+        q4: w.format() == QuantFormat::Q4,
+    };
     let tasks = tasks.unwrap_or_else(|| {
         if t * k * n < MIN_PARALLEL_WORK {
             1
         } else {
-            rayon::current_num_threads()
+            crate::pool::threads()
         }
     });
     let per = n.div_ceil(tasks.max(1)).max(1);
@@ -65,21 +257,70 @@ pub(super) fn linear(
     let yp = SyncPtr(y.as_mut_ptr());
     let run = |i: usize| {
         let (lo, hi) = (i * per, ((i + 1) * per).min(n));
-        // SAFETY: tasks write disjoint output columns `lo..hi` of the `t × n` output.
-        unsafe { rows_portable(&acts, t, k, n, w, lo, hi, yp.get()) };
+        // SAFETY: `path` is available (chosen from the available `isa`); `mat` and `acts`
+        // describe `w` and `x` (shapes asserted above); tasks write disjoint rows `lo..hi`.
+        unsafe { run_rows(path, &mat, w, &acts, t, lo, hi, yp.get()) };
     };
     if count <= 1 {
         run(0);
     } else {
-        (0..count).into_par_iter().for_each(run);
+        crate::pool::run(count, &run);
     }
-    ACT.with(|c| c.set((qx, sx)));
+    ACT.with(|c| c.set(sc));
 }
 
-/// Output columns `lo..hi` of every token, scalar integer dots.
+/// A SIMD row kernel: `(weight, activations, first token, tokens, lo, hi, y)`.
+type RowKernel = unsafe fn(&Mat, &Acts, usize, usize, usize, usize, *mut f32);
+
+/// Output rows `lo..hi` of every token on `path`.
 ///
 /// # Safety
-/// `y` is valid for `t · n` writes; no other task writes columns `lo..hi`.
+/// As [`x86::rows_vnni`] / [`x86::rows_avx2`] for the SIMD paths; `y` is valid for `t · n`
+/// writes and no other task writes rows `lo..hi`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_rows(
+    path: Path,
+    mat: &Mat,
+    w: &QuantData,
+    acts: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    let kernel: Option<RowKernel> = match path {
+        Path::Vnni => Some(x86::rows_vnni),
+        Path::Avx2 => Some(x86::rows_avx2),
+        Path::Portable => None,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel: Option<RowKernel> = None;
+    let Some(kernel) = kernel else {
+        return rows_portable(acts, t, mat.k, mat.n, w, lo, hi, y);
+    };
+    if t <= SMALL_T {
+        return kernel(mat, acts, 0, t, lo, hi, y);
+    }
+    let row_bytes = w.format().value_bytes(mat.k).max(1);
+    let chunk = (CHUNK_BYTES / row_bytes).max(1);
+    let mut c0 = lo;
+    while c0 < hi {
+        let c1 = (c0 + chunk).min(hi);
+        let mut r0 = 0;
+        while r0 < t {
+            let tt = PREFILL_T.min(t - r0);
+            kernel(mat, acts, r0, tt, c0, c1, y);
+            r0 += tt;
+        }
+        c0 = c1;
+    }
+}
+
+/// Output rows `lo..hi` of every token, scalar integer dots (activations in natural order).
+///
+/// # Safety
+/// `y` is valid for `t · n` writes; no other task writes rows `lo..hi`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn rows_portable(
     acts: &Acts,
@@ -97,8 +338,8 @@ unsafe fn rows_portable(
     let scales = w.scales();
     for o in lo..hi {
         for r in 0..t {
-            let qx = &acts.q[r * k..(r + 1) * k];
-            let sx = &acts.s[r * groups..(r + 1) * groups];
+            let qx = &acts.q[r * acts.kp..r * acts.kp + k];
+            let sx = &acts.s[r * acts.gp..r * acts.gp + groups];
             let mut acc = 0f32;
             for gi in 0..groups {
                 let xs = &qx[gi * g..(gi + 1) * g];
@@ -121,5 +362,98 @@ unsafe fn rows_portable(
             }
             *y.add(r * n + o) = acc;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The SIMD activation quantisers this CPU can run.
+    fn simd_paths() -> Vec<Path> {
+        let mut p = Vec::new();
+        if Isa::Avx512.is_available() && has_vnni() {
+            p.push(Path::Vnni);
+        }
+        if Isa::Avx2.is_available() {
+            p.push(Path::Avx2);
+        }
+        p
+    }
+
+    /// Values that stress the rounding rule: ties at `±(j + 0.5) · amax / 127`, zeros of both
+    /// signs, subnormals (amax so small that `127 / amax` overflows), NaN and infinities.
+    fn special(code: u8, amax: f32, j: u8) -> f32 {
+        match code % 12 {
+            0 => 0.0,
+            1 => -0.0,
+            2 => amax * (j as f32 + 0.5) / 127.0,
+            3 => -amax * (j as f32 + 0.5) / 127.0,
+            4 => f32::NAN,
+            5 => f32::INFINITY,
+            6 => 1e-45,
+            7 => -3e-44,
+            8 => amax,
+            9 => -amax,
+            _ => amax * (j as f32 / 127.0 - 0.5),
+        }
+    }
+
+    fn check_bit_exact(x: &[f32], g: usize) {
+        let groups = x.len() / g;
+        let (mut q0, mut s0) = (vec![0i8; x.len()], vec![0f32; groups]);
+        quantize_activations(x, g, &mut q0, &mut s0);
+        let sum0: Vec<i32> = q0.chunks(g).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+        for path in simd_paths() {
+            let (mut q, mut s, mut sum) = (vec![1i8; x.len()], vec![1f32; groups], vec![1i32; groups]);
+            quantize_row(path, x, g, &mut q, &mut s, &mut sum);
+            assert_eq!(q, q0, "{path:?} group {g}: q");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&s), bits(&s0), "{path:?} group {g}: scales");
+            assert_eq!(sum, sum0, "{path:?} group {g}: sums");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Every SIMD activation quantiser equals `quantize_activations` bit for bit.
+        #[test]
+        fn activation_quantisation_is_bit_exact(
+            g in prop::sample::select(vec![32usize, 64, 128, 256]),
+            groups in 1usize..5,
+            amax in prop::sample::select(vec![1.0f32, 3.7e-3, 1e-38, 2e-44, 6.5e4, 3e38]),
+            rare in 0u32..100,
+            seed in any::<u64>(),
+        ) {
+            let mut s = seed | 1;
+            let x: Vec<f32> = (0..g * groups)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    let (code, j) = ((s >> 8) as u8, (s >> 16) as u8 % 127);
+                    // Mostly ordinary values; special ones in about `rare`% of elements.
+                    if ((s >> 32) % 100) < rare as u64 {
+                        special(code, amax, j)
+                    } else {
+                        special(10, amax, j)
+                    }
+                })
+                .collect();
+            check_bit_exact(&x, g);
+        }
+    }
+
+    #[test]
+    fn deinterleave_splits_each_unit_into_even_then_odd() {
+        let src: Vec<i8> = (0..128).map(|i| i as i8).collect();
+        let mut dst = vec![0i8; 128];
+        deinterleave(&src, 64, &mut dst);
+        assert_eq!(&dst[..4], &[0, 2, 4, 6]);
+        assert_eq!(&dst[32..36], &[1, 3, 5, 7]);
+        assert_eq!(&dst[64..68], &[64, 66, 68, 70]);
+        assert_eq!(dst[127], 127);
     }
 }

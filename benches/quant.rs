@@ -1,0 +1,128 @@
+//! Quantised `linear_into` throughput against bf16: decode (T = 1, bound by memory bandwidth,
+//! reported as weight bytes — values plus scales — per second) and prefill (T = 128, reported
+//! as flops per second, `2 · T · in · out`).
+//!
+//! `cargo bench --bench quant` (add a filter such as `decode` to run one group);
+//! `LLAMA4_KERNEL=avx2|portable` measures another path.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use llama4_core::kernels;
+use llama4_core::{DType, QuantFormat, QuantSpec, Weight};
+use ndarray::Array2;
+
+/// Deterministic values in [-0.5, 0.5) (an LCG; the contents do not affect speed).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+const N: usize = 4096;
+const K: usize = 4096;
+/// Bytes of distinct weights a decode ring cycles through: well above the 300 MiB L3 of these
+/// machines, so every call streams its weight from memory as a decode step over a model does.
+const RING_BYTES: usize = 720 << 20;
+
+/// The weights compared: bf16 and the quantised formats (f32 scales).
+fn kinds() -> Vec<(String, Option<QuantSpec>)> {
+    let mut v = vec![("bf16".to_string(), None)];
+    for (format, group) in [
+        (QuantFormat::Q8, 32),
+        (QuantFormat::Q8, 128),
+        (QuantFormat::Q4, 32),
+        (QuantFormat::Q4, 128),
+    ] {
+        v.push((
+            format!("{}_g{group}", format.name()),
+            Some(QuantSpec::new(format, group)),
+        ));
+    }
+    v
+}
+
+fn build(src: &Weight, spec: Option<QuantSpec>) -> Weight {
+    match spec {
+        // A fresh copy each time: distinct memory for every ring entry.
+        None => src.converted(DType::BF16, llama4_core::Layout::OutIn),
+        Some(spec) => src.quantized(spec).unwrap(),
+    }
+}
+
+/// Bytes one `N × K` weight stores (values and scales).
+fn nbytes(spec: Option<QuantSpec>) -> usize {
+    match spec {
+        None => N * K * 2,
+        Some(s) => s.format.value_bytes(N * K) + N * K / s.group * 4,
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quant_decode");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let src = Weight::from_out_in(
+        Array2::from_shape_vec((N, K), values(N * K, 1)).unwrap().view(),
+        DType::F32,
+    );
+    let x = Array2::from_shape_vec((1, K), values(K, 2)).unwrap();
+    let mut y = Array2::zeros((1, N));
+    for (name, spec) in kinds() {
+        let bytes = nbytes(spec);
+        g.throughput(Throughput::Bytes(bytes as u64));
+        // Built on the closure's first call, so only when the filter selects this benchmark
+        // (criterion calls the closure several times: the ring is kept).
+        let mut cache: Option<Vec<Weight>> = None;
+        let mut next = 0;
+        g.bench_function(format!("{name}_{N}x{K}"), |b| {
+            let ring = cache.get_or_insert_with(|| {
+                (0..RING_BYTES.div_ceil(bytes))
+                    .map(|_| build(&src, spec))
+                    .collect()
+            });
+            assert_eq!(ring[0].nbytes(), bytes);
+            b.iter(|| {
+                next = (next + 1) % ring.len();
+                kernels::linear_into(black_box(x.view()), &ring[next], y.view_mut()).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn prefill(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quant_prefill_t128");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    let t = 128;
+    let src = Weight::from_out_in(
+        Array2::from_shape_vec((N, K), values(N * K, 1)).unwrap().view(),
+        DType::F32,
+    );
+    let x = Array2::from_shape_vec((t, K), values(t * K, 3)).unwrap();
+    let mut y = Array2::zeros((t, N));
+    g.throughput(Throughput::Elements((2 * t * K * N) as u64));
+    for (name, spec) in kinds() {
+        let mut cache: Option<Weight> = None;
+        g.bench_function(format!("{name}_{N}x{K}"), |b| {
+            let w = cache.get_or_insert_with(|| build(&src, spec));
+            b.iter(|| kernels::linear_into(black_box(x.view()), w, y.view_mut()).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, prefill);
+criterion_main!(benches);
