@@ -28,7 +28,11 @@ fn pack(epoch: u64, count: usize, next: usize) -> u64 {
 }
 
 fn unpack(s: u64) -> (u64, usize, usize) {
-    (s >> (2 * COUNT_BITS), ((s >> COUNT_BITS) & FIELD) as usize, (s & FIELD) as usize)
+    (
+        s >> (2 * COUNT_BITS),
+        ((s >> COUNT_BITS) & FIELD) as usize,
+        (s & FIELD) as usize,
+    )
 }
 
 type Task<'a> = &'a (dyn Fn(usize) + Sync);
@@ -197,7 +201,10 @@ mod tests {
             run(count, &|i| {
                 hits[i].fetch_add(1, Ordering::Relaxed);
             });
-            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "count {count}");
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "count {count}"
+            );
         }
     }
 

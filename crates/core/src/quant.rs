@@ -625,7 +625,16 @@ mod tests {
             }
             x += 0.25;
         }
-        for v in [0.0f32, -0.0, 1e-30, -1e-30, 4_194_303.5, -4_194_302.5, 1e9, f32::INFINITY] {
+        for v in [
+            0.0f32,
+            -0.0,
+            1e-30,
+            -1e-30,
+            4_194_303.5,
+            -4_194_302.5,
+            1e9,
+            f32::INFINITY,
+        ] {
             assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
         }
     }

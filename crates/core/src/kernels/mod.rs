@@ -301,7 +301,9 @@ fn run_linear<E: Elem>(
     if count <= 1 {
         unsafe { linear_range(isa, &job, 0, n) };
     } else {
-        crate::pool::run(count, &|i| unsafe { linear_range(isa, &job, i * per, ((i + 1) * per).min(n)) });
+        crate::pool::run(count, &|i| unsafe {
+            linear_range(isa, &job, i * per, ((i + 1) * per).min(n))
+        });
     }
 }
 
