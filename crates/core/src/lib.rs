@@ -8,6 +8,7 @@ mod dtype;
 mod error;
 pub mod kernels;
 mod kv;
+pub mod pool;
 pub mod quant;
 pub mod safetensors;
 mod weight;

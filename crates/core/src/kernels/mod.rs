@@ -23,7 +23,6 @@ use std::cell::Cell;
 use std::sync::OnceLock;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
-use rayon::prelude::*;
 
 use crate::{Error, Layout, Result, Weight, WeightData};
 use linear::{Job, SyncPtr};
@@ -290,7 +289,7 @@ fn run_linear<E: Elem>(
         if t * k * n < linear::MIN_PARALLEL_WORK {
             1
         } else {
-            rayon::current_num_threads()
+            crate::pool::threads()
         }
     });
     if tasks > 1 && t <= linear::SMALL_T && layout == Layout::InOut {
@@ -302,9 +301,9 @@ fn run_linear<E: Elem>(
     if count <= 1 {
         unsafe { linear_range(isa, &job, 0, n) };
     } else {
-        (0..count)
-            .into_par_iter()
-            .for_each(|i| unsafe { linear_range(isa, &job, i * per, ((i + 1) * per).min(n)) });
+        crate::pool::run(count, &|i| unsafe {
+            linear_range(isa, &job, i * per, ((i + 1) * per).min(n))
+        });
     }
 }
 
@@ -324,7 +323,7 @@ fn split_rows<E: Elem>(isa: Isa, tasks: usize, job: &Job<E>, y: &mut [f32]) {
     partials.resize((count - 1) * t * n, 0.0);
     let base = SyncPtr(partials.as_mut_ptr());
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    (0..count).into_par_iter().for_each(|p| {
+    crate::pool::run(count, &|p| {
         let out = if p == 0 {
             y_ptr.get()
         } else {
