@@ -9,7 +9,16 @@
 //!   arithmetic ceiling, with memory out of the way.
 //!
 //! Throughput is the K/V bytes read per step, so criterion reports GB/s to compare with the
-//! machine's memory bandwidth. Run: `cargo bench --bench attention`.
+//! machine's memory bandwidth.
+//!
+//! `prefill`: a piece of query tokens at the end of a causal (global) context, where the
+//! kernel is bound by arithmetic; throughput is the visible query-key pairs per call
+//! (query heads × keys each query sees), so criterion reports pairs per second.
+//! - `demo`: the demo model's layout (4 query heads, 2 kv heads, head dim 16), 512 tokens at
+//!   32K context, as `examples/long_context.rs` prefills.
+//! - `scout`: Scout's layout, 64 tokens at 8K context.
+//!
+//! Run: `cargo bench --bench attention` (`-- decode` or `-- prefill` for one part).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
@@ -122,5 +131,48 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode);
+fn prefill(c: &mut Criterion) {
+    let mut group = c.benchmark_group("attention_prefill_bf16");
+    group.sample_size(10);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(4));
+    for (name, hq, hkv, d, ctx_len, t) in [
+        ("demo", 4, 2, 16, 32 * 1024, 512),
+        ("scout", HQ, HKV, D, 8 * 1024, 64),
+    ] {
+        let k = fill(hkv * ctx_len * d, 4);
+        let v = fill(hkv * ctx_len * d, 5);
+        let q = Array3::from_shape_vec(
+            (t, hq, d),
+            fill(t * hq * d, 6).iter().map(|x| x.to_f32()).collect(),
+        )
+        .expect("sized");
+        let kv = KvView {
+            data: KvData::BF16(&k),
+            heads: hkv,
+            len: ctx_len,
+            head_dim: d,
+            head_stride: ctx_len * d,
+            first_pos: 0,
+        };
+        let vv = KvView {
+            data: KvData::BF16(&v),
+            ..kv
+        };
+        let positions: Vec<usize> = (ctx_len - t..ctx_len).collect();
+        let actx = AttnContext {
+            positions: &positions,
+            mask: MaskKind::Causal,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let pairs: usize = positions.iter().map(|&p| hq * (p + 1)).sum();
+        group.throughput(Throughput::Elements(pairs as u64));
+        group.bench_function(BenchmarkId::new(name, ctx_len), |b| {
+            b.iter(|| attention(q.view(), &kv, &vv, &actx).expect("valid shapes"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, prefill);
 criterion_main!(benches);

@@ -6,9 +6,11 @@
 //! that share a kv head are processed together, so each key and value is read from memory once
 //! per call, whatever the group size.
 //!
-//! The AVX-512 path ([`avx512`]) is register-blocked so that decoding at long context is bound
-//! by memory bandwidth; the AVX2 and portable paths (one generic body, [`item_body`]) widen a
-//! tile of keys and values to f32 and work row by row: correct, slower.
+//! On AVX-512 there are two item kernels: [`avx512`], register-blocked over keys so that
+//! decoding (a few query rows) at long context is bound by memory bandwidth, and [`rows`], which
+//! puts 16 query rows in the lanes of a vector for prefill (many rows per item), where the
+//! arithmetic, not memory, is the limit. The AVX2 and portable paths (one generic body,
+//! [`item_body`]) widen a tile of keys and values to f32 and work row by row: correct, slower.
 
 use std::sync::OnceLock;
 
@@ -22,6 +24,10 @@ use crate::MaskKind;
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(all(test, target_arch = "x86_64"))]
+mod path_tests;
+#[cfg(target_arch = "x86_64")]
+mod rows;
 
 /// Everything the kernel needs besides the tensors.
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +48,22 @@ const KEY_TILE: usize = 64;
 const ROWS_PER_ITEM: usize = 64;
 /// Below this many keys per work item, decoding does not split the keys further.
 const MIN_KEYS_PER_SPLIT: usize = 1024;
+/// From this many query rows per item on, AVX-512 runs the rows-in-lanes kernel ([`rows`]):
+/// a full vector of rows. Below, the key-blocked [`avx512`] kernel wastes fewer lanes.
+const MIN_ROWS_FOR_ROWS_KERNEL: usize = 16;
+
+/// Which AVX-512 item kernel runs (tests force each one; elsewhere [`Path::Auto`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    /// By the number of query rows of the item ([`MIN_ROWS_FOR_ROWS_KERNEL`]).
+    Auto,
+    /// Always the key-blocked kernel.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Keys,
+    /// Always the rows-in-lanes kernel.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Rows,
+}
 
 /// The instruction set the kernel runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +248,18 @@ pub fn attention_with(
     v: &KvView,
     ctx: &AttnContext,
 ) -> Result<Array3<f32>> {
+    attention_path(isa, Path::Auto, q, k, v, ctx)
+}
+
+/// [`attention_with`] with a chosen AVX-512 item kernel.
+fn attention_path(
+    isa: Isa,
+    path: Path,
+    q: ArrayView3<f32>,
+    k: &KvView,
+    v: &KvView,
+    ctx: &AttnContext,
+) -> Result<Array3<f32>> {
     let dims = check(&q, k, v, ctx)?;
     let isa = if supported_isas().contains(&isa) {
         isa
@@ -235,9 +269,9 @@ pub fn attention_with(
     let q = q.as_standard_layout();
     let qs = q.as_slice().expect("standard layout");
     match (k.data, v.data) {
-        (KvData::F32(kd), KvData::F32(vd)) => Ok(run(isa, qs, kd, vd, k, v, dims, ctx)),
-        (KvData::BF16(kd), KvData::BF16(vd)) => Ok(run(isa, qs, kd, vd, k, v, dims, ctx)),
-        (KvData::F16(kd), KvData::F16(vd)) => Ok(run(isa, qs, kd, vd, k, v, dims, ctx)),
+        (KvData::F32(kd), KvData::F32(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
+        (KvData::BF16(kd), KvData::BF16(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
+        (KvData::F16(kd), KvData::F16(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
         _ => unreachable!("dtypes checked equal"),
     }
 }
@@ -282,6 +316,7 @@ fn visible_slots(mask: MaskKind, pos: usize, first_pos: usize, len: usize) -> (u
 #[allow(clippy::too_many_arguments)]
 fn run<E: KvElem>(
     isa: Isa,
+    path: Path,
     q: &[f32],
     kd: &[E],
     vd: &[E],
@@ -357,7 +392,7 @@ fn run<E: KvElem>(
 
     let partials: Vec<(Item, Partial)> = items
         .par_iter()
-        .map(|&it| (it, run_item(isa, &args, it)))
+        .map(|&it| (it, run_item(isa, path, &args, it)))
         .collect();
 
     // Merge pieces of the same (head, token) rows with the log-sum-exp rule, then normalise.
@@ -399,11 +434,24 @@ fn run<E: KvElem>(
     out
 }
 
-fn run_item<E: KvElem>(isa: Isa, args: &Args<E>, it: Item) -> Partial {
+fn run_item<E: KvElem>(isa: Isa, path: Path, args: &Args<E>, it: Item) -> Partial {
     match isa {
-        // SAFETY: `attention_with` only selects a path that `supported_isas` detected.
+        // SAFETY (both AVX-512 kernels and AVX2): `attention_path` only selects a path that
+        // `supported_isas` detected.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { E::item_avx512(args, it) },
+        Isa::Avx512 => {
+            let rows = (it.t1 - it.t0) * args.dims.group();
+            let by_rows = match path {
+                Path::Auto => rows >= MIN_ROWS_FOR_ROWS_KERNEL,
+                Path::Keys => false,
+                Path::Rows => true,
+            };
+            if by_rows {
+                unsafe { rows::item(args, it) }
+            } else {
+                unsafe { E::item_avx512(args, it) }
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { item_avx2(args, it) },
         _ => item_body::<E, Portable>(args, it),

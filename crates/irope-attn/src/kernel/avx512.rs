@@ -40,6 +40,10 @@ pub(super) trait Elem: KvElem {
     ///
     /// # Safety
     /// AVX-512F/BW; every selected element readable.
+    ///
+    /// Implementations carry `#[target_feature]` themselves: without it the intrinsics they
+    /// call stayed out-of-line calls, once per key and value (seen in `perf`), even though
+    /// the method itself was inlined into the kernel.
     unsafe fn load32(p: *const Self, m: __mmask32) -> (__m512, __m512);
 
     /// Position of dim `i` in the padded, reordered layout of queries and accumulators.
@@ -57,7 +61,8 @@ pub(super) trait Elem: KvElem {
 impl Elem for f32 {
     const INTERLEAVED: bool = false;
 
-    #[inline(always)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
     unsafe fn load32(p: *const Self, m: __mmask32) -> (__m512, __m512) {
         (
             _mm512_maskz_loadu_ps(m as __mmask16, p),
@@ -69,7 +74,8 @@ impl Elem for f32 {
 impl Elem for bf16 {
     const INTERLEAVED: bool = true;
 
-    #[inline(always)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
     unsafe fn load32(p: *const Self, m: __mmask32) -> (__m512, __m512) {
         // A bf16 is the top half of an f32: element 2i sits in the low half of 32-bit lane i,
         // element 2i+1 in the high half.
@@ -83,7 +89,8 @@ impl Elem for bf16 {
 impl Elem for f16 {
     const INTERLEAVED: bool = false;
 
-    #[inline(always)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
     unsafe fn load32(p: *const Self, m: __mmask32) -> (__m512, __m512) {
         let raw = _mm512_maskz_loadu_epi16(m, p as *const i16);
         (
@@ -409,7 +416,7 @@ unsafe fn fold_last(a: __m512, b: __m512) -> __m512 {
 
 /// [`exp_neg`] on 16 lanes (the same steps, with fused multiply-adds).
 #[inline(always)]
-unsafe fn exp_neg512(x: __m512) -> __m512 {
+pub(super) unsafe fn exp_neg512(x: __m512) -> __m512 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;

@@ -1,0 +1,312 @@
+//! The AVX-512 prefill kernel: query rows in lanes.
+//!
+//! During prefill an item holds many query rows (tokens × the heads of one kv group) that all
+//! read the same keys. Here 16 rows share one vector, lane `r` holding row `r`, so that:
+//! - scores: `s_j = Σ_i q_i · k_j[i]` is `D` fused multiply-adds of the transposed queries
+//!   (held in registers for the whole item block) by a broadcast key element, with no
+//!   horizontal sums and no padding of the head dim beyond the next multiple of 16;
+//! - softmax: the running max, the exponentials and the sums run across keys, lane-wise;
+//! - `P·V`: `acc_i += p_j · v_j[i]`, the accumulators of 16 dims × 16 rows in registers.
+//!
+//! Each tile of keys and values is widened to f32 once per item and then serves every row
+//! block of the item from L1. Per row block, keys outside the union of its rows' visible
+//! ranges are not touched (causal: keys past the block's last row; chunked: keys before its
+//! chunk), and tiles that every row sees whole skip the per-key masks.
+//!
+//! Lanes past the item's last row hold zero queries; their results are dropped.
+
+// Register blocks are indexed by dim and key in lockstep: index loops read best.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx512::exp_neg512;
+use super::{visible_slots, Args, Item, KvElem, Partial};
+
+/// Rows per vector.
+const LANES: usize = 16;
+/// Keys per tile: 64 keys × 128 dims × 4 bytes = 32 KiB of widened keys (as much of values).
+const TILE: usize = 64;
+/// Keys scored together: 8 independent accumulator chains cover the FMA latency.
+const KEY_GROUP: usize = 8;
+
+/// One item on AVX-512 with rows in lanes (see the module doc).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL and FMA; `args` passed `check` and `it` lies inside the views.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
+    let d = args.dims.d;
+    let hq = args.dims.hq;
+    let rep = args.dims.group();
+    let ctx = args.ctx;
+    let nt = it.t1 - it.t0;
+    let rows = nt * rep;
+    let nblk = rows.div_ceil(LANES);
+    let dp = d.div_ceil(LANES) * LANES;
+
+    // Transposed, scaled queries `[blk][dp][LANES]` and visible slots per lane.
+    let mut qt = vec![0f32; nblk * dp * LANES];
+    let mut lo = vec![0i32; nblk * LANES];
+    let mut hi = vec![0i32; nblk * LANES];
+    for ti in 0..nt {
+        let t = it.t0 + ti;
+        let (a, b) = visible_slots(ctx.mask, ctx.positions[t], args.dims.first_pos, args.dims.len);
+        let (a, b) = (a.max(it.s0), b.min(it.s1));
+        for r in 0..rep {
+            let row = ti * rep + r;
+            let (blk, lane) = (row / LANES, row % LANES);
+            if a < b {
+                lo[row] = a as i32;
+                hi[row] = b as i32;
+            }
+            let src = &args.q[(t * hq + it.g * rep + r) * d..][..d];
+            for (i, &x) in src.iter().enumerate() {
+                qt[(blk * dp + i) * LANES + lane] = x * ctx.scale;
+            }
+        }
+    }
+    // Per block: the union of the rows' ranges, and the intersection (a tile inside it needs
+    // no masks). Empty rows and padding lanes make the intersection empty.
+    let blocks: Vec<BlockRange> = (0..nblk)
+        .map(|blk| {
+            let real = (rows - blk * LANES).min(LANES);
+            let mut br = BlockRange {
+                ua: usize::MAX,
+                ub: 0,
+                ia: 0,
+                ib: usize::MAX,
+            };
+            for lane in 0..real {
+                let (a, b) = (lo[blk * LANES + lane] as usize, hi[blk * LANES + lane] as usize);
+                if a < b {
+                    br.ua = br.ua.min(a);
+                    br.ub = br.ub.max(b);
+                }
+                br.ia = br.ia.max(a);
+                br.ib = br.ib.min(b);
+            }
+            br
+        })
+        .collect();
+
+    let mut st = State {
+        dp,
+        acc: vec![0f32; nblk * dp * LANES],
+        m: vec![f32::NEG_INFINITY; nblk * LANES],
+        l: vec![0f32; nblk * LANES],
+        // Room for a key group past the tile: scores of keys past the range are computed on
+        // whatever is there (finite: zeros or earlier keys) and never used.
+        kw: vec![0f32; (TILE + KEY_GROUP) * dp],
+        vw: vec![0f32; TILE * dp],
+        s: vec![0f32; (TILE + KEY_GROUP) * LANES],
+    };
+    let kh = &args.k[it.g * args.k_stride..];
+    let vh = &args.v[it.g * args.v_stride..];
+
+    for j0 in (it.s0..it.s1).step_by(TILE) {
+        let j1 = (j0 + TILE).min(it.s1);
+        // Widen only the keys some block reads.
+        let (wa, wb) = blocks
+            .iter()
+            .filter(|br| br.ua < br.ub)
+            .fold((j1, j0), |(a, b), br| {
+                (a.min(br.ua.max(j0)), b.max(br.ub.min(j1)))
+            });
+        if wa >= wb {
+            continue;
+        }
+        widen_rows(&kh[wa * d..wb * d], &mut st.kw[(wa - j0) * dp..], d, dp);
+        widen_rows(&vh[wa * d..wb * d], &mut st.vw[(wa - j0) * dp..], d, dp);
+        for (blk, br) in blocks.iter().enumerate() {
+            let (a, b) = (br.ua.max(j0), br.ub.min(j1));
+            if a >= b {
+                continue;
+            }
+            let q = qt.as_ptr().add(blk * dp * LANES);
+            let ranges = (lo.as_ptr().add(blk * LANES), hi.as_ptr().add(blk * LANES));
+            if br.ia <= a && br.ib >= b {
+                tile::<false>(&mut st, blk, q, ranges, j0, a, b);
+            } else {
+                tile::<true>(&mut st, blk, q, ranges, j0, a, b);
+            }
+        }
+    }
+
+    // Back to `[rows, d]`.
+    let mut acc = vec![0f32; rows * d];
+    for (row, dst) in acc.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
+        let (blk, lane) = (row / LANES, row % LANES);
+        for (i, y) in dst.iter_mut().enumerate() {
+            *y = st.acc[(blk * dp + i) * LANES + lane];
+        }
+    }
+    st.m.truncate(rows);
+    st.l.truncate(rows);
+    Partial {
+        acc,
+        m: st.m,
+        l: st.l,
+    }
+}
+
+/// Key slots `ua..ub` that some row of a block sees, and `ia..ib` that all of them see.
+struct BlockRange {
+    ua: usize,
+    ub: usize,
+    ia: usize,
+    ib: usize,
+}
+
+/// Per-item buffers.
+struct State {
+    /// Head dim rounded up to whole vectors.
+    dp: usize,
+    /// Unnormalised outputs, `[blk][dp][LANES]`.
+    acc: Vec<f32>,
+    /// Running max and sum, `[blk][LANES]`.
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// The tile's keys and values widened, `[key][dp]` (zeros past `d`).
+    kw: Vec<f32>,
+    vw: Vec<f32>,
+    /// Scores, then probabilities, of one block against the tile: `[key][LANES]`.
+    s: Vec<f32>,
+}
+
+/// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened, for every key `j` of `src`.
+#[inline(always)]
+fn widen_rows<E: KvElem>(src: &[E], dst: &mut [f32], d: usize, dp: usize) {
+    if d == dp {
+        E::widen(src, &mut dst[..src.len()]);
+    } else {
+        for (j, s) in src.chunks_exact(d).enumerate() {
+            E::widen(s, &mut dst[j * dp..j * dp + d]);
+        }
+    }
+}
+
+/// The rows of block `blk` (transposed queries at `q`, visible slots at `ranges`) against key
+/// slots `a..b` of the tile starting at slot `j0`: scores, online-softmax update, `P·V`.
+/// `MASKED`: some row sees only part of `a..b`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn tile<const MASKED: bool>(
+    st: &mut State,
+    blk: usize,
+    q: *const f32,
+    ranges: (*const i32, *const i32),
+    j0: usize,
+    a: usize,
+    b: usize,
+) {
+    let dp = st.dp;
+    let n = b - a;
+    let nc = dp / LANES;
+    let kw = st.kw.as_ptr().add((a - j0) * dp);
+    let vw = st.vw.as_ptr().add((a - j0) * dp);
+    let s = st.s.as_mut_ptr();
+
+    // Scores, 16 dims at a time (accumulated in `s` across chunks).
+    for c in 0..nc {
+        let qv: [__m512; LANES] = std::array::from_fn(|i| _mm512_loadu_ps(q.add((c * LANES + i) * LANES)));
+        for g in (0..n).step_by(KEY_GROUP) {
+            let mut z: [__m512; KEY_GROUP] = if c == 0 {
+                [_mm512_setzero_ps(); KEY_GROUP]
+            } else {
+                std::array::from_fn(|u| _mm512_loadu_ps(s.add((g + u) * LANES)))
+            };
+            let kp = kw.add(g * dp + c * LANES);
+            for i in 0..LANES {
+                for u in 0..KEY_GROUP {
+                    z[u] = _mm512_fmadd_ps(qv[i], _mm512_set1_ps(*kp.add(u * dp + i)), z[u]);
+                }
+            }
+            for u in 0..KEY_GROUP {
+                _mm512_storeu_ps(s.add((g + u) * LANES), z[u]);
+            }
+        }
+    }
+
+    // Online softmax, lane-wise.
+    let (lo, hi) = if MASKED {
+        (_mm512_loadu_epi32(ranges.0), _mm512_loadu_epi32(ranges.1))
+    } else {
+        (_mm512_setzero_si512(), _mm512_setzero_si512())
+    };
+    let visible = |j: usize| -> __mmask16 {
+        let jv = _mm512_set1_epi32((a + j) as i32);
+        _mm512_cmple_epi32_mask(lo, jv) & _mm512_cmplt_epi32_mask(jv, hi)
+    };
+    let mp = st.m.as_mut_ptr().add(blk * LANES);
+    let lp = st.l.as_mut_ptr().add(blk * LANES);
+    let m_old = _mm512_loadu_ps(mp);
+    // Running maxima and sums in 4 independent chains: one chain would wait on the latency of
+    // every max and add.
+    let mut mxs = [m_old; 4];
+    let max_of = |mx: __m512, j: usize| {
+        let sj = _mm512_loadu_ps(s.add(j * LANES));
+        if MASKED {
+            _mm512_mask_max_ps(mx, visible(j), mx, sj)
+        } else {
+            _mm512_max_ps(mx, sj)
+        }
+    };
+    let n4 = n / 4 * 4;
+    for j in (0..n4).step_by(4) {
+        for u in 0..4 {
+            mxs[u] = max_of(mxs[u], j + u);
+        }
+    }
+    for j in n4..n {
+        mxs[0] = max_of(mxs[0], j);
+    }
+    let mx = _mm512_max_ps(_mm512_max_ps(mxs[0], mxs[1]), _mm512_max_ps(mxs[2], mxs[3]));
+    // A row that has seen no key yet keeps -inf; its alpha comes out 0 (exp of NaN is 0
+    // in `exp_neg512`), harmless on its zero sums.
+    let alpha = exp_neg512(_mm512_sub_ps(m_old, mx));
+    let mut totals = [_mm512_setzero_ps(); 4];
+    let exp_at = |total: __m512, j: usize| {
+        let p = s.add(j * LANES);
+        let e = exp_neg512(_mm512_sub_ps(_mm512_loadu_ps(p), mx));
+        let e = if MASKED {
+            _mm512_maskz_mov_ps(visible(j), e)
+        } else {
+            e
+        };
+        _mm512_storeu_ps(p, e);
+        _mm512_add_ps(total, e)
+    };
+    for j in (0..n4).step_by(4) {
+        for u in 0..4 {
+            totals[u] = exp_at(totals[u], j + u);
+        }
+    }
+    for j in n4..n {
+        totals[0] = exp_at(totals[0], j);
+    }
+    let total = _mm512_add_ps(
+        _mm512_add_ps(totals[0], totals[1]),
+        _mm512_add_ps(totals[2], totals[3]),
+    );
+    _mm512_storeu_ps(lp, _mm512_fmadd_ps(_mm512_loadu_ps(lp), alpha, total));
+    _mm512_storeu_ps(mp, mx);
+
+    // P·V, 16 dims at a time.
+    let acc = st.acc.as_mut_ptr().add(blk * dp * LANES);
+    for c in 0..nc {
+        let ap = acc.add(c * LANES * LANES);
+        let mut x: [__m512; LANES] =
+            std::array::from_fn(|i| _mm512_mul_ps(alpha, _mm512_loadu_ps(ap.add(i * LANES))));
+        let vp = vw.add(c * LANES);
+        for j in 0..n {
+            let pj = _mm512_loadu_ps(s.add(j * LANES));
+            let vj = vp.add(j * dp);
+            for i in 0..LANES {
+                x[i] = _mm512_fmadd_ps(pj, _mm512_set1_ps(*vj.add(i)), x[i]);
+            }
+        }
+        for i in 0..LANES {
+            _mm512_storeu_ps(ap.add(i * LANES), x[i]);
+        }
+    }
+}
