@@ -7,7 +7,8 @@
 //! ```
 //! Options: `--prompt-len N` (512) `--new N` (128) `--runs N` (3) `--cache f32|bf16` (f32, as the
 //! generate example) `--contexts 1024,8192,32768` (decode time per token after a prompt of each
-//! length; empty to skip) `--context-steps N` (16).
+//! length; empty to skip) `--context-steps N` (16) `--quantize q8|q4` `--quantize-all`
+//! `--quant-group N` (32): load-time quantisation as in the generate example.
 //!
 //! Each run is `Session::generate` with greedy sampling, the path `generate --json` reports, on
 //! a fresh session over the same loaded model; the prompt is pseudo-random ids. Peak memory is
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use llama4_core::DType;
+use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
 use llama4_model::{GenerateOptions, Logits, SamplingConfig, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
@@ -55,6 +56,9 @@ struct Args {
     cache: DType,
     contexts: Vec<usize>,
     context_steps: usize,
+    quantize: Option<QuantFormat>,
+    quantize_all: bool,
+    quant_group: usize,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -66,6 +70,9 @@ fn parse_args() -> Result<Args, Error> {
         cache: DType::F32,
         contexts: vec![1024, 8192, 32768],
         context_steps: 16,
+        quantize: None,
+        quantize_all: false,
+        quant_group: 32,
     };
     let mut model = None;
     let mut it = std::env::args().skip(1);
@@ -91,6 +98,13 @@ fn parse_args() -> Result<Args, Error> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
+            "--quantize" => {
+                let v = value()?;
+                a.quantize =
+                    Some(QuantFormat::parse(&v).ok_or(format!("--quantize takes q8 or q4, not {v}"))?)
+            }
+            "--quantize-all" => a.quantize_all = true,
+            "--quant-group" => a.quant_group = value()?.parse()?,
             "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown option `{other}`").into()),
         }
@@ -142,10 +156,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() -> Result<(), Error> {
     let args = parse_args()?;
     let t = Instant::now();
-    let model = TextModel::load(&args.model)?;
+    let policy = args.quantize.map(|f| {
+        let scope = if args.quantize_all {
+            QuantScope::AllLinear
+        } else {
+            QuantScope::Experts
+        };
+        QuantPolicy::new(QuantSpec::new(f, args.quant_group), scope)
+    });
+    let model = TextModel::load_with_quantization(&args.model, policy)?;
     let load_s = t.elapsed().as_secs_f64();
     let vocab = model.config().vocab_size;
-    let weight_bytes = safetensors_bytes(&args.model)?;
+    // Float weights are mapped: the files are what they can occupy. Quantised ones are held in
+    // memory: count what the loader returned.
+    let weight_bytes = if policy.is_some() {
+        model.checkpoint().weight_bytes() as u64
+    } else {
+        safetensors_bytes(&args.model)?
+    };
     println!(
         "model {}: {:.1} MB of weights, loaded in {:.2} s; {} threads",
         args.model.display(),
