@@ -154,6 +154,22 @@ impl Checkpoint {
         self
     }
 
+    /// Drops the mapped files' pages from the resident set. After load-time quantisation the
+    /// float originals were read once and are not needed again; weights still used from the map
+    /// fault back in from the page cache.
+    pub fn release_resident_pages(&self) {
+        for f in &self.files {
+            f.release_resident_pages();
+        }
+    }
+
+    /// Drops the resident pages of tensor `name` (its float original after quantising it).
+    fn release_tensor_pages(&self, name: &str) {
+        if let Ok((file, _)) = self.find(name) {
+            file.release_tensor_pages(name);
+        }
+    }
+
     /// The load-time quantisation, if any.
     pub fn quantization(&self) -> Option<QuantPolicy> {
         self.quant
@@ -445,6 +461,7 @@ impl<'a> Scope<'a> {
                 let m = w.to_f32_out_in();
                 let q = quantize_rows(&[m.as_slice().unwrap_or(&[])], inp, spec)
                     .map_err(|e| name_quant_error(&full, e))?;
+                self.ckpt.release_tensor_pages(&full);
                 Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?
             }
             None => w,
@@ -487,6 +504,7 @@ impl<'a> Scope<'a> {
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| name_quant_error(&full, e))?;
                 let q = concat_quant(&parts, spec)?;
+                self.ckpt.release_tensor_pages(&full);
                 let data = WeightData::Quant(Box::new(q));
                 BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?
             }

@@ -252,6 +252,37 @@ impl SafetensorsFile {
         })
     }
 
+    /// Drops this file's pages from the process's resident set (they stay in the page cache and
+    /// fault back in when read). Advisory: errors are ignored.
+    pub fn release_resident_pages(&self) {
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and private, so dropping its pages discards nothing: a
+        // later read refaults the same bytes from the file.
+        unsafe {
+            let _ = self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+        }
+    }
+
+    /// [`Self::release_resident_pages`] for the pages of tensor `name` only (from the page
+    /// holding its first byte; a neighbour sharing that page refaults if read).
+    pub fn release_tensor_pages(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(info) = self.header.tensors.get(name) {
+            const PAGE: usize = 4096;
+            let start = (self.header.data_start + info.data_offsets.0) / PAGE * PAGE;
+            let end = self.header.data_start + info.data_offsets.1;
+            // SAFETY: as in `release_resident_pages`; the range lies inside the map (checked
+            // when the header was parsed).
+            unsafe {
+                let _ =
+                    self.map
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start);
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
