@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
-use llama4_model::{GenerateOptions, Logits, SamplingConfig, Session, TextModel};
+use llama4_model::{GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -246,12 +246,13 @@ fn main() -> Result<(), Error> {
         }
         let fill_s = t.elapsed().as_secs_f64();
         let mut times = Vec::new();
+        let mut greedy = Sampler::new(SamplingConfig::greedy())?;
         let mut token = ids[ctx - 1];
         for _ in 0..args.context_steps {
             let t = Instant::now();
             let logits = session.step(token)?;
             times.push(t.elapsed().as_secs_f64());
-            token = argmax(logits.as_slice().ok_or("logits not contiguous")?);
+            token = greedy.sample(logits.as_slice().ok_or("logits not contiguous")?)?;
         }
         let mem = session.cache_memory();
         println!(
@@ -265,14 +266,4 @@ fn main() -> Result<(), Error> {
         );
     }
     Ok(())
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

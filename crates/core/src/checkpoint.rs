@@ -22,8 +22,7 @@ use serde_json::Value;
 use crate::quant::{QuantData, QuantFormat, QuantPolicy, QuantSpec, QuantTarget, ScaleType, Scales};
 use crate::quant::{METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
-use crate::{BatchedWeight, Buffer, DType, Error, Layout, Result, Weight, WeightData};
-use rayon::prelude::*;
+use crate::{BatchedWeight, DType, Error, Layout, Result, Weight, WeightData};
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -458,11 +457,9 @@ impl<'a> Scope<'a> {
         let w = Weight::new(self.ckpt.data(&full, &stored)?, layout, out, inp)?;
         let w = match self.ckpt.policy_for(&full, QuantTarget::Linear) {
             Some(spec) => {
-                let m = w.to_f32_out_in();
-                let q = quantize_rows(&[m.as_slice().unwrap_or(&[])], inp, spec)
-                    .map_err(|e| name_quant_error(&full, e))?;
+                let q = w.quantized(spec).map_err(|e| name_quant_error(&full, e))?;
                 self.ckpt.release_tensor_pages(&full);
-                Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?
+                q
             }
             None => w,
         };
@@ -492,21 +489,9 @@ impl<'a> Scope<'a> {
         let w = BatchedWeight::new(data, Layout::InOut, batch, out_features, in_features)?;
         let w = match self.ckpt.policy_for(&full, QuantTarget::Experts) {
             Some(spec) => {
-                spec.check(in_features).map_err(|e| name_quant_error(&full, e))?;
-                // One expert at a time in parallel: each is widened to f32 `[out, in]` only
-                // while it is quantised.
-                let parts = (0..batch)
-                    .into_par_iter()
-                    .map(|e| {
-                        let m = w.get(e).to_f32_out_in();
-                        quantize_rows(&[m.as_slice().unwrap_or(&[])], in_features, spec)
-                    })
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(|e| name_quant_error(&full, e))?;
-                let q = concat_quant(&parts, spec)?;
+                let q = w.quantized(spec).map_err(|e| name_quant_error(&full, e))?;
                 self.ckpt.release_tensor_pages(&full);
-                let data = WeightData::Quant(Box::new(q));
-                BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?
+                q
             }
             None => w,
         };
@@ -548,58 +533,6 @@ impl<'a> Scope<'a> {
             ))),
         }
     }
-}
-
-/// Rows of `in_features` (the matrices of `mats`, each `[rows, in]` row-major, one after the
-/// other) quantised with `spec`, in parallel blocks of rows.
-///
-/// Identical, bit for bit, to [`quant::quantize`](crate::quant::quantize) over all the rows at
-/// once (which [`Weight::quantized`] and [`BatchedWeight::quantized`] call): every group is
-/// quantised on its own, and blocks hold whole rows. The tests compare the two.
-fn quantize_rows(mats: &[&[f32]], in_features: usize, spec: QuantSpec) -> Result<QuantData> {
-    spec.check(in_features)?;
-    // Blocks of about 256K elements: large enough to amortise the task, small enough to spread.
-    let rows_per_block = ((1usize << 18) / in_features.max(1)).max(1);
-    let block = rows_per_block * in_features;
-    let parts = mats
-        .iter()
-        .flat_map(|m| m.chunks(block.max(1)))
-        .collect::<Vec<_>>()
-        .into_par_iter()
-        .map(|chunk| crate::quant::quantize(chunk, in_features, spec))
-        .collect::<Result<Vec<_>>>()?;
-    concat_quant(&parts, spec)
-}
-
-/// Quantised blocks laid end to end (all quantised with `spec`).
-fn concat_quant(parts: &[QuantData], spec: QuantSpec) -> Result<QuantData> {
-    let mut values = Vec::with_capacity(parts.iter().map(|p| p.values().len()).sum());
-    for p in parts {
-        values.extend_from_slice(p.values());
-    }
-    let scales = match spec.scales {
-        ScaleType::F32 => {
-            let mut s = Vec::with_capacity(parts.iter().map(|p| p.scales().len()).sum());
-            for p in parts {
-                if let Scales::F32(b) = p.scales() {
-                    s.extend_from_slice(b);
-                }
-            }
-            Scales::F32(Buffer::from_vec(s))
-        }
-        ScaleType::F16 => {
-            let mut s = Vec::with_capacity(parts.iter().map(|p| p.scales().len()).sum());
-            for p in parts {
-                if let Scales::F16(b) = p.scales() {
-                    s.extend_from_slice(b);
-                }
-            }
-            Scales::F16(Buffer::from_vec(s))
-        }
-    };
-    // `QuantData::new` checks that values and scales agree in length, which a part with other
-    // scales than `spec` would break.
-    QuantData::new(spec.format, spec.group, Buffer::from_vec(values), scales)
 }
 
 /// Names the tensor in a quantisation error (the quantiser does not know it).

@@ -229,6 +229,37 @@ impl QuantData {
         })
     }
 
+    /// `parts`, all quantised with `spec`, laid end to end in one owned buffer.
+    pub fn concat(parts: &[QuantData], spec: QuantSpec) -> Result<Self> {
+        let mut values = Vec::with_capacity(parts.iter().map(|p| p.values.len()).sum());
+        for p in parts {
+            values.extend_from_slice(&p.values);
+        }
+        let n = parts.iter().map(|p| p.scales.len()).sum();
+        let scales = match spec.scales {
+            ScaleType::F32 => {
+                let mut s = Vec::with_capacity(n);
+                // A part with other scales is left out; `new` then rejects the lengths.
+                parts.iter().for_each(|p| {
+                    if let Scales::F32(b) = &p.scales {
+                        s.extend_from_slice(b)
+                    }
+                });
+                Scales::F32(Buffer::from_vec(s))
+            }
+            ScaleType::F16 => {
+                let mut s = Vec::with_capacity(n);
+                parts.iter().for_each(|p| {
+                    if let Scales::F16(b) = &p.scales {
+                        s.extend_from_slice(b)
+                    }
+                });
+                Scales::F16(Buffer::from_vec(s))
+            }
+        };
+        QuantData::new(spec.format, spec.group, Buffer::from_vec(values), scales)
+    }
+
     /// The integer format.
     pub fn format(&self) -> QuantFormat {
         self.format
@@ -316,21 +347,35 @@ impl QuantData {
     }
 }
 
-/// Quantises rows of `values` (`[rows, in_features]` row-major) with `spec`.
+/// Quantises rows of `values` (`[rows, in_features]` row-major) with `spec`. Blocks of rows are
+/// quantised in parallel; every group is independent, so the result does not depend on the split.
 ///
 /// Errors when the spec does not fit `in_features`, or a value is not finite.
 pub fn quantize(values: &[f32], in_features: usize, spec: QuantSpec) -> Result<QuantData> {
+    use rayon::prelude::*;
     spec.check(in_features)?;
     let g = spec.group;
-    let qmax = spec.format.qmax();
-    let groups = values.len() / g;
     if !values.len().is_multiple_of(g) {
         return Err(Error::Quant(format!(
             "{} values are not whole groups of {g}",
             values.len()
         )));
     }
-    let mut scales = Vec::with_capacity(groups);
+    // Blocks of about 256K elements (whole groups): large enough to amortise a task.
+    let block = ((1usize << 18) / g).max(1) * g;
+    let parts = values
+        .par_chunks(block)
+        .enumerate()
+        .map(|(b, chunk)| quantize_block(chunk, b * block, spec))
+        .collect::<Result<Vec<_>>>()?;
+    QuantData::concat(&parts, spec)
+}
+
+/// [`quantize`] of whole groups on one thread; `first` is the index of `values[0]` (for errors).
+fn quantize_block(values: &[f32], first: usize, spec: QuantSpec) -> Result<QuantData> {
+    let g = spec.group;
+    let qmax = spec.format.qmax();
+    let mut scales = Vec::with_capacity(values.len() / g);
     let mut q = vec![0i8; values.len()];
     for (gi, (src, dst)) in values.chunks_exact(g).zip(q.chunks_exact_mut(g)).enumerate() {
         let mut amax = 0f32;
@@ -338,7 +383,7 @@ pub fn quantize(values: &[f32], in_features: usize, spec: QuantSpec) -> Result<Q
             if !v.is_finite() {
                 return Err(Error::Quant(format!(
                     "value {v} at element {} cannot be quantised",
-                    gi * g + i
+                    first + gi * g + i
                 )));
             }
             amax = amax.max(v.abs());

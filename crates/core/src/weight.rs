@@ -323,12 +323,17 @@ impl BatchedWeight {
     ///
     /// Errors when `spec` does not fit the input width or a value is not finite.
     pub fn quantized(&self, spec: QuantSpec) -> Result<Self> {
-        let mut values = Vec::with_capacity(self.data.len());
-        for e in 0..self.batch {
-            values.extend(self.get(e).to_f32_out_in());
-        }
+        spec.check(self.in_features)?;
+        // One matrix at a time: only one is ever widened to f32 (Scout's expert tensors are
+        // 5 GB each in f32).
+        let parts = (0..self.batch)
+            .map(|e| match self.get(e).quantized(spec)?.data {
+                WeightData::Quant(q) => Ok(*q),
+                _ => unreachable!("Weight::quantized returns quantised data"),
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(BatchedWeight {
-            data: WeightData::Quant(Box::new(quant::quantize(&values, self.in_features, spec)?)),
+            data: WeightData::Quant(Box::new(QuantData::concat(&parts, spec)?)),
             batch: self.batch,
             in_features: self.in_features,
             out_features: self.out_features,

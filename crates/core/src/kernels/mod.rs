@@ -263,6 +263,16 @@ fn linear_with(
     Ok(())
 }
 
+/// Tasks for a call of `work` multiply-adds: one below [`linear::MIN_PARALLEL_WORK`] (forking
+/// costs more than it saves), else one per pool thread.
+fn default_tasks(work: usize) -> usize {
+    if work < linear::MIN_PARALLEL_WORK {
+        1
+    } else {
+        crate::pool::threads()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_linear<E: Elem>(
     isa: Isa,
@@ -285,13 +295,7 @@ fn run_linear<E: Elem>(
         layout,
         y: SyncPtr(y.as_mut_ptr()),
     };
-    let tasks = tasks.unwrap_or_else(|| {
-        if t * k * n < linear::MIN_PARALLEL_WORK {
-            1
-        } else {
-            crate::pool::threads()
-        }
-    });
+    let tasks = tasks.unwrap_or_else(|| default_tasks(t * k * n));
     if tasks > 1 && t <= linear::SMALL_T && layout == Layout::InOut {
         return split_rows(isa, tasks, &job, y);
     }

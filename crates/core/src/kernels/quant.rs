@@ -28,8 +28,6 @@ use crate::quant::{quantize_activations, QuantData, QuantFormat, Scales};
 #[path = "quant_x86.rs"]
 mod x86;
 
-/// Below this many multiply-adds a call runs on the calling thread.
-const MIN_PARALLEL_WORK: usize = 1 << 17;
 /// Tokens per pass of the row kernel in prefill (its register tile holds this many tokens).
 const PREFILL_T: usize = 4;
 /// Weight bytes per prefill chunk: it stays in L2 while every token block passes over it.
@@ -245,13 +243,7 @@ pub(super) fn linear(
         groups: k / w.group(),
         q4: w.format() == QuantFormat::Q4,
     };
-    let tasks = tasks.unwrap_or_else(|| {
-        if t * k * n < MIN_PARALLEL_WORK {
-            1
-        } else {
-            crate::pool::threads()
-        }
-    });
+    let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
     let per = n.div_ceil(tasks.max(1)).max(1);
     let count = n.div_ceil(per);
     let yp = SyncPtr(y.as_mut_ptr());
