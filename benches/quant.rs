@@ -2,6 +2,8 @@
 //! reported as weight bytes — values plus scales — per second) and prefill (T = 128, reported
 //! as flops per second, `2 · T · in · out`).
 //!
+//! `quant_tokens` measures prefill at one expert's shape for 4 to 64 tokens.
+//!
 //! `cargo bench --bench quant` (add a filter such as `decode` to run one group);
 //! `LLAMA4_KERNEL=avx2|portable` measures another path.
 
@@ -10,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use llama4_core::kernels;
-use llama4_core::{DType, QuantFormat, QuantSpec, Weight};
+use llama4_core::{DType, Layout, QuantFormat, QuantSpec, Weight};
 use ndarray::Array2;
 
 /// Deterministic values in [-0.5, 0.5) (an LCG; the contents do not affect speed).
@@ -54,7 +56,7 @@ fn kinds() -> Vec<(String, Option<QuantSpec>)> {
 fn build(src: &Weight, spec: Option<QuantSpec>) -> Weight {
     match spec {
         // A fresh copy each time: distinct memory for every ring entry.
-        None => src.converted(DType::BF16, llama4_core::Layout::OutIn),
+        None => src.converted(DType::BF16, Layout::OutIn),
         Some(spec) => src.quantized(spec).unwrap(),
     }
 }
@@ -124,5 +126,53 @@ fn prefill(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, prefill);
+/// Prefill at the shape of one bench-mid expert (`gate_up`, 2048 × 1024) for the token counts
+/// routing gives an expert in a 512-token prompt: where the row and tile kernels cross over.
+fn tokens(c: &mut Criterion) {
+    let mut g = c.benchmark_group("quant_tokens");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let (n, k) = (2048, 1024);
+    let src = Weight::from_out_in(
+        Array2::from_shape_vec((n, k), values(n * k, 1)).unwrap().view(),
+        DType::F32,
+    );
+    let mut variants: Vec<(String, Option<QuantSpec>, Layout)> = kinds()
+        .into_iter()
+        .filter(|(name, _)| !name.ends_with("g128"))
+        .map(|(name, spec)| (name, spec, Layout::OutIn))
+        .collect();
+    // Float experts are stored `[in, out]` in Llama 4 checkpoints.
+    variants.push(("bf16_inout".into(), None, Layout::InOut));
+    for (name, spec, layout) in variants {
+        let build = |src: &Weight, spec| match spec {
+            None => src.converted(DType::BF16, layout),
+            spec => build(src, spec),
+        };
+        // A model's prefill reads each expert from memory once: the `cold` runs cycle through
+        // a ring of copies larger than the L3, the others reuse one copy that stays in cache.
+        let ring: Vec<Weight> = (0..RING_BYTES.div_ceil(build(&src, spec).nbytes()))
+            .map(|_| build(&src, spec))
+            .collect();
+        let mut next = 0;
+        for t in [4, 8, 12, 15, 16, 20, 30, 32, 64] {
+            let x = Array2::from_shape_vec((t, k), values(t * k, 3)).unwrap();
+            let mut y = Array2::zeros((t, n));
+            g.throughput(Throughput::Elements((2 * t * k * n) as u64));
+            g.bench_function(format!("{name}_t{t}"), |b| {
+                b.iter(|| kernels::linear_into(black_box(x.view()), &ring[0], y.view_mut()).unwrap())
+            });
+            g.bench_function(format!("{name}_t{t}_cold"), |b| {
+                b.iter(|| {
+                    next = (next + 1) % ring.len();
+                    kernels::linear_into(black_box(x.view()), &ring[next], y.view_mut()).unwrap()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, prefill, tokens);
 criterion_main!(benches);

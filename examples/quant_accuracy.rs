@@ -15,12 +15,22 @@
 //! the relative logit error, `max |Δ| / max |ref|` and `rms(Δ) / rms(ref)` over all positions
 //! and vocabulary entries, and the greedy agreement: the fraction of positions whose argmax
 //! equals the reference's.
+//!
+//! It also records every routing decision (a wrapper around each layer's Llama 4 router) and
+//! reports the routing agreement: the fraction of (layer, position) pairs whose chosen expert
+//! equals the reference's, overall and in the first and last MoE layers. Perturbations that
+//! flip a top-1 choice send a token through a different expert, which changes its hidden state
+//! far more than the quantisation error itself. To measure how much, each variant runs a second
+//! time with every token sent to the expert the reference chose (see `Recording`): the error
+//! left is the quantisation's own.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_model::{Logits, Session, TextModel};
+use moe_router::{Llama4Router, Router, Routing};
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
 type Error = Box<dyn std::error::Error>;
@@ -70,9 +80,60 @@ fn parse_args() -> Result<Args, Error> {
 struct Run {
     prefill: Array2<f32>,
     decode: Array2<f32>,
+    /// Per MoE layer, the expert chosen for every position in order (top-1).
+    routes: Vec<Vec<u32>>,
     load_s: f64,
     run_s: f64,
     weight_bytes: usize,
+}
+
+/// A router that delegates to the Llama 4 router and appends each token's own choice to a log.
+/// With `replay`, it routes every token to the expert the reference chose at that position
+/// instead (weighted by the sigmoid of its own logit for that expert, as Llama 4 weights its
+/// choice), which separates the error quantisation causes directly from the error of tokens
+/// sent through a different expert.
+#[derive(Debug)]
+struct Recording {
+    inner: Llama4Router,
+    log: Arc<Mutex<Vec<u32>>>,
+    replay: Option<Vec<u32>>,
+}
+
+impl Router for Recording {
+    fn num_experts(&self) -> usize {
+        self.inner.num_experts()
+    }
+    fn top_k(&self) -> usize {
+        self.inner.top_k()
+    }
+    fn hidden_size(&self) -> usize {
+        self.inner.hidden_size()
+    }
+    fn route(&self, x: ArrayView2<f32>) -> moe_router::Result<Routing> {
+        let logits = self.inner.logits(x)?;
+        let own = moe_router::sigmoid_top_k(logits.view(), 1)?;
+        // A poisoned log only loses the record; `routing_agreement` then sees a short log.
+        let Ok(mut log) = self.log.lock() else {
+            return Ok(own);
+        };
+        let start = log.len();
+        log.extend_from_slice(own.experts());
+        match &self.replay {
+            Some(replay) if replay.len() >= log.len() => {
+                let experts = replay[start..log.len()].to_vec();
+                let weights = experts
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &e)| moe_router::sigmoid(logits[[t, e as usize]]))
+                    .collect();
+                Routing::new(own.num_experts(), 1, experts, weights)
+            }
+            _ => Ok(own),
+        }
+    }
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
 }
 
 /// Prefills `prompt`, then feeds `forced` one token per step (or, when `forced` is empty, the
@@ -130,20 +191,60 @@ fn compare(got: ArrayView2<f32>, reference: ArrayView2<f32>) -> (f64, f64, f64) 
     )
 }
 
+/// Fractions of routing decisions equal to the reference's: over all layers, in the first MoE
+/// layer, in the last.
+fn routing_agreement(got: &[Vec<u32>], reference: &[Vec<u32>]) -> (f64, f64, f64) {
+    let agree = |g: &[u32], r: &[u32]| (g.iter().zip(r).filter(|(a, b)| a == b).count(), r.len().max(1));
+    let (mut same, mut total) = (0, 0);
+    for (g, r) in got.iter().zip(reference) {
+        let (s, t) = agree(g, r);
+        same += s;
+        total += t;
+    }
+    let frac = |(s, t): (usize, usize)| s as f64 / t as f64;
+    let layer = |i: Option<usize>| i.map_or(0.0, |i| frac(agree(&got[i], &reference[i])));
+    (
+        same as f64 / total.max(1) as f64,
+        layer((!got.is_empty()).then_some(0)),
+        layer(got.len().checked_sub(1)),
+    )
+}
+
 fn load_and_run(
     args: &Args,
     policy: Option<QuantPolicy>,
     prompt: &[u32],
     forced: &[u32],
+    replay: Option<&[Vec<u32>]>,
 ) -> Result<Run, Error> {
     let started = Instant::now();
-    let model = TextModel::load_with_quantization(&args.model, policy)?;
+    let mut model = TextModel::load_with_quantization(&args.model, policy)?;
     let load_s = started.elapsed().as_secs_f64();
+    let cfg = llama4_model::ModelConfig::from_dir(&args.model)?;
+    // The router weights are never quantised; a second map of the files reads them as stored.
+    let ckpt = llama4_core::Checkpoint::open(&args.model)?;
+    let mut logs = Vec::new();
+    model.replace_routers(|layer, moe| {
+        let scope = ckpt.scope(&format!(
+            "{}model.layers.{layer}.feed_forward.router",
+            cfg.text_prefix
+        ));
+        let inner = Llama4Router::load(&scope, cfg.text.hidden_size, moe.router().num_experts(), 1)?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        logs.push(log.clone());
+        let replay = replay.and_then(|r| r.get(logs.len() - 1)).cloned();
+        Ok(Box::new(Recording { inner, log, replay }))
+    })?;
     let started = Instant::now();
     let (prefill, decode) = run(&model, prompt, forced, args.steps)?;
+    let routes = logs
+        .iter()
+        .map(|l| l.lock().map(|v| v.clone()).map_err(|_| "routing log poisoned"))
+        .collect::<Result<_, _>>()?;
     Ok(Run {
         prefill,
         decode,
+        routes,
         load_s,
         run_s: started.elapsed().as_secs_f64(),
         weight_bytes: model.checkpoint().weight_bytes(),
@@ -176,7 +277,7 @@ fn main() -> Result<(), Error> {
         })
         .collect();
 
-    let reference = load_and_run(&args, None, &prompt, &[])?;
+    let reference = load_and_run(&args, None, &prompt, &[], None)?;
     // The reference's own continuation: its greedy choices at the last prompt position and
     // after each decode step.
     let mut forced = vec![argmax(reference.prefill.row(args.prompt_len - 1))];
@@ -198,16 +299,26 @@ fn main() -> Result<(), Error> {
         (reference.decode.iter().map(|v| (v * v) as f64).sum::<f64>() / reference.decode.len() as f64).sqrt()
     );
     println!();
-    println!("| variant | weights MB | load s | prefill max rel | prefill rms rel | prefill argmax agree | decode max rel | decode rms rel | greedy agreement ({} steps) |", args.steps);
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| variant | weights MB | load s | prefill max rel | prefill rms rel | prefill argmax agree | decode \
+         max rel | decode rms rel | greedy agreement ({} steps) | routing agreement: all / first MoE layer / \
+         last | with the reference's routing: decode rms rel, greedy agreement |",
+        args.steps
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for scope in [QuantScope::Experts, QuantScope::AllLinear] {
         for format in [QuantFormat::Q8, QuantFormat::Q4] {
             let spec = QuantSpec::new(format, args.group).with_scales(args.scales);
-            let r = load_and_run(&args, Some(QuantPolicy::new(spec, scope)), &prompt, &forced)?;
+            let policy = Some(QuantPolicy::new(spec, scope));
+            let r = load_and_run(&args, policy, &prompt, &forced, None)?;
+            let replayed = load_and_run(&args, policy, &prompt, &forced, Some(&reference.routes))?;
+            let (_, rr, ra) = compare(replayed.decode.view(), reference.decode.view());
             let (pm, pr, pa) = compare(r.prefill.view(), reference.prefill.view());
             let (dm, dr, da) = compare(r.decode.view(), reference.decode.view());
+            let (all, first, last) = routing_agreement(&r.routes, &reference.routes);
             println!(
-                "| {} {} g{} {} | {:.1} | {:.1} | {pm:.4} | {pr:.4} | {:.1}% | {dm:.4} | {dr:.4} | {:.1}% |",
+                "| {} {} g{} {} | {:.1} | {:.1} | {pm:.4} | {pr:.4} | {:.1}% | {dm:.4} | {dr:.4} | {:.1}% | \
+                 {:.1}% / {:.1}% / {:.1}% | {rr:.4}, {:.1}% |",
                 format.name(),
                 scope.name(),
                 args.group,
@@ -215,7 +326,11 @@ fn main() -> Result<(), Error> {
                 r.weight_bytes as f64 / 1e6,
                 r.load_s,
                 pa * 100.0,
-                da * 100.0
+                da * 100.0,
+                all * 100.0,
+                first * 100.0,
+                last * 100.0,
+                ra * 100.0
             );
         }
     }

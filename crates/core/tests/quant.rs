@@ -180,7 +180,7 @@ proptest::proptest! {
         format in proptest::sample::select(vec![QuantFormat::Q8, QuantFormat::Q4]),
         scales in proptest::sample::select(vec![ScaleType::F32, ScaleType::F16]),
         group in proptest::sample::select(vec![32usize, 64, 128]),
-        t in proptest::prop_oneof![1usize..=3, 4usize..=20],
+        t in proptest::prop_oneof![1usize..=3, 4usize..=40],
         half_n in 0usize..40,
         k_mult in 1usize..=18,
         seed in proptest::prelude::any::<u64>(),
@@ -198,6 +198,7 @@ fn large_shapes_and_other_groups_match_reference() {
         (1, 4096, 33, 32),
         (3, 2048, 17, 256),
         (9, 1024, 300, 128),
+        (37, 1024, 300, 64),
         (5, 960, 7, 96),
     ] {
         for format in [QuantFormat::Q8, QuantFormat::Q4] {

@@ -6,14 +6,18 @@
 //! product times two scales.
 //!
 //! # Paths
-//! - [`Isa::Avx512`] on a CPU with AVX-512 VNNI: `vpdpbusd` row kernels (`quant_x86.rs`).
+//! - [`Isa::Avx512`] on a CPU with AVX-512 VNNI: `vpdpbusd` row kernels (`quant_x86.rs`), and
+//!   for prefill a tile kernel with one token per vector lane.
 //! - [`Isa::Avx2`], and `Avx512` without VNNI: `vpmaddubsw` / `vpmaddwd` row kernels.
 //! - [`Isa::Portable`], and group sizes that are not powers of two (the SIMD kernels map whole
 //!   vector lanes to groups): scalar integer dots.
 //!
 //! Decode (`t ≤ 3`) streams every weight row once for all tokens, with software prefetch ahead
-//! of the read. Prefill streams an L2-sized chunk of rows once per block of
-//! [`PREFILL_T`] tokens, so the weight comes from memory once per call.
+//! of the read. Prefill streams an L2-sized chunk of rows once and passes every token over it:
+//! on VNNI in tiles of up to 16 tokens ([`TileActs`]), elsewhere (and for the few tokens left
+//! over after whole tiles) in blocks of [`PREFILL_T`] tokens through the row kernel. The row
+//! kernel reduces each row's lanes to group sums with permutes; the tile kernel needs no lane
+//! reduction, since lanes are tokens, and broadcasts each 4 weight bytes to all of them.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -36,6 +40,14 @@ const CHUNK_BYTES: usize = 256 << 10;
 /// scale rows to a multiple of [`GROUP_PAD`] groups, with zeros: kernels read whole vectors.
 const ELEM_PAD: usize = 128;
 const GROUP_PAD: usize = 16;
+/// Lanes of the VNNI prefill kernel's vectors (i32 in 512 bits): one token each.
+const LANES: usize = 16;
+/// Output rows the VNNI tile kernel holds in registers (two accumulators each).
+pub(crate) const TILE_ROWS: usize = 8;
+/// Fewest tokens worth a tile of their own (q8, q4): a tile costs the same however few of its
+/// lanes hold tokens, the row kernel costs per token. Crossovers measured at an expert's shape
+/// with `cargo bench --bench quant -- tokens`.
+const TILE_MIN_T: [usize; 2] = [7, 11];
 
 /// The kernel family a call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +100,110 @@ thread_local! {
     static ACT: Cell<Scratch> = const {
         Cell::new(Scratch { q: Vec::new(), s: Vec::new(), corr: Vec::new(), row: Vec::new() })
     };
+    static TILES: Cell<TileScratch> = const {
+        Cell::new(TileScratch { x: Vec::new(), s: Vec::new(), corr: Vec::new() })
+    };
+}
+
+/// Per-thread storage of [`TileActs`], reused across calls.
+#[derive(Default)]
+struct TileScratch {
+    x: Vec<i8>,
+    s: Vec<f32>,
+    corr: Vec<i32>,
+}
+
+/// Quantised activations re-laid for the VNNI tile kernel, in tiles of [`LANES`] lanes.
+///
+/// q4 (the weight nibble is the unsigned operand): 16 tokens per tile; per tile, `x` holds
+/// `k / 8` steps of `[even, odd][16 lanes][4 bytes]` (a step is the 8 elements whose nibbles
+/// are 4 weight bytes: elements `8s, 8s + 2, ..` then `8s + 1, 8s + 3, ..`), `s` and `corr`
+/// are `[groups][16 lanes]`.
+///
+/// q8: the weight is the signed operand, so it can be broadcast straight from memory, and the
+/// activations carry the bias: `q + 128` as unsigned bytes. 15 tokens per tile; lane 15 holds
+/// 128 in every byte, so its sum is `128 · Σ w` of the group, the correction every lane
+/// subtracts. `x` holds `k / 4` steps of `[16 lanes][4 bytes]`; `corr` is unused.
+///
+/// Lanes past the last token are zero (bias included), so they add nothing.
+pub(crate) struct TileActs<'a> {
+    x: &'a [i8],
+    s: &'a [f32],
+    corr: &'a [i32],
+    /// Bytes of `x` per tile (`16 · k`).
+    tile_bytes: usize,
+    /// Tokens per tile.
+    tokens: usize,
+}
+
+/// Tokens per tile of the VNNI tile kernel (see [`TileActs`]).
+fn tile_tokens(q4: bool) -> usize {
+    if q4 {
+        LANES
+    } else {
+        LANES - 1
+    }
+}
+
+/// Re-lays `acts` (VNNI layout, `t` tokens) into tiles (see [`TileActs`]).
+fn pack_tiles<'a>(
+    acts: &Acts,
+    t: usize,
+    k: usize,
+    groups: usize,
+    q4: bool,
+    ts: &'a mut TileScratch,
+) -> TileActs<'a> {
+    let tokens = tile_tokens(q4);
+    let tiles = t.div_ceil(tokens);
+    let tile_bytes = LANES * k;
+    ts.x.clear();
+    ts.x.resize(tiles * tile_bytes, 0);
+    ts.s.clear();
+    ts.s.resize(tiles * groups * LANES, 0.0);
+    ts.corr.clear();
+    ts.corr.resize(tiles * groups * LANES, 0);
+    for r in 0..t {
+        let (tile, lane) = (r / tokens, r % tokens);
+        // Whole padded rows: a q4 unit past `k` is still de-interleaved over 128 elements.
+        let src = &acts.q[r * acts.kp..(r + 1) * acts.kp];
+        let dst = &mut ts.x[tile * tile_bytes..(tile + 1) * tile_bytes];
+        if q4 {
+            // Units of 128 elements are de-interleaved: even elements at 0..64, odd at 64..128.
+            for st in 0..k / 8 {
+                let e = (st / 16) * 128 + (st % 16) * 4;
+                let d = (st * 2 * LANES + lane) * 4;
+                dst[d..d + 4].copy_from_slice(&src[e..e + 4]);
+                dst[d + 4 * LANES..d + 4 * LANES + 4].copy_from_slice(&src[e + 64..e + 68]);
+            }
+        } else {
+            for st in 0..k / 4 {
+                let d = (st * LANES + lane) * 4;
+                for (o, &v) in dst[d..d + 4].iter_mut().zip(&src[st * 4..st * 4 + 4]) {
+                    *o = (v as u8 ^ 0x80) as i8;
+                }
+            }
+        }
+        for g in 0..groups {
+            let d = (tile * groups + g) * LANES + lane;
+            ts.s[d] = acts.s[r * acts.gp + g];
+            ts.corr[d] = acts.corr[r * acts.gp + g];
+        }
+    }
+    if !q4 {
+        for tile in ts.x.chunks_exact_mut(tile_bytes) {
+            for st in tile.chunks_exact_mut(4 * LANES) {
+                st[4 * (LANES - 1)..].fill(-128);
+            }
+        }
+    }
+    TileActs {
+        x: &ts.x,
+        s: &ts.s,
+        corr: &ts.corr,
+        tile_bytes,
+        tokens,
+    }
 }
 
 /// Quantised activations of all tokens of a call.
@@ -243,22 +359,110 @@ pub(super) fn linear(
         groups: k / w.group(),
         q4: w.format() == QuantFormat::Q4,
     };
+    // Whole tiles for as many tokens as fill them well; the rest go to the row kernel.
+    let tiled = if path == Path::Vnni {
+        tiled_tokens(t, mat.q4)
+    } else {
+        0
+    };
+    let mut ts = TILES.with(Cell::take);
+    let tiles = (tiled > 0).then(|| pack_tiles(&acts, tiled, k, mat.groups, mat.q4, &mut ts));
     let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
     let per = n.div_ceil(tasks.max(1)).max(1);
     let count = n.div_ceil(per);
     let yp = SyncPtr(y.as_mut_ptr());
     let run = |i: usize| {
         let (lo, hi) = (i * per, ((i + 1) * per).min(n));
-        // SAFETY: `path` is available (chosen from the available `isa`); `mat` and `acts`
-        // describe `w` and `x` (shapes asserted above); tasks write disjoint rows `lo..hi`.
-        unsafe { run_rows(path, &mat, w, &acts, t, lo, hi, yp.get()) };
+        // SAFETY: `path` is available (chosen from the available `isa`); `mat`, `acts` and
+        // `tiles` describe `w` and `x` (shapes asserted above); tasks write disjoint rows
+        // `lo..hi`.
+        unsafe {
+            match &tiles {
+                Some(ta) => run_tiles(&mat, w, &acts, ta, tiled, t, lo, hi, yp.get()),
+                None => run_rows(path, &mat, w, &acts, t, lo, hi, yp.get()),
+            }
+        };
     };
     if count <= 1 {
         run(0);
     } else {
         crate::pool::run(count, &run);
     }
+    TILES.with(|c| c.set(ts));
     ACT.with(|c| c.set(sc));
+}
+
+/// How many of `t` tokens the VNNI tile kernel takes: whole tiles, plus a last partial one
+/// when it has at least [`TILE_MIN_T`] tokens (fewer leave too many lanes idle; the row
+/// kernel takes them).
+fn tiled_tokens(t: usize, q4: bool) -> usize {
+    let tokens = tile_tokens(q4);
+    let whole = t / tokens * tokens;
+    if t - whole >= TILE_MIN_T[q4 as usize] {
+        t
+    } else {
+        whole
+    }
+}
+
+/// Output rows `lo..hi` of every token: the first `tiled` tokens with the VNNI tile kernel,
+/// the rest with the row kernel. An L2-sized chunk of rows is read from memory once and then
+/// passed by every tile and token block.
+///
+/// # Safety
+/// As [`x86::tile_vnni`] and [`x86::rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_tiles(
+    m: &Mat,
+    w: &QuantData,
+    acts: &Acts,
+    ta: &TileActs,
+    tiled: usize,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    let row_bytes = w.format().value_bytes(m.k).max(1);
+    let chunk = (CHUNK_BYTES / row_bytes).max(TILE_ROWS);
+    let mut c0 = lo;
+    while c0 < hi {
+        let c1 = (c0 + chunk).min(hi);
+        for tile in 0..tiled.div_ceil(ta.tokens) {
+            let tt = ta.tokens.min(tiled - tile * ta.tokens);
+            let mut o = c0;
+            while o < c1 {
+                let rows = TILE_ROWS.min(c1 - o);
+                x86::tile_vnni(m, ta, tile, tt, o, rows, y);
+                o += rows;
+            }
+        }
+        let mut r0 = tiled;
+        while r0 < t {
+            let tt = PREFILL_T.min(t - r0);
+            x86::rows_vnni(m, acts, r0, tt, c0, c1, y);
+            r0 += tt;
+        }
+        c0 = c1;
+    }
+}
+
+/// Never called: the tile path is chosen only with VNNI, which only x86-64 has.
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_tiles(
+    _: &Mat,
+    _: &QuantData,
+    _: &Acts,
+    _: &TileActs,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    _: *mut f32,
+) {
+    unreachable!("the VNNI tile path exists only on x86-64")
 }
 
 /// A SIMD row kernel: `(weight, activations, first token, tokens, lo, hi, y)`.

@@ -24,7 +24,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Acts, Mat, MatScales};
+use super::{Acts, Mat, MatScales, TileActs, TILE_ROWS};
 
 /// Bytes ahead of the current read that the row kernels prefetch: the hardware prefetcher
 /// stops at 4 KiB page boundaries, which a q8 row of 4096 reaches every row.
@@ -565,4 +565,115 @@ pub(super) unsafe fn rows_avx2(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usiz
         };
     }
     go!(1, 2, 3, 4)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI token tiles (prefill)
+// ---------------------------------------------------------------------------------------------
+
+/// `R` output rows of one tile of tokens (`tt` of them real) with AVX-512 VNNI, tokens in
+/// lanes: each step broadcasts 4 weight bytes of a row to every lane and multiply-adds them
+/// with the 4 activation bytes of each token, so no lane reduction is needed and one
+/// activation vector serves all `R` rows. Integer sums are closed per group (corrected for the
+/// unsigned operand's bias, scaled by `s_w · s_x`) into f32 accumulators.
+///
+/// q8 broadcasts the signed weight bytes straight from memory (`vpdpbusd`'s signed operand
+/// takes a broadcast); the bias sits on the activations and lane 15 sums it (see
+/// [`TileActs`]). q4 unpacks the nibbles in registers, so the weight is the unsigned operand.
+///
+/// Rows `o0..o0 + rows` are written (`1 ≤ rows ≤ R`); the kernel computes `R` rows, repeating
+/// the last real one, so tails need no other code.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn tile512<const R: usize, const Q4: bool>(
+    m: &Mat,
+    ta: &TileActs,
+    tile: usize,
+    tt: usize,
+    o0: usize,
+    rows: usize,
+    y: *mut f32,
+) {
+    let row_bytes = if Q4 { m.k / 2 } else { m.k };
+    let w: [*const u8; R] = std::array::from_fn(|r| m.vals.add((o0 + r.min(rows - 1)) * row_bytes));
+    // A step is 4 weight bytes: 4 elements (q8), or 8 elements as two nibble vectors (q4).
+    let (step_x, spg) = if Q4 { (128, m.group / 8) } else { (64, m.group / 4) };
+    let mut xp = ta.x.as_ptr().add(tile * ta.tile_bytes);
+    let sp = ta.s.as_ptr().add(tile * m.groups * 16);
+    let cp = ta.corr.as_ptr().add(tile * m.groups * 16);
+    let nib = _mm512_set1_epi8(0x0f);
+    let lane15 = _mm512_set1_epi32(15);
+    let mut accf = [_mm512_setzero_ps(); R];
+    let mut off = 0;
+    for gi in 0..m.groups {
+        let mut acc = [_mm512_setzero_si512(); R];
+        for _ in 0..spg {
+            if Q4 {
+                let xe = _mm512_loadu_si512(xp.cast());
+                let xo = _mm512_loadu_si512(xp.add(64).cast());
+                for (a, wr) in acc.iter_mut().zip(w) {
+                    let b = _mm512_set1_epi32(wr.add(off).cast::<i32>().read_unaligned());
+                    let lo = _mm512_and_si512(b, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), nib);
+                    *a = _mm512_dpbusd_epi32(*a, lo, xe);
+                    *a = _mm512_dpbusd_epi32(*a, hi, xo);
+                }
+            } else {
+                let xv = _mm512_loadu_si512(xp.cast());
+                for (a, wr) in acc.iter_mut().zip(w) {
+                    let b = _mm512_set1_epi32(wr.add(off).cast::<i32>().read_unaligned());
+                    *a = _mm512_dpbusd_epi32(*a, xv, b);
+                }
+            }
+            xp = xp.add(step_x);
+            off += 4;
+        }
+        let sx = _mm512_loadu_ps(sp.add(gi * 16));
+        let cx = _mm512_loadu_si512(cp.add(gi * 16).cast());
+        for (r, (f, a)) in accf.iter_mut().zip(acc).enumerate() {
+            let si = (o0 + r.min(rows - 1)) * m.groups + gi;
+            let sw = match m.scales {
+                MatScales::F32(p) => _mm512_set1_ps(*p.add(si)),
+                MatScales::F16(p) => _mm512_cvtph_ps(_mm256_set1_epi16(p.add(si).cast::<i16>().read())),
+            };
+            let corr = if Q4 {
+                cx
+            } else {
+                _mm512_permutexvar_epi32(lane15, a)
+            };
+            let isum = _mm512_sub_epi32(a, corr);
+            *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(sx, sw), *f);
+        }
+    }
+    let mut out = [[0f32; 16]; R];
+    for (o, f) in out.iter_mut().zip(accf) {
+        _mm512_storeu_ps(o.as_mut_ptr(), f);
+    }
+    for lane in 0..tt {
+        let yr = y.add((tile * ta.tokens + lane) * m.n + o0);
+        for (r, o) in out.iter().enumerate().take(rows) {
+            *yr.add(r) = o[lane];
+        }
+    }
+}
+
+/// Output rows `o0..o0 + rows` (`rows ≤ TILE_ROWS`) for the `tt` tokens of tile `tile`.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; `ta` holds the packed activations of the
+/// call whose weight is `m` (see [`TileActs`]); `y` is valid for `t · n` writes and no other
+/// task writes these rows.
+pub(super) unsafe fn tile_vnni(
+    m: &Mat,
+    ta: &TileActs,
+    tile: usize,
+    tt: usize,
+    o0: usize,
+    rows: usize,
+    y: *mut f32,
+) {
+    if m.q4 {
+        tile512::<TILE_ROWS, true>(m, ta, tile, tt, o0, rows, y)
+    } else {
+        tile512::<TILE_ROWS, false>(m, ta, tile, tt, o0, rows, y)
+    }
 }
