@@ -1,6 +1,6 @@
-//! Quantised `linear_into` throughput against bf16: decode (T = 1, bound by memory bandwidth,
-//! reported as weight bytes — values plus scales — per second) and prefill (T = 128, reported
-//! as flops per second, `2 · T · in · out`).
+//! Quantised (int8, int4, fp8) `linear_into` throughput against bf16: decode (T = 1, bound by
+//! memory bandwidth, reported as weight bytes — values plus scales — per second) and prefill
+//! (T = 128, reported as flops per second, `2 · T · in · out`).
 //!
 //! `quant_tokens` measures prefill at one expert's shape for 4 to 64 tokens.
 //!
@@ -36,7 +36,7 @@ const K: usize = 4096;
 /// machines, so every call streams its weight from memory as a decode step over a model does.
 const RING_BYTES: usize = 720 << 20;
 
-/// The weights compared: bf16 and the quantised formats (f32 scales).
+/// The weights compared: bf16, the integer formats (f32 scales) and fp8 (one scale per row).
 fn kinds() -> Vec<(String, Option<QuantSpec>)> {
     let mut v = vec![("bf16".to_string(), None)];
     for (format, group) in [
@@ -50,6 +50,7 @@ fn kinds() -> Vec<(String, Option<QuantSpec>)> {
             Some(QuantSpec::new(format, group)),
         ));
     }
+    v.push(("fp8".to_string(), Some(QuantSpec::fp8())));
     v
 }
 
@@ -65,7 +66,7 @@ fn build(src: &Weight, spec: Option<QuantSpec>) -> Weight {
 fn nbytes(spec: Option<QuantSpec>) -> usize {
     match spec {
         None => N * K * 2,
-        Some(s) => s.format.value_bytes(N * K) + N * K / s.group * 4,
+        Some(s) => s.format.value_bytes(N * K) + N * K / s.group_for(K) * 4,
     }
 }
 

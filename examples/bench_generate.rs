@@ -7,7 +7,7 @@
 //! ```
 //! Options: `--prompt-len N` (512) `--new N` (128) `--runs N` (3) `--cache f32|bf16` (f32, as the
 //! generate example) `--contexts 1024,8192,32768` (decode time per token after a prompt of each
-//! length; empty to skip) `--context-steps N` (16) `--quantize q8|q4` `--quantize-all`
+//! length; empty to skip) `--context-steps N` (16) `--quantize q8|q4|fp8` `--quantize-all`
 //! `--quant-group N` (32): load-time quantisation as in the generate example.
 //!
 //! Each run is `Session::generate` with greedy sampling, the path `generate --json` reports, on
@@ -101,7 +101,7 @@ fn parse_args() -> Result<Args, Error> {
             "--quantize" => {
                 let v = value()?;
                 a.quantize =
-                    Some(QuantFormat::parse(&v).ok_or(format!("--quantize takes q8 or q4, not {v}"))?)
+                    Some(QuantFormat::parse(&v).ok_or(format!("--quantize takes q8, q4 or fp8, not {v}"))?)
             }
             "--quantize-all" => a.quantize_all = true,
             "--quant-group" => a.quant_group = value()?.parse()?,
@@ -162,7 +162,11 @@ fn main() -> Result<(), Error> {
         } else {
             QuantScope::Experts
         };
-        QuantPolicy::new(QuantSpec::new(f, args.quant_group), scope)
+        let spec = match f {
+            QuantFormat::F8E4M3 => QuantSpec::fp8(),
+            f => QuantSpec::new(f, args.quant_group),
+        };
+        QuantPolicy::new(spec, scope)
     });
     let model = TextModel::load_with_quantization(&args.model, policy)?;
     let load_s = t.elapsed().as_secs_f64();

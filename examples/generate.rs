@@ -16,7 +16,8 @@
 //!                      logits that chose generated token r (row 0 comes from the prompt's last position)
 //! --json               print one JSON object as the last line of stdout with prompt_ids, generated_ids,
 //!                      text, prefill_tokens_per_s, decode_tokens_per_s
-//! --quantize q8|q4     quantise weights at load time (int8 / int4, symmetric, one scale per group);
+//! --quantize q8|q4|fp8 quantise weights at load time (int8 / int4, symmetric, one scale per group;
+//!                      or float8 e4m3 with one scale per output row, activations kept f32);
 //!                      by default only the MoE experts; never embeddings, norms, router, vision tower
 //! --quantize-all       with --quantize: also every other projection of the text decoder (attention,
 //!                      shared expert, dense MLP, lm_head)
@@ -68,8 +69,11 @@ struct Args {
 impl Args {
     /// The load-time quantisation asked for.
     fn quant_policy(&self) -> Option<QuantPolicy> {
-        let spec = QuantSpec::new(self.quantize?, self.quant_group.unwrap_or(32))
-            .with_scales(self.quant_scales.unwrap_or(ScaleType::F32));
+        let spec = match self.quantize? {
+            QuantFormat::F8E4M3 => QuantSpec::fp8(),
+            format => QuantSpec::new(format, self.quant_group.unwrap_or(32)),
+        }
+        .with_scales(self.quant_scales.unwrap_or(ScaleType::F32));
         let scope = if self.quantize_all {
             QuantScope::AllLinear
         } else {
@@ -116,7 +120,7 @@ fn parse_args() -> Result<Args, String> {
                 let name: String = value(&flag, it.next())?;
                 a.quantize = Some(
                     QuantFormat::parse(&name)
-                        .ok_or_else(|| format!("--quantize takes q8 or q4, not `{name}`"))?,
+                        .ok_or_else(|| format!("--quantize takes q8, q4 or fp8, not `{name}`"))?,
                 );
             }
             "--quantize-all" => a.quantize_all = true,
@@ -154,11 +158,18 @@ fn parse_args() -> Result<Args, String> {
             || a.save_quantized.is_some())
     {
         return Err(
-            "--quantize-all, --quant-group, --quant-scales and --save-quantized need --quantize q8|q4".into(),
+            "--quantize-all, --quant-group, --quant-scales and --save-quantized need --quantize q8|q4|fp8"
+                .into(),
         );
     }
+    if a.quantize == Some(QuantFormat::F8E4M3) && a.quant_group.is_some() {
+        return Err("--quant-group does not apply to fp8 (one scale per output row)".into());
+    }
     if let Some(policy) = a.quant_policy() {
-        policy.spec.check(0).map_err(|e| format!("--quant-group: {e}"))?;
+        policy
+            .spec
+            .check_group()
+            .map_err(|e| format!("--quant-group: {e}"))?;
     }
     Ok(a)
 }
@@ -181,12 +192,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         let summary = quantize_checkpoint(&dir, out, p).map_err(|e| quant_error(e, p))?;
         eprintln!(
-            "saved {}: {} tensors quantised ({} {} group {}, {} scales), {} copied, {:.2} MB → {:.2} MB in {:.1} s",
+            "saved {}: {} tensors quantised ({} {} {}, {} scales), {} copied, {:.2} MB → {:.2} MB in {:.1} s",
             summary.path.display(),
             summary.quantized,
             p.scope.name(),
             p.spec.format.name(),
-            p.spec.group,
+            group_label(&p.spec),
             p.spec.scales.name(),
             summary.copied,
             summary.bytes_in as f64 / 1e6,
@@ -386,10 +397,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             load_time.as_secs_f64() * 1e3,
             match policy {
                 Some(p) if quantized > 0 => format!(
-                    " ({} {} group {}, {} scales, at load time)",
+                    " ({} {} {}, {} scales, at load time)",
                     p.scope.name(),
                     p.spec.format.name(),
-                    p.spec.group,
+                    group_label(&p.spec),
                     p.spec.scales.name()
                 ),
                 None if quantized > 0 => " (stored quantised)".to_string(),
@@ -449,4 +460,12 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// How a spec groups its scales, for messages: `group N`, or one scale per row for fp8.
+fn group_label(spec: &QuantSpec) -> String {
+    match spec.format {
+        QuantFormat::F8E4M3 => "one scale per row".to_string(),
+        _ => format!("group {}", spec.group),
+    }
 }

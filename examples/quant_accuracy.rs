@@ -9,7 +9,7 @@
 //!
 //! The stored-dtype model (bf16 for bench-mid) is the reference: it prefills a prompt of
 //! `--prompt-len` pseudo-random token ids and greedily continues for `--steps` decode steps.
-//! Each quantised variant (q8 and q4, experts only and all linear weights) then prefills the same
+//! Each quantised variant (q8, q4 and fp8, experts only and all linear weights) then prefills the same
 //! prompt and is fed the reference's own continuation (teacher forcing, so every position sees
 //! the same context). Per phase (prefill: every prompt position; decode: every step) it reports
 //! the relative logit error, `max |Δ| / max |ref|` and `rms(Δ) / rms(ref)` over all positions
@@ -307,8 +307,12 @@ fn main() -> Result<(), Error> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for scope in [QuantScope::Experts, QuantScope::AllLinear] {
-        for format in [QuantFormat::Q8, QuantFormat::Q4] {
-            let spec = QuantSpec::new(format, args.group).with_scales(args.scales);
+        for format in [QuantFormat::Q8, QuantFormat::Q4, QuantFormat::F8E4M3] {
+            let (spec, group) = match format {
+                QuantFormat::F8E4M3 => (QuantSpec::fp8(), "row".to_string()),
+                _ => (QuantSpec::new(format, args.group), format!("g{}", args.group)),
+            };
+            let spec = spec.with_scales(args.scales);
             let policy = Some(QuantPolicy::new(spec, scope));
             let r = load_and_run(&args, policy, &prompt, &forced, None)?;
             let replayed = load_and_run(&args, policy, &prompt, &forced, Some(&reference.routes))?;
@@ -317,11 +321,10 @@ fn main() -> Result<(), Error> {
             let (dm, dr, da) = compare(r.decode.view(), reference.decode.view());
             let (all, first, last) = routing_agreement(&r.routes, &reference.routes);
             println!(
-                "| {} {} g{} {} | {:.1} | {:.1} | {pm:.4} | {pr:.4} | {:.1}% | {dm:.4} | {dr:.4} | {:.1}% | \
+                "| {} {} {group} {} | {:.1} | {:.1} | {pm:.4} | {pr:.4} | {:.1}% | {dm:.4} | {dr:.4} | {:.1}% | \
                  {:.1}% / {:.1}% / {:.1}% | {rr:.4}, {:.1}% |",
                 format.name(),
                 scope.name(),
-                args.group,
                 args.scales.name(),
                 r.weight_bytes as f64 / 1e6,
                 r.load_s,

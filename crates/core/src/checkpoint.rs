@@ -11,6 +11,16 @@
 //! A [`QuantPolicy`] set with [`Checkpoint::set_quantization`] quantises the float weights it
 //! selects as they are looked up, so layer code does not change. Weights stored quantised are
 //! used as stored: they are never requantised, whatever the policy says.
+//!
+//! # fp8 checkpoints
+//! Meta's FP8 checkpoints (transformers' `fbgemm_fp8`) store a converted weight `N` as
+//! `F8_E4M3` with a sibling `N_scale` holding one scale per output: `[out, 1]` for an
+//! `nn.Linear` weight `[out, in]`, `[E, 1, out]` or `[E, out, 1]` for an expert tensor
+//! `[E, in, out]`. A look-up that finds `N` stored as `F8_E4M3` returns an fp8 [`QuantData`]
+//! (see [`crate::quant`]): an `[out, in]` weight borrows the map; an `[in, out]` one is
+//! transposed once, one matrix at a time, into owned bytes (1 byte per weight). Scales may be
+//! F32 (as fbgemm writes them), BF16 or F16; fp8 is recognised by dtype, whatever the config's
+//! module lists say.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -20,7 +30,7 @@ use ndarray::{Array1, ArrayD, IxDyn};
 use serde_json::Value;
 
 use crate::quant::{QuantData, QuantFormat, QuantPolicy, QuantSpec, QuantTarget, ScaleType, Scales};
-use crate::quant::{METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
+use crate::quant::{FP8_SCALE_SUFFIX, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
 use crate::{BatchedWeight, DType, Error, Layout, Result, Weight, WeightData};
 
@@ -280,8 +290,9 @@ impl Checkpoint {
 
     /// The stored quantisation of `name` (from `name.qweight` and `name.qscale`), checked
     /// against the file's metadata and against `lead` batch dimensions of `out × in` matrices:
-    /// `qweight` must be `lead + [out, in]` I8 (q8) or `lead + [out, in / 2]` U8 (q4), `qscale`
-    /// `lead + [out, in / group]` in the metadata's scale type.
+    /// `qweight` must be `lead + [out, in]` I8 (q8), `lead + [out, in / 2]` U8 (q4) or
+    /// `lead + [out, in]` F8_E4M3 (fp8), `qscale` `lead + [out, in / group]` in the metadata's
+    /// scale type.
     ///
     /// # Errors
     /// [`Error::MissingTensor`] naming `name.qweight` or `name.qscale` when one is absent,
@@ -308,11 +319,9 @@ impl Checkpoint {
             }
         }
         spec.check(inp).map_err(|e| bad(path, e.to_string()))?;
+        let group = spec.group_for(inp);
         let (want_w, want_s) = (
-            match spec.format {
-                QuantFormat::Q8 => "I8",
-                QuantFormat::Q4 => "U8",
-            },
+            spec.format.safetensors_dtype(),
             match spec.scales {
                 ScaleType::F32 => "F32",
                 ScaleType::F16 => "F16",
@@ -333,7 +342,7 @@ impl Checkpoint {
         let shape = |last: usize| lead.iter().copied().chain([out, last]).collect::<Vec<_>>();
         let checks = [
             (&qw, wfile, winfo, shape(spec.format.value_bytes(inp))),
-            (&qs, sfile, sinfo, shape(inp / spec.group)),
+            (&qs, sfile, sinfo, shape(inp / group)),
         ];
         for (tensor, file, info, expected) in checks {
             if info.shape != expected {
@@ -351,7 +360,91 @@ impl Checkpoint {
             WeightData::F16(b) => Scales::F16(b),
             _ => return Err(bad(sfile.path(), format!("`{qs}` is not F32 or F16"))),
         };
-        QuantData::new(spec.format, spec.group, values, scales).map_err(|e| bad(path, e.to_string()))
+        QuantData::new(spec.format, group, values, scales).map_err(|e| bad(path, e.to_string()))
+    }
+
+    /// The fp8 weight `name` (see the module doc) when it is stored as `F8_E4M3`; `None` when it
+    /// is absent or stored otherwise. `lead` batch dimensions of `out × in` matrices stored in
+    /// `layout` order; the result is `[.., out, in]`.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] naming the tensor or its scales when a shape is wrong,
+    /// [`Error::QuantTensor`] when the scales are absent or of a dtype other than F32, BF16 or F16.
+    fn stored_fp8(
+        &self,
+        name: &str,
+        lead: &[usize],
+        out: usize,
+        inp: usize,
+        layout: Layout,
+    ) -> Result<Option<QuantData>> {
+        let Ok((file, info)) = self.find(name) else {
+            return Ok(None);
+        };
+        if info.dtype != "F8_E4M3" {
+            return Ok(None);
+        }
+        let bad = |reason: String| Error::QuantTensor {
+            name: name.to_string(),
+            path: file.path().to_path_buf(),
+            reason,
+        };
+        let dims = |a: usize, b: usize| lead.iter().copied().chain([a, b]).collect::<Vec<_>>();
+        let (rows, cols) = match layout {
+            Layout::OutIn => (out, inp),
+            Layout::InOut => (inp, out),
+        };
+        if info.shape != dims(rows, cols) {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                path: file.path().to_path_buf(),
+                expected: dims(rows, cols),
+                got: info.shape.clone(),
+            });
+        }
+        let scale_name = format!("{name}{FP8_SCALE_SUFFIX}");
+        let Ok((sfile, sinfo)) = self.find(&scale_name) else {
+            return Err(bad(format!(
+                "an F8_E4M3 tensor needs its per-output scales `{scale_name}`"
+            )));
+        };
+        // One scale per output, as a column (fbgemm's linears and down_proj) or a row (gate_up_proj).
+        if sinfo.shape != dims(out, 1) && sinfo.shape != dims(1, out) {
+            return Err(Error::ShapeMismatch {
+                name: scale_name,
+                path: sfile.path().to_path_buf(),
+                expected: dims(out, 1),
+                got: sinfo.shape.clone(),
+            });
+        }
+        let scales = match sinfo.dtype.as_str() {
+            "F32" | "BF16" | "F16" => match sfile.data(&scale_name)? {
+                WeightData::F32(b) => Scales::F32(b),
+                WeightData::F16(b) => Scales::F16(b),
+                // bf16 widens to f32 exactly; scales are few.
+                other => Scales::F32(crate::Buffer::from_vec(other.to_f32_vec())),
+            },
+            other => {
+                return Err(bad(format!(
+                    "scales `{scale_name}` are {other}; F32, BF16 or F16 expected"
+                )))
+            }
+        };
+        let mapped = file.byte_data(name)?;
+        let values = match layout {
+            Layout::OutIn => mapped,
+            Layout::InOut => {
+                let batch = lead.iter().product::<usize>();
+                let owned = transpose_bytes(&mapped, batch, rows, cols);
+                drop(mapped);
+                // The stored orientation was read once and is not needed again.
+                file.release_tensor_pages(name);
+                crate::Buffer::from_vec(owned)
+            }
+        };
+        QuantData::new(QuantFormat::F8E4M3, inp, values, scales)
+            .map(Some)
+            .map_err(|e| bad(e.to_string()))
     }
 
     /// The policy's spec if it selects `name` as a `target`.
@@ -454,6 +547,11 @@ impl<'a> Scope<'a> {
             self.ckpt.account(w.nbytes(), true);
             return Ok(w);
         }
+        if let Some(q) = self.ckpt.stored_fp8(&full, &[], out, inp, layout)? {
+            let w = Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?;
+            self.ckpt.account(w.nbytes(), true);
+            return Ok(w);
+        }
         let w = Weight::new(self.ckpt.data(&full, &stored)?, layout, out, inp)?;
         let w = match self.ckpt.policy_for(&full, QuantTarget::Linear) {
             Some(spec) => {
@@ -480,6 +578,15 @@ impl<'a> Scope<'a> {
             let q = self
                 .ckpt
                 .stored_quant(&full, &[batch], out_features, in_features)?;
+            let data = WeightData::Quant(Box::new(q));
+            let w = BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?;
+            self.ckpt.account(w.data().nbytes(), true);
+            return Ok(w);
+        }
+        let fp8 = self
+            .ckpt
+            .stored_fp8(&full, &[batch], out_features, in_features, Layout::InOut)?;
+        if let Some(q) = fp8 {
             let data = WeightData::Quant(Box::new(q));
             let w = BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?;
             self.ckpt.account(w.data().nbytes(), true);
@@ -533,6 +640,32 @@ impl<'a> Scope<'a> {
             ))),
         }
     }
+}
+
+/// `batch` row-major `rows × cols` byte matrices, each transposed to `cols × rows`. Tiles of
+/// 64 × 64 keep both sides in cache; matrices run in parallel.
+fn transpose_bytes(src: &[u8], batch: usize, rows: usize, cols: usize) -> Vec<u8> {
+    use rayon::prelude::*;
+    const TILE: usize = 64;
+    let per = rows * cols;
+    let mut dst = vec![0u8; batch * per];
+    if per == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(per)
+        .zip(src.par_chunks(per))
+        .for_each(|(d, s)| {
+            for r0 in (0..rows).step_by(TILE) {
+                for c0 in (0..cols).step_by(TILE) {
+                    for c in c0..(c0 + TILE).min(cols) {
+                        for r in r0..(r0 + TILE).min(rows) {
+                            d[c * rows + r] = s[r * cols + c];
+                        }
+                    }
+                }
+            }
+        });
+    dst
 }
 
 /// Names the tensor in a quantisation error (the quantiser does not know it).

@@ -25,6 +25,23 @@
 //!
 //! The integer sums are exact; only the order of the f32 sum over groups differs between
 //! kernel paths. [`linear_reference`] is the scalar definition the kernels are tested against.
+//!
+//! # fp8 (`F8E4M3`)
+//! Meta's FP8 checkpoints (transformers' `fbgemm_fp8` layout) store one float8 e4m3fn byte per
+//! weight and one f32 scale per output row, so an fp8 [`QuantData`] has one group per row
+//! (`group = in`):
+//!
+//! ```text
+//! w[o, i] = fp8(q[o, i]) · s[o]              (fp8: the exact value of the e4m3fn code)
+//! s[o]    = max |w[o, :]| / 448              (when Rust quantises: 448 is e4m3fn's largest value)
+//! q[o, i] = e4m3fn(w[o, i] / s[o])           (round to nearest even, saturating at ±448)
+//! ```
+//!
+//! Unlike the integer formats, activations are NOT quantised: the kernels multiply f32
+//! activations by the exactly dequantised weights. (fbgemm on a GPU also rounds each activation
+//! row to fp8; keeping f32 is more accurate and equals the float model run on the dequantised
+//! weights.) A spec's group 0 means "one scale per row, whatever the width"
+//! ([`QuantSpec::fp8`]).
 
 use half::f16;
 
@@ -33,29 +50,33 @@ use crate::{Buffer, Error, Result};
 /// Group sizes must be multiples of this (one 32-byte block of int8 activations).
 pub const GROUP_ALIGN: usize = 32;
 
-/// The integer format of a quantised weight.
+/// The stored format of a quantised weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum QuantFormat {
     /// 8-bit signed integers in `[-127, 127]`.
     Q8,
     /// 4-bit signed integers in `[-7, 7]`, two per byte.
     Q4,
+    /// float8 e4m3fn codes, one scale per output row (see the module doc).
+    F8E4M3,
 }
 
 impl QuantFormat {
-    /// The largest magnitude stored.
+    /// The largest magnitude stored: 127 (q8), 7 (q4), 448 (fp8's largest finite value).
     pub fn qmax(self) -> i32 {
         match self {
             QuantFormat::Q8 => 127,
             QuantFormat::Q4 => 7,
+            QuantFormat::F8E4M3 => 448,
         }
     }
 
-    /// The name used on the command line and in checkpoint metadata: `q8` or `q4`.
+    /// The name used on the command line and in checkpoint metadata: `q8`, `q4` or `fp8`.
     pub fn name(self) -> &'static str {
         match self {
             QuantFormat::Q8 => "q8",
             QuantFormat::Q4 => "q4",
+            QuantFormat::F8E4M3 => "fp8",
         }
     }
 
@@ -64,6 +85,7 @@ impl QuantFormat {
         match s {
             "q8" => Some(QuantFormat::Q8),
             "q4" => Some(QuantFormat::Q4),
+            "fp8" => Some(QuantFormat::F8E4M3),
             _ => None,
         }
     }
@@ -71,10 +93,85 @@ impl QuantFormat {
     /// Bytes holding `elements` values (`elements` even for q4).
     pub fn value_bytes(self, elements: usize) -> usize {
         match self {
-            QuantFormat::Q8 => elements,
+            QuantFormat::Q8 | QuantFormat::F8E4M3 => elements,
             QuantFormat::Q4 => elements / 2,
         }
     }
+
+    /// The safetensors dtype of the stored values: `I8`, `U8` or `F8_E4M3`.
+    pub fn safetensors_dtype(self) -> &'static str {
+        match self {
+            QuantFormat::Q8 => "I8",
+            QuantFormat::Q4 => "U8",
+            QuantFormat::F8E4M3 => "F8_E4M3",
+        }
+    }
+}
+
+/// The largest finite float8 e4m3fn value.
+pub const FP8_MAX: f32 = 448.0;
+
+/// The value of float8 e4m3fn code `c` (bias 7, no infinities; `0x7f` and `0xff` are NaN), exactly.
+pub const fn fp8_e4m3_value(c: u8) -> f32 {
+    let sign = ((c as u32) & 0x80) << 24;
+    let e = ((c >> 3) & 0x0f) as u32;
+    let m = (c & 0x07) as u32;
+    let mag = if e == 0x0f && m == 0x07 {
+        // The bits PyTorch's conversion produces, so tables compare bit for bit.
+        0x7ff0_0000
+    } else if e == 0 {
+        if m == 0 {
+            0
+        } else {
+            // Subnormal m · 2^-9: normalise around the leading bit p of m.
+            let p = 31 - m.leading_zeros();
+            ((p + 127 - 9) << 23) | ((m - (1 << p)) << (23 - p))
+        }
+    } else {
+        // (1 + m/8) · 2^(e - 7): rebias the exponent, widen the mantissa.
+        ((e + 120) << 23) | (m << 20)
+    };
+    f32::from_bits(sign | mag)
+}
+
+/// [`fp8_e4m3_value`] of every code.
+pub static FP8_E4M3_TABLE: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = fp8_e4m3_value(c as u8);
+        c += 1;
+    }
+    t
+};
+
+/// The float8 e4m3fn code nearest to `v` (ties to even), saturating: magnitudes above 448,
+/// infinities included, give ±448, as PyTorch's `.to(torch.float8_e4m3fn)`; NaN gives NaN
+/// (`0x7f`, with `v`'s sign).
+pub fn fp8_e4m3_from_f32(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs();
+    if a.is_nan() {
+        return sign | 0x7f;
+    }
+    if a >= FP8_MAX {
+        return sign | 0x7e;
+    }
+    // 2^-6 is the smallest normal: below it the step is 2^-9, and code m is m · 2^-9 (m = 8 is
+    // the smallest normal, so rounding up into it needs no special case).
+    let code = if a < 0.015_625 {
+        round_half_even(a * 512.0) as u32
+    } else {
+        // Exponent e in -6..=8; the mantissa in [1, 2) and its 3-bit rounding m in 0..=8 (8
+        // carries into e), every step exact in f32.
+        let bits = a.to_bits();
+        let e = (bits >> 23) as i32 - 127;
+        let mant = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+        let m = round_half_even((mant - 1.0) * 8.0) as u32;
+        (((e + 7) as u32) << 3) + m
+    };
+    // `a < 448` keeps the code at or below 0x7e (448 itself).
+    sign | code as u8
 }
 
 /// The storage type of the per-group scales.
@@ -89,9 +186,10 @@ pub enum ScaleType {
 /// How to quantise: format, group size along the input dimension, scale type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct QuantSpec {
-    /// Integer format.
+    /// Stored format.
     pub format: QuantFormat,
-    /// Input features per scale: a positive multiple of [`GROUP_ALIGN`].
+    /// Input features per scale: a positive multiple of [`GROUP_ALIGN`] for q8 / q4. fp8 keeps
+    /// one scale per row: its group is the row width, or 0 for "the row, whatever its width".
     pub group: usize,
     /// Scale storage.
     pub scales: ScaleType,
@@ -107,18 +205,55 @@ impl QuantSpec {
         }
     }
 
+    /// fp8 with one f32 scale per output row, for any width (group 0).
+    pub fn fp8() -> Self {
+        QuantSpec::new(QuantFormat::F8E4M3, 0)
+    }
+
     /// The same spec with `scales`.
     pub fn with_scales(self, scales: ScaleType) -> Self {
         QuantSpec { scales, ..self }
     }
 
-    /// Checks that rows of `in_features` can be quantised with this spec.
-    pub fn check(&self, in_features: usize) -> Result<()> {
-        if self.group == 0 || !self.group.is_multiple_of(GROUP_ALIGN) {
+    /// The group size of rows of `in_features` under this spec: `group`, except fp8's group 0,
+    /// which is the row width.
+    pub fn group_for(&self, in_features: usize) -> usize {
+        if self.format == QuantFormat::F8E4M3 && self.group == 0 {
+            in_features
+        } else {
+            self.group
+        }
+    }
+
+    /// Checks the spec on its own, whatever the width: q8 / q4 groups are positive multiples
+    /// of [`GROUP_ALIGN`]; any fp8 group is accepted (0 is per row).
+    pub fn check_group(&self) -> Result<()> {
+        if self.format != QuantFormat::F8E4M3 && (self.group == 0 || !self.group.is_multiple_of(GROUP_ALIGN))
+        {
             return Err(Error::Quant(format!(
                 "group size {} is not a positive multiple of {GROUP_ALIGN}",
                 self.group
             )));
+        }
+        Ok(())
+    }
+
+    /// Checks that rows of `in_features` can be quantised with this spec (for fp8: the rows
+    /// are not empty, one scale per row needs a row, and the group is 0 or the row width).
+    /// After it, [`QuantSpec::group_for`] of `in_features` is positive and divides it.
+    pub fn check(&self, in_features: usize) -> Result<()> {
+        self.check_group()?;
+        if self.format == QuantFormat::F8E4M3 {
+            if in_features == 0 {
+                return Err(Error::Quant("fp8 rows must not be empty".into()));
+            }
+            if self.group != 0 && self.group != in_features {
+                return Err(Error::Quant(format!(
+                    "fp8 keeps one scale per row: group {} must be 0 or the input width {in_features}",
+                    self.group
+                )));
+            }
+            return Ok(());
         }
         if !in_features.is_multiple_of(self.group) {
             return Err(Error::Quant(format!(
@@ -198,7 +333,7 @@ impl Scales {
 }
 
 /// The stored values and scales of a quantised matrix (or batch of matrices), rows of a width
-/// that is a multiple of `group` laid end to end.
+/// that is a multiple of `group` laid end to end (for fp8, `group` is the row width).
 #[derive(Clone, Debug)]
 pub struct QuantData {
     format: QuantFormat,
@@ -209,9 +344,15 @@ pub struct QuantData {
 
 impl QuantData {
     /// Values and scales as stored (see the module doc for the encoding). Checks that their
-    /// sizes agree: `values` holds `scales.len() · group` elements.
+    /// sizes agree: `values` holds `scales.len() · group` elements. `group` is positive.
     pub fn new(format: QuantFormat, group: usize, values: Buffer<u8>, scales: Scales) -> Result<Self> {
-        QuantSpec::new(format, group).check(0)?;
+        QuantSpec::new(format, group).check_group()?;
+        if group == 0 {
+            return Err(Error::Quant(format!(
+                "{} data needs a positive group size",
+                format.name()
+            )));
+        }
         let elements = scales.len().checked_mul(group);
         if elements.map(|e| format.value_bytes(e)) != Some(values.len()) {
             return Err(Error::Quant(format!(
@@ -229,8 +370,16 @@ impl QuantData {
         })
     }
 
-    /// `parts`, all quantised with `spec`, laid end to end in one owned buffer.
+    /// `parts`, all quantised with `spec` (and, for fp8, rows of one width), laid end to end in
+    /// one owned buffer.
     pub fn concat(parts: &[QuantData], spec: QuantSpec) -> Result<Self> {
+        // fp8's spec may leave the group to the row width (0): the parts know it.
+        let group = parts.first().map_or(spec.group, |p| p.group);
+        if parts.iter().any(|p| p.group != group || p.format != spec.format) {
+            return Err(Error::Quant(format!(
+                "parts to concatenate differ from {spec:?} in format or group"
+            )));
+        }
         let mut values = Vec::with_capacity(parts.iter().map(|p| p.values.len()).sum());
         for p in parts {
             values.extend_from_slice(&p.values);
@@ -257,10 +406,10 @@ impl QuantData {
                 Scales::F16(Buffer::from_vec(s))
             }
         };
-        QuantData::new(spec.format, spec.group, Buffer::from_vec(values), scales)
+        QuantData::new(spec.format, group, Buffer::from_vec(values), scales)
     }
 
-    /// The integer format.
+    /// The stored format.
     pub fn format(&self) -> QuantFormat {
         self.format
     }
@@ -326,7 +475,8 @@ impl QuantData {
         }
     }
 
-    /// Stored integer `i` (in `[-QMAX, QMAX]`).
+    /// Stored code `i`: the integer (in `[-QMAX, QMAX]`) for q8 / q4, the raw byte (`0..=255`)
+    /// for fp8, whose value is [`QuantData::value`].
     #[inline]
     pub fn q(&self, i: usize) -> i32 {
         match self.format {
@@ -336,13 +486,23 @@ impl QuantData {
                 let nib = if i.is_multiple_of(2) { b & 0x0f } else { b >> 4 };
                 nib as i32 - 8
             }
+            QuantFormat::F8E4M3 => self.values[i] as i32,
         }
     }
 
-    /// All elements dequantised (`q · s`) to f32.
+    /// Stored element `i` before scaling, as f32 (exact; an fp8 NaN code gives NaN).
+    #[inline]
+    pub fn value(&self, i: usize) -> f32 {
+        match self.format {
+            QuantFormat::F8E4M3 => FP8_E4M3_TABLE[self.values[i] as usize],
+            _ => self.q(i) as f32,
+        }
+    }
+
+    /// All elements dequantised (`value · s`, one f32 rounding) to f32.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         (0..self.len())
-            .map(|i| self.q(i) as f32 * self.scales.get(i / self.group))
+            .map(|i| self.value(i) * self.scales.get(i / self.group))
             .collect()
     }
 }
@@ -354,6 +514,10 @@ impl QuantData {
 pub fn quantize(values: &[f32], in_features: usize, spec: QuantSpec) -> Result<QuantData> {
     use rayon::prelude::*;
     spec.check(in_features)?;
+    let spec = QuantSpec {
+        group: spec.group_for(in_features),
+        ..spec
+    };
     let g = spec.group;
     if !values.len().is_multiple_of(g) {
         return Err(Error::Quant(format!(
@@ -395,12 +559,17 @@ fn quantize_block(values: &[f32], first: usize, spec: QuantSpec) -> Result<Quant
         scales.push(s);
         if s > 0.0 {
             for (d, &v) in dst.iter_mut().zip(src) {
-                *d = round_half_even(v / s).clamp(-qmax as f32, qmax as f32) as i8;
+                *d = if spec.format == QuantFormat::F8E4M3 {
+                    // The code's bits, carried in the i8 buffer.
+                    fp8_e4m3_from_f32(v / s) as i8
+                } else {
+                    round_half_even(v / s).clamp(-qmax as f32, qmax as f32) as i8
+                };
             }
         }
     }
     let values = match spec.format {
-        QuantFormat::Q8 => q.iter().map(|&v| v as u8).collect(),
+        QuantFormat::Q8 | QuantFormat::F8E4M3 => q.iter().map(|&v| v as u8).collect(),
         QuantFormat::Q4 => q
             .chunks_exact(2)
             .map(|p| ((p[0] + 8) as u8) | (((p[1] + 8) as u8) << 4))
@@ -452,12 +621,26 @@ pub fn quantize_activations(x: &[f32], group: usize, q: &mut [i8], s: &mut [f32]
 }
 
 /// The scalar definition of the quantised linear map (see the module doc): `y = x · Wᵀ` with
-/// `w` an `[n, k]` quantised matrix.
+/// `w` an `[n, k]` quantised matrix. For fp8, `y[r, o] = Σ_i x[r, i] · (fp8(q[o, i]) · s[o])`
+/// with f32 activations, summed in order in f32.
 ///
 /// # Shapes
 /// `x: [t, k]`, `y: [t, n]`, both row-major.
 #[allow(clippy::needless_range_loop)] // index loops state the formula most plainly
 pub fn linear_reference(x: &[f32], t: usize, k: usize, n: usize, w: &QuantData, y: &mut [f32]) {
+    if w.format() == QuantFormat::F8E4M3 {
+        for r in 0..t {
+            for o in 0..n {
+                let s = w.scales().get(o * k / w.group());
+                let mut acc = 0f32;
+                for i in 0..k {
+                    acc += x[r * k + i] * (w.value(o * k + i) * s);
+                }
+                y[r * n + o] = acc;
+            }
+        }
+        return;
+    }
     let g = w.group();
     let groups = k / g;
     let mut qx = vec![0i8; k];
@@ -487,8 +670,13 @@ pub fn linear_reference(x: &[f32], t: usize, k: usize, n: usize, w: &QuantData, 
 pub const METADATA_KEY: &str = "llama4.quant";
 
 /// Suffix of the stored integers of quantised tensor `N`: `N.qweight`, I8 `[.., out, in]` for
-/// q8 or U8 `[.., out, in / 2]` for q4 (the module doc's encoding).
+/// q8, U8 `[.., out, in / 2]` for q4 or F8_E4M3 `[.., out, in]` for fp8 (the module doc's
+/// encoding).
 pub const QWEIGHT_SUFFIX: &str = ".qweight";
+
+/// Suffix of the scales of fp8 tensor `N` in Meta's FP8 checkpoints: `N_scale`
+/// (`q_proj.weight_scale`, `experts.gate_up_proj_scale`; see [`crate::Checkpoint`]).
+pub const FP8_SCALE_SUFFIX: &str = "_scale";
 
 /// Suffix of the scales of quantised tensor `N`: `N.qscale`, F32 or F16 `[.., out, in / group]`.
 pub const QSCALE_SUFFIX: &str = ".qscale";
@@ -531,7 +719,8 @@ impl QuantSpec {
         .to_string()
     }
 
-    /// Parses [`QuantSpec::to_metadata`], checking every field (the group size too).
+    /// Parses [`QuantSpec::to_metadata`], checking every field (the group size too; fp8's group
+    /// 0 means one scale per row).
     pub fn from_metadata(s: &str) -> Result<Self> {
         let bad = |why: String| Error::Quant(format!("metadata `{METADATA_KEY}` = `{s}`: {why}"));
         let v: serde_json::Value = serde_json::from_str(s).map_err(|e| bad(format!("not JSON: {e}")))?;
@@ -539,7 +728,7 @@ impl QuantSpec {
         let format = field("format")?
             .as_str()
             .and_then(QuantFormat::parse)
-            .ok_or_else(|| bad("`format` must be \"q8\" or \"q4\"".into()))?;
+            .ok_or_else(|| bad("`format` must be \"q8\", \"q4\" or \"fp8\"".into()))?;
         let group = field("group")?
             .as_u64()
             .and_then(|g| usize::try_from(g).ok())
@@ -549,7 +738,7 @@ impl QuantSpec {
             .and_then(ScaleType::parse)
             .ok_or_else(|| bad("`scales` must be \"f32\" or \"f16\"".into()))?;
         let spec = QuantSpec::new(format, group).with_scales(scales);
-        spec.check(0).map_err(|e| bad(e.to_string()))?;
+        spec.check_group().map_err(|e| bad(e.to_string()))?;
         Ok(spec)
     }
 }

@@ -318,15 +318,15 @@ impl SafetensorsFile {
         })
     }
 
-    /// The bytes of an `I8` or `U8` tensor (the integers of a quantised tensor), borrowed from
-    /// the map. Other dtypes are [`Error::UnsupportedDtype`]: they have their own element type
-    /// ([`SafetensorsFile::data`]).
+    /// The bytes of an `I8`, `U8` or `F8_E4M3` tensor (the codes of a quantised tensor),
+    /// borrowed from the map. Other dtypes are [`Error::UnsupportedDtype`]: they have their own
+    /// element type ([`SafetensorsFile::data`]).
     pub fn byte_data(&self, name: &str) -> Result<Buffer<u8>> {
         let info = self.info(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             path: self.path.clone(),
         })?;
-        if !matches!(info.dtype.as_str(), "I8" | "U8") {
+        if !matches!(info.dtype.as_str(), "I8" | "U8" | "F8_E4M3") {
             return Err(Error::UnsupportedDtype {
                 path: self.path.clone(),
                 name: name.to_string(),

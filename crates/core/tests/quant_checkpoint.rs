@@ -70,6 +70,7 @@ fn stored(name: &str, q: &QuantData, lead: &[usize], out: usize, inp: usize) -> 
     let wdtype = match q.format() {
         QuantFormat::Q8 => Dtype::I8,
         QuantFormat::Q4 => Dtype::U8,
+        QuantFormat::F8E4M3 => Dtype::F8_E4M3,
     };
     let (sdtype, sbytes) = match q.scales() {
         Scales::F32(b) => (Dtype::F32, b.iter().flat_map(|s| s.to_le_bytes()).collect()),

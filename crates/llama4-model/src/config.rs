@@ -98,6 +98,67 @@ pub struct TextConfig {
     pub layers: Vec<LayerSpec>,
 }
 
+/// The `quantization_config` of a checkpoint stored quantised by another tool.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QuantizationConfig {
+    /// `"quant_method": "fbgemm_fp8"`, Meta's FP8 checkpoints: converted weights are float8
+    /// e4m3fn with one scale per output (see [`llama4_core::quant`]). They are found by dtype,
+    /// so the fields below are informational. Activations stay f32 here, where fbgemm on a GPU
+    /// rounds them to fp8: results match the float model on the dequantised weights.
+    FbgemmFp8 {
+        /// `activation_scale_ub`: fbgemm's bound on activation scales (unused: activations stay
+        /// f32).
+        activation_scale_ub: Option<f64>,
+        /// `modules_to_not_convert`: modules the checkpoint keeps in bf16.
+        modules_to_not_convert: Vec<String>,
+    },
+}
+
+impl QuantizationConfig {
+    /// Parses a `quantization_config` object; `null` is `None`. A method this crate cannot
+    /// read is an error, so such a checkpoint never loads with wrong numbers.
+    fn parse(value: &Value) -> Result<Option<Self>> {
+        const FIELD: &str = "quantization_config";
+        if value.is_null() {
+            return Ok(None);
+        }
+        let obj = value.as_object().ok_or_else(|| bad(FIELD, "not an object"))?;
+        let method = obj
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(FIELD, "no string `quant_method`"))?;
+        if method != "fbgemm_fp8" {
+            return Err(bad(
+                FIELD,
+                format!("quant_method `{method}` is not supported (fbgemm_fp8 is)"),
+            ));
+        }
+        let activation_scale_ub = match obj.get("activation_scale_ub") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| bad(FIELD, "`activation_scale_ub` is not a number"))?,
+            ),
+        };
+        let modules_to_not_convert = match obj.get("modules_to_not_convert") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|m| {
+                    m.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(FIELD, "`modules_to_not_convert` holds a non-string"))
+                })
+                .collect::<Result<_>>()?,
+            Some(_) => return Err(bad(FIELD, "`modules_to_not_convert` is not a list")),
+        };
+        Ok(Some(QuantizationConfig::FbgemmFp8 {
+            activation_scale_ub,
+            modules_to_not_convert,
+        }))
+    }
+}
+
 /// A checkpoint's whole config: the text model, and for multimodal checkpoints the raw vision
 /// config and image-token ids.
 #[derive(Clone, Debug)]
@@ -110,6 +171,9 @@ pub struct ModelConfig {
     pub vision: Option<Value>,
     /// Id of `<|patch|>` (`image_token_index`) in multimodal checkpoints.
     pub image_token_index: Option<u32>,
+    /// How the checkpoint was quantised, when config.json says (`quantization_config`, at the
+    /// top level; transformers writes it there for multimodal checkpoints too).
+    pub quantization: Option<QuantizationConfig>,
 }
 
 /// An integer-or-list field (`eos_token_id`).
@@ -238,6 +302,14 @@ impl ModelConfig {
             .get("model_type")
             .and_then(Value::as_str)
             .unwrap_or("llama4_text");
+        // Top level, or (should a tool nest it) inside the text config.
+        let quant = top
+            .get("quantization_config")
+            .or_else(|| top.get("text_config")?.get("quantization_config"));
+        let quantization = match quant {
+            Some(v) => QuantizationConfig::parse(v)?,
+            None => None,
+        };
         match model_type {
             "llama4" => {
                 let text_value = top
@@ -262,6 +334,7 @@ impl ModelConfig {
                     text_prefix: "language_model.",
                     vision: top.get("vision_config").cloned(),
                     image_token_index,
+                    quantization,
                 })
             }
             "llama4_text" => {
@@ -271,6 +344,7 @@ impl ModelConfig {
                     text_prefix: "",
                     vision: None,
                     image_token_index: None,
+                    quantization,
                 })
             }
             other => Err(bad(

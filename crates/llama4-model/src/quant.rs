@@ -4,7 +4,7 @@
 //! every tensor `N` a [`QuantPolicy`] selects is replaced by `N.qweight` and `N.qscale` (the
 //! encoding of [`llama4_core::quant`]), with `__metadata__` entry
 //! [`METADATA_KEY`] = `{"format":"q4","group":128,"scales":"f32"}`. Everything else is copied
-//! byte for byte. Loading the result ([`crate::TextModel::load`]) maps the stored integers
+//! byte for byte, fp8 tensors of a Meta FP8 checkpoint included. Loading the result ([`crate::TextModel::load`]) maps the stored integers
 //! without requantising, and gives weights bit-identical to quantising the source at load time
 //! with the same policy ([`crate::TextModel::load_with_quantization`]): both go through the same
 //! [`Scope`](llama4_core::Scope) look-up.
@@ -15,7 +15,7 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use llama4_core::quant::{QuantTarget, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
-use llama4_core::{Checkpoint, QuantData, QuantFormat, QuantPolicy, Scales, WeightData};
+use llama4_core::{Checkpoint, QuantData, QuantPolicy, Scales, WeightData};
 use serde_json::{json, Value};
 
 use crate::{Error, Result};
@@ -236,8 +236,11 @@ fn plan(
             }
         }
         let info = ckpt.info(name)?;
+        // fp8 tensors of a Meta FP8 checkpoint are already quantised: copied as they are (with
+        // their `_scale` siblings, which no policy selects) and read as fp8 again at load.
         let dims = policy
             .selects(name)
+            .filter(|_| info.dtype != "F8_E4M3")
             .and_then(|target| quant_dims(target, &info.shape));
         let Some((lead, out, inp)) = dims else {
             entries.push(Entry {
@@ -260,17 +263,13 @@ fn plan(
         let value_bytes = spec.format.value_bytes(inp);
         entries.push(Entry {
             name: format!("{name}{QWEIGHT_SUFFIX}"),
-            dtype: match spec.format {
-                QuantFormat::Q8 => "I8",
-                QuantFormat::Q4 => "U8",
-            }
-            .into(),
+            dtype: spec.format.safetensors_dtype().into(),
             shape: shape(value_bytes),
             len: rows * value_bytes,
             elem: 1,
             source: Source::Values(name.to_string()),
         });
-        let groups = inp / spec.group;
+        let groups = inp / spec.group_for(inp);
         entries.push(Entry {
             name: format!("{name}{QSCALE_SUFFIX}"),
             dtype: spec.scales.name().to_uppercase(),

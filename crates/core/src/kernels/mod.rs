@@ -9,11 +9,13 @@
 //! the CPU lacks falls back to the detected one.
 //!
 //! # Numerics
-//! Activations stay f32; bf16 / f16 weights are widened to f32 exactly and products are
-//! accumulated in f32 with FMA. No path rounds activations to a narrower type. The order of
-//! the additions differs from [`scalar`], so results agree to rounding, not bit for bit.
+//! Activations stay f32; bf16 / f16 / fp8 weights are widened to f32 exactly and products are
+//! accumulated in f32 with FMA. No path rounds activations to a narrower type, except the q8 /
+//! q4 integer kernels (see [`crate::quant`]). The order of the additions differs from
+//! [`scalar`], so results agree to rounding, not bit for bit.
 
 mod elementwise;
+mod fp8;
 mod linear;
 mod quant;
 pub mod scalar;
@@ -24,7 +26,7 @@ use std::sync::OnceLock;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
-use crate::{Error, Layout, Result, Weight, WeightData};
+use crate::{Error, Layout, QuantFormat, Result, Weight, WeightData};
 use linear::{Job, SyncPtr};
 use simd::Elem;
 
@@ -250,6 +252,10 @@ fn linear_with(
         WeightData::F32(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
         WeightData::BF16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
         WeightData::F16(d) => run_linear(isa, tasks, x, t, k, n, d, w.layout(), y),
+        // fp8 multiplies f32 activations by dequantised weights; the integer kernels never see it.
+        WeightData::Quant(q) if q.format() == QuantFormat::F8E4M3 => {
+            fp8::linear(isa, tasks, x, t, k, n, q, y)
+        }
         WeightData::Quant(q) => quant::linear(isa, tasks, x, t, k, n, q, y),
     };
     if let Some(y) = y.as_slice_mut() {

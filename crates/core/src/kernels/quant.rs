@@ -553,6 +553,7 @@ unsafe fn rows_portable(
                             ((b & 0x0f) as i32 - 8) * a[0] as i32 + ((b >> 4) as i32 - 8) * a[1] as i32
                         })
                         .sum(),
+                    QuantFormat::F8E4M3 => unreachable!("fp8 is dispatched to kernels::fp8"),
                 };
                 acc += scales.get(o * groups + gi) * sx[gi] * isum as f32;
             }
