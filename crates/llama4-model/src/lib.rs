@@ -11,7 +11,7 @@ mod quant;
 mod session;
 mod tokenizer;
 
-pub use config::{stop_ids, LayerSpec, ModelConfig, RopeConfig, RopeScaling, TextConfig};
+pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
 pub use model::{DecoderLayer, FeedForwardLayer, TextModel};
