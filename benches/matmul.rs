@@ -14,20 +14,8 @@ use llama4_core::{DType, Layout, Weight};
 use ndarray::Array2;
 use rayon::prelude::*;
 
-/// Deterministic values in [-0.5, 0.5) (an LCG; the contents do not affect speed).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 /// An `out × in` weight in `dtype` and `layout`.
 fn weight(n_out: usize, n_in: usize, dtype: DType, layout: Layout) -> Weight {

@@ -15,20 +15,8 @@ use llama4_core::kernels;
 use llama4_core::{DType, Layout, QuantFormat, QuantSpec, Weight};
 use ndarray::Array2;
 
-/// Deterministic values in [-0.5, 0.5) (an LCG; the contents do not affect speed).
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 const N: usize = 4096;
 const K: usize = 4096;

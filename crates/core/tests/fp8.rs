@@ -17,6 +17,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use tempfile::TempDir;
 
+mod common;
+use common::values;
+
 fn fixture() -> Vec<u8> {
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/components/fp8_e4m3.safetensors");
@@ -66,19 +69,6 @@ fn rounding_matches_torch() {
         assert_eq!(fp8_e4m3_from_f32(fp8_e4m3_value(c)), c);
     }
     assert_eq!(fp8_e4m3_from_f32(f32::NAN) & 0x7f, 0x7f);
-}
-
-/// Deterministic values in `[-1, 1)`.
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        })
-        .collect()
 }
 
 #[test]

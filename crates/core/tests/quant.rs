@@ -5,19 +5,8 @@ use llama4_core::quant::{self, linear_reference, quantize};
 use llama4_core::{kernels, DType, Error, Layout, QuantFormat, QuantSpec, ScaleType, Weight};
 use ndarray::Array2;
 
-fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 #[test]
 fn dequantised_values_are_within_half_a_step() {
