@@ -1,7 +1,7 @@
 //! Helpers shared by the benches.
 
 // The core crate's test generator, so benches and tests draw from one LCG.
-#[path = "../../crates/core/tests/common/mod.rs"]
+#[path = "../../crates/core/tests/common/values.rs"]
 mod lcg;
 
 /// Deterministic values in [-0.5, 0.5) (the contents do not affect speed).

@@ -3,7 +3,7 @@
 //! layout (`X.weight` + `X.weight_scale`, expert tensors `[E, in, out]`), hostile files included.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use llama4_core::kernels::{self, Isa};
 use llama4_core::quant::{self, fp8_e4m3_from_f32, fp8_e4m3_value, linear_reference, FP8_E4M3_TABLE};
@@ -18,6 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 use tempfile::TempDir;
 
 mod common;
+use common::files::{f32_bytes, t, write, T};
 use common::values;
 
 fn fixture() -> Vec<u8> {
@@ -273,39 +274,6 @@ fn the_portable_path_is_always_available() {
 // ---------------------------------------------------------------------------------------------
 // Checkpoints in Meta's FP8 layout.
 
-struct T {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-fn t(name: &str, dtype: Dtype, shape: &[usize], bytes: Vec<u8>) -> T {
-    T {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        bytes,
-    }
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn write(dir: &Path, tensors: &[T]) -> PathBuf {
-    let views = tensors.iter().map(|t| {
-        (
-            t.name.clone(),
-            TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
-        )
-    });
-    let bytes = safetensors::serialize(views, None::<HashMap<String, String>>).unwrap();
-    let path = dir.join("model.safetensors");
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
 /// Arbitrary finite codes.
 fn codes(len: usize, seed: u64) -> Vec<u8> {
     (0..len as u64)
@@ -357,7 +325,7 @@ fn fp8_checkpoint(edit: impl FnOnce(&mut Vec<T>)) -> Fp8Checkpoint {
     }
     tensors.push(t("model.norm.weight", Dtype::F32, &[H], f32_bytes(&[1.0; H])));
     edit(&mut tensors);
-    write(dir.path(), &tensors);
+    write(dir.path(), &tensors, None);
     let ckpt = Checkpoint::open(dir.path()).unwrap();
     Fp8Checkpoint {
         _dir: dir,

@@ -3,7 +3,7 @@
 //! distinct error variant naming the tensor).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use llama4_core::quant::{self, METADATA_KEY};
 use llama4_core::safetensors::SafetensorsFile;
@@ -11,26 +11,11 @@ use llama4_core::{
     bf16, Checkpoint, DType, Error, Layout, QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec,
     QuantTarget, ScaleType, Scales, Weight, WeightData,
 };
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use tempfile::TempDir;
 
-/// A tensor to write: dtype, shape and little-endian bytes.
-struct T {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-fn t(name: &str, dtype: Dtype, shape: &[usize], bytes: Vec<u8>) -> T {
-    T {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        bytes,
-    }
-}
+mod common;
+use common::files::{t, write, T};
 
 /// `n` bf16 values with many distinct magnitudes (and an exact zero row when `n` allows).
 fn bf16_values(n: usize, seed: usize) -> Vec<f32> {
@@ -44,20 +29,6 @@ fn bf16_values(n: usize, seed: usize) -> Vec<f32> {
 
 fn bf16_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()
-}
-
-/// Writes `tensors` with `metadata` as `dir/model.safetensors`.
-fn write(dir: &Path, tensors: &[T], metadata: Option<HashMap<String, String>>) -> PathBuf {
-    let views = tensors.iter().map(|t| {
-        (
-            t.name.clone(),
-            TensorView::new(t.dtype, t.shape.clone(), &t.bytes).unwrap(),
-        )
-    });
-    let bytes = safetensors::serialize(views, metadata).unwrap();
-    let path = dir.join("model.safetensors");
-    std::fs::write(&path, bytes).unwrap();
-    path
 }
 
 fn meta(spec: &QuantSpec) -> Option<HashMap<String, String>> {

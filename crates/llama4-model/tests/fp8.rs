@@ -10,68 +10,25 @@ use llama4_model::config::QuantizationConfig;
 use llama4_model::{
     quantize_checkpoint, Error, GenerateOptions, Logits, ModelConfig, SamplingConfig, Session, TextModel,
 };
-use ndarray::{s, Array2, ArrayView2};
-use safetensors::SafeTensors;
+use ndarray::s;
 use tempfile::TempDir;
+
+mod common;
+use common::{rel_err, text_reference};
 
 const TOL: f32 = 1e-4;
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/fp8")
+    common::fixture_dir("fp8")
 }
 
 fn scout() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/scout")
-}
-
-struct Reference {
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    step_logits: Array2<f32>,
-    logits_full: Array2<f32>,
-}
-
-fn reference() -> Reference {
-    let bytes = std::fs::read(dir().join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = |n: &str| -> Vec<u32> {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let matrix = |n: &str| -> Array2<f32> {
-        let t = st.tensor(n).unwrap();
-        let v = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
-    };
-    Reference {
-        prompt: ids("prompt_ids"),
-        generated: ids("generated_ids"),
-        step_logits: matrix("step_logits"),
-        logits_full: matrix("logits_full"),
-    }
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: ArrayView2<f32>, b: ArrayView2<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    common::fixture_dir("scout")
 }
 
 /// Uncached, cached prefill and cached greedy decoding of `model` against the reference.
 fn check_model(model: &TextModel, what: &str) {
-    let r = reference();
+    let r = text_reference(&dir());
     let n = r.generated.len();
     let all: Vec<u32> = r.prompt.iter().chain(&r.generated).copied().collect();
     let full = model.forward_uncached(&all).unwrap();
@@ -208,7 +165,7 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 }
 
 fn logits(m: &TextModel) -> Vec<f32> {
-    let r = reference();
+    let r = text_reference(&dir());
     m.forward_uncached(&r.prompt).unwrap().iter().copied().collect()
 }
 

@@ -10,13 +10,16 @@ use llama4_core::DType;
 use llama4_model::{
     EncodedImage, Error, GenerateOptions, Logits, MultimodalModel, SamplingConfig, Session, Tokenizer,
 };
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::{s, Array2};
 use safetensors::SafeTensors;
+
+mod common;
+use common::{ids, matrix, rel_err};
 
 const TOL: f32 = 1e-4;
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/multimodal")
+    common::fixture_dir("multimodal")
 }
 
 struct Reference {
@@ -35,22 +38,6 @@ fn reference() -> Reference {
         serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap();
     let bytes = std::fs::read(dir().join("reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = |n: &str| -> Vec<u32> {
-        let t = st.tensor(n).unwrap();
-        t.data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let matrix = |n: &str| -> Array2<f32> {
-        let t = st.tensor(n).unwrap();
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
-    };
     Reference {
         prompt: meta["prompt"].as_str().unwrap().to_string(),
         images: meta["images"]
@@ -65,22 +52,12 @@ fn reference() -> Reference {
             .iter()
             .map(|r| (r[0].as_u64().unwrap() as usize, r[1].as_u64().unwrap() as usize))
             .collect(),
-        input_ids: ids("input_ids"),
-        image_features: matrix("image_features"),
-        generated: ids("generated_ids"),
-        step_logits: matrix("step_logits"),
-        logits_full: matrix("logits_full"),
+        input_ids: ids(&st, "input_ids"),
+        image_features: matrix(&st, "image_features"),
+        generated: ids(&st, "generated_ids"),
+        step_logits: matrix(&st, "step_logits"),
+        logits_full: matrix(&st, "logits_full"),
     }
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: ArrayView2<f32>, b: ArrayView2<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 fn load() -> (MultimodalModel, Tokenizer) {

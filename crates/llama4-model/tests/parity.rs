@@ -6,64 +6,19 @@ use std::path::PathBuf;
 
 use llama4_core::DType;
 use llama4_model::{GenerateOptions, Logits, SamplingConfig, Session, TextModel};
-use ndarray::{Array2, ArrayView2};
-use safetensors::SafeTensors;
+
+mod common;
+use common::{rel_err, text_reference};
 
 const TOL: f32 = 1e-4;
 
-struct Reference {
-    prompt: Vec<u32>,
-    generated: Vec<u32>,
-    step_logits: Array2<f32>,
-    logits_full: Array2<f32>,
-}
-
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
-}
-
-fn reference(name: &str) -> Reference {
-    let bytes = std::fs::read(dir(name).join("reference.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let ids = |n: &str| -> Vec<u32> {
-        let t = st.tensor(n).unwrap();
-        t.data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-            .collect()
-    };
-    let matrix = |n: &str| -> Array2<f32> {
-        let t = st.tensor(n).unwrap();
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
-    };
-    Reference {
-        prompt: ids("prompt_ids"),
-        generated: ids("generated_ids"),
-        step_logits: matrix("step_logits"),
-        logits_full: matrix("logits_full"),
-    }
-}
-
-/// max |a − b| / max |b|.
-fn rel_err(a: ArrayView2<f32>, b: ArrayView2<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    common::fixture_dir(name)
 }
 
 fn check(name: &str) {
     let model = TextModel::load(dir(name)).unwrap();
-    let r = reference(name);
+    let r = text_reference(&dir(name));
     let n = r.generated.len();
 
     // Without a cache: one pass over prompt + generated tokens.

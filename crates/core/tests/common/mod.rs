@@ -1,16 +1,9 @@
 //! Helpers shared by the integration tests of this crate.
 
-/// Deterministic values in [-1, 1) from `seed` (an LCG).
-pub fn values(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
-        })
-        .collect()
-}
+// Each test binary uses a different part of this module.
+#![allow(dead_code, unused_imports)]
+
+pub mod files;
+mod values;
+
+pub use values::values;
