@@ -2,6 +2,7 @@
 //! Shared foundation of the Llama 4 crates: weights in their stored dtype (owned or borrowed from
 //! a memory map), checkpoint reading in Hugging Face layout, CPU kernels, and the error type.
 
+pub mod alloc_count;
 mod buffer;
 mod checkpoint;
 mod dtype;

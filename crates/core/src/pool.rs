@@ -52,6 +52,8 @@ struct Pool {
     wake: Condvar,
     /// Threads taking part in a call, the caller included.
     threads: usize,
+    /// Workers that have started running.
+    started: AtomicUsize,
 }
 
 fn pool() -> &'static Pool {
@@ -68,13 +70,24 @@ fn pool() -> &'static Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
             threads,
+            started: AtomicUsize::new(0),
         }));
+        let mut spawned = 0;
         for i in 1..threads {
-            let spawned = std::thread::Builder::new()
+            let worker = std::thread::Builder::new()
                 .name(format!("llama4-kernel-{i}"))
-                .spawn(move || pool.work());
+                .spawn(move || {
+                    pool.started.fetch_add(1, Ordering::Release);
+                    pool.work()
+                });
             // Without the thread, calls still complete: the caller claims every task.
-            drop(spawned);
+            spawned += usize::from(worker.is_ok());
+        }
+        // Wait until every worker runs: a thread allocates as it starts (its name, for the
+        // stack-overflow handler), and that should happen here, not during some later call
+        // that is meant to allocate nothing.
+        while pool.started.load(Ordering::Acquire) < spawned {
+            std::thread::yield_now();
         }
         pool
     })

@@ -95,6 +95,24 @@ impl WeightData {
         }
     }
 
+    /// Elements `start .. start + out.len()` widened to f32 into `out`: an embedding row,
+    /// without the allocation of [`Self::slice`] + [`Self::to_f32_vec`].
+    ///
+    /// # Panics
+    /// When the range ends past [`Self::len`].
+    pub fn widen_into(&self, start: usize, out: &mut [f32]) {
+        let range = start..start + out.len();
+        match self {
+            WeightData::F32(b) => out.copy_from_slice(&b[range]),
+            WeightData::BF16(b) => out.iter_mut().zip(&b[range]).for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::F16(b) => out.iter_mut().zip(&b[range]).for_each(|(o, v)| *o = v.to_f32()),
+            WeightData::Quant(q) => {
+                assert!(range.end <= q.len(), "elements {range:?} of {}", q.len());
+                out.iter_mut().zip(range).for_each(|(o, i)| *o = q.value(i));
+            }
+        }
+    }
+
     /// Owned storage of `values` rounded to `dtype` (round to nearest even).
     pub fn from_f32(values: &[f32], dtype: DType) -> Self {
         match dtype {
@@ -254,6 +272,9 @@ pub struct BatchedWeight {
     in_features: usize,
     out_features: usize,
     layout: Layout,
+    /// Each matrix as a [`Weight`] sharing `data`, made once: building one per call would box
+    /// a new `QuantData` for quantised storage, an allocation per expert per decode step.
+    matrices: Box<[Weight]>,
 }
 
 impl BatchedWeight {
@@ -275,13 +296,40 @@ impl BatchedWeight {
             ));
         }
         check_quant_layout(&data, layout, in_features)?;
-        Ok(BatchedWeight {
+        Ok(Self::with_matrices(
+            data,
+            layout,
+            batch,
+            out_features,
+            in_features,
+        ))
+    }
+
+    /// The batch with its per-matrix views (shapes already checked).
+    fn with_matrices(
+        data: WeightData,
+        layout: Layout,
+        batch: usize,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
+        let per = in_features * out_features;
+        let matrices = (0..batch)
+            .map(|i| Weight {
+                data: data.slice(i * per, per),
+                in_features,
+                out_features,
+                layout,
+            })
+            .collect();
+        BatchedWeight {
             data,
             batch,
             in_features,
             out_features,
             layout,
-        })
+            matrices,
+        }
     }
 
     /// Number of matrices.
@@ -332,13 +380,13 @@ impl BatchedWeight {
                 _ => unreachable!("Weight::quantized returns quantised data"),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(BatchedWeight {
-            data: WeightData::Quant(Box::new(QuantData::concat(&parts, spec)?)),
-            batch: self.batch,
-            in_features: self.in_features,
-            out_features: self.out_features,
-            layout: Layout::OutIn,
-        })
+        Ok(Self::with_matrices(
+            WeightData::Quant(Box::new(QuantData::concat(&parts, spec)?)),
+            Layout::OutIn,
+            self.batch,
+            self.out_features,
+            self.in_features,
+        ))
     }
 
     /// Memory layout of each matrix.
@@ -351,18 +399,21 @@ impl BatchedWeight {
     /// # Panics
     /// When `index >= batch()`.
     pub fn get(&self, index: usize) -> Weight {
+        self.matrix(index).clone()
+    }
+
+    /// Matrix `index`, borrowed: unlike [`Self::get`], no clone (which for quantised storage
+    /// allocates).
+    ///
+    /// # Panics
+    /// When `index >= batch()`.
+    pub fn matrix(&self, index: usize) -> &Weight {
         assert!(
             index < self.batch,
             "batch index {index} out of range {}",
             self.batch
         );
-        let per = self.in_features * self.out_features;
-        Weight {
-            data: self.data.slice(index * per, per),
-            in_features: self.in_features,
-            out_features: self.out_features,
-            layout: self.layout,
-        }
+        &self.matrices[index]
     }
 }
 
