@@ -1,10 +1,8 @@
 //! The cache of a whole decoder: one [`LayerCache`] per layer.
 
-use std::ops::Range;
-
 use ndarray::ArrayView3;
 
-use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, Result};
+use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, Result, Segments};
 
 /// One cache per decoder layer, built from the layers' kinds.
 ///
@@ -76,7 +74,7 @@ impl KvCache {
 
     /// Pieces in which layer `layer` must append (and attend) the next `t` tokens; see
     /// [`LayerKind::segments`].
-    pub fn segments(&self, layer: usize, t: usize) -> Result<Vec<Range<usize>>> {
+    pub fn segments(&self, layer: usize, t: usize) -> Result<Segments> {
         Ok(self.layer(layer)?.segments(t))
     }
 

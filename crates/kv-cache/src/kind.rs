@@ -45,20 +45,13 @@ impl LayerKind {
     /// The attention of a chunked layer appends and attends piece by piece: the queries of a
     /// piece only see keys of their own chunk, which the cache holds until the next piece starts
     /// the next chunk.
-    pub fn segments(self, start_pos: usize, t: usize) -> Vec<Range<usize>> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < t {
-            let room = match self {
-                // Positions left in the chunk that `start_pos + i` falls in.
-                LayerKind::Chunked { chunk } if chunk > 0 => chunk - (start_pos.wrapping_add(i) % chunk),
-                _ => t - i,
-            };
-            let end = i + room.min(t - i);
-            out.push(i..end);
-            i = end;
+    pub fn segments(self, start_pos: usize, t: usize) -> Segments {
+        Segments {
+            kind: self,
+            start_pos,
+            t,
+            i: 0,
         }
-        out
     }
 
     /// The keys the attention mask lets the query at absolute position `p` see: `j ≤ p`, and for
@@ -88,6 +81,36 @@ impl LayerKind {
             LayerKind::Chunked { chunk } => cap.min(chunk.max(needed)),
             LayerKind::Global => cap,
         })
+    }
+}
+
+/// The pieces of [`LayerKind::segments`], computed as they are taken (no allocation: this runs
+/// once per layer per decode step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Segments {
+    kind: LayerKind,
+    start_pos: usize,
+    t: usize,
+    /// Start of the next piece.
+    i: usize,
+}
+
+impl Iterator for Segments {
+    type Item = Range<usize>;
+
+    fn next(&mut self) -> Option<Range<usize>> {
+        let (i, t) = (self.i, self.t);
+        if i >= t {
+            return None;
+        }
+        let room = match self.kind {
+            // Positions left in the chunk that `start_pos + i` falls in.
+            LayerKind::Chunked { chunk } if chunk > 0 => chunk - (self.start_pos.wrapping_add(i) % chunk),
+            _ => t - i,
+        };
+        let end = i + room.min(t - i);
+        self.i = end;
+        Some(i..end)
     }
 }
 
@@ -122,11 +145,11 @@ mod tests {
     #[test]
     fn segments_split_at_multiples_of_the_chunk() {
         let k = LayerKind::Chunked { chunk: 4 };
-        assert_eq!(k.segments(0, 0), Vec::<Range<usize>>::new());
-        assert_eq!(k.segments(0, 4), vec![0..4]);
-        assert_eq!(k.segments(2, 7), vec![0..2, 2..6, 6..7]);
-        assert_eq!(k.segments(4, 3), vec![0..3]);
-        assert_eq!(LayerKind::Global.segments(3, 10), vec![0..10]);
+        assert_eq!(k.segments(0, 0).collect::<Vec<_>>(), Vec::<Range<usize>>::new());
+        assert_eq!(k.segments(0, 4).collect::<Vec<_>>(), vec![0..4]);
+        assert_eq!(k.segments(2, 7).collect::<Vec<_>>(), vec![0..2, 2..6, 6..7]);
+        assert_eq!(k.segments(4, 3).collect::<Vec<_>>(), vec![0..3]);
+        assert_eq!(LayerKind::Global.segments(3, 10).collect::<Vec<_>>(), vec![0..10]);
     }
 
     #[test]

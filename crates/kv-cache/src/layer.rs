@@ -1,12 +1,10 @@
 //! The cache of one attention layer.
 
-use std::ops::Range;
-
 use llama4_core::KvView;
 use ndarray::{Array3, ArrayView3, Axis};
 
 use crate::storage::Storage;
-use crate::{CacheSpec, KvError, LayerKind, Result};
+use crate::{CacheSpec, KvError, LayerKind, Result, Segments};
 
 /// Keys and values of one layer as attention reads them.
 #[derive(Clone, Copy, Debug)]
@@ -93,7 +91,7 @@ impl LayerCache {
 
     /// How to split `t` tokens appended next so that no piece crosses a chunk boundary: see
     /// [`LayerKind::segments`].
-    pub fn segments(&self, t: usize) -> Vec<Range<usize>> {
+    pub fn segments(&self, t: usize) -> Segments {
         self.kind.segments(self.next_pos(), t)
     }
 
@@ -337,7 +335,7 @@ mod tests {
             })
         );
         assert_eq!((c.first_pos(), c.held()), (0, 3));
-        assert_eq!(c.segments(2), vec![0..1, 1..2]);
+        assert_eq!(c.segments(2).collect::<Vec<_>>(), vec![0..1, 1..2]);
         push(&mut c, 1).unwrap();
         push(&mut c, 4).unwrap();
         assert_eq!((c.first_pos(), c.held()), (4, 4));

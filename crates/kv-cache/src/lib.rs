@@ -10,7 +10,7 @@ mod storage;
 
 pub use cache::KvCache;
 pub use error::{KvError, Result};
-pub use kind::{capacity_ladder, LayerKind, MIN_CAPACITY};
+pub use kind::{capacity_ladder, LayerKind, Segments, MIN_CAPACITY};
 pub use layer::{LayerCache, LayerView};
 pub use spec::{CacheSpec, MemoryBytes};
 
