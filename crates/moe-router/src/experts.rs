@@ -155,7 +155,7 @@ impl Experts {
         let xv = ArrayView2::from_shape((n, h), x).map_err(shape_err)?;
         kernels::linear_into(
             xv,
-            &self.gate_up_proj.get(expert),
+            self.gate_up_proj.matrix(expert),
             ArrayViewMut2::from_shape((n, 2 * i), &mut *gate_up).map_err(shape_err)?,
         )?;
         // Row r holds [gate | up]; silu(gate)·up is written over the gate half and then packed
@@ -170,15 +170,15 @@ impl Experts {
         let out = &mut scratch.out[..n * h];
         kernels::linear_into(
             act,
-            &self.down_proj.get(expert),
+            self.down_proj.matrix(expert),
             ArrayViewMut2::from_shape((n, h), &mut *out).map_err(shape_err)?,
         )?;
         Ok(out)
     }
 }
 
-/// Views built here are sized from checked lengths; a failure would be a bug, reported as an
-/// error rather than a panic.
-fn shape_err(e: ndarray::ShapeError) -> Error {
-    Error::Core(llama4_core::Error::shape("moe expert", e.to_string()))
+/// Views over this crate's buffers are sized from checked lengths; a failure would be a bug,
+/// reported as an error rather than a panic.
+pub(crate) fn shape_err(e: ndarray::ShapeError) -> Error {
+    Error::Core(llama4_core::Error::shape("moe-router buffer view", e.to_string()))
 }

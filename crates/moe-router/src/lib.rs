@@ -5,7 +5,7 @@
 //!   [`Llama4Router`] is the reference rule (linear, top-k on RAW logits, `sigmoid` weights,
 //!   no renormalisation); [`SoftmaxTopKRouter`] the usual alternative.
 //! - Routing itself is pure functions over plain data ([`sigmoid_top_k`], [`softmax_top_k`],
-//!   [`top_k_into`], [`ExpertGroups`]), testable without weights.
+//!   their in-place `_into` forms, [`top_k_into`], [`ExpertGroups`]), testable without weights.
 //! - [`Experts`]: the fused checkpoint tensors `gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`.
 //! - [`Mlp`]: the dense SwiGLU MLP, used as the shared expert and as the dense feed-forward.
 //! - [`Moe`]: groups tokens by expert, runs each selected expert once over its group, scatters
@@ -13,10 +13,13 @@
 //!   [`WeightPlacement`] says whether the routing weight scales the expert's input (Llama 4)
 //!   or its output. [`RoutingStats`] counts tokens per expert and weight bytes read.
 //! - [`FeedForward`]: the trait a decoder layer holds, implemented by [`Mlp`] and [`Moe`].
+//!   [`FeedForward::forward_into`] writes into a caller's `[T, H]` output and keeps every
+//!   intermediate in a reused [`Scratch`]: once the scratch has served as many tokens, a call
+//!   allocates nothing (as do [`Router::route_into`] and [`ExpertGroups::regroup`] below it).
 //!
 //! ```
 //! use llama4_core::{BatchedWeight, DType, Layout, Weight, WeightData};
-//! use moe_router::{Experts, FeedForward, Llama4Router, Mlp, Moe, WeightPlacement};
+//! use moe_router::{Experts, FeedForward, Llama4Router, Mlp, Moe, Scratch, WeightPlacement};
 //! use ndarray::Array2;
 //!
 //! # fn main() -> moe_router::Result<()> {
@@ -37,6 +40,13 @@
 //! let y = moe.forward(x.view())?;
 //! assert_eq!(y.dim(), (3, h));
 //! assert_eq!(moe.stats().tokens_per_expert().iter().sum::<u64>(), 3);
+//!
+//! // Decoding: one Scratch per sequence, reused by every call.
+//! let mut scratch = Scratch::default();
+//! let mut out = Array2::zeros((1, h));
+//! let token = x.slice(ndarray::s![..1, ..]);
+//! moe.forward_into(token, out.view_mut(), &mut scratch)?;
+//! assert_eq!(out, moe.forward(token)?);
 //! # Ok(())
 //! # }
 //! ```
@@ -47,6 +57,7 @@ mod mlp;
 mod moe;
 mod router;
 mod routing;
+mod scratch;
 mod stats;
 
 pub use error::{Error, Result};
@@ -54,5 +65,9 @@ pub use experts::Experts;
 pub use mlp::{FeedForward, Mlp};
 pub use moe::{Moe, MoeConfig, MoeOutput, WeightPlacement};
 pub use router::{Llama4Router, Router, SoftmaxTopKRouter};
-pub use routing::{sigmoid, sigmoid_top_k, softmax_top_k, top_k, top_k_into, ExpertGroups, Routing};
+pub use routing::{
+    sigmoid, sigmoid_top_k, sigmoid_top_k_into, softmax_top_k, softmax_top_k_into, top_k, top_k_into,
+    ExpertGroups, Routing,
+};
+pub use scratch::Scratch;
 pub use stats::RoutingStats;

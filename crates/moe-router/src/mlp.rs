@@ -4,9 +4,11 @@
 use std::fmt::Debug;
 
 use llama4_core::{kernels, Scope, Weight};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use crate::{Error, Result};
+use crate::experts::shape_err;
+use crate::scratch::{check_output, prefix, standard, with_standard_output, Buffers};
+use crate::{Error, Result, Scratch};
 
 /// A decoder layer's feed-forward block: [`Mlp`], [`crate::Moe`], or a researcher's own.
 pub trait FeedForward: Send + Sync + Debug {
@@ -15,6 +17,27 @@ pub trait FeedForward: Send + Sync + Debug {
     /// # Shapes
     /// `x: [T, H]` → `[T, H]`.
     fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>>;
+
+    /// Like `forward`, writing into `out` (`[T, H]`, overwritten), reusing `scratch`.
+    /// The provided implementation calls `forward` (and so allocates).
+    ///
+    /// [`Mlp`] and [`crate::Moe`] allocate nothing once `scratch` has served as many tokens.
+    /// A wrong `out` shape is an [`Error::Mismatch`].
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `out: [T, H]`.
+    fn forward_into(
+        &self,
+        x: ArrayView2<f32>,
+        mut out: ArrayViewMut2<f32>,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let _ = scratch;
+        let y = self.forward(x)?;
+        check_output(out.dim(), y.nrows(), y.ncols())?;
+        out.assign(&y);
+        Ok(())
+    }
 }
 
 /// SwiGLU MLP: `down_proj(silu(gate_proj x) · up_proj x)`.
@@ -88,6 +111,27 @@ impl Mlp {
     pub fn weight_bytes(&self) -> usize {
         self.gate_proj.nbytes() + self.up_proj.nbytes() + self.down_proj.nbytes()
     }
+
+    /// [`FeedForward::forward`] into the row-major `out` (`T·H`, overwritten), with the
+    /// intermediates in `work`. The same kernel calls as `forward`, so the same bits.
+    pub(crate) fn forward_slice(
+        &self,
+        x: ArrayView2<f32>,
+        out: &mut [f32],
+        work: &mut Buffers,
+    ) -> Result<()> {
+        let (t, i, h) = (x.nrows(), self.intermediate_size(), self.hidden_size());
+        let gate = prefix(&mut work.gate, t * i);
+        let up = prefix(&mut work.up, t * i);
+        let gate_out = ArrayViewMut2::from_shape((t, i), &mut *gate).map_err(shape_err)?;
+        kernels::linear_into(x, &self.gate_proj, gate_out)?;
+        let up_out = ArrayViewMut2::from_shape((t, i), &mut *up).map_err(shape_err)?;
+        kernels::linear_into(x, &self.up_proj, up_out)?;
+        kernels::silu_mul_inplace(gate, up)?;
+        let act = ArrayView2::from_shape((t, i), &*gate).map_err(shape_err)?;
+        let out = ArrayViewMut2::from_shape((t, h), out).map_err(shape_err)?;
+        Ok(kernels::linear_into(act, &self.down_proj, out)?)
+    }
 }
 
 impl FeedForward for Mlp {
@@ -102,5 +146,12 @@ impl FeedForward for Mlp {
         };
         kernels::silu_mul_inplace(g, u)?;
         Ok(kernels::linear(gate.view(), &self.down_proj)?)
+    }
+
+    fn forward_into(&self, x: ArrayView2<f32>, out: ArrayViewMut2<f32>, scratch: &mut Scratch) -> Result<()> {
+        check_output(out.dim(), x.nrows(), self.hidden_size())?;
+        let x = standard(x, &mut scratch.input)?;
+        let work = &mut scratch.work;
+        with_standard_output(out, &mut scratch.output, |out| self.forward_slice(x, out, work))
     }
 }

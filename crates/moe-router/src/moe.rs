@@ -2,11 +2,12 @@
 //! scatter back, add the shared expert.
 
 use llama4_core::{kernels, Scope, Weight};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use crate::experts::ExpertScratch;
+use crate::scratch::{check_output, standard, with_standard_output, Buffers};
 use crate::{
     Error, ExpertGroups, Experts, FeedForward, Llama4Router, Mlp, Result, Router, Routing, RoutingStats,
+    Scratch,
 };
 
 /// Where a routing weight is applied.
@@ -188,17 +189,39 @@ impl Moe {
         let (t, h) = self.check_input(x)?;
         self.check_routing(routing, t)?;
         let groups = ExpertGroups::from_routing(routing);
-        let mut out = match &self.shared_expert {
-            Some(shared) => shared.forward(x)?,
-            None => Array2::zeros((t, h)),
+        let mut out = Array2::zeros((t, h));
+        let Some(os) = out.as_slice_mut() else {
+            unreachable!("a fresh array is contiguous")
         };
         let x = x.as_standard_layout();
-        let (Some(xs), Some(os)) = (x.as_slice(), out.as_slice_mut()) else {
-            unreachable!("standard-layout arrays are contiguous")
+        self.run_groups(x.view(), &groups, os, &mut Buffers::default())?;
+        Ok(out)
+    }
+
+    /// The layer over `x` (standard layout) grouped as `groups`, into the row-major `out`
+    /// (`T·H`, overwritten): the shared expert (or zeros), then each selected expert once over
+    /// its tokens, added in ascending expert order. Updates the statistics.
+    fn run_groups(
+        &self,
+        x: ArrayView2<f32>,
+        groups: &ExpertGroups,
+        out: &mut [f32],
+        work: &mut Buffers,
+    ) -> Result<()> {
+        let (t, h) = x.dim();
+        match &self.shared_expert {
+            Some(shared) => shared.forward_slice(x, out, work)?,
+            None => out.fill(0.0),
+        }
+        let Some(xs) = x.as_slice() else {
+            unreachable!("callers pass standard-layout inputs")
         };
         let input_scaled = self.weight_placement == WeightPlacement::ExpertInput;
-        let mut gathered = Vec::with_capacity(groups.max_len() * h);
-        let mut scratch = ExpertScratch::default();
+        let Buffers {
+            gathered, experts, ..
+        } = work;
+        gathered.clear();
+        gathered.reserve(groups.max_len() * h);
         for e in groups.active_experts() {
             let (tokens, weights) = (groups.tokens(e), groups.weights(e));
             gathered.clear();
@@ -210,9 +233,9 @@ impl Moe {
                     gathered.extend_from_slice(row);
                 }
             }
-            let y = self.experts.run(e, &gathered, tokens.len(), &mut scratch)?;
+            let y = self.experts.run(e, gathered, tokens.len(), experts)?;
             for ((&tok, &w), yr) in tokens.iter().zip(weights).zip(y.chunks_exact(h)) {
-                let orow = &mut os[tok as usize * h..(tok as usize + 1) * h];
+                let orow = &mut out[tok as usize * h..(tok as usize + 1) * h];
                 let scale = if input_scaled { 1.0 } else { w };
                 orow.iter_mut().zip(yr).for_each(|(o, &v)| *o += scale * v);
             }
@@ -221,8 +244,8 @@ impl Moe {
         let bytes = self.router.weight_bytes()
             + self.shared_expert.as_ref().map_or(0, Mlp::weight_bytes)
             + active * self.experts.expert_bytes();
-        self.stats.record(&groups, t, bytes);
-        Ok(out)
+        self.stats.record(groups, t, bytes);
+        Ok(())
     }
 
     /// The reference formula, as transformers computes it: EVERY expert over EVERY token with
@@ -320,6 +343,29 @@ impl FeedForward for Moe {
     /// `x: [T, H]` → `[T, H]`.
     fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         Ok(self.forward_with_routing(x)?.output)
+    }
+
+    /// Routes with [`Router::route_into`] and regroups in place; the routing of the call is
+    /// not returned (use [`Moe::forward_with_routing`] for it).
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `out: [T, H]`.
+    fn forward_into(&self, x: ArrayView2<f32>, out: ArrayViewMut2<f32>, scratch: &mut Scratch) -> Result<()> {
+        let (t, h) = self.check_input(x)?;
+        check_output(out.dim(), t, h)?;
+        let Scratch {
+            input,
+            logits,
+            routing,
+            groups,
+            output,
+            work,
+        } = scratch;
+        let x = standard(x, input)?;
+        self.router.route_into(x, routing, logits)?;
+        self.check_routing(routing, t)?;
+        groups.regroup(routing);
+        with_standard_output(out, output, |out| self.run_groups(x, groups, out, work))
     }
 }
 

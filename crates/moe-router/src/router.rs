@@ -3,9 +3,11 @@
 use std::fmt::Debug;
 
 use llama4_core::{kernels, Scope, Weight};
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
-use crate::routing::{sigmoid_top_k, softmax_top_k};
+use crate::experts::shape_err;
+use crate::routing::{sigmoid_top_k, sigmoid_top_k_into, softmax_top_k, softmax_top_k_into};
+use crate::scratch::prefix;
 use crate::{Error, Result, Routing};
 
 /// Chooses, for every token, which experts run and with what weight.
@@ -27,6 +29,21 @@ pub trait Router: Send + Sync + Debug {
     /// # Shapes
     /// `x: [T, H]` → a [`Routing`] of `T` tokens.
     fn route(&self, x: ArrayView2<f32>) -> Result<Routing>;
+
+    /// Like [`Router::route`], refilling `routing` in place; `buf` is a reusable buffer for the
+    /// logits and temporaries (its contents afterwards are unspecified). On error `routing` is
+    /// left valid but unspecified.
+    ///
+    /// The provided implementation calls `route` (and so allocates). This crate's routers
+    /// allocate nothing once `routing` and `buf` have served as many tokens.
+    ///
+    /// # Shapes
+    /// `x: [T, H]`; `routing` becomes a routing of `T` tokens.
+    fn route_into(&self, x: ArrayView2<f32>, routing: &mut Routing, buf: &mut Vec<f32>) -> Result<()> {
+        let _ = buf;
+        *routing = self.route(x)?;
+        Ok(())
+    }
 
     /// Bytes of stored weights one `route` call reads (for [`crate::RoutingStats`]).
     fn weight_bytes(&self) -> usize {
@@ -58,6 +75,22 @@ impl RouterLinear {
 
     fn logits(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
         Ok(kernels::linear(x, &self.weight)?)
+    }
+
+    /// The logits `[T, E]` written into the first `T·E` entries of `buf`, and the rest of `buf`
+    /// (`extra` entries, stale) for the caller's temporaries.
+    fn logits_into<'b>(
+        &self,
+        x: ArrayView2<f32>,
+        buf: &'b mut Vec<f32>,
+        extra: usize,
+    ) -> Result<(ArrayView2<'b, f32>, &'b mut [f32])> {
+        let (t, e) = (x.nrows(), self.weight.out_features());
+        let (logits, rest) = prefix(buf, t * e + extra).split_at_mut(t * e);
+        let out = ArrayViewMut2::from_shape((t, e), &mut *logits).map_err(shape_err)?;
+        kernels::linear_into(x, &self.weight, out)?;
+        let logits: &'b [f32] = logits;
+        Ok((ArrayView2::from_shape((t, e), logits).map_err(shape_err)?, rest))
     }
 }
 
@@ -115,6 +148,11 @@ impl Router for Llama4Router {
 
     fn route(&self, x: ArrayView2<f32>) -> Result<Routing> {
         sigmoid_top_k(self.logits(x)?.view(), self.top_k)
+    }
+
+    fn route_into(&self, x: ArrayView2<f32>, routing: &mut Routing, buf: &mut Vec<f32>) -> Result<()> {
+        let (logits, _) = self.linear.logits_into(x, buf, 0)?;
+        sigmoid_top_k_into(logits, self.top_k, routing)
     }
 
     fn weight_bytes(&self) -> usize {
@@ -190,6 +228,12 @@ impl Router for SoftmaxTopKRouter {
 
     fn route(&self, x: ArrayView2<f32>) -> Result<Routing> {
         softmax_top_k(self.logits(x)?.view(), self.top_k, self.renormalize)
+    }
+
+    fn route_into(&self, x: ArrayView2<f32>, routing: &mut Routing, buf: &mut Vec<f32>) -> Result<()> {
+        let e = self.linear.weight.out_features();
+        let (logits, probs) = self.linear.logits_into(x, buf, e)?;
+        softmax_top_k_into(logits, self.top_k, self.renormalize, probs, routing)
     }
 
     fn weight_bytes(&self) -> usize {

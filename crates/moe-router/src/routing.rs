@@ -2,14 +2,17 @@
 //! softmax alternative, and grouping tokens by expert. No weights are involved here, so every
 //! function can be tested alone.
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::{Error, Result};
 
 /// The experts chosen for each token and the weight of each choice.
 ///
 /// Stored token-major: token `t` owns slots `t·k .. (t+1)·k`, best-ranked expert first.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// The default value is the empty routing (no tokens, no experts): a placeholder to refill
+/// with [`crate::Router::route_into`], [`sigmoid_top_k_into`] or [`softmax_top_k_into`].
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Routing {
     num_experts: usize,
     top_k: usize,
@@ -38,13 +41,25 @@ impl Routing {
                 got: experts.len() % top_k,
             });
         }
-        for (token, chosen) in experts.chunks_exact(top_k).enumerate() {
+        let routing = Routing {
+            num_experts,
+            top_k,
+            experts,
+            weights,
+        };
+        routing.check_ids()?;
+        Ok(routing)
+    }
+
+    /// Checks that every id is below `num_experts` and that no token names an expert twice.
+    fn check_ids(&self) -> Result<()> {
+        for (token, chosen) in self.experts.chunks_exact(self.top_k).enumerate() {
             for (slot, &e) in chosen.iter().enumerate() {
-                if e as usize >= num_experts {
+                if e as usize >= self.num_experts {
                     return Err(Error::ExpertOutOfRange {
                         token,
                         expert: e as usize,
-                        num_experts,
+                        num_experts: self.num_experts,
                     });
                 }
                 // k is small (1 or 2 in practice): a quadratic scan beats a set.
@@ -56,17 +71,34 @@ impl Routing {
                 }
             }
         }
-        Ok(Routing {
-            num_experts,
-            top_k,
-            experts,
-            weights,
+        Ok(())
+    }
+
+    /// Makes `self` a routing of `tokens` tokens, `top_k` of `num_experts` each, reusing its
+    /// storage; ids and weights are stale until the caller writes them (`top_k` is checked).
+    fn reset(&mut self, num_experts: usize, top_k: usize, tokens: usize) {
+        debug_assert!(check_top_k(top_k, num_experts).is_ok());
+        self.num_experts = num_experts;
+        self.top_k = top_k;
+        self.experts.clear();
+        self.experts.resize(tokens * top_k, 0);
+        self.weights.clear();
+        self.weights.resize(tokens * top_k, 0.0);
+    }
+
+    /// Validates ids written after [`Routing::reset`]; on error leaves an empty routing, so
+    /// that no invalid routing escapes.
+    fn finish(&mut self) -> Result<()> {
+        self.check_ids().inspect_err(|_| {
+            self.experts.clear();
+            self.weights.clear();
         })
     }
 
     /// Number of routed tokens `T`.
     pub fn num_tokens(&self) -> usize {
-        self.experts.len() / self.top_k
+        // k is 0 only in the empty default routing.
+        self.experts.len().checked_div(self.top_k).unwrap_or(0)
     }
 
     /// Experts per token `k`.
@@ -198,21 +230,30 @@ pub fn sigmoid(x: f32) -> f32 {
 /// # Shapes
 /// `logits: [T, E]` → a [`Routing`] of `T` tokens, `k` experts each.
 pub fn sigmoid_top_k(logits: ArrayView2<f32>, k: usize) -> Result<Routing> {
+    let mut routing = Routing::default();
+    sigmoid_top_k_into(logits, k, &mut routing)?;
+    Ok(routing)
+}
+
+/// [`sigmoid_top_k`] refilling `routing` in place: allocates nothing once `routing` has held
+/// as many tokens, when the rows of `logits` are contiguous (strided rows are copied).
+///
+/// # Shapes
+/// `logits: [T, E]`; `routing` becomes a routing of `T` tokens, `k` experts each.
+pub fn sigmoid_top_k_into(logits: ArrayView2<f32>, k: usize, routing: &mut Routing) -> Result<()> {
     let (t, e) = logits.dim();
     check_top_k(k, e)?;
-    let mut experts = vec![0u32; t * k];
-    let mut weights = vec![0f32; t * k];
-    let mut row_buf = Vec::with_capacity(e);
+    routing.reset(e, k, t);
+    let mut row_buf = Vec::new();
     for (ti, row) in logits.rows().into_iter().enumerate() {
-        row_buf.clear();
-        row_buf.extend(row.iter().copied());
-        let slots = &mut experts[ti * k..(ti + 1) * k];
-        top_k_into(&row_buf, slots);
-        for (w, &ei) in weights[ti * k..(ti + 1) * k].iter_mut().zip(slots.iter()) {
-            *w = sigmoid(row_buf[ei as usize]);
+        let row = contiguous(row, &mut row_buf);
+        let slots = &mut routing.experts[ti * k..(ti + 1) * k];
+        top_k_into(row, slots);
+        for (w, &ei) in routing.weights[ti * k..(ti + 1) * k].iter_mut().zip(slots.iter()) {
+            *w = sigmoid(row[ei as usize]);
         }
     }
-    Routing::new(e, k, experts, weights)
+    routing.finish()
 }
 
 /// The softmax alternative (Mixtral / DeepSeek style): per token, the top-k experts by logit,
@@ -222,24 +263,48 @@ pub fn sigmoid_top_k(logits: ArrayView2<f32>, k: usize) -> Result<Routing> {
 /// # Shapes
 /// `logits: [T, E]` → a [`Routing`] of `T` tokens, `k` experts each.
 pub fn softmax_top_k(logits: ArrayView2<f32>, k: usize, renormalize: bool) -> Result<Routing> {
+    let mut routing = Routing::default();
+    let mut probs = vec![0f32; logits.ncols()];
+    softmax_top_k_into(logits, k, renormalize, &mut probs, &mut routing)?;
+    Ok(routing)
+}
+
+/// [`softmax_top_k`] refilling `routing` in place, with `probs` (`E` values, overwritten) as
+/// the per-token temporary: allocates nothing once `routing` has held as many tokens, when
+/// the rows of `logits` are contiguous (strided rows are copied).
+///
+/// # Shapes
+/// `logits: [T, E]`, `probs: [E]`; `routing` becomes a routing of `T` tokens, `k` experts each.
+pub fn softmax_top_k_into(
+    logits: ArrayView2<f32>,
+    k: usize,
+    renormalize: bool,
+    probs: &mut [f32],
+    routing: &mut Routing,
+) -> Result<()> {
     let (t, e) = logits.dim();
     check_top_k(k, e)?;
-    let mut experts = vec![0u32; t * k];
-    let mut weights = vec![0f32; t * k];
-    let mut probs = Vec::with_capacity(e);
+    if probs.len() != e {
+        return Err(Error::Mismatch {
+            what: "softmax temporary length (E)",
+            expected: e,
+            got: probs.len(),
+        });
+    }
+    routing.reset(e, k, t);
+    let mut row_buf = Vec::new();
     for (ti, row) in logits.rows().into_iter().enumerate() {
-        probs.clear();
-        probs.extend(row.iter().copied());
-        let slots = &mut experts[ti * k..(ti + 1) * k];
+        let row = contiguous(row, &mut row_buf);
+        let slots = &mut routing.experts[ti * k..(ti + 1) * k];
         // Select on the logits, not on the probabilities: underflow to 0 would merge ties.
-        top_k_into(&probs, slots);
-        let m = probs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        top_k_into(row, slots);
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for p in probs.iter_mut() {
-            *p = (*p - m).exp();
+        for (p, &l) in probs.iter_mut().zip(row) {
+            *p = (l - m).exp();
             sum += *p;
         }
-        let w = &mut weights[ti * k..(ti + 1) * k];
+        let w = &mut routing.weights[ti * k..(ti + 1) * k];
         for (wi, &ei) in w.iter_mut().zip(slots.iter()) {
             *wi = probs[ei as usize] / sum;
         }
@@ -248,13 +313,27 @@ pub fn softmax_top_k(logits: ArrayView2<f32>, k: usize, renormalize: bool) -> Re
             w.iter_mut().for_each(|wi| *wi /= s);
         }
     }
-    Routing::new(e, k, experts, weights)
+    routing.finish()
+}
+
+/// `row` as a slice: borrowed when contiguous, else copied into `buf`.
+fn contiguous<'a>(row: ArrayView1<'a, f32>, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match row.to_slice() {
+        Some(s) => s,
+        None => {
+            buf.clear();
+            buf.extend(row.iter().copied());
+            buf
+        }
+    }
 }
 
 /// Token assignments grouped by expert (compressed rows): expert `e` owns entries
 /// `offsets[e] .. offsets[e+1]`, each a token index and that token's weight for `e`, tokens in
 /// ascending order. Running expert `e` once over its group is the sparse dispatch.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// The default value groups nothing over no experts; [`ExpertGroups::regroup`] refills it.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExpertGroups {
     offsets: Vec<usize>,
     tokens: Vec<u32>,
@@ -264,8 +343,18 @@ pub struct ExpertGroups {
 impl ExpertGroups {
     /// Groups a routing by expert (a counting sort: `O(T·k + E)`).
     pub fn from_routing(routing: &Routing) -> Self {
+        let mut groups = ExpertGroups::default();
+        groups.regroup(routing);
+        groups
+    }
+
+    /// [`ExpertGroups::from_routing`] in place, reusing `self`'s storage: allocates nothing
+    /// once `self` has held as many experts and assignments.
+    pub fn regroup(&mut self, routing: &Routing) {
         let e = routing.num_experts();
-        let mut offsets = vec![0usize; e + 1];
+        let offsets = &mut self.offsets;
+        offsets.clear();
+        offsets.resize(e + 1, 0);
         for &x in routing.experts() {
             offsets[x as usize + 1] += 1;
         }
@@ -273,26 +362,27 @@ impl ExpertGroups {
             offsets[i + 1] += offsets[i];
         }
         let n = routing.experts().len();
-        let mut tokens = vec![0u32; n];
-        let mut weights = vec![0f32; n];
-        let mut next = offsets[..e].to_vec();
+        self.tokens.clear();
+        self.tokens.resize(n, 0);
+        self.weights.clear();
+        self.weights.resize(n, 0.0);
+        // `offsets[x]` serves as expert x's write cursor; after the pass it has reached the
+        // group's end, `offsets[x + 1]`, so shifting right by one restores the starts.
         let k = routing.top_k();
         for (slot, (&x, &w)) in routing.experts().iter().zip(routing.weights()).enumerate() {
-            let at = &mut next[x as usize];
-            tokens[*at] = (slot / k) as u32;
-            weights[*at] = w;
+            let at = &mut offsets[x as usize];
+            self.tokens[*at] = (slot / k) as u32;
+            self.weights[*at] = w;
             *at += 1;
         }
-        ExpertGroups {
-            offsets,
-            tokens,
-            weights,
-        }
+        offsets.copy_within(0..e, 1);
+        offsets[0] = 0;
     }
 
     /// Number of experts `E`.
     pub fn num_experts(&self) -> usize {
-        self.offsets.len() - 1
+        // `offsets` is empty only in the default value.
+        self.offsets.len().saturating_sub(1)
     }
 
     /// Tokens routed to `expert`, ascending.
