@@ -11,14 +11,17 @@
 //! puts 16 query rows in the lanes of a vector for prefill (many rows per item), where the
 //! arithmetic, not memory, is the limit. The AVX2 and portable paths (one generic body,
 //! [`item_body`]) widen a tile of keys and values to f32 and work row by row: correct, slower.
+//!
+//! Every buffer of a call (work items, partial results, the kernels' working space) lives in
+//! an [`AttentionScratch`] that the caller keeps, so that decoding allocates nothing per step.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use llama4_core::{Error, KvData, KvView, Result};
-use ndarray::{Array3, ArrayView3};
-use rayon::prelude::*;
+use llama4_core::{pool, Error, KvData, KvView, Result};
+use ndarray::{Array3, ArrayView3, ArrayViewMut3};
 
 use crate::MaskKind;
 
@@ -81,7 +84,6 @@ pub enum Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        let supported = supported_isas();
         let forced = std::env::var("IROPE_ATTN_ISA")
             .ok()
             .and_then(|s| match s.as_str() {
@@ -91,30 +93,40 @@ pub fn isa() -> Isa {
                 _ => None,
             });
         match forced {
-            Some(f) if supported.contains(&f) => f,
-            _ => supported[0],
+            Some(f) if is_supported(f) => f,
+            _ => ALL_ISAS
+                .into_iter()
+                .find(|&i| is_supported(i))
+                .unwrap_or(Isa::Portable),
         }
     })
 }
 
+/// Every path, fastest first.
+const ALL_ISAS: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+
 /// Every path this CPU can run, fastest first (tests compare each with the naive twin).
 pub fn supported_isas() -> Vec<Isa> {
-    let mut v = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("fma")
-        {
-            v.push(Isa::Avx512);
+    ALL_ISAS.into_iter().filter(|&i| is_supported(i)).collect()
+}
+
+/// Whether this CPU can run `isa`. Checked on every call: std caches the detection in an
+/// atomic, so this neither allocates nor asks the CPU again.
+fn is_supported(isa: Isa) -> bool {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("fma")
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            v.push(Isa::Avx2);
-        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx512 | Isa::Avx2 => false,
+        Isa::Portable => true,
     }
-    v.push(Isa::Portable);
-    v
 }
 
 /// A stored key/value element.
@@ -127,13 +139,13 @@ trait KvElem: Copy + Send + Sync {
     /// # Safety
     /// As [`avx512::item`].
     #[cfg(target_arch = "x86_64")]
-    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial;
+    unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut avx512::Work, out: Partial);
 }
 
 impl KvElem for f32 {
     #[cfg(target_arch = "x86_64")]
-    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
-        avx512::item(args, it)
+    unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut avx512::Work, out: Partial) {
+        avx512::item(args, it, work, out)
     }
 
     #[inline(always)]
@@ -144,8 +156,8 @@ impl KvElem for f32 {
 
 impl KvElem for bf16 {
     #[cfg(target_arch = "x86_64")]
-    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
-        avx512::item(args, it)
+    unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut avx512::Work, out: Partial) {
+        avx512::item(args, it, work, out)
     }
 
     #[inline(always)]
@@ -160,8 +172,8 @@ impl KvElem for bf16 {
 
 impl KvElem for f16 {
     #[cfg(target_arch = "x86_64")]
-    unsafe fn item_avx512(args: &Args<Self>, it: Item) -> Partial {
-        avx512::item(args, it)
+    unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut avx512::Work, out: Partial) {
+        avx512::item(args, it, work, out)
     }
 
     #[inline(always)]
@@ -230,6 +242,8 @@ fn check(q: &ArrayView3<f32>, k: &KvView, v: &KvView, ctx: &AttnContext) -> Resu
 /// only its chunk). A query that sees no key gets a zero output. K/V may be f32, bf16 or f16;
 /// all arithmetic is f32.
 ///
+/// Allocates its output and working buffers; [`attention_into`] reuses the caller's.
+///
 /// # Shapes
 /// `q: [T, Hq, D]`, `k, v: [Hkv, len, D]` views → `[T, Hq, D]`.
 pub fn attention(q: ArrayView3<f32>, k: &KvView, v: &KvView, ctx: &AttnContext) -> Result<Array3<f32>> {
@@ -251,6 +265,39 @@ pub fn attention_with(
     attention_path(isa, Path::Auto, q, k, v, ctx)
 }
 
+/// [`attention`] writing into `out`, which is overwritten, with the buffers of `scratch`: a
+/// call with no larger shapes than earlier calls on the same scratch allocates nothing.
+///
+/// # Shapes
+/// `q: [T, Hq, D]`, `k, v: [Hkv, len, D]` views, `out: [T, Hq, D]` in standard layout (else
+/// an [`Error::Shape`]).
+pub fn attention_into(
+    q: ArrayView3<f32>,
+    k: &KvView,
+    v: &KvView,
+    ctx: &AttnContext,
+    out: ArrayViewMut3<f32>,
+    scratch: &mut AttentionScratch,
+) -> Result<()> {
+    attention_with_into(isa(), q, k, v, ctx, out, scratch)
+}
+
+/// [`attention_into`] on a chosen instruction-set path, as [`attention_with`].
+///
+/// # Shapes
+/// As [`attention_into`].
+pub fn attention_with_into(
+    isa: Isa,
+    q: ArrayView3<f32>,
+    k: &KvView,
+    v: &KvView,
+    ctx: &AttnContext,
+    out: ArrayViewMut3<f32>,
+    scratch: &mut AttentionScratch,
+) -> Result<()> {
+    attention_path_into(isa, Path::Auto, q, k, v, ctx, out, scratch)
+}
+
 /// [`attention_with`] with a chosen AVX-512 item kernel.
 fn attention_path(
     isa: Isa,
@@ -260,19 +307,165 @@ fn attention_path(
     v: &KvView,
     ctx: &AttnContext,
 ) -> Result<Array3<f32>> {
+    let mut out = Array3::<f32>::zeros(q.dim());
+    attention_path_into(
+        isa,
+        path,
+        q,
+        k,
+        v,
+        ctx,
+        out.view_mut(),
+        &mut AttentionScratch::default(),
+    )?;
+    Ok(out)
+}
+
+/// [`attention_with_into`] with a chosen AVX-512 item kernel.
+#[allow(clippy::too_many_arguments)]
+fn attention_path_into(
+    isa: Isa,
+    path: Path,
+    q: ArrayView3<f32>,
+    k: &KvView,
+    v: &KvView,
+    ctx: &AttnContext,
+    mut out: ArrayViewMut3<f32>,
+    scratch: &mut AttentionScratch,
+) -> Result<()> {
     let dims = check(&q, k, v, ctx)?;
-    let isa = if supported_isas().contains(&isa) {
-        isa
-    } else {
-        Isa::Portable
+    if out.dim() != q.dim() {
+        return Err(Error::shape(
+            "attention",
+            format!("output {:?} for queries {:?}", out.dim(), q.dim()),
+        ));
+    }
+    let Some(o) = out.as_slice_mut() else {
+        return Err(Error::shape(
+            "attention",
+            "output not contiguous in standard layout",
+        ));
     };
-    let q = q.as_standard_layout();
-    let qs = q.as_slice().expect("standard layout");
+    let isa = if is_supported(isa) { isa } else { Isa::Portable };
+    // Queries in another layout are copied into the scratch (moved out meanwhile, as `run`
+    // borrows the rest of it).
+    let mut q_copy = std::mem::take(&mut scratch.q);
+    let qs = match q.as_slice() {
+        Some(qs) => qs,
+        None => {
+            q_copy.clear();
+            q_copy.extend(q.iter());
+            &q_copy
+        }
+    };
     match (k.data, v.data) {
-        (KvData::F32(kd), KvData::F32(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
-        (KvData::BF16(kd), KvData::BF16(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
-        (KvData::F16(kd), KvData::F16(vd)) => Ok(run(isa, path, qs, kd, vd, k, v, dims, ctx)),
+        (KvData::F32(kd), KvData::F32(vd)) => run(isa, path, qs, kd, vd, k, v, dims, ctx, o, scratch),
+        (KvData::BF16(kd), KvData::BF16(vd)) => run(isa, path, qs, kd, vd, k, v, dims, ctx, o, scratch),
+        (KvData::F16(kd), KvData::F16(vd)) => run(isa, path, qs, kd, vd, k, v, dims, ctx, o, scratch),
         _ => unreachable!("dtypes checked equal"),
+    }
+    scratch.q = q_copy;
+    Ok(())
+}
+
+/// Reusable buffers of the attention kernel: pass the same one to every call, and calls
+/// after the first with no larger shapes allocate nothing.
+#[derive(Default)]
+pub struct AttentionScratch {
+    /// Work items before their keys are split.
+    base: Vec<Item>,
+    /// Work items of the call.
+    items: Vec<Item>,
+    /// Partial results, each item at its rows `row0..`: `acc: [rows, D]`, `m, l: [rows]`.
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// Merged running max and sum of each output row, `[T · Hq]`.
+    m_all: Vec<f32>,
+    l_all: Vec<f32>,
+    /// The queries in standard layout, when the caller's are in another.
+    q: Vec<f32>,
+    /// Working space of the item kernels, one per pool task.
+    work: Vec<Work>,
+    /// Not used by the kernel: [`crate::Attention`] keeps its heads' outputs (`[T, Hq, D]`)
+    /// here between the kernel and `o_proj`, so that one scratch serves the whole layer.
+    pub(crate) heads: Vec<f32>,
+}
+
+impl std::fmt::Debug for AttentionScratch {
+    /// Sizes only: the contents are leftovers of the last call.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttentionScratch")
+            .field("items", &self.items.len())
+            .field("partial_floats", &self.acc.len())
+            .field("workers", &self.work.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Working space of the item kernels for one pool task, which runs items one after another.
+///
+/// One per task in the scratch rather than thread-local buffers: tasks are claimed by
+/// whichever thread comes first, so a thread-local buffer would allocate on the first call
+/// that a given thread happens to help with, possibly many calls after the first. Here every
+/// task's space is sized for the call before it starts (see `run`), so whether a call
+/// allocates depends on its shapes only; and the memory belongs to the session that owns
+/// the scratch (freed with it).
+#[derive(Debug, Default)]
+struct Work {
+    body: BodyWork,
+    #[cfg(target_arch = "x86_64")]
+    keys: avx512::Work,
+    #[cfg(target_arch = "x86_64")]
+    rows: rows::Work,
+}
+
+impl Work {
+    /// Sizes the space of `kernel` for items of up to `rows` query rows of dim `d`.
+    fn prepare(&mut self, kernel: Kernel, d: usize, rows: usize) {
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Keys => self.keys.prepare(d, rows),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Rows => self.rows.prepare(d, rows),
+            Kernel::Body => self.body.prepare(d, rows),
+        }
+    }
+}
+
+/// `v` with room for `n` elements in all (`Vec::reserve` counts from the length).
+fn reserve_total<T>(v: &mut Vec<T>, n: usize) {
+    v.reserve(n.saturating_sub(v.len()));
+}
+
+/// `buf` as `n` copies of `x`, as `vec![x; n]` would be, reusing its allocation.
+fn refill<T: Clone>(buf: &mut Vec<T>, n: usize, x: T) -> &mut [T] {
+    buf.clear();
+    buf.resize(n, x);
+    buf
+}
+
+/// A pointer shared by the tasks of one pool call, each of which reaches only its own
+/// disjoint part of the pointee (see the SAFETY comments where it is read).
+struct SyncPtr<T>(*mut T);
+
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SyncPtr<T> {}
+
+// SAFETY: tasks only reach disjoint elements through it (see `run`), and `T` may be sent.
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+// SAFETY: as above; sharing the pointer itself gives no access that `Send` would not.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    fn get(self) -> *mut T {
+        self.0
     }
 }
 
@@ -287,7 +480,8 @@ struct Args<'a, E> {
     ctx: &'a AttnContext<'a>,
 }
 
-/// One unit of parallel work: kv head `g`, query tokens `t0..t1`, key slots `s0..s1`.
+/// One unit of parallel work: kv head `g`, query tokens `t0..t1`, key slots `s0..s1`; its
+/// partial result goes to rows `row0..` of the partial buffers.
 #[derive(Clone, Copy, Debug)]
 struct Item {
     g: usize,
@@ -295,14 +489,16 @@ struct Item {
     t1: usize,
     s0: usize,
     s1: usize,
+    row0: usize,
 }
 
-/// Partial result of an item: unnormalised accumulators with their running max and sum, so
-/// that items that split one query's keys can be merged exactly.
-struct Partial {
-    acc: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
+/// Where an item's kernel writes its partial result, overwriting it: unnormalised
+/// accumulators `acc: [rows, D]` with their running max `m` and sum `l` (`[rows]`), so that
+/// items that split one query's keys can be merged exactly.
+struct Partial<'a> {
+    acc: &'a mut [f32],
+    m: &'a mut [f32],
+    l: &'a mut [f32],
 }
 
 /// Visible key slots `lo..hi` of a query at `pos` (empty when `lo >= hi`).
@@ -313,6 +509,7 @@ fn visible_slots(mask: MaskKind, pos: usize, first_pos: usize, len: usize) -> (u
     (lo, hi)
 }
 
+/// The kernel on checked inputs: `out` (`[T, Hq, D]`) is overwritten.
 #[allow(clippy::too_many_arguments)]
 fn run<E: KvElem>(
     isa: Isa,
@@ -324,7 +521,9 @@ fn run<E: KvElem>(
     v: &KvView,
     dims: Dims,
     ctx: &AttnContext,
-) -> Array3<f32> {
+    out: &mut [f32],
+    scratch: &mut AttentionScratch,
+) {
     let Dims {
         t,
         hq,
@@ -334,9 +533,10 @@ fn run<E: KvElem>(
         first_pos,
     } = dims;
     let rep = dims.group();
-    let mut out = Array3::<f32>::zeros((t, hq, d));
+    // Zero: rows that see no key stay so, and the merge below accumulates here.
+    out.fill(0.0);
     if t == 0 || len == 0 {
-        return out;
+        return;
     }
     let args = Args {
         q,
@@ -351,7 +551,8 @@ fn run<E: KvElem>(
     // Items: kv heads × query blocks; when that leaves threads idle (decoding with few kv
     // heads), the keys of each item are split too and the pieces merged afterwards.
     let tokens_per_item = (ROWS_PER_ITEM / rep).max(1);
-    let mut items = Vec::new();
+    let base = &mut scratch.base;
+    base.clear();
     for g in 0..hkv {
         for t0 in (0..t).step_by(tokens_per_item) {
             let t1 = (t0 + tokens_per_item).min(t);
@@ -364,104 +565,195 @@ fn run<E: KvElem>(
                 }
             }
             if s0 < s1 {
-                items.push(Item { g, t0, t1, s0, s1 });
+                base.push(Item {
+                    g,
+                    t0,
+                    t1,
+                    s0,
+                    s1,
+                    row0: 0,
+                });
             }
         }
     }
-    let threads = rayon::current_num_threads();
-    if items.len() < 2 * threads {
-        let splits = (2 * threads).div_ceil(items.len().max(1));
-        items = items
-            .into_iter()
-            .flat_map(|it| {
-                let n = it.s1 - it.s0;
-                let parts = splits.min(n / MIN_KEYS_PER_SPLIT).max(1);
-                // Split on tile boundaries so each piece reads whole tiles.
-                let step = n.div_ceil(parts).div_ceil(KEY_TILE) * KEY_TILE;
-                (it.s0..it.s1)
-                    .step_by(step)
-                    .map(move |s0| Item {
-                        s0,
-                        s1: (s0 + step).min(it.s1),
-                        ..it
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+    let threads = pool::threads();
+    let base_rows = base.iter().map(|it| (it.t1 - it.t0) * rep).sum::<usize>();
+    let items = &mut scratch.items;
+    items.clear();
+    if base.len() < 2 * threads {
+        let splits = (2 * threads).div_ceil(base.len().max(1));
+        // Room for the most pieces these items can give, so that decoding over a growing
+        // cache does not allocate whenever one more split starts.
+        reserve_total(items, base.len() * splits);
+        reserve_total(&mut scratch.acc, base_rows * splits * d);
+        reserve_total(&mut scratch.m, base_rows * splits);
+        reserve_total(&mut scratch.l, base_rows * splits);
+        for &it in base.iter() {
+            let n = it.s1 - it.s0;
+            let parts = splits.min(n / MIN_KEYS_PER_SPLIT).max(1);
+            // Split on tile boundaries so each piece reads whole tiles.
+            let step = n.div_ceil(parts).div_ceil(KEY_TILE) * KEY_TILE;
+            items.extend((it.s0..it.s1).step_by(step).map(|s0| Item {
+                s0,
+                s1: (s0 + step).min(it.s1),
+                ..it
+            }));
+        }
+    } else {
+        items.extend_from_slice(base);
     }
+    let mut rows_total = 0;
+    for it in items.iter_mut() {
+        it.row0 = rows_total;
+        rows_total += (it.t1 - it.t0) * rep;
+    }
+    // Stale contents are fine: each item's kernel overwrites all of its rows.
+    scratch.acc.resize(rows_total * d, 0.0);
+    scratch.m.resize(rows_total, 0.0);
+    scratch.l.resize(rows_total, 0.0);
 
-    let partials: Vec<(Item, Partial)> = items
-        .par_iter()
-        .map(|&it| (it, run_item(isa, path, &args, it)))
-        .collect();
+    // One task per thread, each claiming items until none is left, with working space of its
+    // own, sized for the largest item of each kernel whichever items the task ends up with.
+    let workers = threads.min(items.len());
+    if scratch.work.len() < threads {
+        scratch.work.resize_with(threads, Work::default);
+    }
+    let mut largest = [(Kernel::Body, 0usize); 3];
+    for it in items.iter() {
+        let rows = (it.t1 - it.t0) * rep;
+        let k = kernel(isa, path, rows);
+        let slot = &mut largest[k as usize];
+        *slot = (k, slot.1.max(rows));
+    }
+    for w in &mut scratch.work {
+        for &(k, rows) in &largest {
+            if rows > 0 {
+                w.prepare(k, d, rows);
+            }
+        }
+    }
+    let items = &scratch.items[..];
+    let next = AtomicUsize::new(0);
+    let work = SyncPtr(scratch.work.as_mut_ptr());
+    let (acc, m, l) = (
+        SyncPtr(scratch.acc.as_mut_ptr()),
+        SyncPtr(scratch.m.as_mut_ptr()),
+        SyncPtr(scratch.l.as_mut_ptr()),
+    );
+    pool::run(workers, &|w| {
+        // SAFETY: `w < workers <= work.len()`, and the pool runs task `w` once: no other
+        // reference to `work[w]` exists while it runs; the vector is not resized meanwhile.
+        let work = unsafe { &mut *work.get().add(w) };
+        while let Some(&it) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            let rows = (it.t1 - it.t0) * rep;
+            // SAFETY: the counter hands each item to one task; items' rows `row0..row0 + rows`
+            // are disjoint and inside the partial buffers, sized to their total above. The
+            // pool returns only after every task has finished, so these borrows end before
+            // the merge reads the buffers.
+            let out = unsafe {
+                Partial {
+                    acc: std::slice::from_raw_parts_mut(acc.get().add(it.row0 * d), rows * d),
+                    m: std::slice::from_raw_parts_mut(m.get().add(it.row0), rows),
+                    l: std::slice::from_raw_parts_mut(l.get().add(it.row0), rows),
+                }
+            };
+            run_item(isa, path, &args, it, work, out);
+        }
+    });
 
     // Merge pieces of the same (head, token) rows with the log-sum-exp rule, then normalise.
-    let mut m_all = vec![f32::NEG_INFINITY; t * hq];
-    let mut l_all = vec![0f32; t * hq];
-    let mut acc_all = vec![0f32; t * hq * d];
-    for (it, p) in &partials {
+    let m_all = refill(&mut scratch.m_all, t * hq, f32::NEG_INFINITY);
+    let l_all = refill(&mut scratch.l_all, t * hq, 0f32);
+    let (p_acc, p_m, p_l) = (&scratch.acc, &scratch.m, &scratch.l);
+    for it in items {
         for ti in 0..it.t1 - it.t0 {
             for r in 0..rep {
-                let row = ti * rep + r;
+                let row = it.row0 + ti * rep + r;
                 let dst = (it.t0 + ti) * hq + it.g * rep + r;
-                let (m1, m2) = (m_all[dst], p.m[row]);
+                let (m1, m2) = (m_all[dst], p_m[row]);
                 if m2 == f32::NEG_INFINITY {
                     continue;
                 }
                 let m = m1.max(m2);
                 let (a1, a2) = ((m1 - m).exp(), (m2 - m).exp());
-                l_all[dst] = l_all[dst] * a1 + p.l[row] * a2;
-                let acc = &mut acc_all[dst * d..(dst + 1) * d];
-                for (x, &y) in acc.iter_mut().zip(&p.acc[row * d..(row + 1) * d]) {
+                l_all[dst] = l_all[dst] * a1 + p_l[row] * a2;
+                let acc = &mut out[dst * d..(dst + 1) * d];
+                for (x, &y) in acc.iter_mut().zip(&p_acc[row * d..(row + 1) * d]) {
                     *x = *x * a1 + y * a2;
                 }
                 m_all[dst] = m;
             }
         }
     }
-    let o = out.as_slice_mut().expect("fresh array");
     for (row, &l) in l_all.iter().enumerate() {
+        let o = &mut out[row * d..(row + 1) * d];
         if l > 0.0 {
             let inv = 1.0 / l;
-            for (y, &x) in o[row * d..(row + 1) * d]
-                .iter_mut()
-                .zip(&acc_all[row * d..(row + 1) * d])
-            {
-                *y = x * inv;
+            for y in o {
+                *y *= inv;
             }
+        } else {
+            // Accumulated from nothing (or from non-finite scores): no key seen.
+            o.fill(0.0);
         }
     }
-    out
 }
 
-fn run_item<E: KvElem>(isa: Isa, path: Path, args: &Args<E>, it: Item) -> Partial {
+/// The item kernels, as far as their working space goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// [`avx512::item`].
+    #[cfg(target_arch = "x86_64")]
+    Keys,
+    /// [`rows::item`].
+    #[cfg(target_arch = "x86_64")]
+    Rows,
+    /// [`item_body`] (AVX2 and portable).
+    Body,
+}
+
+/// The kernel that runs an item of `rows` query rows.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+fn kernel(isa: Isa, path: Path, rows: usize) -> Kernel {
     match isa {
-        // SAFETY (both AVX-512 kernels and AVX2): `attention_path` only selects a path that
-        // `supported_isas` detected.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
-            let rows = (it.t1 - it.t0) * args.dims.group();
             let by_rows = match path {
                 Path::Auto => rows >= MIN_ROWS_FOR_ROWS_KERNEL,
                 Path::Keys => false,
                 Path::Rows => true,
             };
             if by_rows {
-                unsafe { rows::item(args, it) }
+                Kernel::Rows
             } else {
-                unsafe { E::item_avx512(args, it) }
+                Kernel::Keys
             }
         }
+        _ => Kernel::Body,
+    }
+}
+
+fn run_item<E: KvElem>(isa: Isa, path: Path, args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
+    let rows = (it.t1 - it.t0) * args.dims.group();
+    match kernel(isa, path, rows) {
+        // SAFETY (both AVX-512 kernels, and AVX2 below): `kernel` picks them for
+        // `Isa::Avx512` only, and `attention_path_into` passes an ISA only if `is_supported`.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { item_avx2(args, it) },
-        _ => item_body::<E, Portable>(args, it),
+        Kernel::Rows => unsafe { rows::item(args, it, &mut work.rows, out) },
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Keys => unsafe { E::item_avx512(args, it, &mut work.keys, out) },
+        Kernel::Body => match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { item_avx2(args, it, &mut work.body, out) },
+            _ => item_body::<E, Portable>(args, it, &mut work.body, out),
+        },
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
-    item_body::<E, x86::Avx2>(args, it)
+unsafe fn item_avx2<E: KvElem>(args: &Args<E>, it: Item, work: &mut BodyWork, out: Partial) {
+    item_body::<E, x86::Avx2>(args, it, work, out)
 }
 
 /// The arithmetic that differs between instruction sets. Implementations are only ever
@@ -637,8 +929,34 @@ pub(crate) fn exp_neg(x: f32) -> f32 {
     }
 }
 
+/// Working space of [`item_body`].
+#[derive(Debug, Default)]
+struct BodyWork {
+    /// Scaled queries, `[rows, D]`.
+    q: Vec<f32>,
+    /// Visible key slots of each token, within the item's slots.
+    vis: Vec<(usize, usize)>,
+    /// A tile of keys and of values, widened: `[KEY_TILE, D]`.
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl BodyWork {
+    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, all
+    /// zeroed. Once done for the largest item of a call (see `run`), doing it for any item of
+    /// the call allocates nothing.
+    fn prepare(&mut self, d: usize, rows: usize) {
+        refill(&mut self.q, rows * d, 0f32);
+        // One range per token: at most one per row.
+        self.vis.clear();
+        self.vis.reserve(rows);
+        refill(&mut self.k, KEY_TILE * d, 0f32);
+        refill(&mut self.v, KEY_TILE * d, 0f32);
+    }
+}
+
 #[inline(always)]
-fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item) -> Partial {
+fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut BodyWork, out: Partial) {
     let Dims {
         hq,
         d,
@@ -651,8 +969,13 @@ fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item) -> Partial {
     let nt = it.t1 - it.t0;
     let rows = nt * rep;
 
-    let mut qbuf = vec![0f32; rows * d];
-    let mut vis = Vec::with_capacity(nt);
+    work.prepare(d, rows);
+    let BodyWork {
+        q: qbuf,
+        vis,
+        k: kbuf,
+        v: vbuf,
+    } = work;
     for ti in 0..nt {
         let t = it.t0 + ti;
         let (lo, hi) = visible_slots(ctx.mask, ctx.positions[t], first_pos, len);
@@ -666,11 +989,10 @@ fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item) -> Partial {
         }
     }
 
-    let mut m = vec![f32::NEG_INFINITY; rows];
-    let mut l = vec![0f32; rows];
-    let mut acc = vec![0f32; rows * d];
-    let mut kbuf = vec![0f32; KEY_TILE * d];
-    let mut vbuf = vec![0f32; KEY_TILE * d];
+    let Partial { acc, m, l } = out;
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    acc.fill(0.0);
     let mut s = [0f32; KEY_TILE];
     let kh = &args.k[it.g * args.k_stride..];
     let vh = &args.v[it.g * args.v_stride..];
@@ -709,7 +1031,6 @@ fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item) -> Partial {
             }
         }
     }
-    Partial { acc, m, l }
 }
 
 /// Element `(h, j, i)` of a view as f32.
@@ -805,5 +1126,232 @@ mod tests {
         // A view holding positions 0..24 for a query at 19 sees slots 16..=19.
         assert_eq!(visible_slots(m, 19, 0, 24), (16, 20));
         assert_eq!(visible_slots(MaskKind::Causal, 5, 10, 4), (0, 0));
+    }
+
+    /// Deterministic values in `[-1, 1)` (a 64-bit LCG's top bits).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// One call's inputs: `t` tokens ending at the last of `len` cached keys (from position
+    /// `first_pos`), `hkv × rep` query heads of dim `d`.
+    struct Shape {
+        t: usize,
+        hkv: usize,
+        rep: usize,
+        d: usize,
+        len: usize,
+        first_pos: usize,
+        mask: MaskKind,
+        dtype: u8,
+    }
+
+    impl AttentionScratch {
+        /// NaN (or nonsense) in every buffer: a call must not read what an earlier one left.
+        fn poison(&mut self) {
+            let junk = Item {
+                g: usize::MAX,
+                t0: 1,
+                t1: 0,
+                s0: 1,
+                s1: 0,
+                row0: usize::MAX,
+            };
+            self.base.fill(junk);
+            self.items.fill(junk);
+            for x in [
+                &mut self.acc,
+                &mut self.m,
+                &mut self.l,
+                &mut self.m_all,
+                &mut self.l_all,
+                &mut self.q,
+            ] {
+                x.fill(f32::NAN);
+            }
+            for w in &mut self.work {
+                w.body.q.fill(f32::NAN);
+                w.body.vis.fill((usize::MAX, 0));
+                w.body.k.fill(f32::NAN);
+                w.body.v.fill(f32::NAN);
+                #[cfg(target_arch = "x86_64")]
+                {
+                    w.keys.poison();
+                    w.rows.poison();
+                }
+            }
+        }
+    }
+
+    /// `attention_path_into` on `scratch` (poisoned first), into an output filled with NaNs,
+    /// against `attention_path` (fresh buffers), bit for bit, on every path this CPU runs.
+    fn into_matches_fresh(sh: &Shape, seed: u64, scratch: &mut AttentionScratch) {
+        let hq = sh.hkv * sh.rep;
+        let q = Array3::from_shape_vec((sh.t, hq, sh.d), values(sh.t * hq * sh.d, seed)).unwrap();
+        let stride = (sh.len + 3) * sh.d;
+        let kf = values(sh.hkv * stride, seed + 1);
+        let vf = values(sh.hkv * stride, seed + 2);
+        let (kb, vb): (Vec<bf16>, Vec<bf16>) = (
+            kf.iter().map(|&x| bf16::from_f32(x)).collect(),
+            vf.iter().map(|&x| bf16::from_f32(x)).collect(),
+        );
+        let (kh, vh): (Vec<f16>, Vec<f16>) = (
+            kf.iter().map(|&x| f16::from_f32(x)).collect(),
+            vf.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let (kd, vd) = match sh.dtype {
+            0 => (KvData::F32(&kf), KvData::F32(&vf)),
+            1 => (KvData::BF16(&kb), KvData::BF16(&vb)),
+            _ => (KvData::F16(&kh), KvData::F16(&vh)),
+        };
+        let k = KvView {
+            data: kd,
+            heads: sh.hkv,
+            len: sh.len,
+            head_dim: sh.d,
+            head_stride: stride,
+            first_pos: sh.first_pos,
+        };
+        let v = KvView { data: vd, ..k };
+        let last = sh.first_pos + sh.len - 1;
+        let positions: Vec<usize> = (last + 1 - sh.t..=last).collect();
+        let ctx = AttnContext {
+            positions: &positions,
+            mask: sh.mask,
+            scale: 1.0 / (sh.d as f32).sqrt(),
+        };
+        for isa in supported_isas() {
+            let paths: &[Path] = if isa == Isa::Avx512 {
+                &[Path::Auto, Path::Keys, Path::Rows]
+            } else {
+                &[Path::Auto]
+            };
+            for &path in paths {
+                let want = attention_path(isa, path, q.view(), &k, &v, &ctx).unwrap();
+                let mut got = Array3::from_elem((sh.t, hq, sh.d), f32::NAN);
+                scratch.poison();
+                attention_path_into(isa, path, q.view(), &k, &v, &ctx, got.view_mut(), scratch).unwrap();
+                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{isa:?} {path:?}, t {} len {} d {}", sh.t, sh.len, sh.d);
+            }
+        }
+    }
+
+    #[test]
+    fn into_with_reused_scratch_is_bitwise_fresh() {
+        let prefill = |t, d, mask, dtype| Shape {
+            t,
+            hkv: 2,
+            rep: 4,
+            d,
+            len: t + 40,
+            first_pos: 0,
+            mask,
+            dtype,
+        };
+        let decode = |t, hkv, rep, d, len, dtype| Shape {
+            t,
+            hkv,
+            rep,
+            d,
+            len,
+            first_pos: 7,
+            mask: MaskKind::Causal,
+            dtype,
+        };
+        // Larger, then smaller, then larger again (other dims and dtypes), so that stale
+        // contents of any reused buffer would show.
+        let shapes = [
+            prefill(150, 128, MaskKind::Chunked(64), 1),
+            decode(1, 4, 4, 64, 300, 0),
+            // One kv head: keys split between threads.
+            decode(3, 1, 5, 67, 3000, 2),
+            prefill(20, 16, MaskKind::Causal, 0),
+            decode(4, 4, 4, 64, 300, 1),
+            prefill(170, 67, MaskKind::Causal, 2),
+            decode(2, 2, 8, 128, 2500, 1),
+        ];
+        let mut scratch = AttentionScratch::default();
+        for (i, sh) in shapes.iter().enumerate() {
+            into_matches_fresh(sh, 10 * i as u64, &mut scratch);
+        }
+    }
+
+    #[test]
+    fn into_rejects_bad_outputs() {
+        let (t, hq, d) = (2, 4, 8);
+        let q = Array3::from_shape_vec((t, hq, d), values(t * hq * d, 1)).unwrap();
+        let kv = values(2 * 5 * d, 2);
+        let k = KvView {
+            data: KvData::F32(&kv),
+            heads: 2,
+            len: 5,
+            head_dim: d,
+            head_stride: 5 * d,
+            first_pos: 0,
+        };
+        let ctx = AttnContext {
+            positions: &[3, 4],
+            mask: MaskKind::Causal,
+            scale: 1.0,
+        };
+        let mut scratch = AttentionScratch::default();
+        let mut call = |out: ArrayViewMut3<f32>| attention_into(q.view(), &k, &k, &ctx, out, &mut scratch);
+        let mut wrong = Array3::<f32>::zeros((t, hq, d + 1));
+        assert!(matches!(call(wrong.view_mut()), Err(Error::Shape { .. })));
+        let mut short = Array3::<f32>::zeros((t - 1, hq, d));
+        assert!(matches!(call(short.view_mut()), Err(Error::Shape { .. })));
+        // The right shape, but transposed (`[D, Hq, T]` memory) and strided.
+        let mut transposed = Array3::<f32>::zeros((d, hq, t));
+        let view = transposed.view_mut().reversed_axes();
+        assert_eq!(view.dim(), (t, hq, d));
+        assert!(matches!(call(view), Err(Error::Shape { .. })));
+        let mut wide = Array3::<f32>::zeros((t, hq, 2 * d));
+        let view = wide.slice_mut(ndarray::s![.., .., ..;2]);
+        assert!(matches!(call(view), Err(Error::Shape { .. })));
+        let mut good = Array3::<f32>::zeros((t, hq, d));
+        call(good.view_mut()).unwrap();
+        assert_eq!(good, attention(q.view(), &k, &k, &ctx).unwrap());
+    }
+
+    #[test]
+    fn into_takes_queries_in_any_layout() {
+        let (t, hq, d) = (3, 4, 16);
+        // `[D, Hq, T]` in memory, seen as `[T, Hq, D]`.
+        let qt = Array3::from_shape_vec((d, hq, t), values(t * hq * d, 5)).unwrap();
+        let q = qt.view().reversed_axes();
+        let kv = values(2 * 9 * d, 6);
+        let k = KvView {
+            data: KvData::F32(&kv),
+            heads: 2,
+            len: 9,
+            head_dim: d,
+            head_stride: 9 * d,
+            first_pos: 0,
+        };
+        let ctx = AttnContext {
+            positions: &[6, 7, 8],
+            mask: MaskKind::Causal,
+            scale: 0.25,
+        };
+        let want = attention(q.as_standard_layout().view(), &k, &k, &ctx).unwrap();
+        let mut scratch = AttentionScratch::default();
+        let mut got = Array3::<f32>::zeros((t, hq, d));
+        attention_into(q, &k, &k, &ctx, got.view_mut(), &mut scratch).unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn scratch_is_send() {
+        fn send<T: Send>(_: &T) {}
+        send(&AttentionScratch::default());
     }
 }

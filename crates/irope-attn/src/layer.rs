@@ -1,12 +1,13 @@
 //! The attention layer of a Llama 4 text decoder layer: projections, RoPE or NoPE treatment of
 //! the queries and keys, the kernel, and the output projection.
 
-use llama4_core::kernels::{linear, rms_norm_inplace};
+use llama4_core::kernels::{linear_into, rms_norm_inplace};
 use llama4_core::{Error, KvData, KvView, Result, Scope, Weight};
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3};
+use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
+use crate::kernel::{attention_into, AttentionScratch};
 use crate::rope::temperature;
-use crate::{attention, AttnConfig, AttnContext, LayerKind, MaskKind, Rope};
+use crate::{AttnConfig, AttnContext, LayerKind, MaskKind, Rope};
 
 /// A linear map with an optional bias.
 #[derive(Clone, Debug)]
@@ -27,18 +28,41 @@ impl Linear {
         Ok(Linear { weight, bias })
     }
 
-    fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
-        let mut y = linear(x, &self.weight)?;
+    /// # Shapes
+    /// `x: [T, in]`, `y: [T, out]` (overwritten).
+    fn forward_into(&self, x: ArrayView2<f32>, mut y: ArrayViewMut2<f32>) -> Result<()> {
+        linear_into(x, &self.weight, y.view_mut())?;
         if let Some(b) = &self.bias {
             y += b;
         }
-        Ok(y)
+        Ok(())
     }
+}
+
+/// Makes `a` a standard-layout array of `shape`, reusing its allocation (contents unspecified).
+fn reuse3(a: &mut Array3<f32>, shape: (usize, usize, usize)) {
+    if a.dim() == shape && a.is_standard_layout() {
+        return;
+    }
+    let (mut data, _) = std::mem::take(a).into_raw_vec_and_offset();
+    data.clear();
+    data.resize(shape.0 * shape.1 * shape.2, 0.0);
+    *a = Array3::from_shape_vec(shape, data).expect("length matches the shape");
+}
+
+/// `a` viewed as `[T, heads · D]` (it is standard layout: see [`reuse3`]).
+fn flat_rows(a: &mut Array3<f32>) -> Result<ArrayViewMut2<'_, f32>> {
+    let (t, n, d) = a.dim();
+    a.view_mut()
+        .into_shape_with_order((t, n * d))
+        .map_err(|e| Error::shape("Attention::project", e.to_string()))
 }
 
 /// Queries, keys and values of a batch of tokens, ready for the cache and the kernel: RoPE
 /// and QK norm applied (RoPE layers), temperature applied to `q` (NoPE layers).
-#[derive(Clone, Debug)]
+///
+/// [`Attention::project_into`] refills one in place; the default value is empty.
+#[derive(Clone, Debug, Default)]
 pub struct Projected {
     /// `[T, Hq, D]`.
     pub q: Array3<f32>,
@@ -124,6 +148,17 @@ impl Attention {
     /// # Shapes
     /// `x: [T, H]` (already normed), `positions: [T]` → q `[T, Hq, D]`, k, v `[T, Hkv, D]`.
     pub fn project(&self, x: ArrayView2<f32>, positions: &[usize]) -> Result<Projected> {
+        let mut p = Projected::default();
+        self.project_into(x, positions, &mut p)?;
+        Ok(p)
+    }
+
+    /// [`Attention::project`] into `out`, whose arrays are reshaped in place: once they have
+    /// held `T` tokens, calls with up to `T` tokens allocate nothing.
+    ///
+    /// # Shapes
+    /// As [`Attention::project`].
+    pub fn project_into(&self, x: ArrayView2<f32>, positions: &[usize], out: &mut Projected) -> Result<()> {
         let c = &self.cfg;
         let t = x.nrows();
         if positions.len() != t || x.ncols() != c.hidden_size {
@@ -138,13 +173,13 @@ impl Attention {
             ));
         }
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let heads = |a: Array2<f32>, n: usize| {
-            a.into_shape_with_order((t, n, d))
-                .map_err(|e| Error::shape("Attention::project", e.to_string()))
-        };
-        let mut q = heads(self.q_proj.forward(x)?, hq)?;
-        let mut k = heads(self.k_proj.forward(x)?, hkv)?;
-        let v = heads(self.v_proj.forward(x)?, hkv)?;
+        let Projected { q, k, v } = out;
+        reuse3(q, (t, hq, d));
+        reuse3(k, (t, hkv, d));
+        reuse3(v, (t, hkv, d));
+        self.q_proj.forward_into(x, flat_rows(q)?)?;
+        self.k_proj.forward_into(x, flat_rows(k)?)?;
+        self.v_proj.forward_into(x, flat_rows(v)?)?;
         match self.kind {
             LayerKind::Rope => {
                 if let Some(rope) = &self.rope {
@@ -153,13 +188,13 @@ impl Attention {
                 }
                 if c.use_qk_norm {
                     // Per head, no weight, eps = rms_norm_eps, after RoPE.
-                    for a in [&mut q, &mut k] {
+                    for a in [q, k] {
                         let n = a.len() / d;
-                        let mut rows = a
+                        let rows = a
                             .view_mut()
                             .into_shape_with_order((n, d))
                             .map_err(|e| Error::shape("Attention::project", e.to_string()))?;
-                        rms_norm_inplace(rows.view_mut(), None, c.rms_norm_eps)?;
+                        rms_norm_inplace(rows, None, c.rms_norm_eps)?;
                     }
                 }
             }
@@ -171,7 +206,7 @@ impl Attention {
                 }
             }
         }
-        Ok(Projected { q, k, v })
+        Ok(())
     }
 
     /// Attention of `q` over cached keys and values, then the output projection.
@@ -189,8 +224,35 @@ impl Attention {
         k: &KvView,
         v: &KvView,
     ) -> Result<Array2<f32>> {
+        let mut out = Array2::zeros((q.dim().0, self.cfg.hidden_size));
+        self.attend_into(
+            q,
+            positions,
+            k,
+            v,
+            out.view_mut(),
+            &mut AttentionScratch::default(),
+        )?;
+        Ok(out)
+    }
+
+    /// [`Attention::attend`] writing into `out` (overwritten), with the kernel's and the head
+    /// outputs' buffers in `scratch`: once warmed up to `T` tokens, calls allocate nothing.
+    ///
+    /// # Shapes
+    /// `q: [T, Hq, D]`, `positions: [T]`, `k, v: [Hkv, len, D]` views, `out: [T, H]`.
+    pub fn attend_into(
+        &self,
+        q: ArrayView3<f32>,
+        positions: &[usize],
+        k: &KvView,
+        v: &KvView,
+        out: ArrayViewMut2<f32>,
+        scratch: &mut AttentionScratch,
+    ) -> Result<()> {
         let c = &self.cfg;
-        if q.dim().1 != c.num_attention_heads || q.dim().2 != c.head_dim || k.heads != c.num_key_value_heads {
+        let (t, hq, d) = q.dim();
+        if hq != c.num_attention_heads || d != c.head_dim || k.heads != c.num_key_value_heads {
             return Err(Error::shape(
                 "Attention::attend",
                 format!("q {:?}, {} kv heads, config {:?}", q.dim(), k.heads, c),
@@ -201,12 +263,34 @@ impl Attention {
             mask: self.mask,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let o = attention(q, k, v, &ctx)?;
-        let t = o.dim().0;
-        let o = o
-            .into_shape_with_order((t, c.num_attention_heads * c.head_dim))
-            .map_err(|e| Error::shape("Attention::attend", e.to_string()))?;
-        self.o_proj.forward(o.view())
+        // The heads' outputs live in the scratch between the kernel and `o_proj`; they are moved
+        // out for the kernel call, which borrows the rest of the scratch.
+        let mut heads = std::mem::take(&mut scratch.heads);
+        heads.clear();
+        heads.resize(t * hq * d, 0.0);
+        let result = self.attend_heads(q, k, v, &ctx, &mut heads, out, scratch);
+        scratch.heads = heads;
+        result
+    }
+
+    /// The kernel into `heads` (`[T, Hq, D]`), then `o_proj` into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_heads(
+        &self,
+        q: ArrayView3<f32>,
+        k: &KvView,
+        v: &KvView,
+        ctx: &AttnContext,
+        heads: &mut [f32],
+        out: ArrayViewMut2<f32>,
+        scratch: &mut AttentionScratch,
+    ) -> Result<()> {
+        let (t, hq, d) = q.dim();
+        let shape_err = |e: ndarray::ShapeError| Error::shape("Attention::attend", e.to_string());
+        let view = ArrayViewMut3::from_shape((t, hq, d), &mut *heads).map_err(shape_err)?;
+        attention_into(q, k, v, ctx, view, scratch)?;
+        let flat = ArrayView2::from_shape((t, hq * d), &*heads).map_err(shape_err)?;
+        self.o_proj.forward_into(flat, out)
     }
 
     /// The whole layer over a sequence at positions `start_pos..start_pos + T` with no cache:

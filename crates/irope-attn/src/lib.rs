@@ -23,7 +23,10 @@ mod mask;
 mod rope;
 
 pub use config::{AttnConfig, LayerKind, RopeConfig, RopeScaling};
-pub use kernel::{attention, attention_naive, attention_with, isa, supported_isas, AttnContext, Isa};
+pub use kernel::{
+    attention, attention_into, attention_naive, attention_with, attention_with_into, isa, supported_isas,
+    AttentionScratch, AttnContext, Isa,
+};
 pub use layer::{Attention, Projected};
 pub use mask::MaskKind;
 pub use rope::{temperature, Rope};

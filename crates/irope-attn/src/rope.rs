@@ -98,17 +98,22 @@ impl Rope {
                 ),
             ));
         }
-        let half = d / 2;
-        let mut cs = vec![(0f32, 0f32); half];
+        // Angles for a block of pairs at a time, on the stack: this runs for q and k of every
+        // RoPE layer at every decode step.
+        const PAIRS: usize = 32;
+        let mut cs = [(0f32, 0f32); PAIRS];
         for (mut row, &pos) in x.outer_iter_mut().zip(positions) {
-            for (j, c) in cs.iter_mut().enumerate() {
-                *c = self.cos_sin(pos, j);
-            }
-            for mut head in row.outer_iter_mut() {
-                for (j, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = (head[2 * j], head[2 * j + 1]);
-                    head[2 * j] = a * c - b * s;
-                    head[2 * j + 1] = a * s + b * c;
+            for j0 in (0..d / 2).step_by(PAIRS) {
+                let n = PAIRS.min(d / 2 - j0);
+                for (j, c) in cs[..n].iter_mut().enumerate() {
+                    *c = self.cos_sin(pos, j0 + j);
+                }
+                for mut head in row.outer_iter_mut() {
+                    for (j, &(c, s)) in (j0..).zip(&cs[..n]) {
+                        let (a, b) = (head[2 * j], head[2 * j + 1]);
+                        head[2 * j] = a * c - b * s;
+                        head[2 * j + 1] = a * s + b * c;
+                    }
                 }
             }
         }

@@ -22,7 +22,7 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{exp_neg, visible_slots, Args, Item, KvElem, Partial};
+use super::{exp_neg, refill, visible_slots, Args, Item, KvElem, Partial};
 
 /// Keys per tile (the generic body's, on which decoding splits keys between threads).
 const TILE: usize = super::KEY_TILE;
@@ -100,32 +100,70 @@ impl Elem for f16 {
     }
 }
 
-/// Per-item state shared by the row blocks.
-struct State<'a, E> {
-    args: &'a Args<'a, E>,
-    /// Dims rounded up to whole 32-element blocks.
-    dp: usize,
+/// Working space of [`item`], reused from item to item.
+#[derive(Debug, Default)]
+pub(super) struct Work {
     /// Load mask of each 32-element block of a head vector.
     masks: Vec<__mmask32>,
     /// Scaled queries, `[rows, dp]` in slot order.
     q: Vec<f32>,
     /// Visible key slots of each row, within the item's slots.
     vis: Vec<(usize, usize)>,
-    m: Vec<f32>,
-    l: Vec<f32>,
     /// Unnormalised outputs, `[rows, dp]` in slot order.
     acc: Vec<f32>,
+}
+
+impl Work {
+    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, queries
+    /// and accumulators zeroed. Once done for the largest item of a call (see `run`), doing it
+    /// for any item of the call allocates nothing.
+    pub(super) fn prepare(&mut self, d: usize, rows: usize) {
+        let nb = d.div_ceil(32);
+        self.masks.clear();
+        self.masks.reserve(nb);
+        refill(&mut self.q, rows * nb * 32, 0f32);
+        self.vis.clear();
+        self.vis.reserve(rows);
+        refill(&mut self.acc, rows * nb * 32, 0f32);
+    }
+
+    /// Garbage in every buffer (tests: a call must not read what an earlier one left).
+    #[cfg(test)]
+    pub(super) fn poison(&mut self) {
+        self.masks.fill(0x5555_5555);
+        self.q.fill(f32::NAN);
+        self.vis.fill((usize::MAX, 0));
+        self.acc.fill(f32::NAN);
+    }
+}
+
+/// Per-item state shared by the row blocks.
+struct State<'a, E> {
+    args: &'a Args<'a, E>,
+    /// Dims rounded up to whole 32-element blocks.
+    dp: usize,
+    /// Load mask of each 32-element block of a head vector.
+    masks: &'a [__mmask32],
+    /// Scaled queries, `[rows, dp]` in slot order.
+    q: &'a [f32],
+    /// Visible key slots of each row, within the item's slots.
+    vis: &'a [(usize, usize)],
+    /// Running max and sum of each row (the item's partial result).
+    m: &'a mut [f32],
+    l: &'a mut [f32],
+    /// Unnormalised outputs, `[rows, dp]` in slot order.
+    acc: &'a mut [f32],
     /// First key of the head.
     kh: *const E,
     vh: *const E,
 }
 
-/// One item on AVX-512 (see the module doc).
+/// One item on AVX-512 (see the module doc), its result written to `out`.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL and FMA; `args` passed `check` and `it` lies inside the views.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) unsafe fn item<E: Elem>(args: &Args<E>, it: Item) -> Partial {
+pub(super) unsafe fn item<E: Elem>(args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
     let d = args.dims.d;
     let hq = args.dims.hq;
     let rep = args.dims.group();
@@ -134,19 +172,17 @@ pub(super) unsafe fn item<E: Elem>(args: &Args<E>, it: Item) -> Partial {
     let rows = nt * rep;
     let nb = d.div_ceil(32);
     let dp = nb * 32;
-    let masks = (0..nb)
-        .map(|b| {
-            let n = (d - 32 * b).min(32);
-            if n == 32 {
-                !0
-            } else {
-                (1u32 << n) - 1
-            }
-        })
-        .collect();
+    work.prepare(d, rows);
+    let Work { masks, q, vis, acc } = work;
+    masks.extend((0..nb).map(|b| {
+        let n = (d - 32 * b).min(32);
+        if n == 32 {
+            !0
+        } else {
+            (1u32 << n) - 1
+        }
+    }));
 
-    let mut q = vec![0f32; rows * dp];
-    let mut vis = Vec::with_capacity(rows);
     for ti in 0..nt {
         let t = it.t0 + ti;
         let (lo, hi) = visible_slots(ctx.mask, ctx.positions[t], args.dims.first_pos, args.dims.len);
@@ -159,15 +195,17 @@ pub(super) unsafe fn item<E: Elem>(args: &Args<E>, it: Item) -> Partial {
             }
         }
     }
+    out.m.fill(f32::NEG_INFINITY);
+    out.l.fill(0.0);
     let mut st = State {
         args,
         dp,
         masks,
         q,
         vis,
-        m: vec![f32::NEG_INFINITY; rows],
-        l: vec![0f32; rows],
-        acc: vec![0f32; rows * dp],
+        m: out.m,
+        l: out.l,
+        acc,
         kh: args.k.as_ptr().add(it.g * args.k_stride),
         vh: args.v.as_ptr().add(it.g * args.v_stride),
     };
@@ -186,16 +224,14 @@ pub(super) unsafe fn item<E: Elem>(args: &Args<E>, it: Item) -> Partial {
     }
 
     // Back to dim order, without the padding.
-    let mut acc = vec![0f32; rows * d];
-    for (dst, src) in acc.chunks_exact_mut(d.max(1)).zip(st.acc.chunks_exact(dp.max(1))) {
+    for (dst, src) in out
+        .acc
+        .chunks_exact_mut(d.max(1))
+        .zip(st.acc.chunks_exact(dp.max(1)))
+    {
         for (i, y) in dst.iter_mut().enumerate() {
             *y = src[E::slot(i)];
         }
-    }
-    Partial {
-        acc,
-        m: st.m,
-        l: st.l,
     }
 }
 

@@ -21,7 +21,7 @@
 use std::arch::x86_64::*;
 
 use super::avx512::exp_neg512;
-use super::{visible_slots, Args, Item, KvElem, Partial};
+use super::{refill, visible_slots, Args, Item, KvElem, Partial};
 
 /// Rows per vector.
 const LANES: usize = 16;
@@ -30,12 +30,78 @@ const TILE: usize = 64;
 /// Keys scored together: 8 independent accumulator chains cover the FMA latency.
 const KEY_GROUP: usize = 8;
 
-/// One item on AVX-512 with rows in lanes (see the module doc).
+/// Working space of [`item`], reused from item to item.
+#[derive(Debug, Default)]
+pub(super) struct Work {
+    /// Transposed, scaled queries, `[blk][dp][LANES]`.
+    qt: Vec<f32>,
+    /// Visible key slots of each row (`[blk][LANES]`), empty as `0..0`.
+    lo: Vec<i32>,
+    hi: Vec<i32>,
+    /// Key ranges of each block of rows.
+    blocks: Vec<BlockRange>,
+    /// The buffers of [`State`].
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    kw: Vec<f32>,
+    vw: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Work {
+    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, with
+    /// their initial values. Once done for the largest item of a call (see `run`), doing it
+    /// for any item of the call allocates nothing.
+    pub(super) fn prepare(&mut self, d: usize, rows: usize) {
+        let nblk = rows.div_ceil(LANES);
+        let dp = d.div_ceil(LANES) * LANES;
+        refill(&mut self.qt, nblk * dp * LANES, 0f32);
+        refill(&mut self.lo, nblk * LANES, 0i32);
+        refill(&mut self.hi, nblk * LANES, 0i32);
+        self.blocks.clear();
+        self.blocks.reserve(nblk);
+        refill(&mut self.acc, nblk * dp * LANES, 0f32);
+        refill(&mut self.m, nblk * LANES, f32::NEG_INFINITY);
+        refill(&mut self.l, nblk * LANES, 0f32);
+        // Room for a key group past the tile: scores of keys past the range are computed on
+        // whatever is there (finite: zeros or earlier keys of this item) and never used.
+        refill(&mut self.kw, (TILE + KEY_GROUP) * dp, 0f32);
+        refill(&mut self.vw, TILE * dp, 0f32);
+        refill(&mut self.s, (TILE + KEY_GROUP) * LANES, 0f32);
+    }
+
+    /// Garbage in every buffer (tests: a call must not read what an earlier one left).
+    #[cfg(test)]
+    pub(super) fn poison(&mut self) {
+        for x in [
+            &mut self.qt,
+            &mut self.acc,
+            &mut self.m,
+            &mut self.l,
+            &mut self.kw,
+            &mut self.vw,
+            &mut self.s,
+        ] {
+            x.fill(f32::NAN);
+        }
+        self.lo.fill(i32::MAX);
+        self.hi.fill(i32::MIN);
+        self.blocks.fill(BlockRange {
+            ua: 0,
+            ub: usize::MAX,
+            ia: 0,
+            ib: usize::MAX,
+        });
+    }
+}
+
+/// One item on AVX-512 with rows in lanes (see the module doc), its result written to `out`.
 ///
 /// # Safety
 /// The CPU has AVX-512F/BW/VL and FMA; `args` passed `check` and `it` lies inside the views.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
+pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
     let d = args.dims.d;
     let hq = args.dims.hq;
     let rep = args.dims.group();
@@ -45,10 +111,20 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
     let nblk = rows.div_ceil(LANES);
     let dp = d.div_ceil(LANES) * LANES;
 
+    work.prepare(d, rows);
+    let Work {
+        qt,
+        lo,
+        hi,
+        blocks,
+        acc,
+        m,
+        l,
+        kw,
+        vw,
+        s,
+    } = work;
     // Transposed, scaled queries `[blk][dp][LANES]` and visible slots per lane.
-    let mut qt = vec![0f32; nblk * dp * LANES];
-    let mut lo = vec![0i32; nblk * LANES];
-    let mut hi = vec![0i32; nblk * LANES];
     for ti in 0..nt {
         let t = it.t0 + ti;
         let (a, b) = visible_slots(ctx.mask, ctx.positions[t], args.dims.first_pos, args.dims.len);
@@ -68,38 +144,34 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
     }
     // Per block: the union of the rows' ranges, and the intersection (a tile inside it needs
     // no masks). Empty rows and padding lanes make the intersection empty.
-    let blocks: Vec<BlockRange> = (0..nblk)
-        .map(|blk| {
-            let real = (rows - blk * LANES).min(LANES);
-            let mut br = BlockRange {
-                ua: usize::MAX,
-                ub: 0,
-                ia: 0,
-                ib: usize::MAX,
-            };
-            for lane in 0..real {
-                let (a, b) = (lo[blk * LANES + lane] as usize, hi[blk * LANES + lane] as usize);
-                if a < b {
-                    br.ua = br.ua.min(a);
-                    br.ub = br.ub.max(b);
-                }
-                br.ia = br.ia.max(a);
-                br.ib = br.ib.min(b);
+    blocks.extend((0..nblk).map(|blk| {
+        let real = (rows - blk * LANES).min(LANES);
+        let mut br = BlockRange {
+            ua: usize::MAX,
+            ub: 0,
+            ia: 0,
+            ib: usize::MAX,
+        };
+        for lane in 0..real {
+            let (a, b) = (lo[blk * LANES + lane] as usize, hi[blk * LANES + lane] as usize);
+            if a < b {
+                br.ua = br.ua.min(a);
+                br.ub = br.ub.max(b);
             }
-            br
-        })
-        .collect();
+            br.ia = br.ia.max(a);
+            br.ib = br.ib.min(b);
+        }
+        br
+    }));
 
     let mut st = State {
         dp,
-        acc: vec![0f32; nblk * dp * LANES],
-        m: vec![f32::NEG_INFINITY; nblk * LANES],
-        l: vec![0f32; nblk * LANES],
-        // Room for a key group past the tile: scores of keys past the range are computed on
-        // whatever is there (finite: zeros or earlier keys) and never used.
-        kw: vec![0f32; (TILE + KEY_GROUP) * dp],
-        vw: vec![0f32; TILE * dp],
-        s: vec![0f32; (TILE + KEY_GROUP) * LANES],
+        acc,
+        m,
+        l,
+        kw,
+        vw,
+        s,
     };
     let kh = &args.k[it.g * args.k_stride..];
     let vh = &args.v[it.g * args.v_stride..];
@@ -134,23 +206,18 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item) -> Partial {
     }
 
     // Back to `[rows, d]`.
-    let mut acc = vec![0f32; rows * d];
-    for (row, dst) in acc.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
+    for (row, dst) in out.acc.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
         let (blk, lane) = (row / LANES, row % LANES);
         for (i, y) in dst.iter_mut().enumerate() {
             *y = st.acc[(blk * dp + i) * LANES + lane];
         }
     }
-    st.m.truncate(rows);
-    st.l.truncate(rows);
-    Partial {
-        acc,
-        m: st.m,
-        l: st.l,
-    }
+    out.m.copy_from_slice(&st.m[..rows]);
+    out.l.copy_from_slice(&st.l[..rows]);
 }
 
 /// Key slots `ua..ub` that some row of a block sees, and `ia..ib` that all of them see.
+#[derive(Clone, Debug)]
 struct BlockRange {
     ua: usize,
     ub: usize,
@@ -158,20 +225,20 @@ struct BlockRange {
     ib: usize,
 }
 
-/// Per-item buffers.
-struct State {
+/// Per-item buffers (in [`Work`]).
+struct State<'a> {
     /// Head dim rounded up to whole vectors.
     dp: usize,
     /// Unnormalised outputs, `[blk][dp][LANES]`.
-    acc: Vec<f32>,
+    acc: &'a mut [f32],
     /// Running max and sum, `[blk][LANES]`.
-    m: Vec<f32>,
-    l: Vec<f32>,
+    m: &'a mut [f32],
+    l: &'a mut [f32],
     /// The tile's keys and values widened, `[key][dp]` (zeros past `d`).
-    kw: Vec<f32>,
-    vw: Vec<f32>,
+    kw: &'a mut [f32],
+    vw: &'a mut [f32],
     /// Scores, then probabilities, of one block against the tile: `[key][LANES]`.
-    s: Vec<f32>,
+    s: &'a mut [f32],
 }
 
 /// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened, for every key `j` of `src`.
