@@ -14,39 +14,19 @@
 //! a fresh session over the same loaded model; the prompt is pseudo-random ids. Peak memory is
 //! the process's peak resident set (`VmHWM`), which includes the mapped weights.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use llama4_core::alloc_count::CountingAllocator;
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
 use llama4_model::{GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
 
 /// Counts heap allocations (all threads), to show that decoding does not allocate per token.
-struct Counting;
-
-static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static ALLOC: CountingAllocator = CountingAllocator::new();
 
 struct Args {
     model: PathBuf,
@@ -199,7 +179,7 @@ fn main() -> Result<(), Error> {
         let mut last = None;
         let mut per_step = Vec::new();
         let g = session.generate(&ids, &options, |_| {
-            let now = ALLOCATIONS.load(Ordering::Relaxed);
+            let now = ALLOC.allocations();
             if let Some(prev) = last {
                 per_step.push(now - prev);
             }
@@ -254,9 +234,9 @@ fn main() -> Result<(), Error> {
         let mut token = ids[ctx - 1];
         for _ in 0..args.context_steps {
             let t = Instant::now();
-            let logits = session.step(token)?;
+            let logits = session.step_logits(token)?;
             times.push(t.elapsed().as_secs_f64());
-            token = greedy.sample(logits.as_slice().ok_or("logits not contiguous")?)?;
+            token = greedy.sample(logits)?;
         }
         let mem = session.cache_memory();
         println!(

@@ -60,6 +60,9 @@ impl SamplingConfig {
 pub struct Sampler {
     config: SamplingConfig,
     rng: SplitMix64,
+    /// Candidates and their probabilities, reused from token to token.
+    cand: Vec<(u32, f32)>,
+    probs: Vec<f64>,
 }
 
 impl Sampler {
@@ -69,6 +72,8 @@ impl Sampler {
         Ok(Sampler {
             config,
             rng: SplitMix64(config.seed),
+            cand: Vec::new(),
+            probs: Vec::new(),
         })
     }
 
@@ -81,12 +86,15 @@ impl Sampler {
             return Ok(argmax(logits));
         }
         let t = self.config.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, v)| !v.is_nan())
-            .map(|(i, &v)| (i as u32, v / t))
-            .collect();
+        let (cand, probs) = (&mut self.cand, &mut self.probs);
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.is_nan())
+                .map(|(i, &v)| (i as u32, v / t)),
+        );
         if cand.is_empty() {
             return Err(Error::Sampling("every logit is NaN".into()));
         }
@@ -95,7 +103,8 @@ impl Sampler {
             cand.truncate(k);
         }
         let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| ((v - max) as f64).exp()).collect();
+        probs.clear();
+        probs.extend(cand.iter().map(|&(_, v)| ((v - max) as f64).exp()));
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         if let Some(p) = self.config.top_p.filter(|&p| p < 1.0) {
@@ -239,26 +248,28 @@ impl Session<'_> {
             Some(e) => self.prefill_embeddings(prompt, e, Logits::Last)?,
             None => self.prefill(prompt, Logits::Last)?,
         };
-        let mut logits = first.row(0).to_owned();
         let prefill_time = start.elapsed();
         let mut decode_time = Duration::ZERO;
         let mut decode_steps = 0;
         let mut stopped = false;
-        while generated.len() < options.max_new_tokens {
-            let row = logits.as_slice().ok_or(Error::Empty("logits"))?;
-            let id = sampler.sample(row)?;
-            if options.keep_logits {
-                kept.extend_from_slice(row);
-            }
+        let first = first.as_slice().ok_or(Error::Empty("logits"))?;
+        let mut next = if options.max_new_tokens > 0 {
+            Some(pick(&mut sampler, first, options.keep_logits, &mut kept)?)
+        } else {
+            None
+        };
+        while let Some(id) = next {
             generated.push(id);
             stopped = options.stop_ids.contains(&id);
             if on_token(id).is_break() || stopped || generated.len() == options.max_new_tokens {
                 break;
             }
             let t = Instant::now();
-            logits = self.step(id)?;
+            // The logits stay in the session's buffer: a decode step allocates nothing.
+            let row = self.step_logits(id)?;
             decode_time += t.elapsed();
             decode_steps += 1;
+            next = Some(pick(&mut sampler, row, options.keep_logits, &mut kept)?);
         }
         let logits = options
             .keep_logits
@@ -275,4 +286,12 @@ impl Session<'_> {
             stopped,
         })
     }
+}
+
+/// The next token from `logits`, which are appended to `kept` when `keep`.
+fn pick(sampler: &mut Sampler, logits: &[f32], keep: bool, kept: &mut Vec<f32>) -> Result<u32> {
+    if keep {
+        kept.extend_from_slice(logits);
+    }
+    sampler.sample(logits)
 }

@@ -14,7 +14,7 @@ mod tokenizer;
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
-pub use model::{DecoderLayer, FeedForwardLayer, TextModel};
+pub use model::{DecoderLayer, FeedForwardLayer, TextModel, Workspace};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,

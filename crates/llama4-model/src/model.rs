@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use irope_attn::{Attention, AttnConfig, LayerKind as AttnKind};
+use irope_attn::{Attention, AttentionScratch, AttnConfig, LayerKind as AttnKind, Projected};
 use kv_cache::{CacheSpec, KvCache, LayerKind as CacheKind};
-use llama4_core::kernels::{linear, rms_norm_inplace};
+use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
 use llama4_core::{Checkpoint, DType, QuantPolicy, Scope, Weight};
 use moe_router::{FeedForward, Mlp, Moe, MoeConfig, Router};
-use ndarray::{s, Array1, Array2, ArrayView2, Axis};
+use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
 use crate::config::{ModelConfig, RopeScaling, TextConfig};
 use crate::{Error, Result};
@@ -35,6 +35,66 @@ impl FeedForwardLayer {
             FeedForwardLayer::Custom(f) => f.forward(x)?,
         })
     }
+
+    /// [`FeedForwardLayer::forward`] into `out` (overwritten), reusing `scratch`: the dense MLP
+    /// and the MoE allocate nothing once warmed up; a custom block may.
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `out: [T, H]`.
+    pub fn forward_into(
+        &self,
+        x: ArrayView2<f32>,
+        out: ArrayViewMut2<f32>,
+        scratch: &mut moe_router::Scratch,
+    ) -> Result<()> {
+        match self {
+            FeedForwardLayer::Dense(m) => m.forward_into(x, out, scratch)?,
+            FeedForwardLayer::Moe(m) => m.forward_into(x, out, scratch)?,
+            FeedForwardLayer::Custom(f) => f.forward_into(x, out, scratch)?,
+        }
+        Ok(())
+    }
+}
+
+/// The buffers a forward pass works in: activations, q/k/v, the attention kernel's and the
+/// feed-forwards' scratch, the last logits. One per sequence ([`crate::Session`] owns one);
+/// once it has held `T` tokens, passes of up to `T` tokens allocate nothing.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    positions: Vec<usize>,
+    /// Normed input of the current sub-layer, `[T, H]`.
+    normed: Array2<f32>,
+    /// Output of the current sub-layer, `[T, H]`.
+    out: Array2<f32>,
+    projected: Projected,
+    attention: AttentionScratch,
+    feed_forward: moe_router::Scratch,
+    /// `[T', V]` from [`TextModel::logits_into`].
+    logits: Array2<f32>,
+}
+
+impl Workspace {
+    /// An empty workspace (buffers grow on first use).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The logits of the last [`TextModel::logits_into`] call, `[T', V]`.
+    pub fn logits(&self) -> ArrayView2<'_, f32> {
+        self.logits.view()
+    }
+}
+
+/// Makes `a` a standard-layout `[rows, cols]` array, reusing its allocation (contents
+/// unspecified).
+pub(crate) fn reuse2(a: &mut Array2<f32>, shape: (usize, usize)) {
+    if a.dim() == shape && a.is_standard_layout() {
+        return;
+    }
+    let (mut data, _) = std::mem::take(a).into_raw_vec_and_offset();
+    data.clear();
+    data.resize(shape.0 * shape.1, 0.0);
+    *a = Array2::from_shape_vec(shape, data).expect("length matches the shape");
 }
 
 /// One decoder layer: pre-norm attention and pre-norm feed-forward, each with a residual.
@@ -215,16 +275,41 @@ impl TextModel {
     /// # Shapes
     /// `[T]` → `[T, H]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Array2<f32>> {
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
-        let mut out = Array2::zeros((tokens.len(), h));
-        for (mut row, &id) in out.axis_iter_mut(Axis(0)).zip(tokens) {
-            if id as usize >= v {
-                return Err(Error::TokenOutOfRange { id, vocab: v });
-            }
-            let values = self.embed_tokens.data().slice(id as usize * h, h).to_f32_vec();
-            row.assign(&Array1::from_vec(values));
-        }
+        let mut out = Array2::zeros((tokens.len(), self.config.hidden_size));
+        self.embed_into(tokens, out.view_mut())?;
         Ok(out)
+    }
+
+    /// [`TextModel::embed`] into `out` (overwritten).
+    ///
+    /// # Shapes
+    /// `tokens: [T]`, `out: [T, H]`.
+    pub fn embed_into(&self, tokens: &[u32], mut out: ArrayViewMut2<f32>) -> Result<()> {
+        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        if out.dim() != (tokens.len(), h) {
+            return Err(llama4_core::Error::shape(
+                "TextModel::embed",
+                format!("{} tokens, out {:?}, hidden {h}", tokens.len(), out.dim()),
+            )
+            .into());
+        }
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= v) {
+            return Err(Error::TokenOutOfRange { id, vocab: v });
+        }
+        let data = self.embed_tokens.data();
+        for (mut row, &id) in out.axis_iter_mut(Axis(0)).zip(tokens) {
+            match row.as_slice_mut() {
+                Some(r) => data.widen_into(id as usize * h, r),
+                None => {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        let mut one = [0f32];
+                        data.widen_into(id as usize * h + j, &mut one);
+                        *x = one[0];
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs the decoder over `hidden` (embeddings of tokens at positions `cache.len() ..`),
@@ -233,35 +318,79 @@ impl TextModel {
     /// # Shapes
     /// `hidden: [T, H]` → `[T, H]`.
     pub fn forward_hidden(&self, mut hidden: Array2<f32>, cache: &mut KvCache) -> Result<Array2<f32>> {
-        let t = hidden.nrows();
+        self.forward_hidden_in(hidden.view_mut(), cache, &mut Workspace::new())?;
+        Ok(hidden)
+    }
+
+    /// [`TextModel::forward_hidden`] in place, working in `ws`: `hidden` goes in as the
+    /// embeddings and comes out final-normed. Once `ws` has held `T` tokens (and the cache has
+    /// room), a pass of up to `T` tokens allocates nothing.
+    ///
+    /// # Shapes
+    /// `hidden: [T, H]`.
+    pub fn forward_hidden_in(
+        &self,
+        mut hidden: ArrayViewMut2<f32>,
+        cache: &mut KvCache,
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let (t, h) = hidden.dim();
         if t == 0 {
             return Err(Error::Empty("forward"));
         }
+        if h != self.config.hidden_size {
+            return Err(llama4_core::Error::shape(
+                "TextModel::forward_hidden",
+                format!(
+                    "hidden {:?}, hidden_size {}",
+                    hidden.dim(),
+                    self.config.hidden_size
+                ),
+            )
+            .into());
+        }
         let start = cache.len();
-        let positions: Vec<usize> = (start..start + t).collect();
+        ws.positions.clear();
+        ws.positions.extend(start..start + t);
+        reuse2(&mut ws.normed, (t, h));
+        reuse2(&mut ws.out, (t, h));
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            let mut x = hidden.clone();
-            rms_norm_inplace(x.view_mut(), Some(layer.input_layernorm.view()), eps)?;
-            let p = layer.self_attn.project(x.view(), &positions)?;
+            ws.normed.assign(&hidden);
+            rms_norm_inplace(ws.normed.view_mut(), Some(layer.input_layernorm.view()), eps)?;
+            layer
+                .self_attn
+                .project_into(ws.normed.view(), &ws.positions, &mut ws.projected)?;
+            let p = &ws.projected;
             // Chunked layers append and attend one chunk at a time: their cache only holds the
             // chunk the current queries are in.
             for seg in cache.segments(i, t)? {
                 let sl = s![seg.clone(), .., ..];
                 cache.append(i, p.k.slice(sl), p.v.slice(sl))?;
                 let view = cache.view(i)?;
-                let out = layer
-                    .self_attn
-                    .attend(p.q.slice(sl), &positions[seg.clone()], &view.k, &view.v)?;
-                let mut rows = hidden.slice_mut(s![seg, ..]);
-                rows += &out;
+                layer.self_attn.attend_into(
+                    p.q.slice(sl),
+                    &ws.positions[seg.clone()],
+                    &view.k,
+                    &view.v,
+                    ws.out.slice_mut(s![seg, ..]),
+                    &mut ws.attention,
+                )?;
             }
-            let mut x = hidden.clone();
-            rms_norm_inplace(x.view_mut(), Some(layer.post_attention_layernorm.view()), eps)?;
-            hidden += &layer.feed_forward.forward(x.view())?;
+            hidden += &ws.out;
+            ws.normed.assign(&hidden);
+            rms_norm_inplace(
+                ws.normed.view_mut(),
+                Some(layer.post_attention_layernorm.view()),
+                eps,
+            )?;
+            layer
+                .feed_forward
+                .forward_into(ws.normed.view(), ws.out.view_mut(), &mut ws.feed_forward)?;
+            hidden += &ws.out;
         }
-        rms_norm_inplace(hidden.view_mut(), Some(self.norm.view()), eps)?;
-        Ok(hidden)
+        rms_norm_inplace(hidden, Some(self.norm.view()), eps)?;
+        Ok(())
     }
 
     /// `lm_head` over normed hidden states.
@@ -270,6 +399,21 @@ impl TextModel {
     /// `[T, H]` → `[T, V]`.
     pub fn logits(&self, hidden: ArrayView2<f32>) -> Result<Array2<f32>> {
         Ok(linear(hidden, &self.lm_head)?)
+    }
+
+    /// [`TextModel::logits`] into `ws`'s logits buffer ([`Workspace::logits`]), which is
+    /// returned; it allocates nothing once the buffer has held as many rows.
+    ///
+    /// # Shapes
+    /// `[T, H]` → `[T, V]`.
+    pub fn logits_into<'w>(
+        &self,
+        hidden: ArrayView2<f32>,
+        ws: &'w mut Workspace,
+    ) -> Result<ArrayView2<'w, f32>> {
+        reuse2(&mut ws.logits, (hidden.nrows(), self.config.vocab_size));
+        linear_into(hidden, &self.lm_head, ws.logits.view_mut())?;
+        Ok(ws.logits.view())
     }
 
     /// Logits for every position of `tokens` in one pass with no cache kept: each attention

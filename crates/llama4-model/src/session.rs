@@ -2,9 +2,14 @@
 
 use kv_cache::{KvCache, MemoryBytes};
 use llama4_core::DType;
-use ndarray::{s, Array1, Array2};
+use ndarray::{s, Array1, Array2, ArrayViewMut2};
 
+use crate::model::{reuse2, Workspace};
 use crate::{Error, Result, TextModel};
+
+/// A prefill of more tokens than this does not keep its buffers in the session: decoding needs
+/// a few rows, and a long prompt's `[T, H]` buffers would stay allocated for nothing.
+const KEEP_BUFFERS_UP_TO: usize = 64;
 
 /// Which positions' logits a forward call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,15 +20,21 @@ pub enum Logits {
     All,
 }
 
-/// One sequence being processed: owns its key/value cache, borrows the model.
+/// One sequence being processed: owns its key/value cache and the buffers its forward passes
+/// work in, borrows the model.
 ///
 /// `prefill` runs a batch of prompt tokens, `step` one generated token; both continue from
-/// where the sequence is.
+/// where the sequence is. [`Session::step_logits`] is the decode step that allocates nothing
+/// once warmed up (the cache still grows, by steps, as the context does; see
+/// [`Session::reserve`]).
 pub struct Session<'m> {
     model: &'m TextModel,
     cache: KvCache,
     tokens: Vec<u32>,
     max_len: usize,
+    ws: Workspace,
+    /// Embeddings of the current tokens, then their hidden states, `[T, H]`.
+    hidden: Array2<f32>,
 }
 
 impl<'m> Session<'m> {
@@ -35,7 +46,20 @@ impl<'m> Session<'m> {
             cache: model.new_cache(dtype)?,
             tokens: Vec::new(),
             max_len: model.config().max_position_embeddings,
+            ws: Workspace::new(),
+            hidden: Array2::zeros((0, 0)),
         })
+    }
+
+    /// Pre-sizes the cache and the token list for `n_tokens` positions in total, so that
+    /// reaching them grows neither.
+    ///
+    /// # Errors
+    /// When the cache cannot be sized (see [`KvCache::reserve`]).
+    pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
+        self.cache.reserve(n_tokens)?;
+        self.tokens.reserve(n_tokens.saturating_sub(self.tokens.len()));
+        Ok(())
     }
 
     /// Lowers (or raises) the context limit this session enforces.
@@ -88,8 +112,16 @@ impl<'m> Session<'m> {
     /// [`Error::Empty`] for no tokens, [`Error::ContextOverflow`] past the context limit,
     /// [`Error::TokenOutOfRange`] for ids outside the vocabulary; the session is unchanged.
     pub fn prefill(&mut self, tokens: &[u32], which: Logits) -> Result<Array2<f32>> {
-        let hidden = self.model.embed(tokens)?;
-        self.prefill_embeddings(tokens, hidden, which)
+        let mut hidden = std::mem::take(&mut self.hidden);
+        reuse2(&mut hidden, (tokens.len(), self.model.config().hidden_size));
+        let result = self
+            .model
+            .embed_into(tokens, hidden.view_mut())
+            .and_then(|()| self.run(tokens, hidden.view_mut()))
+            .and_then(|()| self.logits(&hidden, which));
+        self.hidden = hidden;
+        self.release_large_buffers(tokens.len());
+        result
     }
 
     /// Like [`Session::prefill`] with the input embeddings given (image features already in
@@ -100,9 +132,56 @@ impl<'m> Session<'m> {
     pub fn prefill_embeddings(
         &mut self,
         tokens: &[u32],
-        embeddings: Array2<f32>,
+        mut embeddings: Array2<f32>,
         which: Logits,
     ) -> Result<Array2<f32>> {
+        if embeddings.dim() != (tokens.len(), self.model.config().hidden_size) {
+            return Err(llama4_core::Error::shape(
+                "Session::prefill_embeddings",
+                format!("{} tokens, embeddings {:?}", tokens.len(), embeddings.dim()),
+            )
+            .into());
+        }
+        let result = self
+            .run(tokens, embeddings.view_mut())
+            .and_then(|()| self.logits(&embeddings, which));
+        self.release_large_buffers(tokens.len());
+        result
+    }
+
+    /// Runs one token and returns its logits.
+    ///
+    /// # Shapes
+    /// → `[V]`.
+    pub fn step(&mut self, token: u32) -> Result<Array1<f32>> {
+        Ok(Array1::from(self.step_logits(token)?.to_vec()))
+    }
+
+    /// [`Session::step`] with the logits borrowed from the session's buffers: once the session
+    /// has decoded a token, a step allocates nothing (the cache grows by steps as the context
+    /// does, unless [`Session::reserve`]d; the token list grows like a `Vec`).
+    ///
+    /// # Shapes
+    /// → `[V]`.
+    ///
+    /// # Errors
+    /// As [`Session::prefill`]; the session is unchanged.
+    pub fn step_logits(&mut self, token: u32) -> Result<&[f32]> {
+        let mut hidden = std::mem::take(&mut self.hidden);
+        reuse2(&mut hidden, (1, self.model.config().hidden_size));
+        let result = self
+            .model
+            .embed_into(&[token], hidden.view_mut())
+            .and_then(|()| self.run(&[token], hidden.view_mut()))
+            .and_then(|()| self.model.logits_into(hidden.view(), &mut self.ws).map(|_| ()));
+        self.hidden = hidden;
+        result?;
+        self.ws.logits().to_slice().ok_or(Error::Empty("logits"))
+    }
+
+    /// The decoder over `hidden` (the embeddings of `tokens`, final-normed on return), with
+    /// the checks that keep the session consistent: on error nothing is recorded.
+    fn run(&mut self, tokens: &[u32], hidden: ArrayViewMut2<f32>) -> Result<()> {
         if tokens.is_empty() {
             return Err(Error::Empty("prefill"));
         }
@@ -113,41 +192,41 @@ impl<'m> Session<'m> {
                 limit: self.max_len,
             });
         }
-        if embeddings.dim() != (tokens.len(), self.model.config().hidden_size) {
-            return Err(llama4_core::Error::shape(
-                "Session::prefill_embeddings",
-                format!("{} tokens, embeddings {:?}", tokens.len(), embeddings.dim()),
-            )
-            .into());
-        }
         let before = self.tokens.len();
-        let hidden = match self.model.forward_hidden(embeddings, &mut self.cache) {
-            Ok(h) => h,
-            Err(e) => {
-                // Some layers may have appended already: rewind them, or, when a chunked layer
-                // has moved past keys it no longer holds, start over rather than keep a cache
-                // that disagrees with `tokens`.
-                if self.cache.truncate(before).is_err() {
-                    self.reset();
-                }
-                return Err(e);
+        if let Err(e) = self
+            .model
+            .forward_hidden_in(hidden, &mut self.cache, &mut self.ws)
+        {
+            // Some layers may have appended already: rewind them, or, when a chunked layer
+            // has moved past keys it no longer holds, start over rather than keep a cache
+            // that disagrees with `tokens`.
+            if self.cache.truncate(before).is_err() {
+                self.reset();
             }
-        };
+            return Err(e);
+        }
         self.tokens.extend_from_slice(tokens);
-        let rows = match which {
-            Logits::Last => hidden.slice(s![hidden.nrows() - 1.., ..]),
-            Logits::All => hidden.view(),
-        };
-        self.model.logits(rows)
+        Ok(())
     }
 
-    /// Runs one token and returns its logits.
-    ///
-    /// # Shapes
-    /// → `[V]`.
-    pub fn step(&mut self, token: u32) -> Result<Array1<f32>> {
-        let logits = self.prefill(&[token], Logits::Last)?;
-        Ok(logits.row(0).to_owned())
+    /// Logits of the final-normed `hidden` rows `which` asks for.
+    fn logits(&mut self, hidden: &Array2<f32>, which: Logits) -> Result<Array2<f32>> {
+        match which {
+            Logits::Last => Ok(self
+                .model
+                .logits_into(hidden.slice(s![hidden.nrows() - 1.., ..]), &mut self.ws)?
+                .to_owned()),
+            Logits::All => self.model.logits(hidden.view()),
+        }
+    }
+
+    /// Drops the buffers a pass of `t` tokens grew when they are much larger than decoding
+    /// needs (see [`KEEP_BUFFERS_UP_TO`]).
+    fn release_large_buffers(&mut self, t: usize) {
+        if t > KEEP_BUFFERS_UP_TO {
+            self.ws = Workspace::new();
+            self.hidden = Array2::zeros((0, 0));
+        }
     }
 
     /// Forgets everything after the first `len` positions (to regenerate from there).

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use llama4_core::DType;
-use llama4_model::{Error, GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
+use llama4_model::{Error, GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel, Workspace};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -165,6 +165,48 @@ fn token_ids_outside_the_vocabulary_and_empty_prompts() {
         Err(Error::TokenOutOfRange { id: 512, vocab: 512 })
     ));
     assert!(matches!(s.prefill(&[], Logits::Last), Err(Error::Empty(_))));
+    assert!(s.is_empty());
+    s.prefill(&[1, 2], Logits::Last).unwrap();
+    assert!(matches!(
+        s.step_logits(600),
+        Err(Error::TokenOutOfRange { id: 600, vocab: 512 })
+    ));
+    assert_eq!(s.tokens(), &[1, 2]);
+    let mut s = s.with_max_len(3);
+    s.step_logits(3).unwrap();
+    assert!(matches!(
+        s.step_logits(4),
+        Err(Error::ContextOverflow { tokens: 4, limit: 3 })
+    ));
+    assert_eq!(s.tokens(), &[1, 2, 3]);
+}
+
+#[test]
+fn buffers_of_the_wrong_shape_are_errors() {
+    let model = TextModel::load(fixture("scout")).unwrap();
+    let h = model.config().hidden_size;
+    let mut wrong = ndarray::Array2::zeros((2, h + 1));
+    assert!(matches!(
+        model.embed_into(&[1, 2], wrong.view_mut()),
+        Err(Error::Core(llama4_core::Error::Shape { .. }))
+    ));
+    let mut short = ndarray::Array2::zeros((1, h));
+    assert!(matches!(
+        model.embed_into(&[1, 2], short.view_mut()),
+        Err(Error::Core(llama4_core::Error::Shape { .. }))
+    ));
+    let mut cache = model.new_cache(DType::F32).unwrap();
+    let mut ws = Workspace::new();
+    assert!(matches!(
+        model.forward_hidden_in(wrong.view_mut(), &mut cache, &mut ws),
+        Err(Error::Core(llama4_core::Error::Shape { .. }))
+    ));
+    assert!(cache.is_empty());
+    let mut s = Session::new(&model, DType::F32).unwrap();
+    assert!(matches!(
+        s.prefill_embeddings(&[1, 2], wrong, Logits::Last),
+        Err(Error::Core(llama4_core::Error::Shape { .. }))
+    ));
     assert!(s.is_empty());
 }
 
