@@ -253,6 +253,30 @@ fn linear_automatic_split_matches_scalar() {
     }
 }
 
+/// `[in, out]` prefill packs blocks of several panels per weight row: outputs wider than a
+/// block, with a ragged last panel, in one task and in two.
+#[test]
+fn linear_in_out_prefill_spans_several_panel_blocks() {
+    let mut rng = Rng(13);
+    for dtype in [DType::F32, DType::BF16] {
+        let w = weight(&mut rng, 700, 300, dtype, Layout::InOut);
+        let x = rng.array(13, 300, 1.0);
+        for isa in kernels::available_isas() {
+            for tasks in [1, 2] {
+                let mut y = Array2::from_elem((13, 700), f32::NAN);
+                forced::linear_into(isa, Some(tasks), x.view(), &w, y.view_mut()).unwrap();
+                check_linear(
+                    x.view(),
+                    &w,
+                    y.view(),
+                    &format!("{isa:?} {dtype:?} {tasks} tasks"),
+                )
+                .unwrap();
+            }
+        }
+    }
+}
+
 #[test]
 fn linear_with_empty_dimensions() {
     let w = Weight::from_out_in(Array2::<f32>::zeros((3, 0)).view(), DType::F32);

@@ -242,13 +242,23 @@ thread_local! {
 }
 
 /// Blocked GEMM over output columns `lo..hi`: for each `KC` slice of the input dimension and
-/// each `NR`-wide panel, pack the panel once, then run the microkernel over all tokens.
+/// each block of up to `PANELS` `NR`-wide panels, pack the block once, then run the
+/// microkernel over all tokens, panel by panel.
+///
+/// `InOut` weights pack several panels at once: a panel is one cache line of each of `KC`
+/// rows, and rows are often a page apart (a 2048-wide bf16 row is 4 KiB), so packing one
+/// panel at a time touches a new page per line, which the hardware prefetcher does not
+/// follow. A block reads `PANELS` lines per row. `OutIn` panels are read along rows already.
 #[inline(always)]
 unsafe fn gemm<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize, buf: &mut Vec<f32>) {
     let nr = 2 * S::LANES;
-    // 16 spare floats let the panel start on a 64-byte boundary (no split-line loads).
-    if buf.len() < KC * nr + 16 {
-        buf.resize(KC * nr + 16, 0.0);
+    let panels = match job.layout {
+        Layout::InOut => PANELS,
+        Layout::OutIn => 1,
+    };
+    // 16 spare floats let the panels start on a 64-byte boundary (no split-line loads).
+    if buf.len() < panels * KC * nr + 16 {
+        buf.resize(panels * KC * nr + 16, 0.0);
     }
     let off = buf.as_ptr().align_offset(64).min(16);
     let pack = buf.as_mut_ptr().add(off);
@@ -256,36 +266,47 @@ unsafe fn gemm<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize, buf: &mut V
     let mut k0 = 0;
     while k0 < k {
         let kc = KC.min(k - k0);
-        let mut n0 = lo;
-        while n0 < hi {
-            let nc = nr.min(hi - n0);
+        let mut b0 = lo;
+        while b0 < hi {
+            let bc = (panels * nr).min(hi - b0);
             match job.layout {
-                Layout::InOut => pack_in_out::<S, E>(job, k0, kc, n0, nc, pack),
-                Layout::OutIn => pack_out_in::<S, E>(job, k0, kc, n0, nc, pack),
+                Layout::InOut => pack_in_out::<S, E>(job, k0, kc, b0, bc, pack),
+                Layout::OutIn => pack_out_in::<S, E>(job, k0, kc, b0, bc, pack),
             }
-            let mut m0 = 0;
-            while m0 < t {
-                let mc = S::MR.min(t - m0);
-                let tile = Tile {
-                    kc,
-                    a: job.x.as_ptr().add(m0 * k + k0),
-                    lda: k,
-                    b: pack,
-                    c: job.y.0.add(m0 * n + n0),
-                    ldc: n,
-                    nc,
-                    accumulate: k0 > 0,
-                };
-                micro_dispatch::<S>(mc, &tile);
-                m0 += mc;
+            let mut n0 = b0;
+            while n0 < b0 + bc {
+                let nc = nr.min(b0 + bc - n0);
+                let panel = pack.add((n0 - b0) / nr * kc * nr);
+                let mut m0 = 0;
+                while m0 < t {
+                    let mc = S::MR.min(t - m0);
+                    let tile = Tile {
+                        kc,
+                        a: job.x.as_ptr().add(m0 * k + k0),
+                        lda: k,
+                        b: panel,
+                        c: job.y.0.add(m0 * n + n0),
+                        ldc: n,
+                        nc,
+                        accumulate: k0 > 0,
+                    };
+                    micro_dispatch::<S>(mc, &tile);
+                    m0 += mc;
+                }
+                n0 += nc;
             }
-            n0 += nc;
+            b0 += bc;
         }
         k0 += kc;
     }
 }
 
-/// Packs `W[k0..k0+kc, n0..n0+nc]` of an `[k, n]` weight as `kc` rows of `NR` f32 (zero-padded).
+/// `NR`-wide panels an `InOut` block packs at once (see [`gemm`]).
+const PANELS: usize = 8;
+
+/// Packs `W[k0..k0+kc, n0..n0+nc]` of an `[k, n]` weight as consecutive panels of `kc` rows
+/// of `NR` f32 (panel `p` holds columns `n0 + p·NR ..`, the last one zero-padded), reading
+/// each weight row's `nc` elements in one pass.
 #[inline(always)]
 unsafe fn pack_in_out<S: Simd, E: Elem>(
     job: &Job<E>,
@@ -297,15 +318,19 @@ unsafe fn pack_in_out<S: Simd, E: Elem>(
 ) {
     let (l, nr, n) = (S::LANES, 2 * S::LANES, job.n);
     let w = job.w.as_ptr();
+    let full = nc / nr;
     for kk in 0..kc {
         let src = w.add((k0 + kk) * n + n0);
-        let dst = pack.add(kk * nr);
-        if nc == nr {
-            S::store(dst, E::load::<S>(src));
-            S::store(dst.add(l), E::load::<S>(src.add(l)));
-        } else {
+        for p in 0..full {
+            let dst = pack.add(p * kc * nr + kk * nr);
+            S::store(dst, E::load::<S>(src.add(p * nr)));
+            S::store(dst.add(l), E::load::<S>(src.add(p * nr + l)));
+        }
+        if full * nr < nc {
+            let dst = pack.add(full * kc * nr + kk * nr);
             for j in 0..nr {
-                *dst.add(j) = if j < nc { (*src.add(j)).to_f32() } else { 0.0 };
+                let c = full * nr + j;
+                *dst.add(j) = if c < nc { (*src.add(c)).to_f32() } else { 0.0 };
             }
         }
     }
