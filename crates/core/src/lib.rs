@@ -12,6 +12,7 @@ mod kv;
 pub mod pool;
 pub mod quant;
 pub mod safetensors;
+pub mod scratch;
 mod weight;
 
 pub use buffer::Buffer;

@@ -93,6 +93,33 @@ fn pool() -> &'static Pool {
     })
 }
 
+/// A pointer the tasks of one call share, each reaching only its own disjoint part of the
+/// pointee (an output's rows, a slot per task): what [`run`]'s `Fn + Sync` tasks need to write
+/// into one buffer. Dereferencing it stays `unsafe`; the caller's SAFETY comment says why the
+/// parts are disjoint.
+pub struct SyncPtr<T>(pub *mut T);
+
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for SyncPtr<T> {}
+
+// SAFETY: sharing the address gives no access by itself; every dereference is an `unsafe`
+// block of a caller whose tasks reach disjoint elements, and `T` may be sent.
+unsafe impl<T: Send> Send for SyncPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
+    pub fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// Threads that run a call's tasks (the caller and the pool's workers).
 pub fn threads() -> usize {
     pool().threads

@@ -20,7 +20,9 @@ use std::sync::OnceLock;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use llama4_core::{pool, Error, KvData, KvView, Result};
+use llama4_core::pool::{self, SyncPtr};
+use llama4_core::scratch::refill;
+use llama4_core::{Error, KvData, KvView, Result};
 use ndarray::{Array3, ArrayView3, ArrayViewMut3};
 
 use crate::MaskKind;
@@ -29,8 +31,12 @@ use crate::MaskKind;
 mod avx512;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod path_tests;
+// The workspace's one test-data generator.
 #[cfg(target_arch = "x86_64")]
 mod rows;
+#[cfg(test)]
+#[path = "../../core/tests/common/values.rs"]
+mod test_values;
 
 /// Everything the kernel needs besides the tensors.
 #[derive(Clone, Copy, Debug)]
@@ -436,37 +442,6 @@ impl Work {
 /// `v` with room for `n` elements in all (`Vec::reserve` counts from the length).
 fn reserve_total<T>(v: &mut Vec<T>, n: usize) {
     v.reserve(n.saturating_sub(v.len()));
-}
-
-/// `buf` as `n` copies of `x`, as `vec![x; n]` would be, reusing its allocation.
-fn refill<T: Clone>(buf: &mut Vec<T>, n: usize, x: T) -> &mut [T] {
-    buf.clear();
-    buf.resize(n, x);
-    buf
-}
-
-/// A pointer shared by the tasks of one pool call, each of which reaches only its own
-/// disjoint part of the pointee (see the SAFETY comments where it is read).
-struct SyncPtr<T>(*mut T);
-
-impl<T> Clone for SyncPtr<T> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-
-impl<T> Copy for SyncPtr<T> {}
-
-// SAFETY: tasks only reach disjoint elements through it (see `run`), and `T` may be sent.
-unsafe impl<T: Send> Send for SyncPtr<T> {}
-// SAFETY: as above; sharing the pointer itself gives no access that `Send` would not.
-unsafe impl<T: Send> Sync for SyncPtr<T> {}
-
-impl<T> SyncPtr<T> {
-    /// The pointer (a method, so that closures capture the `Sync` wrapper, not its field).
-    fn get(self) -> *mut T {
-        self.0
-    }
 }
 
 /// The read-only inputs of every work item.
@@ -1128,18 +1103,7 @@ mod tests {
         assert_eq!(visible_slots(MaskKind::Causal, 5, 10, 4), (0, 0));
     }
 
-    /// Deterministic values in `[-1, 1)` (a 64-bit LCG's top bits).
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-            })
-            .collect()
-    }
+    use super::test_values::values;
 
     /// One call's inputs: `t` tokens ending at the last of `len` cached keys (from position
     /// `first_pos`), `hkv × rep` query heads of dim `d`.

@@ -2,6 +2,7 @@
 //! the queries and keys, the kernel, and the output projection.
 
 use llama4_core::kernels::{linear_into, rms_norm_inplace};
+use llama4_core::scratch::{prefix, reshape_reusing};
 use llama4_core::{Error, KvData, KvView, Result, Scope, Weight};
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayViewMut2, ArrayViewMut3};
 
@@ -39,18 +40,7 @@ impl Linear {
     }
 }
 
-/// Makes `a` a standard-layout array of `shape`, reusing its allocation (contents unspecified).
-fn reuse3(a: &mut Array3<f32>, shape: (usize, usize, usize)) {
-    if a.dim() == shape && a.is_standard_layout() {
-        return;
-    }
-    let (mut data, _) = std::mem::take(a).into_raw_vec_and_offset();
-    data.clear();
-    data.resize(shape.0 * shape.1 * shape.2, 0.0);
-    *a = Array3::from_shape_vec(shape, data).expect("length matches the shape");
-}
-
-/// `a` viewed as `[T, heads · D]` (it is standard layout: see [`reuse3`]).
+/// `a` viewed as `[T, heads · D]` (it is standard layout: see [`reshape_reusing`]).
 fn flat_rows(a: &mut Array3<f32>) -> Result<ArrayViewMut2<'_, f32>> {
     let (t, n, d) = a.dim();
     a.view_mut()
@@ -174,9 +164,9 @@ impl Attention {
         }
         let (hq, hkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let Projected { q, k, v } = out;
-        reuse3(q, (t, hq, d));
-        reuse3(k, (t, hkv, d));
-        reuse3(v, (t, hkv, d));
+        reshape_reusing(q, (t, hq, d));
+        reshape_reusing(k, (t, hkv, d));
+        reshape_reusing(v, (t, hkv, d));
         self.q_proj.forward_into(x, flat_rows(q)?)?;
         self.k_proj.forward_into(x, flat_rows(k)?)?;
         self.v_proj.forward_into(x, flat_rows(v)?)?;
@@ -265,10 +255,9 @@ impl Attention {
         };
         // The heads' outputs live in the scratch between the kernel and `o_proj`; they are moved
         // out for the kernel call, which borrows the rest of the scratch.
+        // The kernel overwrites them: grown, never cleared.
         let mut heads = std::mem::take(&mut scratch.heads);
-        heads.clear();
-        heads.resize(t * hq * d, 0.0);
-        let result = self.attend_heads(q, k, v, &ctx, &mut heads, out, scratch);
+        let result = self.attend_heads(q, k, v, &ctx, prefix(&mut heads, t * hq * d), out, scratch);
         scratch.heads = heads;
         result
     }

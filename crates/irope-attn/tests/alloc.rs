@@ -11,18 +11,10 @@ use ndarray::Array3;
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
 
-/// Deterministic values in `[-1, 1)`.
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((x >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-        })
-        .collect()
-}
+// The workspace's one test-data generator.
+#[path = "../../core/tests/common/values.rs"]
+mod values;
+use values::values;
 
 #[test]
 fn steady_state_calls_allocate_nothing() {

@@ -5,6 +5,7 @@ use std::path::Path;
 use irope_attn::{Attention, AttentionScratch, AttnConfig, LayerKind as AttnKind, Projected};
 use kv_cache::{CacheSpec, KvCache, LayerKind as CacheKind};
 use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
+use llama4_core::scratch::reshape_reusing;
 use llama4_core::{Checkpoint, DType, QuantPolicy, Scope, Weight};
 use moe_router::{FeedForward, Mlp, Moe, MoeConfig, Router};
 use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
@@ -83,18 +84,6 @@ impl Workspace {
     pub fn logits(&self) -> ArrayView2<'_, f32> {
         self.logits.view()
     }
-}
-
-/// Makes `a` a standard-layout `[rows, cols]` array, reusing its allocation (contents
-/// unspecified).
-pub(crate) fn reuse2(a: &mut Array2<f32>, shape: (usize, usize)) {
-    if a.dim() == shape && a.is_standard_layout() {
-        return;
-    }
-    let (mut data, _) = std::mem::take(a).into_raw_vec_and_offset();
-    data.clear();
-    data.resize(shape.0 * shape.1, 0.0);
-    *a = Array2::from_shape_vec(shape, data).expect("length matches the shape");
 }
 
 /// One decoder layer: pre-norm attention and pre-norm feed-forward, each with a residual.
@@ -300,13 +289,10 @@ impl TextModel {
         for (mut row, &id) in out.axis_iter_mut(Axis(0)).zip(tokens) {
             match row.as_slice_mut() {
                 Some(r) => data.widen_into(id as usize * h, r),
-                None => {
-                    for (j, x) in row.iter_mut().enumerate() {
-                        let mut one = [0f32];
-                        data.widen_into(id as usize * h + j, &mut one);
-                        *x = one[0];
-                    }
-                }
+                // A strided row: element by element (no buffer to widen into).
+                None => (id as usize * h..)
+                    .zip(row.iter_mut())
+                    .for_each(|(i, x)| data.widen_into(i, std::slice::from_mut(x))),
             }
         }
         Ok(())
@@ -352,8 +338,8 @@ impl TextModel {
         let start = cache.len();
         ws.positions.clear();
         ws.positions.extend(start..start + t);
-        reuse2(&mut ws.normed, (t, h));
-        reuse2(&mut ws.out, (t, h));
+        reshape_reusing(&mut ws.normed, (t, h));
+        reshape_reusing(&mut ws.out, (t, h));
         let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
             ws.normed.assign(&hidden);
@@ -411,7 +397,7 @@ impl TextModel {
         hidden: ArrayView2<f32>,
         ws: &'w mut Workspace,
     ) -> Result<ArrayView2<'w, f32>> {
-        reuse2(&mut ws.logits, (hidden.nrows(), self.config.vocab_size));
+        reshape_reusing(&mut ws.logits, (hidden.nrows(), self.config.vocab_size));
         linear_into(hidden, &self.lm_head, ws.logits.view_mut())?;
         Ok(ws.logits.view())
     }
@@ -464,4 +450,21 @@ fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize) -> Result<DecoderLayer>
         self_attn,
         feed_forward,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embed_into_a_strided_view_equals_embed() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/scout");
+        let model = TextModel::load(dir).unwrap();
+        let tokens = [3, 0, 511, 7];
+        let want = model.embed(&tokens).unwrap();
+        let mut wide = Array2::from_elem((tokens.len(), 2 * model.config().hidden_size), f32::NAN);
+        model.embed_into(&tokens, wide.slice_mut(s![.., ..;2])).unwrap();
+        assert_eq!(wide.slice(s![.., ..;2]), want);
+        assert!(want.iter().all(|v| v.is_finite()));
+    }
 }

@@ -1,10 +1,11 @@
 //! A generation session: the model plus the cache of one sequence.
 
 use kv_cache::{KvCache, MemoryBytes};
+use llama4_core::scratch::reshape_reusing;
 use llama4_core::DType;
 use ndarray::{s, Array1, Array2, ArrayViewMut2};
 
-use crate::model::{reuse2, Workspace};
+use crate::model::Workspace;
 use crate::{Error, Result, TextModel};
 
 /// A prefill of more tokens than this does not keep its buffers in the session: decoding needs
@@ -113,7 +114,7 @@ impl<'m> Session<'m> {
     /// [`Error::TokenOutOfRange`] for ids outside the vocabulary; the session is unchanged.
     pub fn prefill(&mut self, tokens: &[u32], which: Logits) -> Result<Array2<f32>> {
         let mut hidden = std::mem::take(&mut self.hidden);
-        reuse2(&mut hidden, (tokens.len(), self.model.config().hidden_size));
+        reshape_reusing(&mut hidden, (tokens.len(), self.model.config().hidden_size));
         let result = self
             .model
             .embed_into(tokens, hidden.view_mut())
@@ -168,7 +169,7 @@ impl<'m> Session<'m> {
     /// As [`Session::prefill`]; the session is unchanged.
     pub fn step_logits(&mut self, token: u32) -> Result<&[f32]> {
         let mut hidden = std::mem::take(&mut self.hidden);
-        reuse2(&mut hidden, (1, self.model.config().hidden_size));
+        reshape_reusing(&mut hidden, (1, self.model.config().hidden_size));
         let result = self
             .model
             .embed_into(&[token], hidden.view_mut())

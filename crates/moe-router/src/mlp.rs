@@ -3,11 +3,12 @@
 
 use std::fmt::Debug;
 
+use llama4_core::scratch::prefix;
 use llama4_core::{kernels, Scope, Weight};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::experts::shape_err;
-use crate::scratch::{check_output, prefix, standard, with_standard_output, Buffers};
+use crate::scratch::{check_output, standard, with_standard_output, Buffers};
 use crate::{Error, Result, Scratch};
 
 /// A decoder layer's feed-forward block: [`Mlp`], [`crate::Moe`], or a researcher's own.

@@ -2,12 +2,12 @@
 
 use std::fmt::Debug;
 
+use llama4_core::scratch::prefix;
 use llama4_core::{kernels, Scope, Weight};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::experts::shape_err;
 use crate::routing::{sigmoid_top_k, sigmoid_top_k_into, softmax_top_k, softmax_top_k_into};
-use crate::scratch::prefix;
 use crate::{Error, Result, Routing};
 
 /// Chooses, for every token, which experts run and with what weight.

@@ -1,5 +1,6 @@
 //! Buffers reused across feed-forward calls, so that a decode step allocates nothing.
 
+use llama4_core::scratch::prefix;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::experts::{shape_err, ExpertScratch};
@@ -35,14 +36,6 @@ pub(crate) struct Buffers {
     /// One expert's gathered (and possibly scaled) input rows `[n, H]`.
     pub(crate) gathered: Vec<f32>,
     pub(crate) experts: ExpertScratch,
-}
-
-/// The first `n` entries of `buf`, growing it if needed (contents are stale: callers overwrite).
-pub(crate) fn prefix(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
-    if buf.len() < n {
-        buf.resize(n, 0.0);
-    }
-    &mut buf[..n]
 }
 
 /// `x` itself when it is in standard layout, else a contiguous copy in `buf`.

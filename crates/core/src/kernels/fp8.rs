@@ -24,9 +24,10 @@
 
 use std::cell::Cell;
 
-use super::linear::{self, Job, SyncPtr, SMALL_T};
+use super::linear::{self, Job, SMALL_T};
 use super::simd::{prefetch, Portable, Simd};
 use super::Isa;
+use crate::pool::SyncPtr;
 use crate::quant::{QuantData, FP8_E4M3_TABLE};
 use crate::Layout;
 
@@ -226,7 +227,7 @@ struct F8Job<'a> {
     codes: &'a [u8],
     w: &'a QuantData,
     /// `[t, n]` row-major; tasks write disjoint column ranges.
-    y: SyncPtr,
+    y: SyncPtr<f32>,
 }
 
 /// Scale of output row `o`.

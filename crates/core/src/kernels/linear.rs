@@ -16,6 +16,7 @@
 use std::cell::Cell;
 
 use super::simd::{load_partial, prefetch, store_partial, Elem, Simd, MAX_LANES};
+use crate::pool::SyncPtr;
 use crate::Layout;
 
 /// Token counts up to this take the streaming (decode) path.
@@ -39,21 +40,7 @@ pub(crate) struct Job<'a, E> {
     pub w: &'a [E],
     pub layout: Layout,
     /// `[t, n]` row-major; tasks write disjoint column ranges.
-    pub y: SyncPtr,
-}
-
-/// The output pointer, shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr(pub *mut f32);
-// SAFETY: tasks write disjoint column ranges of the output (see `Job::y`).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The pointer (a method, so closures capture the `Sync` wrapper, not its field).
-    pub fn get(self) -> *mut f32 {
-        self.0
-    }
+    pub y: SyncPtr<f32>,
 }
 
 /// Computes output columns `lo..hi` (all tokens) of `job`.

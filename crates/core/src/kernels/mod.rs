@@ -26,8 +26,9 @@ use std::sync::OnceLock;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
+use crate::pool::SyncPtr;
 use crate::{Error, Layout, QuantFormat, Result, Weight, WeightData};
-use linear::{Job, SyncPtr};
+use linear::Job;
 use simd::Elem;
 
 /// A kernel implementation, by instruction set.

@@ -24,8 +24,9 @@ use std::sync::OnceLock;
 
 use half::f16;
 
-use super::linear::{SyncPtr, SMALL_T};
+use super::linear::SMALL_T;
 use super::Isa;
+use crate::pool::SyncPtr;
 use crate::quant::{quantize_activations, QuantData, QuantFormat, Scales};
 
 #[cfg(target_arch = "x86_64")]

@@ -22,7 +22,9 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use super::{exp_neg, refill, visible_slots, Args, Item, KvElem, Partial};
+use llama4_core::scratch::refill;
+
+use super::{exp_neg, visible_slots, Args, Item, KvElem, Partial};
 
 /// Keys per tile (the generic body's, on which decoding splits keys between threads).
 const TILE: usize = super::KEY_TILE;

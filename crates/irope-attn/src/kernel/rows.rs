@@ -21,7 +21,9 @@
 use std::arch::x86_64::*;
 
 use super::avx512::exp_neg512;
-use super::{refill, visible_slots, Args, Item, KvElem, Partial};
+use llama4_core::scratch::refill;
+
+use super::{visible_slots, Args, Item, KvElem, Partial};
 
 /// Rows per vector.
 const LANES: usize = 16;
