@@ -17,9 +17,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use tempfile::TempDir;
 
-mod common;
-use common::files::{f32_bytes, t, write, T};
-use common::values;
+use llama4_testkit::{f32_bytes, tensor as t, values, write_safetensors as write, Tensor as T};
 
 fn fixture() -> Vec<u8> {
     let path =

@@ -14,8 +14,7 @@ use llama4_core::{
 use safetensors::Dtype;
 use tempfile::TempDir;
 
-mod common;
-use common::files::{t, write, T};
+use llama4_testkit::{tensor as t, write_safetensors as write, Tensor as T};
 
 /// `n` bf16 values with many distinct magnitudes (and an exact zero row when `n` allows).
 fn bf16_values(n: usize, seed: usize) -> Vec<f32> {

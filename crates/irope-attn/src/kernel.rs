@@ -31,12 +31,8 @@ use crate::MaskKind;
 mod avx512;
 #[cfg(all(test, target_arch = "x86_64"))]
 mod path_tests;
-// The workspace's one test-data generator.
 #[cfg(target_arch = "x86_64")]
 mod rows;
-#[cfg(test)]
-#[path = "../../core/tests/common/values.rs"]
-mod test_values;
 
 /// Everything the kernel needs besides the tensors.
 #[derive(Clone, Copy, Debug)]
@@ -1103,7 +1099,7 @@ mod tests {
         assert_eq!(visible_slots(MaskKind::Causal, 5, 10, 4), (0, 0));
     }
 
-    use super::test_values::values;
+    use llama4_testkit::values;
 
     /// One call's inputs: `t` tokens ending at the last of `len` cached keys (from position
     /// `first_pos`), `hkv × rep` query heads of dim `d`.

@@ -11,10 +11,7 @@ use ndarray::Array3;
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
 
-// The workspace's one test-data generator.
-#[path = "../../core/tests/common/values.rs"]
-mod values;
-use values::values;
+use llama4_testkit::values;
 
 #[test]
 fn steady_state_calls_allocate_nothing() {

@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use irope_attn::{AttnConfig, LayerKind, RopeConfig, RopeScaling};
 use serde_json::Value;
 
+pub use llama4_testkit::rel_err;
+
 /// `fixtures/components/<name>` of the workspace.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/components")
-        .join(name)
+    llama4_testkit::fixture(&format!("components/{name}"))
 }
 
 pub fn read_json(name: &str) -> Value {
@@ -72,15 +72,4 @@ pub fn attn_config(v: &Value) -> (AttnConfig, LayerKind) {
         LayerKind::NoPe
     };
     (cfg, kind)
-}
-
-/// max |a − b| / max |b|.
-pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    diff / scale.max(f64::MIN_POSITIVE)
 }
