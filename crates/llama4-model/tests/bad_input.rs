@@ -143,17 +143,47 @@ fn prompt_over_the_context_limit_is_refused_and_the_session_is_unchanged() {
     assert_eq!(s.len(), 10);
     s.prefill(&[5; 6], Logits::Last).unwrap();
 
-    // Generation checks prompt + new tokens before running anything.
+    // Generation checks prompt + new tokens before running anything, without overflow, and
+    // says when the new tokens are the cause.
     let mut s = Session::new(&model, DType::F32).unwrap().with_max_len(16);
-    let opts = GenerateOptions {
-        max_new_tokens: 8,
-        ..GenerateOptions::default()
-    };
+    for max_new_tokens in [8, usize::MAX - 5, usize::MAX] {
+        let opts = GenerateOptions {
+            max_new_tokens,
+            ..GenerateOptions::default()
+        };
+        let err = s
+            .generate(&[5; 10], &opts, |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MaxNewTokens {
+                    prompt: 10,
+                    limit: 16,
+                    most: 7,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("max_new_tokens"), "{err}");
+        assert!(s.is_empty());
+    }
     let err = s
-        .generate(&[5; 10], &opts, |_| ControlFlow::Continue(()))
+        .generate(&[5; 17], &GenerateOptions::default(), |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap_err();
-    assert!(matches!(err, Error::ContextOverflow { .. }), "{err:?}");
-    assert!(s.is_empty());
+    assert!(
+        matches!(
+            err,
+            Error::ContextOverflow {
+                tokens: 17,
+                limit: 16
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -27,8 +27,8 @@ fn bounded(field: &'static str, value: usize, limit: usize, limit_name: &'static
     if value > limit {
         return Err(Error::ConfigLimit {
             field,
-            value: value as u128,
-            limit: limit as u128,
+            value: value as u64,
+            limit: limit as u64,
             limit_name,
         });
     }

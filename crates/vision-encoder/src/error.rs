@@ -36,9 +36,9 @@ pub enum Error {
         /// The offending field (or product of fields).
         field: &'static str,
         /// Its value.
-        value: u128,
+        value: u64,
         /// The bound.
-        limit: u128,
+        limit: u64,
         /// The bound's name.
         limit_name: &'static str,
     },
