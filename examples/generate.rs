@@ -11,9 +11,11 @@
 //! --prompt TEXT | --prompt-ids 1,2,3
 //! --chat               wrap the prompt in the Llama 4 chat format
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
-//! --max-new-tokens N   --temperature T (0 = greedy)   --top-k K   --top-p P   --seed S   --ignore-eos
+//! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
+//! --ignore-eos
 //! --dump-logits FILE   safetensors with one tensor "logits", F32 [generated, vocab]; row r holds the
 //!                      logits that chose generated token r (row 0 comes from the prompt's last position)
+//! --check-weights      scan every tensor for NaN/Inf after loading and name the first that holds one
 //! --json               print one JSON object as the last line of stdout with prompt_ids, generated_ids,
 //!                      text, prefill_tokens_per_s, decode_tokens_per_s
 //! --quantize q8|q4|fp8 quantise weights at load time (int8 / int4, symmetric, one scale per group;
@@ -37,10 +39,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use llama4_core::input::{read_capped, Cap};
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
+use llama4_examples::{check_output_dir, check_output_file, utf8_args};
 use llama4_model::{
-    chat_prompt, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel,
-    SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    check_text_only_prompt, encode_chat, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds,
+    ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
 };
 
 /// The embedded demo model and the prompt it is shown with.
@@ -58,6 +62,7 @@ struct Args {
     sampling: SamplingConfig,
     ignore_eos: bool,
     dump_logits: Option<PathBuf>,
+    check_weights: bool,
     json: bool,
     quantize: Option<QuantFormat>,
     quantize_all: bool,
@@ -85,7 +90,7 @@ impl Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args::default();
-    let mut it = std::env::args().skip(1);
+    let mut it = utf8_args().map_err(|e| e.to_string())?;
     fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
         let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
         v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
@@ -115,6 +120,7 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => a.sampling.seed = value(&flag, it.next())?,
             "--ignore-eos" => a.ignore_eos = true,
             "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
+            "--check-weights" => a.check_weights = true,
             "--json" => a.json = true,
             "--quantize" => {
                 let name: String = value(&flag, it.next())?;
@@ -170,6 +176,13 @@ fn parse_args() -> Result<Args, String> {
             .spec
             .check_group()
             .map_err(|e| format!("--quant-group: {e}"))?;
+    }
+    // Output paths are checked before any work, not found wrong after a generation.
+    if let Some(path) = &a.dump_logits {
+        check_output_file("--dump-logits", path)?;
+    }
+    if let Some(path) = &a.save_quantized {
+        check_output_dir("--save-quantized", path)?;
     }
     Ok(a)
 }
@@ -243,23 +256,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(mm)) => mm.text(),
         (None, None) => unreachable!("one of them is loaded above"),
     };
+    if args.check_weights {
+        model.checkpoint().check_finite()?;
+    }
     let load_time = load_started.elapsed();
     let weight_bytes = model.checkpoint().weight_bytes();
 
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => None,
-        (None, None) => Some(
-            std::fs::read_to_string(dir.join(DEMO_PROMPT_FILE))
-                .map_err(|_| {
-                    format!(
-                        "no --prompt given and {} has no {DEMO_PROMPT_FILE}",
-                        dir.display()
-                    )
-                })?
-                .trim_end_matches('\n')
-                .to_string(),
-        ),
+        (None, None) => {
+            let path = dir.join(DEMO_PROMPT_FILE);
+            if !path.exists() {
+                return Err(format!(
+                    "no --prompt given and {} has no {DEMO_PROMPT_FILE}",
+                    dir.display()
+                )
+                .into());
+            }
+            let bytes = read_capped(&path, Cap::TEXT)?;
+            let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+            Some(text.trim_end_matches('\n').to_string())
+        }
     };
     let prompt_ids = match (&prompt_text, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
@@ -268,7 +286,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .as_ref()
                 .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
             if args.chat {
-                tok.encode_with(&chat_prompt(text), false)?
+                // Refused when the tokenizer lacks a special token the chat format writes.
+                encode_chat(tok, text)?
             } else {
                 tok.encode(text)?
             }
@@ -276,6 +295,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => unreachable!("one of them is set above"),
     };
 
+    // Without --image, a multimodal checkpoint runs as text: image tokens in the prompt would
+    // be embedded as ordinary tokens, so they are refused.
+    if args.images.is_empty() {
+        if let Some(tok) = &tokenizer {
+            if ModelConfig::from_dir(&dir)?.vision.is_some() {
+                if let Ok(ids) = ImageTokenIds::from_tokenizer(tok) {
+                    check_text_only_prompt(&prompt_ids, &ids)
+                        .map_err(|e| format!("{e}: give one --image per <|image|>"))?;
+                }
+            }
+        }
+    }
     let stops = if args.ignore_eos {
         vec![]
     } else {
@@ -341,9 +372,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         ControlFlow::Continue(())
     };
     let generation = match prepared {
-        Some(p) => session.generate_with_embeddings(&p.ids, p.embeddings, &options, on_token)?,
-        None => session.generate(&prompt_ids, &options, on_token)?,
-    };
+        Some(p) => session.generate_with_embeddings(&p.ids, p.embeddings, &options, on_token),
+        None => session.generate(&prompt_ids, &options, on_token),
+    }
+    .map_err(generation_error)?;
     if let Some(e) = stream_err {
         return Err(e.into());
     }
@@ -429,6 +461,19 @@ fn quant_error(e: llama4_model::Error, policy: &QuantPolicy) -> Box<dyn std::err
         .into()
     } else {
         e.into()
+    }
+}
+
+/// A generation error with the flag that fixes it.
+fn generation_error(e: llama4_model::Error) -> Box<dyn std::error::Error> {
+    match e {
+        llama4_model::Error::MaxNewTokens { most, .. } => {
+            format!("{e}\nlower --max-new-tokens to at most {most}").into()
+        }
+        llama4_model::Error::NonFiniteLogits { .. } => {
+            format!("{e}\nrun with --check-weights to find the tensor").into()
+        }
+        e => e.into(),
     }
 }
 
