@@ -4,6 +4,8 @@
 
 use std::ffi::OsString;
 use std::io::ErrorKind;
+
+use llama4_core::input::kind_of;
 use std::path::Path;
 
 /// A command-line argument that is not valid UTF-8.
@@ -61,7 +63,7 @@ pub fn check_output_file(flag: &str, path: &Path) -> Result<(), String> {
     let fail = |why: String| Err(format!("{flag} {}: {why}", path.display()));
     match std::fs::metadata(path) {
         Ok(m) if !m.is_file() => {
-            return fail(format!("is {}, not a file to write", kind(&m)));
+            return fail(format!("is {}, not a file to write", kind_of(&m)));
         }
         Ok(m) if m.permissions().readonly() => return fail("is read-only".into()),
         Ok(_) => return Ok(()),
@@ -75,7 +77,11 @@ pub fn check_output_file(flag: &str, path: &Path) -> Result<(), String> {
     };
     match std::fs::metadata(parent) {
         Ok(m) if m.is_dir() => Ok(()),
-        Ok(m) => fail(format!("{} is {}, not a directory", parent.display(), kind(&m))),
+        Ok(m) => fail(format!(
+            "{} is {}, not a directory",
+            parent.display(),
+            kind_of(&m)
+        )),
         Err(_) => fail(format!("directory {} does not exist", parent.display())),
     }
 }
@@ -87,36 +93,20 @@ pub fn check_output_dir(flag: &str, path: &Path) -> Result<(), String> {
     for ancestor in path.ancestors().filter(|a| !a.as_os_str().is_empty()) {
         match std::fs::metadata(ancestor) {
             Ok(m) if m.is_dir() => return Ok(()),
-            Ok(m) if ancestor == path => return fail(format!("is {}, not a directory", kind(&m))),
-            Ok(m) => return fail(format!("{} is {}, not a directory", ancestor.display(), kind(&m))),
+            Ok(m) if ancestor == path => return fail(format!("is {}, not a directory", kind_of(&m))),
+            Ok(m) => {
+                return fail(format!(
+                    "{} is {}, not a directory",
+                    ancestor.display(),
+                    kind_of(&m)
+                ))
+            }
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => continue,
             Err(e) => return fail(e.to_string()),
         }
     }
     // A relative path whose every component is new: it goes in the working directory.
     Ok(())
-}
-
-/// What a file is, in words.
-fn kind(m: &std::fs::Metadata) -> &'static str {
-    let t = m.file_type();
-    if t.is_dir() {
-        return "a directory";
-    }
-    if t.is_file() {
-        return "a regular file";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if t.is_fifo() {
-            return "a FIFO";
-        }
-        if t.is_char_device() || t.is_block_device() {
-            return "a device";
-        }
-    }
-    "not a regular file"
 }
 
 #[cfg(test)]

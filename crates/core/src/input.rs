@@ -158,8 +158,8 @@ fn not_regular(path: &Path, what: String) -> Error {
     }
 }
 
-/// What a non-regular file is, in words.
-fn kind_of(m: &Metadata) -> String {
+/// What a file is, in words ("a directory", "a FIFO (named pipe)", …), for messages.
+pub fn kind_of(m: &Metadata) -> String {
     let t = m.file_type();
     if t.is_dir() {
         return "a directory".into();
@@ -179,6 +179,9 @@ fn kind_of(m: &Metadata) -> String {
         if t.is_socket() {
             return "a socket".into();
         }
+    }
+    if t.is_file() {
+        return "a regular file".into();
     }
     "not a regular file".into()
 }
