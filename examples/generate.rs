@@ -47,6 +47,23 @@ use llama4_model::{
     ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
 };
 
+/// `println!` that returns an error when stdout is closed (`generate | head`) instead of
+/// panicking.
+macro_rules! outln {
+    ($fmt:literal; no newline) => {{
+        let mut out = std::io::stdout();
+        write!(out, $fmt).and_then(|()| out.flush()).map_err(stdout_error)?
+    }};
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// A failed write to stdout, said as such.
+fn stdout_error(e: std::io::Error) -> Box<dyn std::error::Error> {
+    format!("cannot write to stdout: {e}").into()
+}
+
 /// The embedded demo model and the prompt it is shown with.
 const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
 const DEMO_PROMPT_FILE: &str = "default_prompt.txt";
@@ -140,7 +157,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--save-quantized" => a.save_quantized = Some(value(&flag, it.next())?),
             "-h" | "--help" => {
-                println!(
+                // Nothing to report if stdout is closed: exit all the same.
+                let _ = writeln!(
+                    std::io::stdout(),
                     "{}",
                     include_str!("generate.rs")
                         .lines()
@@ -330,7 +349,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if !args.json {
                 for (path, image) in args.images.iter().zip(&images) {
                     let (rows, cols) = image.aspect_ratio;
-                    println!(
+                    outln!(
                         "image: {} ({rows}×{cols} tiles{}, {} image tokens)",
                         path.display(),
                         if rows * cols > 1 { " + global" } else { "" },
@@ -345,29 +364,31 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     if !args.json {
         match (&prompt_text, &tokenizer) {
-            (Some(t), _) if !args.chat => println!("prompt: {t}"),
-            (_, Some(tok)) => println!("prompt: {}", tok.decode(&prompt_ids)?),
-            _ => println!("prompt ids: {prompt_ids:?}"),
+            (Some(t), _) if !args.chat => outln!("prompt: {t}"),
+            (_, Some(tok)) => outln!("prompt: {}", tok.decode(&prompt_ids)?),
+            _ => outln!("prompt ids: {prompt_ids:?}"),
         }
-        print!("answer: ");
-        std::io::stdout().flush()?;
+        outln!("answer: "; no newline);
     }
     let mut session = Session::new(model, DType::F32)?;
     let mut stream = StreamDecoder::new();
-    let mut stream_err = None;
+    let mut stream_err: Option<Box<dyn std::error::Error>> = None;
     let on_token = |id| {
         if !args.json && !stops.contains(&id) {
-            match &tokenizer {
-                Some(tok) => match stream.push(tok, id) {
-                    Ok(piece) => print!("{piece}"),
-                    Err(e) => {
-                        stream_err = Some(e);
-                        return ControlFlow::Break(());
-                    }
-                },
-                None => print!("{id} "),
+            let piece = match &tokenizer {
+                Some(tok) => stream.push(tok, id).map_err(Into::into),
+                None => Ok(format!("{id} ")),
+            };
+            let shown = piece.and_then(|p| {
+                let mut out = std::io::stdout();
+                write!(out, "{p}")
+                    .and_then(|()| out.flush())
+                    .map_err(stdout_error)
+            });
+            if let Err(e) = shown {
+                stream_err = Some(e);
+                return ControlFlow::Break(());
             }
-            let _ = std::io::stdout().flush();
         }
         ControlFlow::Continue(())
     };
@@ -377,7 +398,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     .map_err(generation_error)?;
     if let Some(e) = stream_err {
-        return Err(e.into());
+        return Err(e);
     }
 
     if let (Some(path), Some(logits)) = (&args.dump_logits, &generation.logits) {
@@ -398,23 +419,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "weight_bytes": weight_bytes,
             "load_s": load_time.as_secs_f64(),
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!();
+        outln!();
         let cache = session.cache_memory();
-        println!(
+        outln!(
             "prefill: {} tokens in {:.1} ms ({:.1} tokens/s)",
             generation.prompt_ids.len(),
             generation.prefill_time.as_secs_f64() * 1e3,
             generation.prefill_tokens_per_s()
         );
-        println!(
+        outln!(
             "decode:  {} tokens in {:.1} ms ({:.1} tokens/s)",
             generation.decode_steps,
             generation.decode_time.as_secs_f64() * 1e3,
             generation.decode_tokens_per_s()
         );
-        println!(
+        outln!(
             "memory:  weights {:.2} MB mapped, KV cache {:.1} KB (chunked layers {:.1} KB, global layers {:.1} KB), peak RSS {:.1} MB",
             weight_file_bytes(&dir) as f64 / 1e6,
             cache.total() as f64 / 1e3,
@@ -423,7 +444,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             peak_rss_bytes().unwrap_or(0) as f64 / 1e6
         );
         let quantized = model.checkpoint().quantized_weights();
-        println!(
+        outln!(
             "weights: {:.2} MB loaded in {:.1} ms, {quantized} tensors quantised{}",
             weight_bytes as f64 / 1e6,
             load_time.as_secs_f64() * 1e3,

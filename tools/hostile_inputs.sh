@@ -201,5 +201,7 @@ run "--dump-logits a directory" 'error:--dump-logits' -- "$GEN" --dump-logits "$
 run "--dump-logits no parent" 'error:--dump-logits' -- "$GEN" --dump-logits "$WORK/no/such/dir/l.safetensors"
 run "--save-quantized a file" 'error:--save-quantized' -- "$GEN" --quantize q8 --save-quantized "$jpg"
 
+run "stdout closed early" 'error:stdout' -- bash -c '"$0" | head -c 1 >/dev/null; exit ${PIPESTATUS[0]}' "$GEN"
+
 echo "$PASS passed, $FAIL failed"
 [ $FAIL -eq 0 ]
