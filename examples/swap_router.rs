@@ -16,10 +16,14 @@ use moe_router::SoftmaxTopKRouter;
 
 type Error = Box<dyn std::error::Error>;
 
-fn main() -> Result<(), Error> {
+fn main() -> std::process::ExitCode {
+    llama4_examples::report(try_main())
+}
+
+fn try_main() -> Result<(), Error> {
     let mut dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"));
     let (mut top_k, mut renormalize) = (2usize, true);
-    let mut args = std::env::args().skip(1);
+    let mut args = llama4_examples::utf8_args()?;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--model" => dir = args.next().ok_or("--model needs a directory")?.into(),
@@ -84,7 +88,8 @@ struct Outcome {
 }
 
 fn heldout(dir: &Path) -> Result<Vec<(String, String)>, Error> {
-    let text = std::fs::read_to_string(dir.join("heldout.json"))?;
+    let bytes = llama4_core::input::read_capped(&dir.join("heldout.json"), llama4_core::input::Cap::JSON)?;
+    let text = String::from_utf8(bytes)?;
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let list = v.as_array().ok_or("heldout.json is not a list")?;
     list.iter()

@@ -7,6 +7,8 @@ mod buffer;
 mod checkpoint;
 mod dtype;
 mod error;
+mod finite;
+pub mod input;
 pub mod kernels;
 mod kv;
 pub mod pool;

@@ -2,7 +2,6 @@
 //! the data section. Every number in the header is checked before it is used.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -231,8 +230,8 @@ impl SafetensorsFile {
             path: path.clone(),
             source,
         };
-        let file = File::open(&path).map_err(io)?;
-        let file_len = file.metadata().map_err(io)?.len();
+        // A FIFO or device in place of a weight file is refused before it is opened.
+        let (file, file_len) = crate::input::open_regular(&path)?;
         if file_len < 8 {
             // Mapping an empty file fails on some systems; this is the error that matters.
             return Err(Error::Truncated {

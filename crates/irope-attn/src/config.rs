@@ -91,6 +91,13 @@ impl AttnConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
+        // The projections' widths must not wrap (a wrapped width could match a weight's shape).
+        if self.num_attention_heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!(
+                "{} heads · head_dim {} overflows",
+                self.num_attention_heads, self.head_dim
+            ));
+        }
         if self.attention_chunk_size == Some(0) {
             return bad("attention_chunk_size 0".into());
         }

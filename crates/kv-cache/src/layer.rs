@@ -259,6 +259,13 @@ impl LayerCache {
         // Refuse sizes whose byte count does not fit in memory arithmetic before allocating.
         let bytes = self.spec.layer_bytes(capacity)?;
         usize::try_from(bytes).map_err(|_| KvError::Overflow("capacity"))?;
+        // Room for both keys and values first: an allocation the system refuses is an error,
+        // not an abort, and leaves the layer as it was.
+        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let additional = hkv * d * (capacity - self.capacity);
+        for s in [&mut self.k, &mut self.v] {
+            s.try_reserve(additional).map_err(|_| KvError::Alloc { bytes })?;
+        }
         self.relayout(capacity);
         Ok(())
     }

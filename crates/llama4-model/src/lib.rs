@@ -2,6 +2,7 @@
 //! Llama 4 models: `config.json` parsing and validation, checkpoint loading, the decoder,
 //! generation and the tokenizer.
 
+mod checks;
 pub mod config;
 mod error;
 mod generate;
@@ -11,9 +12,10 @@ mod quant;
 mod session;
 mod tokenizer;
 
+pub use checks::{check_logits_finite, check_room, check_text_only_prompt, encode_chat, CHAT_TOKENS};
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
-pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
+pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
 pub use model::{DecoderLayer, FeedForwardLayer, TextModel, Workspace};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,

@@ -56,10 +56,15 @@ impl<'m> Session<'m> {
     /// reaching them grows neither.
     ///
     /// # Errors
-    /// When the cache cannot be sized (see [`KvCache::reserve`]).
+    /// When the cache cannot be sized (see [`KvCache::reserve`]; memory the system refuses is
+    /// [`kv_cache::KvError::Alloc`], not an abort), [`Error::OutOfMemory`] for the token list.
     pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
         self.cache.reserve(n_tokens)?;
-        self.tokens.reserve(n_tokens.saturating_sub(self.tokens.len()));
+        let more = n_tokens.saturating_sub(self.tokens.len());
+        self.tokens.try_reserve(more).map_err(|_| Error::OutOfMemory {
+            what: "the session's token list",
+            bytes: (more as u64).saturating_mul(4),
+        })?;
         Ok(())
     }
 
@@ -130,6 +135,10 @@ impl<'m> Session<'m> {
     ///
     /// # Shapes
     /// `tokens: [T]`, `embeddings: [T, H]`.
+    ///
+    /// # Errors
+    /// As [`Session::prefill`] (ids outside the vocabulary included), and a shape error when
+    /// `embeddings` is not `[T, H]`.
     pub fn prefill_embeddings(
         &mut self,
         tokens: &[u32],
@@ -142,6 +151,11 @@ impl<'m> Session<'m> {
                 format!("{} tokens, embeddings {:?}", tokens.len(), embeddings.dim()),
             )
             .into());
+        }
+        // The ids are recorded as the sequence: they must be ids the model has.
+        let vocab = self.model.config().vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
         }
         let result = self
             .run(tokens, embeddings.view_mut())

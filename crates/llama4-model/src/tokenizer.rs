@@ -25,20 +25,23 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
-    /// Reads `tokenizer.json`.
+    /// Reads `tokenizer.json` (a regular file of at most
+    /// [`MAX_JSON_BYTES`](llama4_core::input::MAX_JSON_BYTES)).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        let bytes =
+            llama4_core::input::read_capped(path, llama4_core::input::Cap::JSON).map_err(Error::input)?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| tok_err(path, e))?;
         Ok(Tokenizer { inner })
     }
 
-    /// Reads `dir/tokenizer.json` if the checkpoint has one.
+    /// Reads `dir/tokenizer.json` if the checkpoint has one (a FIFO, device, directory or
+    /// unfollowable link in its place is an error, not an absent tokenizer).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
         let path = dir.as_ref().join("tokenizer.json");
-        if path.is_file() {
-            Self::from_file(path).map(Some)
-        } else {
-            Ok(None)
+        match llama4_core::input::probe(&path).map_err(Error::input)? {
+            llama4_core::input::Probe::Absent => Ok(None),
+            _ => Self::from_file(path).map(Some),
         }
     }
 
