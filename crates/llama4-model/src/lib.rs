@@ -2,6 +2,7 @@
 //! Llama 4 models: `config.json` parsing and validation, checkpoint loading, the decoder,
 //! generation and the tokenizer.
 
+pub mod chat;
 pub mod config;
 mod error;
 mod generate;
@@ -11,6 +12,7 @@ mod quant;
 mod session;
 mod tokenizer;
 
+pub use chat::{ChatOptions, ChatTemplate, TemplateSource, LLAMA4_CHAT_TEMPLATE};
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
