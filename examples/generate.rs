@@ -9,7 +9,12 @@
 //! ```text
 //! --model DIR          checkpoint directory (default: the embedded demo model)
 //! --prompt TEXT | --prompt-ids 1,2,3
-//! --chat               wrap the prompt in the Llama 4 chat format
+//! --chat               render the prompt as a user turn with the checkpoint's chat template (the
+//!                      Llama 4 template when it has none)
+//! --system TEXT        with --chat (implied): a system message first
+//! --conversation FILE  with --chat (implied): earlier messages, a JSON array of OpenAI-style
+//!                      messages ({"role": "system"|"user"|"assistant"|"tool", "content": ...});
+//!                      --prompt, if given, is appended as the last user turn
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
 //! --max-new-tokens N   --temperature T (0 = greedy)   --top-k K   --top-p P   --seed S   --ignore-eos
 //! --dump-logits FILE   safetensors with one tensor "logits", F32 [generated, vocab]; row r holds the
@@ -39,8 +44,8 @@ use std::time::Instant;
 
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_model::{
-    chat_prompt, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel,
-    SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    quantize_checkpoint, stop_ids, ChatOptions, ChatTemplate, GenerateOptions, ImageTokenIds, ModelConfig,
+    MultimodalModel, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
 };
 
 /// The embedded demo model and the prompt it is shown with.
@@ -53,6 +58,8 @@ struct Args {
     prompt: Option<String>,
     prompt_ids: Option<Vec<u32>>,
     chat: bool,
+    system: Option<String>,
+    conversation: Option<PathBuf>,
     images: Vec<PathBuf>,
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
@@ -107,6 +114,14 @@ fn parse_args() -> Result<Args, String> {
                 a.prompt_ids = Some(ids);
             }
             "--chat" => a.chat = true,
+            "--system" => {
+                a.system = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
+            "--conversation" => {
+                a.conversation = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
             "--image" => a.images.push(value(&flag, it.next())?),
             "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
             "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
@@ -249,6 +264,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => None,
+        // A conversation file without --prompt is the whole chat.
+        (None, None) if args.conversation.is_some() => Some(String::new()),
         (None, None) => Some(
             std::fs::read_to_string(dir.join(DEMO_PROMPT_FILE))
                 .map_err(|_| {
@@ -268,7 +285,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .as_ref()
                 .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
             if args.chat {
-                tok.encode_with(&chat_prompt(text), false)?
+                tok.encode_with(&render_chat(&dir, &args, text)?, false)?
             } else {
                 tok.encode(text)?
             }
@@ -409,6 +426,35 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// The chat prompt: `--system`, the messages of `--conversation`, then `user` as the last user
+/// turn (unless empty), rendered with the checkpoint's chat template.
+fn render_chat(dir: &Path, args: &Args, user: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    if let Some(path) = &args.conversation {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Either a bare array of messages or a request body with `messages`.
+        let list = value
+            .get("messages")
+            .unwrap_or(&value)
+            .as_array()
+            .ok_or_else(|| format!("{}: expected a JSON array of messages", path.display()))?;
+        messages.extend(list.iter().cloned());
+    }
+    if !user.is_empty() || messages.is_empty() {
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+    }
+    let options = ChatOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    Ok(ChatTemplate::from_dir(dir)?.render(&messages, &options)?)
 }
 
 /// A quantisation error with what to do about it: most often a group size that does not divide
