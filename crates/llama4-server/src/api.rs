@@ -283,10 +283,22 @@ async fn chat_completions(
     let body = body_of(body)?;
     let common = openai::common(&body, &ready.defaults, &["max_completion_tokens", "max_tokens"])?;
     let input = openai::chat_input(&body, ready.takes_images)?;
+    // Extra template variables (`tools_in_user_message`, ...), as vLLM takes them.
+    let extra = match body.get("chat_template_kwargs") {
+        None => Default::default(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`chat_template_kwargs` must be an object",
+                Some("chat_template_kwargs"),
+            ))
+        }
+    };
     let options = ChatOptions {
         add_generation_prompt: true,
         tools: input.tools,
-        ..Default::default()
+        documents: None,
+        extra,
     };
     let text = ready
         .template

@@ -30,6 +30,8 @@ use crate::stop::StopStrings;
 use crate::{Error, Result};
 
 /// A loaded checkpoint: text-only, or with a vision tower.
+// One value per server, behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum LoadedModel {
     /// `Llama4ForCausalLM` (or a multimodal checkpoint's text decoder alone).
