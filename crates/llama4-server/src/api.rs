@@ -88,7 +88,7 @@ impl From<EngineError> for ApiError {
 /// What the handlers need once the model is loaded.
 pub(crate) struct Ready {
     pub engine: Engine,
-    pub tokenizer: Arc<Tokenizer>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
     pub template: ChatTemplate,
     pub model_name: String,
     pub vocab_size: usize,
@@ -96,6 +96,17 @@ pub(crate) struct Ready {
     pub takes_images: bool,
     pub defaults: SamplingDefaults,
     pub created: u64,
+}
+
+impl Ready {
+    fn tokenizer(&self) -> Result<&Tokenizer, ApiError> {
+        self.tokenizer.as_deref().ok_or_else(|| {
+            ApiError::bad_request(
+                "this checkpoint has no tokenizer.json: send the prompt as token ids to /v1/completions",
+                None,
+            )
+        })
+    }
 }
 
 /// State shared by every handler.
@@ -250,7 +261,7 @@ async fn completions(
     let common = openai::common(&body, &ready.defaults, &["max_tokens"])?;
     let ids = match openai::prompt(&body)? {
         Prompt::Text(text) => ready
-            .tokenizer
+            .tokenizer()?
             .encode(&text)
             .map_err(|e| ApiError::bad_request(e.to_string(), Some("prompt")))?,
         Prompt::Ids(ids) => ids
@@ -305,7 +316,7 @@ async fn chat_completions(
         .render(&input.messages, &options)
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
     let ids = ready
-        .tokenizer
+        .tokenizer()?
         .encode_with(&text, false)
         .map_err(|e| ApiError::bad_request(e.to_string(), Some("messages")))?;
     generate(ready, Kind::Chat, ids, input.images, common, None).await

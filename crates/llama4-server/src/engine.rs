@@ -182,13 +182,14 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the engine thread with `config.parallel` slots.
+    /// Starts the engine thread with `config.parallel` slots. `tokenizer` turns generated ids
+    /// into text; without one, the text is the ids, each followed by a space.
     ///
     /// # Errors
     /// When a slot's session cannot be created, or the thread cannot be spawned.
     pub fn start(
         model: Arc<LoadedModel>,
-        tokenizer: Arc<Tokenizer>,
+        tokenizer: Option<Arc<Tokenizer>>,
         stop_ids: Vec<u32>,
         config: EngineConfig,
         metrics: Arc<Metrics>,
@@ -200,7 +201,7 @@ impl Engine {
             .name("llama4-engine".into())
             .stack_size(8 << 20)
             .spawn(move || {
-                let scheduler = Scheduler::new(&model, &tokenizer, &stop_ids, &config, &m);
+                let scheduler = Scheduler::new(&model, tokenizer.as_deref(), &stop_ids, &config, &m);
                 match scheduler {
                     Ok(mut s) => {
                         let _ = ready_tx.send(Ok(()));
@@ -330,7 +331,7 @@ fn forward(entries: &mut [Entry<'_, '_>], logits: &mut Array2<f32>) -> llama4_mo
 
 struct Scheduler<'m> {
     model: &'m LoadedModel,
-    tokenizer: &'m Tokenizer,
+    tokenizer: Option<&'m Tokenizer>,
     stop_ids: &'m [u32],
     config: &'m EngineConfig,
     metrics: &'m Metrics,
@@ -342,7 +343,7 @@ struct Scheduler<'m> {
 impl<'m> Scheduler<'m> {
     fn new(
         model: &'m LoadedModel,
-        tokenizer: &'m Tokenizer,
+        tokenizer: Option<&'m Tokenizer>,
         stop_ids: &'m [u32],
         config: &'m EngineConfig,
         metrics: &'m Metrics,
@@ -640,7 +641,7 @@ impl<'m> Scheduler<'m> {
 
 /// Takes a sampled token: sends its text, and says whether generation ends here.
 fn accept(
-    tokenizer: &Tokenizer,
+    tokenizer: Option<&Tokenizer>,
     stop_ids: &[u32],
     metrics: &Metrics,
     job: &mut Job,
@@ -658,10 +659,14 @@ fn accept(
         send(job, rest);
         return Ok(Some(FinishReason::Stop));
     }
-    let piece = job
-        .decoder
-        .push(tokenizer, token)
-        .map_err(|e| EngineError::Internal(e.to_string()))?;
+    let piece = match tokenizer {
+        Some(t) => job
+            .decoder
+            .push(t, token)
+            .map_err(|e| EngineError::Internal(e.to_string()))?,
+        // No tokenizer: the text is the ids, each followed by a space.
+        None => format!("{token} "),
+    };
     let released = job.stop.push(&piece);
     send(job, released.text);
     if released.stopped {

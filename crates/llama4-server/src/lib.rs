@@ -100,10 +100,16 @@ impl Default for ServerConfig {
 fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
     let dir = &config.model_dir;
     let model_config = ModelConfig::from_dir(dir)?;
-    let tokenizer = Tokenizer::from_dir(dir)?
-        .ok_or_else(|| Error::Config(format!("{} has no tokenizer.json", dir.display())))?;
+    // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
+    let tokenizer = Tokenizer::from_dir(dir)?;
     let model = if model_config.vision.is_some() {
-        let ids = ImageTokenIds::from_tokenizer(&tokenizer)?;
+        let tok = tokenizer.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "{} has no tokenizer.json (the image tokens' ids come from it)",
+                dir.display()
+            ))
+        })?;
+        let ids = ImageTokenIds::from_tokenizer(tok)?;
         LoadedModel::Multimodal(MultimodalModel::load_with_quantization(
             dir,
             ids,
@@ -129,7 +135,7 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "llama4".into())
     });
-    let tokenizer = Arc::new(tokenizer);
+    let tokenizer = tokenizer.map(Arc::new);
     let engine = Engine::start(
         Arc::new(model),
         tokenizer.clone(),
