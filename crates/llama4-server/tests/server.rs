@@ -475,3 +475,81 @@ fn a_prompt_that_extends_a_finished_one_reuses_its_cache() {
     assert_eq!(second["choices"][0]["text"], want["choices"][0]["text"]);
     assert_eq!(second["usage"], want["usage"]);
 }
+
+#[test]
+fn an_image_in_a_chat_message_reaches_the_vision_tower() {
+    // The vision demo answers `<|begin_of_text|>what is this?<|image|> =`; a chat template that
+    // writes the parts as they are makes a chat request give exactly that prompt.
+    let dir = tempfile::tempdir().unwrap();
+    let demo = root().join("models/vision-demo");
+    for entry in std::fs::read_dir(&demo).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}{% for p in m.content %}\
+         {% if p.type == 'text' %}{{ p.text }}{% else %}<|image|>{% endif %}{% endfor %}{% endfor %}",
+    )
+    .unwrap();
+    let server = start(ServerConfig {
+        model_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(demo.join("heldout.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    use base64::Engine as _;
+    for case in &cases[..3] {
+        let png = std::fs::read(demo.join(case["image"].as_str().unwrap())).unwrap();
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        );
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": " ="},
+        ]}], "max_tokens": 8, "temperature": 0});
+        let (status, got) = post_json(&server, "/v1/chat/completions", body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(
+            got["choices"][0]["message"]["content"], case["answer"],
+            "{}",
+            case["image"]
+        );
+        // The prompt counts the image's expanded tokens.
+        assert!(got["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    }
+    let bad = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]});
+    let (status, got) = post_json(&server, "/v1/chat/completions", bad);
+    assert_error(status, &got, 400, "bytes that are not an image");
+}
+
+#[test]
+fn a_checkpoint_without_a_tokenizer_serves_ids() {
+    let server = start(ServerConfig {
+        model_dir: root().join("fixtures/models/scout"),
+        ..Default::default()
+    });
+    let (status, got) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let text = got["choices"][0]["text"].as_str().unwrap();
+    let ids: Vec<u32> = text.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "{text}");
+    assert!(ids.iter().all(|&i| i < 512));
+    let (status, got) = post_json(&server, "/v1/completions", json!({"prompt": "text"}));
+    assert_error(status, &got, 400, "text without a tokenizer");
+    let (status, got) = post_json(
+        &server,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_error(status, &got, 400, "chat without a tokenizer");
+}
