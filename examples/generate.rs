@@ -9,7 +9,12 @@
 //! ```text
 //! --model DIR          checkpoint directory (default: the embedded demo model)
 //! --prompt TEXT | --prompt-ids 1,2,3
-//! --chat               wrap the prompt in the Llama 4 chat format
+//! --chat               render the prompt as a user turn with the checkpoint's chat template (the
+//!                      Llama 4 template when it has none)
+//! --system TEXT        with --chat (implied): a system message first
+//! --conversation FILE  with --chat (implied): earlier messages, a JSON array of OpenAI-style
+//!                      messages ({"role": "system"|"user"|"assistant"|"tool", "content": ...});
+//!                      --prompt, if given, is appended as the last user turn
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
 //! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
 //! --ignore-eos
@@ -43,8 +48,9 @@ use llama4_core::input::{read_capped, Cap};
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_examples::{check_output_dir, check_output_file, utf8_args};
 use llama4_model::{
-    check_text_only_prompt, encode_chat, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds,
-    ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    check_chat_tokens, check_text_only_prompt, quantize_checkpoint, stop_ids, ChatOptions, ChatTemplate,
+    GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder,
+    TextModel, Tokenizer,
 };
 
 /// `println!` that returns an error when stdout is closed (`generate | head`) instead of
@@ -74,6 +80,8 @@ struct Args {
     prompt: Option<String>,
     prompt_ids: Option<Vec<u32>>,
     chat: bool,
+    system: Option<String>,
+    conversation: Option<PathBuf>,
     images: Vec<PathBuf>,
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
@@ -129,6 +137,14 @@ fn parse_args() -> Result<Args, String> {
                 a.prompt_ids = Some(ids);
             }
             "--chat" => a.chat = true,
+            "--system" => {
+                a.system = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
+            "--conversation" => {
+                a.conversation = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
             "--image" => a.images.push(value(&flag, it.next())?),
             "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
             "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
@@ -284,6 +300,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => None,
+        // A conversation file without --prompt is the whole chat.
+        (None, None) if args.conversation.is_some() => Some(String::new()),
         (None, None) => {
             let path = dir.join(DEMO_PROMPT_FILE);
             if !path.exists() {
@@ -306,7 +324,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
             if args.chat {
                 // Refused when the tokenizer lacks a special token the chat format writes.
-                encode_chat(tok, text)?
+                check_chat_tokens(tok)?;
+                tok.encode_with(&render_chat(&dir, &args, text)?, false)?
             } else {
                 tok.encode(text)?
             }
@@ -462,6 +481,35 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// The chat prompt: `--system`, the messages of `--conversation`, then `user` as the last user
+/// turn (unless empty), rendered with the checkpoint's chat template.
+fn render_chat(dir: &Path, args: &Args, user: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    if let Some(path) = &args.conversation {
+        let bytes = read_capped(path, Cap::JSON)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Either a bare array of messages or a request body with `messages`.
+        let list = value
+            .get("messages")
+            .unwrap_or(&value)
+            .as_array()
+            .ok_or_else(|| format!("{}: expected a JSON array of messages", path.display()))?;
+        messages.extend(list.iter().cloned());
+    }
+    if !user.is_empty() || messages.is_empty() {
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+    }
+    let options = ChatOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    Ok(ChatTemplate::from_dir(dir)?.render(&messages, &options)?)
 }
 
 /// A quantisation error with what to do about it: most often a group size that does not divide

@@ -90,6 +90,16 @@ pub fn check_room(held: usize, prompt: usize, max_new_tokens: usize, limit: usiz
 /// # Errors
 /// [`Error::MissingChatToken`] naming the first token the tokenizer lacks (or splits).
 pub fn encode_chat(tokenizer: &Tokenizer, user: &str) -> Result<Vec<u32>> {
+    check_chat_tokens(tokenizer)?;
+    tokenizer.encode_with(&chat_prompt(user), false)
+}
+
+/// Checks that `tokenizer` has every special token of the Llama 4 chat format
+/// ([`CHAT_TOKENS`]) as one whole token, before a rendered chat is encoded with it.
+///
+/// # Errors
+/// [`Error::MissingChatToken`] naming the first token the tokenizer lacks (or splits).
+pub fn check_chat_tokens(tokenizer: &Tokenizer) -> Result<()> {
     for token in CHAT_TOKENS {
         let id = tokenizer.token_id(token);
         let whole = match id {
@@ -100,7 +110,7 @@ pub fn encode_chat(tokenizer: &Tokenizer, user: &str) -> Result<Vec<u32>> {
             return Err(Error::MissingChatToken { token });
         }
     }
-    tokenizer.encode_with(&chat_prompt(user), false)
+    Ok(())
 }
 
 /// Refuses image tokens in a prompt that is run without images: an `<|image|>` placeholder

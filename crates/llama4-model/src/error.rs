@@ -176,6 +176,15 @@ pub enum Error {
         /// The token's text.
         token: &'static str,
     },
+    /// A chat template does not compile, or rendering it failed.
+    #[error("chat template: {reason}")]
+    ChatTemplate {
+        /// What went wrong.
+        reason: String,
+    },
+    /// The chat template rejected the conversation (its `raise_exception`).
+    #[error("the chat template rejected the conversation: {0}")]
+    ChatRejected(String),
 }
 
 /// `Result` with this crate's [`Error`].

@@ -2,6 +2,7 @@
 //! Llama 4 models: `config.json` parsing and validation, checkpoint loading, the decoder,
 //! generation and the tokenizer.
 
+pub mod chat;
 mod checks;
 pub mod config;
 mod error;
@@ -12,7 +13,10 @@ mod quant;
 mod session;
 mod tokenizer;
 
-pub use checks::{check_logits_finite, check_room, check_text_only_prompt, encode_chat, CHAT_TOKENS};
+pub use chat::{ChatOptions, ChatTemplate, TemplateSource, LLAMA4_CHAT_TEMPLATE};
+pub use checks::{
+    check_chat_tokens, check_logits_finite, check_room, check_text_only_prompt, encode_chat, CHAT_TOKENS,
+};
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};

@@ -112,7 +112,9 @@ impl StreamDecoder {
     }
 }
 
-/// The Llama 4 chat format for one user turn, ending where the assistant's answer begins.
+/// The Llama 4 chat format for one user turn, ending where the assistant's answer begins: what
+/// [`crate::ChatTemplate`] renders with the Llama 4 template for one user message. For system
+/// prompts, several turns, tools or a checkpoint's own template, use [`crate::ChatTemplate`].
 pub fn chat_prompt(user: &str) -> String {
     format!(
         "<|begin_of_text|><|header_start|>user<|header_end|>\n\n{user}<|eot|>\
