@@ -212,12 +212,33 @@ pub enum Error {
         /// What does not fit.
         detail: String,
     },
+    /// A component written outside this workspace (a custom attention, router or feed-forward)
+    /// failed; `source` is its own error.
+    #[error("{component}: {source}")]
+    Component {
+        /// What failed (the component's name).
+        component: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An [`Error::Component`]: how a custom component reports its own error type.
+    pub fn component(
+        component: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Component {
+            component,
+            source: source.into(),
+        }
+    }
+
     /// A [`Error::Shape`] for operation `op`.
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::Shape {

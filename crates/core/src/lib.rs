@@ -11,6 +11,8 @@ mod finite;
 pub mod input;
 pub mod kernels;
 mod kv;
+mod layer_kind;
+mod linear;
 pub mod pool;
 pub mod quant;
 pub mod safetensors;
@@ -22,6 +24,8 @@ pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{KvData, KvView};
+pub use layer_kind::{AttentionMask, LayerKind, Segments};
+pub use linear::Linear;
 pub use quant::{QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 

@@ -6,6 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+pub use irope_attn::{RopeConfig, RopeScaling};
+
 use crate::{Error, Result};
 
 /// Most decoder layers a config may declare (published Llama 4 checkpoints have 48). The
@@ -34,33 +36,6 @@ fn bounded(field: &'static str, value: usize, limit: usize, limit_name: &'static
 /// `a · b` for a size derived from config fields `what`, or [`Error::ConfigOverflow`].
 fn checked_product(what: &'static str, a: usize, b: usize) -> Result<usize> {
     a.checked_mul(b).ok_or(Error::ConfigOverflow { what })
-}
-
-/// RoPE frequency scaling.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// Plain `theta^(-2j/D)`.
-    None,
-    /// Llama 3.1 style: low frequencies divided by `factor`, a smooth band in between.
-    Llama3 {
-        /// Divisor of the low frequencies.
-        factor: f64,
-        /// Wavelengths above `original / low_freq_factor` are scaled fully.
-        low_freq_factor: f64,
-        /// Wavelengths below `original / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// Context length of pre-training.
-        original_max_position_embeddings: f64,
-    },
-}
-
-/// RoPE parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeConfig {
-    /// Base of the frequencies.
-    pub theta: f64,
-    /// Scaling of the frequencies.
-    pub scaling: RopeScaling,
 }
 
 /// What one decoder layer is made of.
@@ -474,7 +449,7 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
         .or(params.type_alias)
         .unwrap_or_else(|| "default".into());
     let scaling = match kind.as_str() {
-        "default" => RopeScaling::None,
+        "default" => RopeScaling::Default,
         "llama3" => {
             let need = |v: Option<f64>, field: &'static str| {
                 v.filter(|&x| x as f32 > 0.0 && (x as f32).is_finite())

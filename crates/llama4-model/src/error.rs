@@ -59,6 +59,26 @@ pub enum Error {
     /// The key/value cache rejected an operation.
     #[error(transparent)]
     Cache(#[from] kv_cache::KvError),
+    /// A layer's cache keeps other keys than its attention needs: the attention was swapped
+    /// after the cache was made (make a new one with [`crate::TextModel::new_cache`]).
+    #[error("layer {layer}: the cache keeps {cache:?} but the attention needs {attention:?}")]
+    CacheKind {
+        /// The layer.
+        layer: usize,
+        /// What the cache keeps.
+        cache: llama4_core::LayerKind,
+        /// What the layer's attention needs.
+        attention: llama4_core::LayerKind,
+    },
+    /// One entry of a batched pass was refused before anything ran ([`crate::forward_batch`]).
+    #[error("batch entry {entry}: {source}")]
+    BatchEntry {
+        /// Its index in the batch.
+        entry: usize,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+    },
     /// The prompt (plus the tokens to generate) does not fit the context.
     #[error("{tokens} tokens exceed the context limit of {limit}")]
     ContextOverflow {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use crate::session::{Logits, Session};
-use crate::{Error, Result};
+use crate::{Error, Result, TextModel};
 
 /// Temperatures below this are greedy: dividing logits by a smaller number overflows f32 and
 /// would turn the choice into noise, while the distribution it stands for is already the
@@ -220,7 +220,7 @@ impl Generation {
     }
 }
 
-impl Session<'_> {
+impl<M: std::borrow::Borrow<TextModel>> Session<M> {
     /// Prefills `prompt` and generates up to `max_new_tokens`, calling `on_token(id)` after
     /// each; the callback may stop generation early with `ControlFlow::Break`.
     pub fn generate(

@@ -368,7 +368,7 @@ fn shape_err(e: ndarray::ShapeError) -> Error {
     llama4_core::Error::shape("MultimodalModel::prepare", e.to_string()).into()
 }
 
-impl Session<'_> {
+impl<M: std::borrow::Borrow<TextModel>> Session<M> {
     /// [`Session::generate`] for a prompt given with its input embeddings (a
     /// [`PreparedPrompt`]): one prefill over the embeddings, then one step per generated token.
     ///

@@ -280,7 +280,7 @@ impl Job {
 }
 
 struct Slot<'m> {
-    session: Session<'m>,
+    session: Session<&'m TextModel>,
     job: Option<Job>,
     /// The cache holds image tokens: its ids do not say what it holds.
     has_images: bool,
@@ -297,7 +297,7 @@ enum Piece {
 /// One sequence's part of a forward pass: its session and the tokens to run at its next
 /// positions (with their input embeddings when the prompt has images).
 pub(crate) struct Entry<'a, 'm> {
-    session: &'a mut Session<'m>,
+    session: &'a mut Session<&'m TextModel>,
     tokens: &'a [u32],
     embeddings: Option<ArrayView2<'a, f32>>,
 }
