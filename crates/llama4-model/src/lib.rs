@@ -79,9 +79,6 @@ mod session;
 mod tokenizer;
 
 pub use batch::{forward_batch, BatchEntry};
-/// The component crates, re-exported so a caller needs only this crate to swap a part.
-pub use {irope_attn, kv_cache, llama4_core, moe_router, vision_encoder};
-pub use llama4_core::{DType, LayerKind};
 pub use chat::{ChatOptions, ChatTemplate, TemplateSource, LLAMA4_CHAT_TEMPLATE};
 pub use checks::{
     check_chat_tokens, check_logits_finite, check_room, check_text_only_prompt, encode_chat, CHAT_TOKENS,
@@ -90,6 +87,7 @@ pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfi
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
+pub use llama4_core::{DType, LayerKind};
 pub use model::TextModel;
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
@@ -98,3 +96,5 @@ pub use multimodal::{
 pub use quant::{quantize_checkpoint, QuantizeSummary, SCOPE_METADATA_KEY};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};
+/// The component crates, re-exported so a caller needs only this crate to swap a part.
+pub use {irope_attn, kv_cache, llama4_core, moe_router, vision_encoder};

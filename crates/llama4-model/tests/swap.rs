@@ -39,7 +39,10 @@ fn session_and_uncached_path_follow_a_changed_layer_and_match_transformers() {
 
     let mut session = Session::new(&model, DType::F32).unwrap();
     let prefill = session.prefill(&r.prompt, Logits::All).unwrap();
-    let e_prefill = rel_err(prefill.view(), r.logits_full.slice(ndarray::s![..r.prompt.len(), ..]));
+    let e_prefill = rel_err(
+        prefill.view(),
+        r.logits_full.slice(ndarray::s![..r.prompt.len(), ..]),
+    );
 
     let mut session = Session::new(&model, DType::F32).unwrap();
     let opts = GenerateOptions {
@@ -47,7 +50,9 @@ fn session_and_uncached_path_follow_a_changed_layer_and_match_transformers() {
         keep_logits: true,
         ..Default::default()
     };
-    let g = session.generate(&r.prompt, &opts, |_| ControlFlow::Continue(())).unwrap();
+    let g = session
+        .generate(&r.prompt, &opts, |_| ControlFlow::Continue(()))
+        .unwrap();
     let e_steps = rel_err(g.logits.as_ref().unwrap().view(), r.step_logits.view());
     println!("layer 1 global: uncached {e_full:.2e}, prefill {e_prefill:.2e}, steps {e_steps:.2e}");
     assert!(e_full < TOL && e_prefill < TOL && e_steps < TOL);
@@ -65,7 +70,11 @@ fn a_cache_made_before_the_change_is_refused() {
     let mut stale = original.new_cache(DType::F32).unwrap();
     let hidden = changed.embed(&[5, 6, 7]).unwrap();
     match changed.forward_hidden(hidden, &mut stale) {
-        Err(Error::CacheKind { layer: 1, cache, attention }) => {
+        Err(Error::CacheKind {
+            layer: 1,
+            cache,
+            attention,
+        }) => {
             assert_eq!(cache, LayerKind::chunked(8).unwrap());
             assert_eq!(attention, LayerKind::Global);
         }
