@@ -109,7 +109,7 @@ impl Args {
         } else {
             QuantScope::Experts
         };
-        Some(QuantPolicy::new(spec, scope))
+        Some(llama4_model::quant_policy(spec, scope))
     }
 }
 

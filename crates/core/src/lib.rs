@@ -26,7 +26,9 @@ pub use error::{Error, Result};
 pub use kv::{KvData, KvView};
 pub use layer_kind::{AttentionMask, LayerKind, Segments};
 pub use linear::Linear;
-pub use quant::{QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales};
+pub use quant::{
+    QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales, TensorRole,
+};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 
 pub use half::{bf16, f16};

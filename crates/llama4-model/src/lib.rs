@@ -93,7 +93,7 @@ pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,
 };
-pub use quant::{quantize_checkpoint, QuantizeSummary, SCOPE_METADATA_KEY};
+pub use quant::{quant_policy, quantize_checkpoint, tensor_role, QuantizeSummary, SCOPE_METADATA_KEY};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};
 /// The component crates, re-exported so a caller needs only this crate to swap a part.

@@ -15,10 +15,47 @@ use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use llama4_core::quant::{QuantTarget, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
-use llama4_core::{Checkpoint, QuantData, QuantPolicy, Scales, WeightData};
+use llama4_core::{
+    Checkpoint, QuantData, QuantPolicy, QuantScope, QuantSpec, Scales, TensorRole, WeightData,
+};
 use serde_json::{json, Value};
 
 use crate::{Error, Result};
+
+/// A load-time quantisation policy for Llama 4 checkpoints: `scope` of the tensors
+/// [`tensor_role`] names, quantised with `spec`.
+pub fn quant_policy(spec: QuantSpec, scope: QuantScope) -> QuantPolicy {
+    QuantPolicy::new(spec, scope, tensor_role)
+}
+
+/// What a tensor of a Llama 4 checkpoint (Hugging Face names, text-only or multimodal) is, for
+/// quantisation: the fused experts (`…feed_forward.experts.{gate_up_proj,down_proj}`), a
+/// projection of the text decoder (`…{q,k,v,o,gate,up,down}_proj.weight`, `lm_head.weight`:
+/// attention, shared expert, dense MLPs), or anything else: the token embedding, norms, the
+/// router (tiny, and routing decisions are sensitive), the vision tower and projector.
+pub fn tensor_role(name: &str) -> TensorRole {
+    let is_vision = name
+        .split('.')
+        .any(|c| c == "vision_model" || c == "multi_modal_projector");
+    let mut last = name.rsplit('.');
+    let (a, b) = (last.next(), last.next());
+    if is_vision {
+        TensorRole::Other
+    } else if matches!(a, Some("gate_up_proj" | "down_proj")) && b == Some("experts") {
+        TensorRole::Experts
+    } else if a == Some("weight")
+        && matches!(
+            b,
+            Some(
+                "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj" | "lm_head"
+            )
+        )
+    {
+        TensorRole::Projection
+    } else {
+        TensorRole::Other
+    }
+}
 
 /// The metadata key naming the policy's scope (`experts` or `all-linear`), for people reading
 /// the file; loading does not need it.
