@@ -157,6 +157,9 @@ fn embeddings_entry_equals_token_entry() {
     assert!(row_err(logits.row(1).as_slice().unwrap(), &want_b[4]) < TOL);
 }
 
+/// A bad second entry: its tokens, its embeddings, whether its session holds another model.
+type Case<'a> = (&'a [u32], Option<ndarray::ArrayView2<'a, f32>>, bool);
+
 /// The entry index and the reason of a refused batch.
 fn refused(e: Error) -> (usize, Error) {
     match e {
@@ -188,7 +191,7 @@ fn bad_entries_are_refused_and_change_nothing() {
     let bad_id = [vocab as u32];
     let wrong_emb = Array2::<f32>::zeros((2, model.config().hidden_size));
     let mut s_other = Session::new(&other, DType::F32).unwrap();
-    let cases: Vec<(&[u32], Option<ndarray::ArrayView2<'_, f32>>, bool)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (&[], None, false),
         (&bad_id, None, false),
         (&b[..3], Some(wrong_emb.view()), false),
