@@ -68,15 +68,14 @@ fn parse_args() -> Result<Args, String> {
             "--no-temperature" => a.no_temperature = true,
             "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
             "-h" | "--help" => {
-                println!(
-                    "{}",
-                    include_str!("needle.rs")
-                        .lines()
-                        .skip(11)
-                        .take_while(|l| *l != "//! ```")
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
+                // The options as this file's doc comment lists them.
+                println!("usage: needle --context N [options]\n");
+                include_str!("needle.rs")
+                    .lines()
+                    .skip_while(|l| *l != "//! Options:")
+                    .skip(2)
+                    .take_while(|l| *l != "//! ```")
+                    .for_each(|l| println!("{}", l.strip_prefix("//! ").unwrap_or("")));
                 std::process::exit(0);
             }
             other => return Err(format!("unknown option `{other}` (see --help)")),

@@ -2,13 +2,22 @@
 """Train the length-generalisation demo: a tiny Llama 4 that retrieves a key's value at contexts far
 longer than any it was trained on.
 
-Task (key-value retrieval among filler; ids, not text: see ID SCHEME below):
+Task (key-value retrieval in a haystack; ids, not text: see ID SCHEME below):
 
-    <bos> f k₁ v₁ f f f f k₂ v₂ f f … f f <query> kⱼ   →   vⱼ
+    <bos> f k₁ v₁ f d f f k₂ v₂ d f … f d <query> kⱼ   →   vⱼ
 
-P key/value pairs (distinct keys, distinct values) sit at random places in random filler; the
-prompt ends with <query> and one of the keys; the answer is that key's value. Contexts of every
-length from 32 to 1024 tokens (the training length), the pairs anywhere in them.
+P key/value pairs (distinct keys, distinct values) sit at random places in a haystack of filler
+tokens f and decoys d (D values that no pair has, half of the haystack); the prompt ends with
+<query> and one of the keys; the answer is that key's value. Contexts of every length from 32 to
+1024 tokens (the training length), the pairs anywhere in them.
+
+Why decoys: without them a model whose attention to the pair is diluted by a long haystack still
+answers right (what leaks to the filler carries no value, so the right value stays the largest
+part of what is read; a first model without decoys answered 16/16 at 256K with temperature tuning
+off). With decoys the leak reads wrong values, as a real haystack full of plausible answers does,
+and a diluted match shows as a wrong answer. Decoys come once retrieval is learnt (from half of
+the steps, growing to the held-out share over a quarter of them): with decoys from the start
+nothing was learnt in 3000 steps.
 
 Why the Llama 4 text architecture should carry this far beyond 1024 tokens:
   - the RoPE layers attend within chunks of `attention_chunk_size` tokens only, so they never see a
@@ -28,20 +37,24 @@ Why the Llama 4 text architecture should carry this far beyond 1024 tokens:
 
 Controls, same budget (steps, batch, data):
   - the same model evaluated with temperature tuning off (nothing to train);
+  - the same architecture trained without temperature tuning (models/longctx-demo-notemp): does a
+    model that never had it find another way to keep its match at long range?
   - an all-RoPE model with full causal attention in every layer (no chunks, no NoPE layer).
 
 ID SCHEME (no tokenizer; the Rust generator in models/longctx-demo/task.rs is the same rule):
   0 <bos>, 1 <query>, 2 <pad> (unused), then FILLER filler ids, KEYS key ids, VALUES value ids.
   A prompt of N tokens (N even): position 0 <bos>, position 1 filler, then N/2 − 2 two-token slots
   (slot s holds positions 2s and 2s+1, s = 1 … N/2 − 2), then <query> kⱼ at N − 2, N − 1. P slots
-  hold the pairs (key at 2s, value at 2s + 1), the others two filler tokens. Pairs start at even
+  hold the pairs (key at 2s, value at 2s + 1), the others two haystack tokens. Pairs start at even
   positions and the chunk is even, so a key and its value are always in the same chunk.
 
 HELD-OUT SET: context c of length N is drawn by SplitMix64 seeded with
   HELDOUT_SEED ^ (N << 32) ^ c, one `next()` discarded, `below(n) = next() % n` (the bias of the
   modulo is below 2⁻⁵⁰ here): P slots (1 + below(N/2 − 2), redrawn when taken), then P keys
-  (below(KEYS), redrawn when taken), then P values (below(VALUES), likewise), then one filler
-  below(FILLER) per remaining position in increasing order. Sample j of length N is context
+  (below(KEYS), redrawn when taken), then P values (below(VALUES), likewise), then D decoys
+  (below(VALUES), redrawn when taken or a pair's value), then per remaining position in
+  increasing order t = below(2 · FILLER): filler t if t < FILLER, else decoy (t − FILLER) % D
+  (D = 0: t = below(FILLER), filler only). Sample j of length N is context
   j / P asked for its pair j % P (key order = draw order). Training draws its data with torch's
   generator instead (a batch at a time); a training context equal to a held-out one has
   probability below 10⁻⁵⁰.
@@ -49,12 +62,16 @@ HELD-OUT SET: context c of length N is drawn by SplitMix64 seeded with
 Seeded, deterministic algorithms, a fixed number of threads: rerunning reproduces the files.
 From the repository root:
 
-    .venv-ref/bin/python tools/train_longctx_demo.py            # both models, about an hour
+    .venv-ref/bin/python tools/train_longctx_demo.py            # every variant, about an hour
+    .venv-ref/bin/python tools/train_longctx_demo.py --only allrope   # one variant, same files
     .venv-ref/bin/python tools/train_longctx_demo.py --explore '{"steps": 300}'   # nothing written
+    .venv-ref/bin/python tools/train_longctx_demo.py --compare DUMP --context N [--model DIR] [--no-temperature]
 
-Writes models/longctx-demo/ and models/longctx-demo-allrope/ (config.json, generation_config.json,
-model.safetensors in bf16, task.json, README.md) and the reference logits of the Rust test
-(crates/llama4-model/tests/data/longctx_reference.safetensors).
+Writes models/longctx-demo/, models/longctx-demo-notemp/ and models/longctx-demo-allrope/
+(config.json, model.safetensors in bf16, task.json, and reference.safetensors: transformers'
+logits on held-out context 0 at the training length, for the Rust test), and the training log
+and figures in models/longctx-demo/ (train_log.txt, training.json). `--compare` checks the logits
+of examples/needle.rs --dump-logits against transformers on the same samples.
 """
 
 import argparse
@@ -73,6 +90,9 @@ import transformers
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 assert transformers.__version__ == "5.23.0", transformers.__version__
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_demo import config_json, round_to_bf16, write_json  # noqa: E402  (the digit demo's helpers)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -201,7 +221,7 @@ DEFAULTS = dict(
     rope_theta=10000.0,
     train_context=1024, min_context=32, curriculum=0.4, max_pairs=16, max_queries=4, eval_pairs=16,
     decoys=4, decoy_start=0.5, decoy_ramp=0.25,
-    steps=3000, tokens_per_step=4096, lr=1e-3, min_lr_frac=0.05, warmup=100, weight_decay=0.0,
+    steps=4000, tokens_per_step=4096, lr=1e-3, min_lr_frac=0.05, warmup=100, weight_decay=0.0,
     seed=42, data_seed=1234, threads=1,
 )
 
@@ -356,12 +376,6 @@ def train(h, variant, log=print):
     return model, time.time() - t0
 
 
-def round_to_bf16(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-
-
 @torch.no_grad()
 def evaluate(model, n, samples, task, batch=8):
     """Accuracy on the first `samples` held-out samples of length n (sdpa; for exploration and
@@ -408,12 +422,6 @@ def explore(h, variants, eval_lengths, eval_samples, save):
 # ---------------------------------------------------------------------------------------------
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def task_json(h):
     return dict(
         task="key-value retrieval: <bos> filler and pairs (key value) ... <query> key -> value",
@@ -427,15 +435,7 @@ def task_json(h):
 def write_model(dir_, model, h):
     """config.json, model.safetensors (bf16, the values the model was evaluated with) and task.json."""
     os.makedirs(dir_, exist_ok=True)
-    conf = model.config.to_dict()
-    for key in ("_attn_implementation", "transformers_version", "_name_or_path", "chunk_size_feed_forward",
-                "id2label", "label2id", "is_encoder_decoder", "output_attentions", "output_hidden_states",
-                "problem_type", "return_dict"):
-        conf.pop(key, None)
-    conf["architectures"] = ["Llama4ForCausalLM"]
-    conf["torch_dtype"] = "bfloat16"
-    conf["dtype"] = "bfloat16"
-    write_json(os.path.join(dir_, "config.json"), conf)
+    write_json(os.path.join(dir_, "config.json"), config_json(model.config))
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(dir_, "model.safetensors"), metadata={"format": "pt"})
     write_json(os.path.join(dir_, "task.json"), task_json(h))
@@ -553,8 +553,9 @@ VARIANTS = (
 )
 
 
-def final(h):
-    """Trains every variant with the same budget (steps, batches, data, seed) and writes them."""
+def final(h, only=None):
+    """Trains every variant with the same budget (steps, batches, data, seed) and writes them.
+    `only`: the one variant to (re)train; each variant seeds itself, so this reproduces its files."""
     # One thread: on a machine shared with other work, two threads wait for each other at every
     # operation of these small matrices (ten times slower here than one thread).
     torch.set_num_threads(h["threads"])
@@ -566,6 +567,8 @@ def final(h):
 
     summary = {}
     for variant, name, refs in VARIANTS:
+        if only is not None and variant != only:
+            continue
         dir_ = os.path.join(ROOT, "models", name)
         model, secs = train(h, variant, log)
         round_to_bf16(model)
@@ -576,9 +579,11 @@ def final(h):
         write_reference(dir_, h, refs)
         summary[variant] = dict(directory=f"models/{name}", train_s=round(secs), accuracy_1x=acc,
                                 parameters=sum(p.numel() for p in model.parameters()))
-    with open(os.path.join(ROOT, "models", "longctx-demo", "train_log.txt"), "w") as f:
+    # A single variant's log goes to its own directory so that it leaves the others' alone.
+    out = os.path.join(ROOT, "models", "longctx-demo" if only is None else name)
+    with open(os.path.join(out, "train_log.txt"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
-    write_json(os.path.join(ROOT, "models", "longctx-demo", "training.json"),
+    write_json(os.path.join(out, "training.json"),
                dict(hyperparameters=h, results=summary, transformers=transformers.__version__,
                     torch=torch.__version__))
 
@@ -595,6 +600,7 @@ def main():
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "longctx-demo"))
     ap.add_argument("--context", type=int)
     ap.add_argument("--no-temperature", action="store_true")
+    ap.add_argument("--only", choices=[v for v, _, _ in VARIANTS], help="train and write this variant only")
     args = ap.parse_args()
     if args.compare or args.check_cache:
         torch.set_num_threads(1)
@@ -616,7 +622,7 @@ def main():
         explore(h, args.variants.split(","), [int(x) for x in args.eval_lengths.split(",") if x],
                 args.eval_samples, args.save)
         return
-    final(h)
+    final(h, args.only)
 
 
 if __name__ == "__main__":
