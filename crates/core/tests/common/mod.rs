@@ -1,9 +1,0 @@
-//! Helpers shared by the integration tests of this crate.
-
-// Each test binary uses a different part of this module.
-#![allow(dead_code, unused_imports)]
-
-pub mod files;
-mod values;
-
-pub use values::values;
