@@ -7,6 +7,7 @@ mod buffer;
 mod checkpoint;
 mod dtype;
 mod error;
+pub mod ggml;
 pub mod kernels;
 mod kv;
 pub mod pool;
