@@ -8,6 +8,7 @@ mod checkpoint;
 mod dtype;
 mod error;
 pub mod ggml;
+pub mod gguf;
 pub mod kernels;
 mod kv;
 pub mod pool;

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod files;
+pub mod gguf;
 mod values;
 
 pub use values::values;
