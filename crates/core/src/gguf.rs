@@ -780,14 +780,25 @@ impl GgufFile {
     /// multiplying by it treats the activations as llama.cpp does for its type.
     pub fn weight(&self, name: &str, [out, inp]: [usize; 2]) -> Result<Weight> {
         self.check_shape(name, &[out, inp])?;
-        Weight::new(WeightData::Ggml(self.data(name)?), Layout::OutIn, out, inp)
+        Weight::new(
+            WeightData::Ggml(Box::new(self.data(name)?)),
+            Layout::OutIn,
+            out,
+            inp,
+        )
     }
 
     /// A batch of matrices `[batch, out, in]` (ggml `ne = [in, out, batch]`: llama.cpp's
     /// `ffn_*_exps` expert tensors) as a [`BatchedWeight`] read in place.
     pub fn batched(&self, name: &str, [batch, out, inp]: [usize; 3]) -> Result<BatchedWeight> {
         self.check_shape(name, &[batch, out, inp])?;
-        BatchedWeight::new(WeightData::Ggml(self.data(name)?), Layout::OutIn, batch, out, inp)
+        BatchedWeight::new(
+            WeightData::Ggml(Box::new(self.data(name)?)),
+            Layout::OutIn,
+            batch,
+            out,
+            inp,
+        )
     }
 
     /// Tensor `name` of `shape` dequantised to f32 (norm weights, biases, an embedding table to

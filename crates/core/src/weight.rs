@@ -22,7 +22,7 @@ pub enum WeightData {
     Quant(Box<QuantData>),
     /// ggml blocks as a GGUF file stores them (always [`Layout::OutIn`], whole blocks per row;
     /// see [`crate::ggml`]).
-    Ggml(GgmlData),
+    Ggml(Box<GgmlData>),
 }
 
 impl WeightData {
@@ -97,7 +97,7 @@ impl WeightData {
             WeightData::BF16(b) => WeightData::BF16(b.slice(start, len)),
             WeightData::F16(b) => WeightData::F16(b.slice(start, len)),
             WeightData::Quant(q) => WeightData::Quant(Box::new(q.slice(start, len))),
-            WeightData::Ggml(g) => WeightData::Ggml(g.slice(start, len)),
+            WeightData::Ggml(g) => WeightData::Ggml(Box::new(g.slice(start, len))),
         }
     }
 

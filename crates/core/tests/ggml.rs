@@ -29,7 +29,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 fn weight(ty: GgmlType, bytes: Vec<u8>, n: usize, k: usize) -> Weight {
     let data = GgmlData::new(ty, Buffer::from_vec(bytes), n * k).unwrap();
-    Weight::new(WeightData::Ggml(data), Layout::OutIn, n, k).unwrap()
+    Weight::new(WeightData::Ggml(Box::new(data)), Layout::OutIn, n, k).unwrap()
 }
 
 /// Every kernel path and split of `w` on `x`, each output within the rounding bound of `want`
@@ -244,7 +244,7 @@ fn float_types_round_activations_as_ggml() {
         (GgmlType::BF16, 1.0),
     ] {
         let data = GgmlData::from_f32(&[1.0, 1.0], ty).unwrap();
-        let w = Weight::new(WeightData::Ggml(data), Layout::OutIn, 1, 2).unwrap();
+        let w = Weight::new(WeightData::Ggml(Box::new(data)), Layout::OutIn, 1, 2).unwrap();
         let y = kernels::linear(x.view(), &w).unwrap();
         assert_eq!(y[[0, 0]], expect, "{ty}");
     }
@@ -265,8 +265,14 @@ fn partial_ranges_and_slices_dequantise_as_the_whole() {
         let second = data.slice(k, k);
         assert_eq!(bits(&second.to_f32_vec()), bits(&all[k..]), "{ty}");
         // A batch of two matrices: each equals its half, and a row widens as dequantised.
-        let w = llama4_core::BatchedWeight::new(WeightData::Ggml(data.clone()), Layout::OutIn, 2, 2, 256)
-            .unwrap();
+        let w = llama4_core::BatchedWeight::new(
+            WeightData::Ggml(Box::new(data.clone())),
+            Layout::OutIn,
+            2,
+            2,
+            256,
+        )
+        .unwrap();
         let m1 = w.get(1).to_f32_out_in();
         assert_eq!(bits(m1.as_slice().unwrap()), bits(&all[k..]), "{ty}");
         let mut row = vec![0f32; 256];
@@ -285,8 +291,8 @@ fn bad_storage_is_refused() {
     assert!(err.to_string().contains("IQ2_XXS"), "{err}");
     // Rows must be whole blocks, and the layout `[out, in]`.
     let data = GgmlData::new(q4k, Buffer::from_vec(vec![0; 288]), 512).unwrap();
-    assert!(Weight::new(WeightData::Ggml(data.clone()), Layout::OutIn, 4, 128).is_err());
-    assert!(Weight::new(WeightData::Ggml(data.clone()), Layout::InOut, 2, 256).is_err());
-    assert!(Weight::new(WeightData::Ggml(data), Layout::OutIn, 2, 256).is_ok());
+    assert!(Weight::new(WeightData::Ggml(Box::new(data.clone())), Layout::OutIn, 4, 128).is_err());
+    assert!(Weight::new(WeightData::Ggml(Box::new(data.clone())), Layout::InOut, 2, 256).is_err());
+    assert!(Weight::new(WeightData::Ggml(Box::new(data)), Layout::OutIn, 2, 256).is_ok());
     assert!(Isa::Portable.is_available());
 }

@@ -5,6 +5,7 @@
 pub mod config;
 mod error;
 mod generate;
+mod gguf_tokenizer;
 mod model;
 mod multimodal;
 mod quant;
@@ -14,6 +15,7 @@ mod tokenizer;
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig};
+pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use model::{DecoderLayer, FeedForwardLayer, TextModel, Workspace};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
