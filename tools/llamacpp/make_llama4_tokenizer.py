@@ -92,22 +92,10 @@ cfg = {'architectures': ['Llama4ForCausalLM'], 'model_type': 'llama4_text', 'voc
        'eos_token_id': tok.token_to_id('<|eot|>')}
 json.dump(cfg, open(f'{args.out}/config.json', 'w'), indent=1)
 
-sys.path.insert(0, os.path.join(args.llama_cpp, 'gguf-py'))
-sys.path.insert(0, args.llama_cpp)
-import conversion.base as base
-detect = base.TextModel.get_vocab_base_pre
-def pre(self, tokenizer):
-    # The full vocabulary must be recognised by its hash; a truncated one cannot be.
-    try:
-        return detect(self, tokenizer)
-    except NotImplementedError:
-        assert args.ranks, 'the full Llama 4 vocabulary was not recognised as llama4'
-        return 'llama4'
-base.TextModel.get_vocab_base_pre = pre
-import convert_hf_to_gguf
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hf_to_gguf import convert
 out = os.path.join(args.out, 'vocab.gguf')
-sys.argv = ['convert_hf_to_gguf.py', args.out, '--vocab-only', '--outfile', out]
-convert_hf_to_gguf.main()
+convert(args.llama_cpp, args.out, out, vocab_only=True, allow_cut_vocab=bool(args.ranks))
 print('wrote', out, os.path.getsize(out), 'bytes')
 
 if args.corpus:

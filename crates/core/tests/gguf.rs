@@ -533,3 +533,48 @@ proptest! {
         }
     }
 }
+
+/// Every file llama.cpp's converter and llama-quantize wrote for the fixtures opens; each tensor
+/// has a supported type and reads back its size; each matrix multiplies as the scalar twin.
+#[test]
+fn llama_cpp_written_files_read() {
+    use llama4_core::ggml::dot::{linear_reference, rounding_bound};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/gguf");
+    let mut seen = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
+            continue;
+        }
+        let f = GgufFile::open(&path).unwrap();
+        assert_eq!(
+            f.get("general.architecture").and_then(Value::as_str),
+            Some("llama4")
+        );
+        assert_eq!(f.header().alignment, 32);
+        for t in &f.header().tensors {
+            seen.insert(t.ty);
+            let data = f.data(&t.name).unwrap();
+            assert_eq!(data.len() as u64, t.elements(), "{}", t.name);
+            let shape = t.shape();
+            if shape.len() != 2 {
+                continue;
+            }
+            let w = f.weight(&t.name, [shape[0], shape[1]]).unwrap();
+            let k = shape[1];
+            let x =
+                ndarray::Array2::from_shape_fn((2, k), |(r, i)| ((r * 7 + i * 13) % 17) as f32 / 8.0 - 1.0);
+            let y = kernels::linear(x.view(), &w).unwrap();
+            let mut want = vec![0f32; 2 * shape[0]];
+            linear_reference(x.as_slice().unwrap(), 2, k, shape[0], &data, &mut want);
+            for (g, e) in y.iter().zip(&want) {
+                // A loose bound here (the sum of |terms| is not at hand): 1e-5 of the row scale.
+                let tol = rounding_bound(k, e.abs().max(1.0)) * 1e3;
+                assert!((g - e).abs() <= tol, "{}: {g} vs {e}", t.name);
+            }
+        }
+    }
+    for ty in GgmlType::SUPPORTED {
+        assert!(seen.contains(&ty), "no fixture tensor of {ty}");
+    }
+}
