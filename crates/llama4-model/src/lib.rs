@@ -5,6 +5,7 @@
 pub mod config;
 mod error;
 mod generate;
+pub mod gguf_names;
 mod gguf_tokenizer;
 mod model;
 mod multimodal;
