@@ -4,7 +4,9 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod files;
+mod ggml_blocks;
 pub mod gguf;
 mod values;
 
+pub use ggml_blocks::random_blocks;
 pub use values::values;
