@@ -2,7 +2,7 @@
 //! for AVX-512 VNNI (the [`Dot`] implementations are the only difference).
 //!
 //! Every weight block is unpacked in registers into 32-byte vectors of small integers, once per
-//! block of up to four tokens:
+//! block of up to four tokens (eight for the k-quants):
 //!
 //! - 32-value blocks (Q4_0, Q5_0, Q8_0: signed values; Q4_1, Q5_1: unsigned): one vector per
 //!   block. Signed values are multiplied with the sign moved onto the activation (`|w|` times
@@ -427,11 +427,11 @@ unsafe fn rows_k<D: Dot, const TY: u32, const T: usize>(
     }
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`1 ≤ tt ≤ 4`), body `D`.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants), body `D`.
 #[inline(always)]
 unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     macro_rules! go {
-        ($($ty:literal => $kind:ident),*) => {
+        ($($ty:literal => $kind:ident),*; $($kty:literal),*) => {
             match (m.ty.id(), tt) {
                 $(
                     ($ty, 1) => $kind::<D, $ty, 1>(m, a, r0, lo, hi, y),
@@ -439,16 +439,17 @@ unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: u
                     ($ty, 3) => $kind::<D, $ty, 3>(m, a, r0, lo, hi, y),
                     ($ty, 4) => $kind::<D, $ty, 4>(m, a, r0, lo, hi, y),
                 )*
+                $(($kty, 8) => rows_k::<D, $kty, 8>(m, a, r0, lo, hi, y),)*
                 _ => unreachable!("{} with {tt} tokens", m.ty),
             }
         };
     }
     debug_assert!(m.ty != GgmlType::F32);
     go!(2 => rows32, 3 => rows32, 6 => rows32, 7 => rows32, 8 => rows32,
-        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k)
+        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k; 10, 11, 12, 13, 14)
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`1 ≤ tt ≤ 4`) with AVX2.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants) with AVX2.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C; `m` and `a` describe one call's weight and activations; `y` is
