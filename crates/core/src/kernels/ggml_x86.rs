@@ -347,6 +347,24 @@ unsafe fn unpack_k<const TY: u32>(b: *const u8) -> KUnpacked {
     }
 }
 
+/// `vpshufb` controls of [`scale_pair`]: for `c % 4`, words `2c'` (low half) and `2c' + 1` (high
+/// half) of a 128-bit half, each repeated eight times. A table, so that the control is one load
+/// (built from `c` at run time it costs a chain of byte inserts per vector).
+static SCALE_PICK: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut j = 0;
+        while j < 32 {
+            let word = 2 * c + j / 16;
+            t[c][j] = (2 * word + j % 2) as u8;
+            j += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
 /// For vector `c` of a super-block: a 16-bit vector whose lanes 0..8 hold scale `2c` and lanes
 /// 8..16 scale `2c + 1`, from the sixteen scales in `sc`.
 #[inline(always)]
@@ -358,14 +376,7 @@ unsafe fn scale_pair(sc: __m256i, c: usize) -> __m256i {
     } else {
         _mm256_permute2x128_si256::<0x11>(sc, sc)
     };
-    let w = (c % 4) as i8 * 2;
-    let (a0, a1) = (2 * w, 2 * w + 1);
-    let (b0, b1) = (2 * w + 2, 2 * w + 3);
-    let idx = _mm256_setr_epi8(
-        a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, a0, a1, //
-        b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1, b0, b1,
-    );
-    _mm256_shuffle_epi8(half, idx)
+    _mm256_shuffle_epi8(half, load(SCALE_PICK[c % 4].as_ptr()))
 }
 
 /// Rows `lo..hi`, tokens `r0..r0 + T`, of a k-quant type (`TY` its GGUF id).
