@@ -65,8 +65,18 @@
 //!   `src/llama-hparams.cpp`), unless `sliding_window_pattern` is stored. Their RoPE base is
 //!   `rope.freq_base` unless `rope.freq_base_swa` is stored.
 //! - NoPE layers: `(il + 1) % n_no_rope_layer_step == 0` with `n_no_rope_layer_step = 4`
-//!   (default in `src/llama-hparams.h`, never read for this arch; `n_layer` when
-//!   `sliding_window` = 0), in the graph builder `llama_model_llama4::graph`.
+//!   (default in `src/llama-hparams.h`, never read for this arch), in the graph builder
+//!   `llama_model_llama4::graph`.
+//! - `sliding_window` = 0 (the converter writes it when every `layer_types` entry is
+//!   `full_attention`, the MobileLLM layout): `n_no_rope_layer_step = n_layer`, meant as "RoPE
+//!   everywhere" but leaving the last layer NoPE, so its queries are multiplied by the
+//!   temperature input, whose constants are then unset: `llm_graph_input_attn_temp::set_input`
+//!   fails `GGML_ASSERT(f_attn_temp_scale != 0.0f)` and llama.cpp aborts on the first batch
+//!   (checked with llama-cpp-python 0.3.36 on `tiny-F32.gguf` with the key added). There is no
+//!   llama.cpp behaviour to match there; [`GgufLlama4`] follows the stated intent (RoPE on every
+//!   layer, no temperature, no chunking).
+//! - `expert_count` = 0 is refused (`load_arch_tensors`: "cannot have zero experts");
+//!   `expert_feed_forward_length` may be a per-layer array (`get_key_or_arr`).
 //! - Attention temperature, on NoPE layers only (the graph multiplies Q by it where it skips
 //!   RoPE): `ln(⌊(pos + 1) / 8192⌋ + 1) · 0.1 + 1` (`n_attn_temp_floor_scale = 8192`,
 //!   `f_attn_temp_scale = 0.1`, `f_attn_temp_offset = 1.0`; formula in
@@ -160,6 +170,31 @@ fn uint(f: &GgufFile, k: &str) -> Result<usize> {
     })
 }
 
+/// An unsigned key that llama.cpp also accepts as one value per layer (`get_key_or_arr`): a
+/// per-layer array must hold `n_layer` equal values, as a single width is all this model has.
+fn uint_or_layers(f: &GgufFile, k: &str, n_layer: usize) -> Result<usize> {
+    let v = key(f, k)?;
+    let Some(a) = v.as_array() else {
+        return uint(f, k);
+    };
+    let bad = |why: &str| Error::Config {
+        field: "gguf metadata",
+        reason: format!(
+            "`llama4.{k}` is an array of {} {}: {why}",
+            a.len(),
+            a.element_type_name()
+        ),
+    };
+    let vals = a.to_i64s().ok_or_else(|| bad("not integers"))?;
+    if vals.len() != n_layer {
+        return Err(bad(&format!("expected one per layer ({n_layer})")));
+    }
+    match vals.split_first() {
+        Some((&first, rest)) if first > 0 && rest.iter().all(|&x| x == first) => Ok(first as usize),
+        _ => Err(bad("per-layer widths differ or are not positive (not supported)")),
+    }
+}
+
 fn float(f: &GgufFile, k: &str) -> Result<f32> {
     let v = key(f, k)?;
     v.as_f32().ok_or_else(|| Error::Config {
@@ -180,18 +215,26 @@ impl GgufLlama4 {
         }
         let n_vocab = f.info("token_embd.weight")?.shape().first().copied().unwrap_or(0);
         let n_expert = uint(f, "expert_count")?;
+        if n_expert == 0 {
+            // As llama.cpp (`load_arch_tensors`): Llama 4 without experts is refused.
+            return Err(Error::Config {
+                field: "gguf metadata",
+                reason: "`llama4.expert_count` = 0: a llama4 model must have experts".into(),
+            });
+        }
+        let n_layer = uint(f, "block_count")?;
         let chunked = f
             .get("llama4.attention.sliding_window")
             .and_then(Value::as_u64)
             .is_none_or(|w| w != 0);
         Ok(GgufLlama4 {
-            n_layer: uint(f, "block_count")?,
+            n_layer,
             n_embd: uint(f, "embedding_length")?,
             n_head: uint(f, "attention.head_count")?,
             n_head_kv: uint(f, "attention.head_count_kv")?,
             head_dim: uint(f, "attention.key_length")?,
             n_ff: uint(f, "feed_forward_length")?,
-            n_ff_exp: uint(f, "expert_feed_forward_length")?,
+            n_ff_exp: uint_or_layers(f, "expert_feed_forward_length", n_layer)?,
             n_expert,
             n_expert_used: uint(f, "expert_used_count")?,
             moe_step: uint(f, "interleave_moe_layer_step")?,
