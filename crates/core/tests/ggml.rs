@@ -178,11 +178,16 @@ fn legacy_types_take_rows_of_32() {
         GgmlType::Q5_1,
         GgmlType::Q8_0,
     ] {
-        let (n, k) = (5, 96);
-        let w = weight(ty, random_blocks(ty, n * k, 7), n, k);
-        let x = activations(6, k, 3, 1.0);
-        let (want, abs) = twin(x.view(), &w);
-        check_paths(&x, &w, &want, &abs, k / 32, ty.name());
+        // 3 blocks (all past a group of eight), 19 (two groups and a tail of three).
+        for k in [96, 608] {
+            let n = 5;
+            let w = weight(ty, random_blocks(ty, n * k, 7), n, k);
+            for t in [1, 2, 6] {
+                let x = activations(t, k, 3, 1.0);
+                let (want, abs) = twin(x.view(), &w);
+                check_paths(&x, &w, &want, &abs, k / 32, ty.name());
+            }
+        }
     }
 }
 
