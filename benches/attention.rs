@@ -22,7 +22,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
-use irope_attn::{attention, AttnContext, MaskKind};
+use irope_attn::{attention, AttnContext, LayerKind};
 use llama4_core::{KvData, KvView};
 use ndarray::Array3;
 
@@ -61,14 +61,12 @@ fn decode(c: &mut Criterion) {
     for ctx_len in [4 * 1024, 32 * 1024, 128 * 1024] {
         let pos = ctx_len - 1;
         for (name, mask) in [
-            ("chunked", MaskKind::Chunked(CHUNK)),
-            ("global", MaskKind::Causal),
+            ("chunked", LayerKind::chunked(CHUNK).expect("non-zero chunk")),
+            ("global", LayerKind::Global),
         ] {
             // A chunked cache holds keys C·floor(p/C) ..= p, stored from slot 0.
-            let (first_pos, len) = match mask {
-                MaskKind::Chunked(c) => (pos / c * c, pos % c + 1),
-                MaskKind::Causal => (0, ctx_len),
-            };
+            let vis = mask.visible(pos);
+            let (first_pos, len) = (vis.start, vis.len());
             let kv = KvView {
                 data: KvData::BF16(&k),
                 heads: HKV,
@@ -84,7 +82,7 @@ fn decode(c: &mut Criterion) {
             let positions = [pos];
             let actx = AttnContext {
                 positions: &positions,
-                mask,
+                mask: &mask,
                 scale,
             };
             let bytes = 2 * HKV * len * D * std::mem::size_of::<bf16>();
@@ -119,7 +117,7 @@ fn decode(c: &mut Criterion) {
     let positions = [len - 1];
     let actx = AttnContext {
         positions: &positions,
-        mask: MaskKind::Causal,
+        mask: &LayerKind::Global,
         scale,
     };
     group.throughput(Throughput::Bytes(
@@ -162,7 +160,7 @@ fn prefill(c: &mut Criterion) {
         let positions: Vec<usize> = (ctx_len - t..ctx_len).collect();
         let actx = AttnContext {
             positions: &positions,
-            mask: MaskKind::Causal,
+            mask: &LayerKind::Global,
             scale: 1.0 / (d as f32).sqrt(),
         };
         let pairs: usize = positions.iter().map(|&p| hq * (p + 1)).sum();

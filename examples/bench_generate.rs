@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use llama4_core::alloc_count::CountingAllocator;
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec};
 use llama4_model::{GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
@@ -55,7 +55,7 @@ fn parse_args() -> Result<Args, Error> {
         quant_group: 32,
     };
     let mut model = None;
-    let mut it = std::env::args().skip(1);
+    let mut it = llama4_examples::utf8_args()?;
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -133,7 +133,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() -> Result<(), Error> {
+fn main() -> std::process::ExitCode {
+    llama4_examples::report(try_main())
+}
+
+fn try_main() -> Result<(), Error> {
     let args = parse_args()?;
     let t = Instant::now();
     let policy = args.quantize.map(|f| {
@@ -146,7 +150,7 @@ fn main() -> Result<(), Error> {
             QuantFormat::F8E4M3 => QuantSpec::fp8(),
             f => QuantSpec::new(f, args.quant_group),
         };
-        QuantPolicy::new(spec, scope)
+        llama4_model::quant_policy(spec, scope)
     });
     let model = TextModel::load_with_quantization(&args.model, policy)?;
     let load_s = t.elapsed().as_secs_f64();

@@ -9,11 +9,18 @@
 //! ```text
 //! --model DIR          checkpoint directory (default: the embedded demo model)
 //! --prompt TEXT | --prompt-ids 1,2,3
-//! --chat               wrap the prompt in the Llama 4 chat format
+//! --chat               render the prompt as a user turn with the checkpoint's chat template (the
+//!                      Llama 4 template when it has none)
+//! --system TEXT        with --chat (implied): a system message first
+//! --conversation FILE  with --chat (implied): earlier messages, a JSON array of OpenAI-style
+//!                      messages ({"role": "system"|"user"|"assistant"|"tool", "content": ...});
+//!                      --prompt, if given, is appended as the last user turn
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
-//! --max-new-tokens N   --temperature T (0 = greedy)   --top-k K   --top-p P   --seed S   --ignore-eos
+//! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
+//! --ignore-eos
 //! --dump-logits FILE   safetensors with one tensor "logits", F32 [generated, vocab]; row r holds the
 //!                      logits that chose generated token r (row 0 comes from the prompt's last position)
+//! --check-weights      scan every tensor for NaN/Inf after loading and name the first that holds one
 //! --json               print one JSON object as the last line of stdout with prompt_ids, generated_ids,
 //!                      text, prefill_tokens_per_s, decode_tokens_per_s
 //! --quantize q8|q4|fp8 quantise weights at load time (int8 / int4, symmetric, one scale per group;
@@ -37,11 +44,31 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+use llama4_core::input::{read_capped, Cap};
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
+use llama4_examples::{check_output_dir, check_output_file, utf8_args};
 use llama4_model::{
-    chat_prompt, quantize_checkpoint, stop_ids, GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel,
-    SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    check_chat_tokens, check_text_only_prompt, quantize_checkpoint, stop_ids, ChatOptions, ChatTemplate,
+    GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder,
+    TextModel, Tokenizer,
 };
+
+/// `println!` that returns an error when stdout is closed (`generate | head`) instead of
+/// panicking.
+macro_rules! outln {
+    ($fmt:literal; no newline) => {{
+        let mut out = std::io::stdout();
+        write!(out, $fmt).and_then(|()| out.flush()).map_err(stdout_error)?
+    }};
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*).map_err(stdout_error)?
+    };
+}
+
+/// A failed write to stdout, said as such.
+fn stdout_error(e: std::io::Error) -> Box<dyn std::error::Error> {
+    format!("cannot write to stdout: {e}").into()
+}
 
 /// The embedded demo model and the prompt it is shown with.
 const DEMO_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo");
@@ -53,11 +80,14 @@ struct Args {
     prompt: Option<String>,
     prompt_ids: Option<Vec<u32>>,
     chat: bool,
+    system: Option<String>,
+    conversation: Option<PathBuf>,
     images: Vec<PathBuf>,
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
     ignore_eos: bool,
     dump_logits: Option<PathBuf>,
+    check_weights: bool,
     json: bool,
     quantize: Option<QuantFormat>,
     quantize_all: bool,
@@ -79,13 +109,13 @@ impl Args {
         } else {
             QuantScope::Experts
         };
-        Some(QuantPolicy::new(spec, scope))
+        Some(llama4_model::quant_policy(spec, scope))
     }
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args::default();
-    let mut it = std::env::args().skip(1);
+    let mut it = utf8_args().map_err(|e| e.to_string())?;
     fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
         let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
         v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
@@ -107,6 +137,14 @@ fn parse_args() -> Result<Args, String> {
                 a.prompt_ids = Some(ids);
             }
             "--chat" => a.chat = true,
+            "--system" => {
+                a.system = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
+            "--conversation" => {
+                a.conversation = Some(value(&flag, it.next())?);
+                a.chat = true;
+            }
             "--image" => a.images.push(value(&flag, it.next())?),
             "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
             "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
@@ -115,6 +153,7 @@ fn parse_args() -> Result<Args, String> {
             "--seed" => a.sampling.seed = value(&flag, it.next())?,
             "--ignore-eos" => a.ignore_eos = true,
             "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
+            "--check-weights" => a.check_weights = true,
             "--json" => a.json = true,
             "--quantize" => {
                 let name: String = value(&flag, it.next())?;
@@ -134,7 +173,9 @@ fn parse_args() -> Result<Args, String> {
             }
             "--save-quantized" => a.save_quantized = Some(value(&flag, it.next())?),
             "-h" | "--help" => {
-                println!(
+                // Nothing to report if stdout is closed: exit all the same.
+                let _ = writeln!(
+                    std::io::stdout(),
                     "{}",
                     include_str!("generate.rs")
                         .lines()
@@ -170,6 +211,13 @@ fn parse_args() -> Result<Args, String> {
             .spec
             .check_group()
             .map_err(|e| format!("--quant-group: {e}"))?;
+    }
+    // Output paths are checked before any work, not found wrong after a generation.
+    if let Some(path) = &a.dump_logits {
+        check_output_file("--dump-logits", path)?;
+    }
+    if let Some(path) = &a.save_quantized {
+        check_output_dir("--save-quantized", path)?;
     }
     Ok(a)
 }
@@ -243,23 +291,30 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, Some(mm)) => mm.text(),
         (None, None) => unreachable!("one of them is loaded above"),
     };
+    if args.check_weights {
+        model.checkpoint().check_finite()?;
+    }
     let load_time = load_started.elapsed();
     let weight_bytes = model.checkpoint().weight_bytes();
 
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => None,
-        (None, None) => Some(
-            std::fs::read_to_string(dir.join(DEMO_PROMPT_FILE))
-                .map_err(|_| {
-                    format!(
-                        "no --prompt given and {} has no {DEMO_PROMPT_FILE}",
-                        dir.display()
-                    )
-                })?
-                .trim_end_matches('\n')
-                .to_string(),
-        ),
+        // A conversation file without --prompt is the whole chat.
+        (None, None) if args.conversation.is_some() => Some(String::new()),
+        (None, None) => {
+            let path = dir.join(DEMO_PROMPT_FILE);
+            if !path.exists() {
+                return Err(format!(
+                    "no --prompt given and {} has no {DEMO_PROMPT_FILE}",
+                    dir.display()
+                )
+                .into());
+            }
+            let bytes = read_capped(&path, Cap::TEXT)?;
+            let text = String::from_utf8(bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+            Some(text.trim_end_matches('\n').to_string())
+        }
     };
     let prompt_ids = match (&prompt_text, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
@@ -268,7 +323,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .as_ref()
                 .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
             if args.chat {
-                tok.encode_with(&chat_prompt(text), false)?
+                // Refused when the tokenizer lacks a special token the chat format writes.
+                check_chat_tokens(tok)?;
+                tok.encode_with(&render_chat(&dir, &args, text)?, false)?
             } else {
                 tok.encode(text)?
             }
@@ -276,6 +333,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => unreachable!("one of them is set above"),
     };
 
+    // Without --image, a multimodal checkpoint runs as text: image tokens in the prompt would
+    // be embedded as ordinary tokens, so they are refused.
+    if args.images.is_empty() {
+        if let Some(tok) = &tokenizer {
+            if ModelConfig::from_dir(&dir)?.vision.is_some() {
+                if let Ok(ids) = ImageTokenIds::from_tokenizer(tok) {
+                    check_text_only_prompt(&prompt_ids, &ids)
+                        .map_err(|e| format!("{e}: give one --image per <|image|>"))?;
+                }
+            }
+        }
+    }
     let stops = if args.ignore_eos {
         vec![]
     } else {
@@ -299,7 +368,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if !args.json {
                 for (path, image) in args.images.iter().zip(&images) {
                     let (rows, cols) = image.aspect_ratio;
-                    println!(
+                    outln!(
                         "image: {} ({rows}×{cols} tiles{}, {} image tokens)",
                         path.display(),
                         if rows * cols > 1 { " + global" } else { "" },
@@ -314,38 +383,41 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     if !args.json {
         match (&prompt_text, &tokenizer) {
-            (Some(t), _) if !args.chat => println!("prompt: {t}"),
-            (_, Some(tok)) => println!("prompt: {}", tok.decode(&prompt_ids)?),
-            _ => println!("prompt ids: {prompt_ids:?}"),
+            (Some(t), _) if !args.chat => outln!("prompt: {t}"),
+            (_, Some(tok)) => outln!("prompt: {}", tok.decode(&prompt_ids)?),
+            _ => outln!("prompt ids: {prompt_ids:?}"),
         }
-        print!("answer: ");
-        std::io::stdout().flush()?;
+        outln!("answer: "; no newline);
     }
     let mut session = Session::new(model, DType::F32)?;
-    let mut stream = StreamDecoder::new();
-    let mut stream_err = None;
+    let mut stream = StreamDecoder::with_stop_ids(&stops);
+    let mut stream_err: Option<Box<dyn std::error::Error>> = None;
     let on_token = |id| {
         if !args.json && !stops.contains(&id) {
-            match &tokenizer {
-                Some(tok) => match stream.push(tok, id) {
-                    Ok(piece) => print!("{piece}"),
-                    Err(e) => {
-                        stream_err = Some(e);
-                        return ControlFlow::Break(());
-                    }
-                },
-                None => print!("{id} "),
+            let piece = match &tokenizer {
+                Some(tok) => stream.push(tok, id).map_err(Into::into),
+                None => Ok(format!("{id} ")),
+            };
+            let shown = piece.and_then(|p| {
+                let mut out = std::io::stdout();
+                write!(out, "{p}")
+                    .and_then(|()| out.flush())
+                    .map_err(stdout_error)
+            });
+            if let Err(e) = shown {
+                stream_err = Some(e);
+                return ControlFlow::Break(());
             }
-            let _ = std::io::stdout().flush();
         }
         ControlFlow::Continue(())
     };
     let generation = match prepared {
-        Some(p) => session.generate_with_embeddings(&p.ids, p.embeddings, &options, on_token)?,
-        None => session.generate(&prompt_ids, &options, on_token)?,
-    };
+        Some(p) => session.generate_with_embeddings(&p.ids, p.embeddings, &options, on_token),
+        None => session.generate(&prompt_ids, &options, on_token),
+    }
+    .map_err(generation_error)?;
     if let Some(e) = stream_err {
-        return Err(e.into());
+        return Err(e);
     }
 
     if let (Some(path), Some(logits)) = (&args.dump_logits, &generation.logits) {
@@ -366,23 +438,23 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             "weight_bytes": weight_bytes,
             "load_s": load_time.as_secs_f64(),
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!();
+        outln!();
         let cache = session.cache_memory();
-        println!(
+        outln!(
             "prefill: {} tokens in {:.1} ms ({:.1} tokens/s)",
             generation.prompt_ids.len(),
             generation.prefill_time.as_secs_f64() * 1e3,
             generation.prefill_tokens_per_s()
         );
-        println!(
+        outln!(
             "decode:  {} tokens in {:.1} ms ({:.1} tokens/s)",
             generation.decode_steps,
             generation.decode_time.as_secs_f64() * 1e3,
             generation.decode_tokens_per_s()
         );
-        println!(
+        outln!(
             "memory:  weights {:.2} MB mapped, KV cache {:.1} KB (chunked layers {:.1} KB, global layers {:.1} KB), peak RSS {:.1} MB",
             weight_file_bytes(&dir) as f64 / 1e6,
             cache.total() as f64 / 1e3,
@@ -391,7 +463,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             peak_rss_bytes().unwrap_or(0) as f64 / 1e6
         );
         let quantized = model.checkpoint().quantized_weights();
-        println!(
+        outln!(
             "weights: {:.2} MB loaded in {:.1} ms, {quantized} tensors quantised{}",
             weight_bytes as f64 / 1e6,
             load_time.as_secs_f64() * 1e3,
@@ -409,6 +481,35 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     Ok(())
+}
+
+/// The chat prompt: `--system`, the messages of `--conversation`, then `user` as the last user
+/// turn (unless empty), rendered with the checkpoint's chat template.
+fn render_chat(dir: &Path, args: &Args, user: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    if let Some(path) = &args.conversation {
+        let bytes = read_capped(path, Cap::JSON)?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Either a bare array of messages or a request body with `messages`.
+        let list = value
+            .get("messages")
+            .unwrap_or(&value)
+            .as_array()
+            .ok_or_else(|| format!("{}: expected a JSON array of messages", path.display()))?;
+        messages.extend(list.iter().cloned());
+    }
+    if !user.is_empty() || messages.is_empty() {
+        messages.push(serde_json::json!({"role": "user", "content": user}));
+    }
+    let options = ChatOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    Ok(ChatTemplate::from_dir(dir)?.render(&messages, &options)?)
 }
 
 /// A quantisation error with what to do about it: most often a group size that does not divide
@@ -429,6 +530,19 @@ fn quant_error(e: llama4_model::Error, policy: &QuantPolicy) -> Box<dyn std::err
         .into()
     } else {
         e.into()
+    }
+}
+
+/// A generation error with the flag that fixes it.
+fn generation_error(e: llama4_model::Error) -> Box<dyn std::error::Error> {
+    match e {
+        llama4_model::Error::MaxNewTokens { most, .. } => {
+            format!("{e}\nlower --max-new-tokens to at most {most}").into()
+        }
+        llama4_model::Error::NonFiniteLogits { .. } => {
+            format!("{e}\nrun with --check-weights to find the tensor").into()
+        }
+        e => e.into(),
     }
 }
 

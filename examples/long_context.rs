@@ -19,11 +19,15 @@ type Error = Box<dyn std::error::Error>;
 const PIECE: usize = 4096;
 const DECODE_STEPS: usize = 8;
 
-fn main() -> Result<(), Error> {
+fn main() -> std::process::ExitCode {
+    llama4_examples::report(try_main())
+}
+
+fn try_main() -> Result<(), Error> {
     let mut dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"));
     let mut max_context = 256 * 1024;
     let mut dtype = DType::BF16;
-    let mut args = std::env::args().skip(1);
+    let mut args = llama4_examples::utf8_args()?;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--model" => dir = args.next().ok_or("--model needs a directory")?.into(),

@@ -108,9 +108,13 @@ fn values(name: &str, shape: &[usize], state: &mut u64) -> Vec<f32> {
     (0..n).map(|_| scale * next()).collect()
 }
 
-fn main() -> Result<(), Error> {
+fn main() -> std::process::ExitCode {
+    llama4_examples::report(try_main())
+}
+
+fn try_main() -> Result<(), Error> {
     let (mut out, mut preset_name, mut bf16_weights, mut seed) = (None, "bench-mid".to_string(), true, 0u64);
-    let mut args = std::env::args().skip(1);
+    let mut args = llama4_examples::utf8_args()?;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--out" => out = Some(PathBuf::from(args.next().ok_or("--out needs a directory")?)),

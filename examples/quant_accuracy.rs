@@ -53,7 +53,7 @@ fn parse_args() -> Result<Args, Error> {
         scales: ScaleType::F32,
         seed: 0,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = llama4_examples::utf8_args()?;
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
@@ -251,7 +251,11 @@ fn load_and_run(
     })
 }
 
-fn main() -> Result<(), Error> {
+fn main() -> std::process::ExitCode {
+    llama4_examples::report(try_main())
+}
+
+fn try_main() -> Result<(), Error> {
     let args = parse_args()?;
     if !args.model.join("config.json").is_file() {
         return Err(format!(
@@ -313,7 +317,7 @@ fn main() -> Result<(), Error> {
                 _ => (QuantSpec::new(format, args.group), format!("g{}", args.group)),
             };
             let spec = spec.with_scales(args.scales);
-            let policy = Some(QuantPolicy::new(spec, scope));
+            let policy = Some(llama4_model::quant_policy(spec, scope));
             let r = load_and_run(&args, policy, &prompt, &forced, None)?;
             let replayed = load_and_run(&args, policy, &prompt, &forced, Some(&reference.routes))?;
             let (_, rr, ra) = compare(replayed.decode.view(), reference.decode.view());

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ndarray::{Array1, ArrayD, IxDyn};
 use serde_json::Value;
 
+use crate::input::{probe, read_capped, Cap, Probe};
 use crate::quant::{QuantData, QuantFormat, QuantPolicy, QuantSpec, QuantTarget, ScaleType, Scales};
 use crate::quant::{FP8_SCALE_SUFFIX, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
@@ -55,17 +56,30 @@ pub struct Checkpoint {
 
 impl Checkpoint {
     /// Opens a checkpoint directory, or a single `.safetensors` file.
+    ///
+    /// # Errors
+    /// [`Error::NoCheckpoint`] when the directory holds neither file; [`Error::NotRegularFile`]
+    /// when `path`, `model.safetensors`, the index or a shard is a FIFO, device, directory or
+    /// unfollowable link (such a file is there, so it is not reported missing).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        if path.is_file() {
-            return Self::from_files(path.to_path_buf(), vec![SafetensorsFile::open(path)?]);
+        match probe(path)? {
+            Probe::File(_) => {
+                return Self::from_files(path.to_path_buf(), vec![SafetensorsFile::open(path)?])
+            }
+            Probe::Dir => {}
+            Probe::Absent => {
+                return Err(Error::NoCheckpoint {
+                    dir: path.to_path_buf(),
+                })
+            }
         }
         let single = path.join(SINGLE_FILE);
-        if single.is_file() {
+        if present(&single)? {
             return Self::from_files(path.to_path_buf(), vec![SafetensorsFile::open(single)?]);
         }
         let index = path.join(INDEX_FILE);
-        if index.is_file() {
+        if present(&index)? {
             return Self::open_sharded(path, &index);
         }
         Err(Error::NoCheckpoint {
@@ -88,10 +102,7 @@ impl Checkpoint {
             path: index.to_path_buf(),
             reason,
         };
-        let text = std::fs::read(index).map_err(|source| Error::Io {
-            path: index.to_path_buf(),
-            source,
-        })?;
+        let text = read_capped(index, Cap::JSON)?;
         let json: Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
         let map = json
             .get("weight_map")
@@ -125,7 +136,7 @@ impl Checkpoint {
         let mut files = Vec::with_capacity(shard_names.len());
         for shard in &shard_names {
             let path = dir.join(shard);
-            if !path.is_file() {
+            if !present(&path)? {
                 return Err(Error::MissingShard {
                     index: index.to_path_buf(),
                     shard: path,
@@ -250,6 +261,11 @@ impl Checkpoint {
     /// The root scope (no prefix).
     pub fn root(&self) -> Scope<'_> {
         self.scope("")
+    }
+
+    /// The file holding tensor `name`.
+    pub(crate) fn file_of(&self, name: &str) -> Result<&Path> {
+        Ok(self.find(name)?.0.path())
     }
 
     /// Shape, dtype and file of a tensor by full name.
@@ -639,6 +655,19 @@ impl<'a> Scope<'a> {
                 self.name(name)
             ))),
         }
+    }
+}
+
+/// True when a regular file is at `path`, false when nothing is; anything else there (a
+/// directory, FIFO, device or unfollowable link) is [`Error::NotRegularFile`], not "missing".
+fn present(path: &Path) -> Result<bool> {
+    match probe(path)? {
+        Probe::File(_) => Ok(true),
+        Probe::Absent => Ok(false),
+        Probe::Dir => Err(Error::NotRegularFile {
+            path: path.to_path_buf(),
+            what: "a directory".into(),
+        }),
     }
 }
 

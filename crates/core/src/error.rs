@@ -19,6 +19,43 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A path given as an input file is a directory, FIFO, socket, device or a symbolic link
+    /// that cannot be followed: refused before it is opened (a FIFO would block, a device
+    /// would be read without end).
+    #[error("{path}: is {what}, not a regular file")]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        what: String,
+    },
+    /// An input file is longer than the cap for its kind (see [`crate::input`]).
+    #[error("{path}: {bytes} bytes exceed the limit of {limit} bytes ({limit_name})")]
+    InputTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its length (or the bytes read before giving up).
+        bytes: u64,
+        /// The cap.
+        limit: u64,
+        /// The cap's name.
+        limit_name: &'static str,
+    },
+    /// A tensor holds NaN or an infinity ([`crate::Checkpoint::check_finite`]).
+    #[error(
+        "tensor `{name}` in {path} holds {value} at element {index}: the checkpoint's weights are \
+         broken (NaN/Inf); re-download or re-convert it"
+    )]
+    NonFiniteWeight {
+        /// The full tensor name.
+        name: String,
+        /// The file holding it.
+        path: PathBuf,
+        /// Flat index of the first non-finite element.
+        index: usize,
+        /// That element (NaN, inf or -inf), widened to f64.
+        value: f64,
+    },
     /// The file is shorter than the 8-byte header length, or than the header it announces.
     #[error("{path}: truncated safetensors file ({file_len} bytes, need at least {needed})")]
     Truncated {
@@ -209,12 +246,33 @@ pub enum Error {
         /// What does not fit.
         detail: String,
     },
+    /// A component written outside this workspace (a custom attention, router or feed-forward)
+    /// failed; `source` is its own error.
+    #[error("{component}: {source}")]
+    Component {
+        /// What failed (the component's name).
+        component: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An [`Error::Component`]: how a custom component reports its own error type.
+    pub fn component(
+        component: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Component {
+            component,
+            source: source.into(),
+        }
+    }
+
     /// A [`Error::Shape`] for operation `op`.
     pub fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::Shape {

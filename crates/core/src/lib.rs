@@ -7,10 +7,14 @@ mod buffer;
 mod checkpoint;
 mod dtype;
 mod error;
+mod finite;
 pub mod ggml;
 pub mod gguf;
+pub mod input;
 pub mod kernels;
 mod kv;
+mod layer_kind;
+mod linear;
 pub mod pool;
 pub mod quant;
 pub mod safetensors;
@@ -22,7 +26,11 @@ pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kv::{KvData, KvView};
-pub use quant::{QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales};
+pub use layer_kind::{AttentionMask, LayerKind, Segments};
+pub use linear::Linear;
+pub use quant::{
+    QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales, TensorRole,
+};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 
 pub use half::{bf16, f16};

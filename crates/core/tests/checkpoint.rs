@@ -791,7 +791,6 @@ fn look_up_errors() {
 fn no_checkpoint() {
     let dir = TempDir::new().unwrap();
     write(dir.path(), "pytorch_model.bin", b"not ours");
-    std::fs::create_dir(dir.path().join("model.safetensors")).unwrap();
     for location in [dir.path().to_path_buf(), dir.path().join("absent")] {
         let err = match Checkpoint::open(&location) {
             Ok(_) => panic!("opened {location:?}"),
@@ -803,6 +802,83 @@ fn no_checkpoint() {
         );
         assert_names(&err, &[&shown(&location)]);
     }
+}
+
+/// A directory, FIFO, device or link loop where a weight file or the index should be is
+/// named for what it is, never reported as missing, and never opened (a FIFO would block).
+#[cfg(unix)]
+#[test]
+fn weight_files_that_are_not_regular_files() {
+    use std::os::unix::fs::symlink;
+    type Make = fn(&Path) -> bool;
+    let makers: [(&str, Make); 4] = [
+        ("directory", |p| std::fs::create_dir(p).is_ok()),
+        ("character device", |p| symlink("/dev/null", p).is_ok()),
+        ("symbolic link", |p| {
+            let other = p.with_extension("other");
+            symlink(&other, p).is_ok() && symlink(p, &other).is_ok()
+        }),
+        ("FIFO", |p| {
+            std::process::Command::new("mkfifo")
+                .arg(p)
+                .status()
+                .is_ok_and(|s| s.success())
+        }),
+    ];
+    for file in ["model.safetensors", "model.safetensors.index.json"] {
+        for (what, make) in makers {
+            let dir = TempDir::new().unwrap();
+            let path = dir.path().join(file);
+            if !make(&path) {
+                continue; // no mkfifo here
+            }
+            let err = match Checkpoint::open(dir.path()) {
+                Ok(_) => panic!("{file} as a {what} opened"),
+                Err(e) => e,
+            };
+            assert!(
+                matches!(&err, Error::NotRegularFile { path: p, .. } if *p == path),
+                "{file} as a {what}: {err:?}"
+            );
+            assert!(err.to_string().contains(what), "{err}");
+        }
+    }
+    // A shard named by the index.
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "model.safetensors.index.json",
+        br#"{"weight_map": {"x": "a.safetensors"}}"#,
+    );
+    let shard = dir.path().join("a.safetensors");
+    std::fs::create_dir(&shard).unwrap();
+    let err = match Checkpoint::open(dir.path()) {
+        Ok(_) => panic!("a directory shard opened"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&err, Error::NotRegularFile { path, .. } if *path == shard),
+        "{err:?}"
+    );
+    // SafetensorsFile::open itself refuses a device before mapping it.
+    let err = match llama4_core::safetensors::SafetensorsFile::open("/dev/zero") {
+        Ok(_) => panic!("/dev/zero opened"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::NotRegularFile { .. }), "{err:?}");
+}
+
+/// An index that never ends (a link to `/dev/zero`) is refused, not read until memory runs out.
+#[cfg(unix)]
+#[test]
+fn endless_index_is_refused() {
+    let dir = TempDir::new().unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("model.safetensors.index.json")).unwrap();
+    let err = match Checkpoint::open(dir.path()) {
+        Ok(_) => panic!("opened"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::NotRegularFile { .. }), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@ use llama4_core::quant::{self, linear_reference, quantize};
 use llama4_core::{kernels, DType, Error, Layout, QuantFormat, QuantSpec, ScaleType, Weight};
 use ndarray::Array2;
 
-mod common;
-use common::values;
+use llama4_testkit::values;
 
 #[test]
 fn dequantised_values_are_within_half_a_step() {

@@ -1,7 +1,7 @@
 //! The configuration fields attention needs, resolved (the model crate builds this from
 //! config.json; nothing here parses JSON).
 
-use llama4_core::{Error, Result};
+use llama4_core::{Error, LayerKind, Result};
 
 /// How RoPE frequencies are scaled.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -11,13 +11,13 @@ pub enum RopeScaling {
     /// Llama 3.1 frequency scaling (`rope_type: "llama3"`).
     Llama3 {
         /// Divisor of the low frequencies (`factor`).
-        factor: f32,
+        factor: f64,
         /// `low_freq_factor`: wavelengths above `original / low` are divided by `factor`.
-        low_freq_factor: f32,
+        low_freq_factor: f64,
         /// `high_freq_factor`: wavelengths below `original / high` are kept.
-        high_freq_factor: f32,
-        /// `original_max_position_embeddings`.
-        original_max_position_embeddings: usize,
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`: the context length of pre-training.
+        original_max_position_embeddings: f64,
     },
 }
 
@@ -30,13 +30,15 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
-/// The two kinds of Llama 4 text attention layers.
+/// How a Llama 4 text attention layer treats positions: the "i" of iRoPE is these two kinds,
+/// interleaved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LayerKind {
-    /// Rotary positions, optional QK norm, chunked mask (`layer_types: chunked_attention`).
+pub enum PosEncoding {
+    /// Rotary positions and optional QK norm; attends within its chunk
+    /// (`attention_chunk_size`), or causally when that is null.
     Rope,
-    /// No positional encoding, optional temperature tuning, causal mask over the whole context
-    /// (`layer_types: full_attention`).
+    /// No positional encoding, optional temperature tuning; attends causally over the whole
+    /// context.
     NoPe,
 }
 
@@ -76,6 +78,13 @@ impl AttnConfig {
         self.num_attention_heads / self.num_key_value_heads.max(1)
     }
 
+    /// What a RoPE layer with this config attends over: its chunk, or everything when
+    /// `attention_chunk_size` is null.
+    pub fn chunk_kind(&self) -> Result<LayerKind> {
+        LayerKind::from_chunk_size(self.attention_chunk_size)
+            .ok_or_else(|| Error::shape("AttnConfig", "attention_chunk_size 0"))
+    }
+
     /// Checks the invariants the layer relies on.
     pub fn validate(&self) -> Result<()> {
         let bad = |detail: String| Err(Error::shape("AttnConfig", detail));
@@ -91,6 +100,13 @@ impl AttnConfig {
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
+        // The projections' widths must not wrap (a wrapped width could match a weight's shape).
+        if self.num_attention_heads.checked_mul(self.head_dim).is_none() {
+            return bad(format!(
+                "{} heads · head_dim {} overflows",
+                self.num_attention_heads, self.head_dim
+            ));
+        }
         if self.attention_chunk_size == Some(0) {
             return bad("attention_chunk_size 0".into());
         }
@@ -104,9 +120,11 @@ impl AttnConfig {
             original_max_position_embeddings,
         } = self.rope.scaling
         {
-            if !(factor > 0.0 && low_freq_factor > 0.0 && high_freq_factor >= low_freq_factor)
-                || original_max_position_embeddings == 0
-            {
+            let ordered = factor > 0.0
+                && low_freq_factor > 0.0
+                && high_freq_factor >= low_freq_factor
+                && original_max_position_embeddings > 0.0;
+            if !ordered {
                 return bad(format!("llama3 rope scaling {:?}", self.rope.scaling));
             }
         }

@@ -43,7 +43,8 @@ impl Rope {
             original_max_position_embeddings: orig,
         } = cfg.scaling
         {
-            let orig = orig as f32;
+            // In f32, as the reference computes the bands.
+            let (factor, low, high, orig) = (factor as f32, low as f32, high as f32, orig as f32);
             let low_wavelen = orig / low;
             let high_wavelen = orig / high;
             for f in &mut inv_freq {
@@ -132,14 +133,14 @@ pub fn temperature(pos: usize, floor_scale: f32, attn_scale: f32) -> f32 {
 mod tests {
     use super::*;
 
-    fn llama3(low: f32, high: f32) -> RopeConfig {
+    fn llama3(low: f64, high: f64) -> RopeConfig {
         RopeConfig {
             theta: 500_000.0,
             scaling: RopeScaling::Llama3 {
                 factor: 16.0,
                 low_freq_factor: low,
                 high_freq_factor: high,
-                original_max_position_embeddings: 8192,
+                original_max_position_embeddings: 8192.0,
             },
         }
     }

@@ -4,14 +4,14 @@
 mod common;
 
 use common::{attn_config, fixture, read_json, rel_err, rope_config};
-use irope_attn::{Attention, LayerKind, MaskKind, Rope};
+use irope_attn::{Attention, LayerKind, PosEncoding, Rope, SelfAttention};
 use llama4_core::Checkpoint;
 use ndarray::Ix2;
 
 /// Relative tolerance on the layer output (max abs difference over max |reference|).
 const TOL: f64 = 1e-4;
 
-fn check_layer(name: &str, kind: LayerKind) {
+fn check_layer(name: &str, kind: PosEncoding) {
     let (cfg, json_kind) = attn_config(&read_json(&format!("{name}.json")));
     assert_eq!(json_kind, kind);
     let ckpt = Checkpoint::open(fixture(&format!("{name}.safetensors"))).unwrap();
@@ -35,7 +35,7 @@ fn check_layer(name: &str, kind: LayerKind) {
         assert!(t > 3 * c, "{t} tokens, chunk {c}");
     }
     assert!(t as f32 > 3.0 * cfg.floor_scale);
-    let got = attn.forward(x.view(), 0).unwrap();
+    let got = attn.forward_uncached(x.view(), 0).unwrap();
     let err = rel_err(got.as_slice().unwrap(), want.as_slice().unwrap());
     println!("{name}: max |diff| / max |ref| = {err:.3e} over {t} tokens");
     assert!(err < TOL, "{name}: relative error {err:.3e}");
@@ -43,17 +43,17 @@ fn check_layer(name: &str, kind: LayerKind) {
 
 #[test]
 fn rope_layer_matches_transformers() {
-    check_layer("attn_rope", LayerKind::Rope);
+    check_layer("attn_rope", PosEncoding::Rope);
 }
 
 #[test]
 fn nope_layer_matches_transformers() {
-    check_layer("attn_nope", LayerKind::NoPe);
+    check_layer("attn_nope", PosEncoding::NoPe);
 }
 
 #[test]
 fn rope_layer_with_bias_matches_transformers() {
-    check_layer("attn_rope_bias", LayerKind::Rope);
+    check_layer("attn_rope_bias", PosEncoding::Rope);
 }
 
 #[test]
@@ -72,7 +72,7 @@ fn nope_layer_without_temperature_differs() {
         .into_dimensionality::<Ix2>()
         .unwrap();
     let want = ckpt.root().array("out", &[t, cfg.hidden_size]).unwrap();
-    let got = attn.forward(x.view(), 0).unwrap();
+    let got = attn.forward_uncached(x.view(), 0).unwrap();
     assert!(rel_err(got.as_slice().unwrap(), want.as_slice().unwrap()) > 1e-2);
 }
 
@@ -83,7 +83,7 @@ fn rope_layer_uses_chunk_mask() {
     cfg.attention_chunk_size = None;
     let ckpt = Checkpoint::open(fixture("attn_rope.safetensors")).unwrap();
     let attn = Attention::load(&ckpt.scope("self_attn"), &cfg, kind).unwrap();
-    assert_eq!(attn.mask(), MaskKind::Causal);
+    assert_eq!(attn.cache_kind(), LayerKind::Global);
     let t = ckpt.shape("hidden").unwrap()[0];
     let x = ckpt
         .root()
@@ -92,7 +92,7 @@ fn rope_layer_uses_chunk_mask() {
         .into_dimensionality::<Ix2>()
         .unwrap();
     let want = ckpt.root().array("out", &[t, cfg.hidden_size]).unwrap();
-    let got = attn.forward(x.view(), 0).unwrap();
+    let got = attn.forward_uncached(x.view(), 0).unwrap();
     assert!(rel_err(got.as_slice().unwrap(), want.as_slice().unwrap()) > 1e-2);
 }
 

@@ -4,7 +4,7 @@ mod common;
 
 use common::{attn_config, fixture, read_json, rel_err};
 use half::bf16;
-use irope_attn::{Attention, LayerKind, MaskKind};
+use irope_attn::{Attention, PosEncoding, SelfAttention};
 use llama4_core::{Checkpoint, KvData, KvView};
 use ndarray::{s, Array2, Ix2};
 
@@ -79,10 +79,7 @@ fn load(name: &str) -> (Attention, Array2<f32>) {
 fn steps_f32(attn: &Attention, x: &Array2<f32>, restart: bool) -> Array2<f32> {
     let c = attn.config();
     let t = x.nrows();
-    let restart_every = match (restart, attn.mask()) {
-        (true, MaskKind::Chunked(c)) => Some(c),
-        _ => None,
-    };
+    let restart_every = attn.cache_kind().chunk().filter(|_| restart);
     let mut cache = TestCache::<f32>::new(c.num_key_value_heads, c.head_dim, t);
     let mut out = Array2::zeros((t, c.hidden_size));
     for p in 0..t {
@@ -101,10 +98,10 @@ fn steps_f32(attn: &Attention, x: &Array2<f32>, restart: bool) -> Array2<f32> {
     out
 }
 
-fn check(name: &str, kind: LayerKind) {
+fn check(name: &str, kind: PosEncoding) {
     let (attn, x) = load(name);
-    assert_eq!(attn.kind(), kind);
-    let prefill = attn.forward(x.view(), 0).unwrap();
+    assert_eq!(attn.encoding(), kind);
+    let prefill = attn.forward_uncached(x.view(), 0).unwrap();
     for restart in [true, false] {
         let steps = steps_f32(&attn, &x, restart);
         let err = rel_err(steps.as_slice().unwrap(), prefill.as_slice().unwrap());
@@ -115,12 +112,12 @@ fn check(name: &str, kind: LayerKind) {
 
 #[test]
 fn rope_prefill_equals_steps() {
-    check("attn_rope", LayerKind::Rope);
+    check("attn_rope", PosEncoding::Rope);
 }
 
 #[test]
 fn nope_prefill_equals_steps() {
-    check("attn_nope", LayerKind::NoPe);
+    check("attn_nope", PosEncoding::NoPe);
 }
 
 #[test]
@@ -143,7 +140,7 @@ fn prefill_in_two_calls_equals_one() {
         let o = attn.attend(pr.q.view(), &positions, &k, &v).unwrap();
         out.slice_mut(s![s0..s1, ..]).assign(&o);
     }
-    let prefill = attn.forward(x.view(), 0).unwrap();
+    let prefill = attn.forward_uncached(x.view(), 0).unwrap();
     let err = rel_err(out.as_slice().unwrap(), prefill.as_slice().unwrap());
     assert!(err < 1e-5, "{err:e}");
 }
@@ -169,7 +166,7 @@ fn bf16_cache_steps_stay_close() {
         out.row_mut(p)
             .assign(&attn.attend(pr.q.view(), &[p], &k, &v).unwrap().row(0));
     }
-    let prefill = attn.forward(x.view(), 0).unwrap();
+    let prefill = attn.forward_uncached(x.view(), 0).unwrap();
     let err = rel_err(out.as_slice().unwrap(), prefill.as_slice().unwrap());
     println!("bf16 cache vs f32 prefill: {err:.2e}");
     assert!(err > 0.0 && err < 2e-2, "{err:e}");

@@ -152,9 +152,9 @@ mod tests {
     #[test]
     fn per_kind_memory_and_lengths() {
         let kinds = [
-            LayerKind::Chunked { chunk: 8 },
+            LayerKind::chunked(8).unwrap(),
             LayerKind::Global,
-            LayerKind::Chunked { chunk: 8 },
+            LayerKind::chunked(8).unwrap(),
         ];
         let spec = CacheSpec::new(2, 4, DType::F16);
         let mut c = KvCache::new(&kinds, spec).unwrap();
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn len_is_the_shortest_layer_and_bad_layers_are_errors() {
-        let kinds = [LayerKind::Global, LayerKind::Chunked { chunk: 4 }];
+        let kinds = [LayerKind::Global, LayerKind::chunked(4).unwrap()];
         let mut c = KvCache::new(&kinds, CacheSpec::new(1, 2, DType::F32)).unwrap();
         let k = Array3::<f32>::zeros((3, 1, 2));
         c.append(0, k.view(), k.view()).unwrap();
@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn truncate_is_all_layers_or_none() {
-        let kinds = [LayerKind::Global, LayerKind::Chunked { chunk: 4 }];
+        let kinds = [LayerKind::Global, LayerKind::chunked(4).unwrap()];
         let mut c = KvCache::new(&kinds, CacheSpec::new(1, 2, DType::F32)).unwrap();
         fill(&mut c, 10); // chunked holds 8, 9
         assert_eq!(

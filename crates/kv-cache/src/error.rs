@@ -61,6 +61,12 @@ pub enum KvError {
         /// The layer's chunk size.
         chunk: usize,
     },
+    /// The system refused the memory for a layer's keys and values (the layer is unchanged).
+    #[error("cannot allocate {bytes} bytes for a layer's keys and values")]
+    Alloc {
+        /// Bytes of the layer's keys and values at the capacity asked for.
+        bytes: u64,
+    },
     /// A size computation does not fit in `usize` / `u64`.
     #[error("cache size arithmetic overflows ({0})")]
     Overflow(&'static str),

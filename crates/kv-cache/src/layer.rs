@@ -3,6 +3,7 @@
 use llama4_core::KvView;
 use ndarray::{Array3, ArrayView3, Axis};
 
+use crate::kind::grown_capacity;
 use crate::storage::Storage;
 use crate::{CacheSpec, KvError, LayerKind, Result, Segments};
 
@@ -40,7 +41,6 @@ impl LayerCache {
     /// An empty cache; nothing is allocated until the first append or [`LayerCache::reserve`].
     pub fn new(kind: LayerKind, spec: CacheSpec) -> Result<Self> {
         spec.validate()?;
-        kind.validate()?;
         Ok(Self {
             kind,
             spec,
@@ -121,7 +121,7 @@ impl LayerCache {
         }
         let start = self.next_pos();
         start.checked_add(t).ok_or(KvError::Overflow("positions"))?;
-        if let LayerKind::Chunked { chunk } = self.kind {
+        if let Some(chunk) = self.kind.chunk() {
             if start / chunk != (start + t - 1) / chunk {
                 return Err(KvError::CrossesChunk { start, len: t, chunk });
             }
@@ -133,7 +133,7 @@ impl LayerCache {
         }
         let needed = self.len + t;
         if needed > self.capacity {
-            self.grow_to(self.kind.grown_capacity(needed)?)?;
+            self.grow_to(grown_capacity(self.kind, needed)?)?;
         }
         let stride = self.capacity * d;
         for (i, (kt, vt)) in k.outer_iter().zip(v.outer_iter()).enumerate() {
@@ -199,14 +199,12 @@ impl LayerCache {
                 len: next,
             });
         }
-        match self.kind {
-            LayerKind::Chunked { chunk } if len < self.first_pos && !len.is_multiple_of(chunk) => {
-                Err(KvError::Evicted {
-                    requested: len,
-                    first_held: self.first_pos,
-                    chunk,
-                })
-            }
+        match self.kind.chunk() {
+            Some(chunk) if len < self.first_pos && !len.is_multiple_of(chunk) => Err(KvError::Evicted {
+                requested: len,
+                first_held: self.first_pos,
+                chunk,
+            }),
             _ => Ok(()),
         }
     }
@@ -259,6 +257,13 @@ impl LayerCache {
         // Refuse sizes whose byte count does not fit in memory arithmetic before allocating.
         let bytes = self.spec.layer_bytes(capacity)?;
         usize::try_from(bytes).map_err(|_| KvError::Overflow("capacity"))?;
+        // Room for both keys and values first: an allocation the system refuses is an error,
+        // not an abort, and leaves the layer as it was.
+        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+        let additional = hkv * d * (capacity - self.capacity);
+        for s in [&mut self.k, &mut self.v] {
+            s.try_reserve(additional).map_err(|_| KvError::Alloc { bytes })?;
+        }
         self.relayout(capacity);
         Ok(())
     }
@@ -324,7 +329,7 @@ mod tests {
 
     #[test]
     fn crossing_a_chunk_boundary_is_refused() {
-        let mut c = LayerCache::new(LayerKind::Chunked { chunk: 4 }, spec()).unwrap();
+        let mut c = LayerCache::new(LayerKind::chunked(4).unwrap(), spec()).unwrap();
         push(&mut c, 3).unwrap();
         assert_eq!(
             push(&mut c, 2),
@@ -343,7 +348,7 @@ mod tests {
 
     #[test]
     fn chunked_layer_restarts_at_each_boundary_and_keeps_its_capacity() {
-        let mut c = LayerCache::new(LayerKind::Chunked { chunk: 4 }, spec()).unwrap();
+        let mut c = LayerCache::new(LayerKind::chunked(4).unwrap(), spec()).unwrap();
         push(&mut c, 4).unwrap();
         assert_eq!((c.first_pos(), c.held(), c.capacity()), (0, 4, 4));
         push(&mut c, 1).unwrap();
@@ -410,7 +415,7 @@ mod tests {
 
     #[test]
     fn truncate_chunked_inside_the_chunk_to_a_boundary_or_refuse() {
-        let mut c = LayerCache::new(LayerKind::Chunked { chunk: 4 }, spec()).unwrap();
+        let mut c = LayerCache::new(LayerKind::chunked(4).unwrap(), spec()).unwrap();
         push(&mut c, 4).unwrap();
         push(&mut c, 4).unwrap();
         push(&mut c, 2).unwrap(); // holds 8, 9
@@ -438,7 +443,7 @@ mod tests {
     #[test]
     fn reserve_presizes_exactly_and_shrink_frees() {
         let mut g = LayerCache::new(LayerKind::Global, spec()).unwrap();
-        let mut ch = LayerCache::new(LayerKind::Chunked { chunk: 8 }, spec()).unwrap();
+        let mut ch = LayerCache::new(LayerKind::chunked(8).unwrap(), spec()).unwrap();
         g.reserve(37).unwrap();
         ch.reserve(37).unwrap();
         assert_eq!((g.capacity(), ch.capacity()), (37, 8));
@@ -456,10 +461,6 @@ mod tests {
 
     #[test]
     fn zero_sizes_are_rejected() {
-        assert!(matches!(
-            LayerCache::new(LayerKind::Chunked { chunk: 0 }, spec()),
-            Err(KvError::InvalidSpec(_))
-        ));
         assert!(matches!(
             LayerCache::new(LayerKind::Global, CacheSpec::new(0, 3, DType::F32)),
             Err(KvError::InvalidSpec(_))

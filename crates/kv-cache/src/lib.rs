@@ -10,11 +10,11 @@ mod storage;
 
 pub use cache::KvCache;
 pub use error::{KvError, Result};
-pub use kind::{capacity_ladder, LayerKind, Segments, MIN_CAPACITY};
+pub use kind::{capacity_ladder, MIN_CAPACITY};
 pub use layer::{LayerCache, LayerView};
 pub use spec::{CacheSpec, MemoryBytes};
 
-pub use llama4_core::{DType, KvData, KvView};
+pub use llama4_core::{DType, KvData, KvView, LayerKind, Segments};
 
 #[cfg(test)]
 mod scout;

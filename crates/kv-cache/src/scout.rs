@@ -10,7 +10,7 @@ fn scout_kinds() -> Vec<LayerKind> {
             if (i + 1) % 4 == 0 {
                 LayerKind::Global
             } else {
-                LayerKind::Chunked { chunk: 8192 }
+                LayerKind::chunked(8192).unwrap()
             }
         })
         .collect()

@@ -2,6 +2,7 @@
 
 use llama4_core::DType;
 
+use crate::kind::grown_capacity;
 use crate::{KvError, LayerKind, Result};
 
 /// Shape and storage dtype of every layer's cache: keys and values are `[kv_heads, ·, head_dim]`.
@@ -81,7 +82,7 @@ impl CacheSpec {
     /// layer's capacity is the [`crate::capacity_ladder`] step for the most positions it held
     /// (capped at the chunk size for chunked layers). Allocates nothing.
     pub fn estimate(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
-        self.estimate_with(kinds, n_tokens, |kind, held| kind.grown_capacity(held))
+        self.estimate_with(kinds, n_tokens, grown_capacity)
     }
 
     /// The least memory `n_tokens` positions need: exactly `min(n, C)` positions per chunked
@@ -100,7 +101,6 @@ impl CacheSpec {
         self.validate()?;
         let mut out = MemoryBytes::default();
         for &kind in kinds {
-            kind.validate()?;
             let held = kind.max_held(n_tokens);
             let cap = if held == 0 { 0 } else { capacity(kind, held)? };
             out.add(kind, self.layer_bytes(cap)?)?;

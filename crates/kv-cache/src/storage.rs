@@ -66,8 +66,15 @@ impl Storage {
         }
     }
 
-    /// Moves the first `len` rows of each of `heads` blocks of `old_rows` rows into a new buffer
-    /// of `heads` blocks of `new_rows` rows (rows of `row` elements).
+    /// Makes room for `additional` more elements without changing the contents, so that a
+    /// following [`Storage::relayout`] to that size allocates nothing.
+    pub(crate) fn try_reserve(&mut self, additional: usize) -> Result<(), std::collections::TryReserveError> {
+        each!(self, v => v.try_reserve_exact(additional))
+    }
+
+    /// Moves the first `len` rows of each of `heads` blocks of `old_rows` rows into `heads`
+    /// blocks of `new_rows` rows (rows of `row` elements); the other rows are zero. Growing
+    /// happens in place (in room made by [`Storage::try_reserve`], or allocated here).
     pub(crate) fn relayout(
         &mut self,
         heads: usize,
@@ -77,12 +84,22 @@ impl Storage {
         len: usize,
     ) {
         each!(self, v => {
-            let mut fresh = vec![Default::default(); heads * new_rows * row];
-            for h in 0..heads {
-                let (src, dst) = (h * old_rows * row, h * new_rows * row);
-                fresh[dst..dst + len * row].copy_from_slice(&v[src..src + len * row]);
+            if new_rows >= old_rows {
+                v.resize(heads * new_rows * row, Default::default());
+                // Last head first: each block moves up, never onto a block not yet moved.
+                for h in (0..heads).rev() {
+                    let (src, dst) = (h * old_rows * row, h * new_rows * row);
+                    v.copy_within(src..src + len * row, dst);
+                    v[dst + len * row..dst + new_rows * row].fill(Default::default());
+                }
+            } else {
+                let mut fresh = vec![Default::default(); heads * new_rows * row];
+                for h in 0..heads {
+                    let (src, dst) = (h * old_rows * row, h * new_rows * row);
+                    fresh[dst..dst + len * row].copy_from_slice(&v[src..src + len * row]);
+                }
+                *v = fresh;
             }
-            *v = fresh;
         })
     }
 

@@ -34,7 +34,7 @@ fn dtype() -> impl Strategy<Value = DType> {
 fn kind() -> impl Strategy<Value = LayerKind> {
     prop_oneof![
         Just(LayerKind::Global),
-        (1usize..13).prop_map(|chunk| LayerKind::Chunked { chunk })
+        (1usize..13).prop_map(|chunk| LayerKind::chunked(chunk).unwrap())
     ]
 }
 
@@ -111,7 +111,7 @@ proptest! {
         sizes in prop::collection::vec(1usize..20, 1..30),
         seed in any::<u64>(),
     ) {
-        let kind = LayerKind::Chunked { chunk };
+        let kind = LayerKind::chunked(chunk).unwrap();
         let n: usize = sizes.iter().sum();
         let k = random_tokens(n, spec.kv_heads, spec.head_dim, seed);
         let mut c = KvCache::new(&[kind], spec).unwrap();
@@ -187,14 +187,14 @@ proptest! {
 
         // A chunked layer holds [C·floor((n−1)/C), n) after n tokens; m before that start and
         // not on a chunk boundary cannot be reached.
-        let expected_err = kinds.iter().find_map(|k| match *k {
-            LayerKind::Chunked { chunk } => {
+        let expected_err = kinds.iter().find_map(|k| match k.chunk() {
+            Some(chunk) => {
                 let first = if n == 0 { 0 } else { (n - 1) / chunk * chunk };
                 (m < first && m % chunk != 0).then_some(KvError::Evicted {
                     requested: m, first_held: first, chunk,
                 })
             }
-            LayerKind::Global => None,
+            None => None,
         });
         let before = observe(&c);
         match expected_err {

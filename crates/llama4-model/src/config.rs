@@ -6,33 +6,36 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
+pub use irope_attn::{RopeConfig, RopeScaling};
+
 use crate::{Error, Result};
 
-/// RoPE frequency scaling.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// Plain `theta^(-2j/D)`.
-    None,
-    /// Llama 3.1 style: low frequencies divided by `factor`, a smooth band in between.
-    Llama3 {
-        /// Divisor of the low frequencies.
-        factor: f64,
-        /// Wavelengths above `original / low_freq_factor` are scaled fully.
-        low_freq_factor: f64,
-        /// Wavelengths below `original / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// Context length of pre-training.
-        original_max_position_embeddings: f64,
-    },
+/// Most decoder layers a config may declare (published Llama 4 checkpoints have 48). The
+/// layer count sizes per-layer tables before any weight can confirm it, so it is bounded.
+pub const MAX_LAYERS: usize = 1024;
+/// Most query heads a config may declare (40 published).
+pub const MAX_HEADS: usize = 1024;
+/// Largest `head_dim` a config may declare (128 published): RoPE tables are sized by it.
+pub const MAX_HEAD_DIM: usize = 4096;
+/// Most experts per MoE layer a config may declare (128 in Maverick).
+pub const MAX_EXPERTS: usize = 4096;
+
+/// Refuses `value` of `field` above `limit` (named `limit_name` in the error).
+fn bounded(field: &'static str, value: usize, limit: usize, limit_name: &'static str) -> Result<usize> {
+    if value > limit {
+        return Err(Error::ConfigLimit {
+            field,
+            value,
+            limit,
+            limit_name,
+        });
+    }
+    Ok(value)
 }
 
-/// RoPE parameters.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RopeConfig {
-    /// Base of the frequencies.
-    pub theta: f64,
-    /// Scaling of the frequencies.
-    pub scaling: RopeScaling,
+/// `a · b` for a size derived from config fields `what`, or [`Error::ConfigOverflow`].
+fn checked_product(what: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or(Error::ConfigOverflow { what })
 }
 
 /// What one decoder layer is made of.
@@ -275,10 +278,9 @@ impl ModelConfig {
     /// Reads and resolves `config.json` in `dir`.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let path = dir.as_ref().join("config.json");
-        let text = std::fs::read(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+        // A FIFO, device or oversized file is refused, not read.
+        let text =
+            llama4_core::input::read_capped(&path, llama4_core::input::Cap::JSON).map_err(Error::input)?;
         Self::from_json_bytes(&text).map_err(|e| match e {
             Error::ConfigJson { reason, .. } => Error::ConfigJson { path, reason },
             e => e,
@@ -435,10 +437,11 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
         .or_else(|| raw.rope_scaling.clone())
         .unwrap_or_default();
     let theta = params.rope_theta.or(raw.rope_theta).unwrap_or(500000.0);
-    if !(theta.is_finite() && theta > 1.0) {
+    // The frequencies are computed in f32: theta must stay finite there.
+    if !(theta > 1.0 && (theta as f32).is_finite()) {
         return Err(bad(
             "rope_theta",
-            format!("{theta} must be a finite number above 1"),
+            format!("{theta} must be a number above 1, finite in f32"),
         ));
     }
     let kind = params
@@ -446,11 +449,11 @@ fn resolve_rope(raw: &RawText) -> Result<RopeConfig> {
         .or(params.type_alias)
         .unwrap_or_else(|| "default".into());
     let scaling = match kind.as_str() {
-        "default" => RopeScaling::None,
+        "default" => RopeScaling::Default,
         "llama3" => {
             let need = |v: Option<f64>, field: &'static str| {
-                v.filter(|x| x.is_finite() && *x > 0.0)
-                    .ok_or_else(|| bad(field, "llama3 RoPE scaling needs a positive value"))
+                v.filter(|&x| x as f32 > 0.0 && (x as f32).is_finite())
+                    .ok_or_else(|| bad(field, "llama3 RoPE scaling needs a positive value, finite in f32"))
             };
             let low = need(params.low_freq_factor, "low_freq_factor")?;
             let high = need(params.high_freq_factor, "high_freq_factor")?;
@@ -494,6 +497,8 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
     positive(hidden_size, "hidden_size")?;
     positive(num_attention_heads, "num_attention_heads")?;
     positive(num_hidden_layers, "num_hidden_layers")?;
+    bounded("num_hidden_layers", num_hidden_layers, MAX_LAYERS, "MAX_LAYERS")?;
+    bounded("num_attention_heads", num_attention_heads, MAX_HEADS, "MAX_HEADS")?;
     // transformers' default is 8 kv heads (the published shape).
     let num_key_value_heads = positive(raw.num_key_value_heads.unwrap_or(8), "num_key_value_heads")?;
     if !num_attention_heads.is_multiple_of(num_key_value_heads) {
@@ -522,6 +527,10 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
             format!("{head_dim} must be positive and even (RoPE pairs)"),
         ));
     }
+    bounded("head_dim", head_dim, MAX_HEAD_DIM, "MAX_HEAD_DIM")?;
+    // The projections' widths; with the bounds above they fit, checked all the same.
+    checked_product("num_attention_heads · head_dim", num_attention_heads, head_dim)?;
+    checked_product("num_key_value_heads · head_dim", num_key_value_heads, head_dim)?;
     let vocab_size = positive(raw.vocab_size.unwrap_or(202048), "vocab_size")?;
     let intermediate_size = positive(raw.intermediate_size.unwrap_or(8192), "intermediate_size")?;
     let intermediate_size_mlp = positive(
@@ -529,6 +538,8 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
         "intermediate_size_mlp",
     )?;
     let num_local_experts = positive(raw.num_local_experts.unwrap_or(16), "num_local_experts")?;
+    bounded("num_local_experts", num_local_experts, MAX_EXPERTS, "MAX_EXPERTS")?;
+    checked_product("2 · intermediate_size", 2, intermediate_size)?;
     let num_experts_per_tok = positive(raw.num_experts_per_tok.unwrap_or(1), "num_experts_per_tok")?;
     if num_experts_per_tok > num_local_experts {
         return Err(bad(
@@ -542,8 +553,12 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
         }
     }
     let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-5);
-    if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-        return Err(bad("rms_norm_eps", format!("{rms_norm_eps} must be positive")));
+    // Checked as the f32 the kernels use: 1e-50 is positive in f64 and 0 in f32.
+    if !(rms_norm_eps.is_finite() && rms_norm_eps as f32 > 0.0 && (rms_norm_eps as f32).is_finite()) {
+        return Err(bad(
+            "rms_norm_eps",
+            format!("{rms_norm_eps} must be positive and finite in f32"),
+        ));
     }
 
     // Layer sets. An absent OR EMPTY no_rope_layers means "every interval-th layer is NoPE".
@@ -569,6 +584,8 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
             (0..num_hidden_layers).map(|i| (i + 1) % interval != 0).collect()
         }
     };
+    // One flag per layer (a `contains` per layer over a list would be quadratic).
+    let mut moe = vec![false; num_hidden_layers];
     let moe_layers: Vec<usize> = match &raw.moe_layers {
         Some(list) => list
             .iter()
@@ -592,6 +609,9 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
             (step - 1..num_hidden_layers).step_by(step).collect()
         }
     };
+    for i in moe_layers {
+        moe[i] = true;
+    }
     // Absent means the default 8192; an explicit null means plain causal attention.
     let attention_chunk_size = match raw.attention_chunk_size {
         None => Some(8192),
@@ -624,17 +644,20 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
         .map(|i| LayerSpec {
             rope: rope[i],
             chunk: if chunked[i] { attention_chunk_size } else { None },
-            moe: moe_layers.contains(&i),
+            moe: moe[i],
         })
         .collect();
 
     let floor_scale = raw.floor_scale.unwrap_or(8192.0);
-    if !(floor_scale.is_finite() && floor_scale > 0.0) {
-        return Err(bad("floor_scale", format!("{floor_scale} must be positive")));
+    if !(floor_scale.is_finite() && floor_scale as f32 > 0.0 && (floor_scale as f32).is_finite()) {
+        return Err(bad(
+            "floor_scale",
+            format!("{floor_scale} must be positive and finite in f32"),
+        ));
     }
     let attn_scale = raw.attn_scale.unwrap_or(0.1);
-    if !attn_scale.is_finite() {
-        return Err(bad("attn_scale", "must be finite"));
+    if !(attn_scale as f32).is_finite() {
+        return Err(bad("attn_scale", "must be finite in f32"));
     }
     let rope = resolve_rope(&raw)?;
     let eos_token_ids = match raw.eos_token_id {
@@ -683,11 +706,8 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
 pub fn stop_ids(dir: impl AsRef<Path>, text: &TextConfig) -> Result<Vec<u32>> {
     let mut ids = text.eos_token_ids.clone();
     let path = dir.as_ref().join("generation_config.json");
-    if path.is_file() {
-        let bytes = std::fs::read(&path).map_err(|source| Error::Io {
-            path: path.clone(),
-            source,
-        })?;
+    // Optional, but a FIFO or device in its place is an error, not "absent".
+    if let Some(bytes) = llama4_core::input::read_optional_json(&path).map_err(Error::input)? {
         #[derive(Deserialize)]
         struct Generation {
             eos_token_id: Option<IntOrList>,

@@ -6,12 +6,17 @@ use std::time::{Duration, Instant};
 use ndarray::Array2;
 
 use crate::session::{Logits, Session};
-use crate::{Error, Result};
+use crate::{Error, Result, TextModel};
+
+/// Temperatures below this are greedy: dividing logits by a smaller number overflows f32 and
+/// would turn the choice into noise, while the distribution it stands for is already the
+/// argmax. (1e-5 is the floor vLLM uses for the same reason.)
+pub const MIN_TEMPERATURE: f32 = 1e-5;
 
 /// How the next token is chosen from logits.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingConfig {
-    /// Softmax temperature; `0` means greedy (argmax).
+    /// Softmax temperature; `0`, or anything below [`MIN_TEMPERATURE`], means greedy (argmax).
     pub temperature: f32,
     /// Keep only the `k` most likely tokens (`None` or 0: all).
     pub top_k: Option<usize>,
@@ -77,12 +82,18 @@ impl Sampler {
         })
     }
 
-    /// The next token. Ties in greedy mode go to the lowest id.
+    /// The next token. Ties in greedy mode go to the lowest id. A `-inf` logit masks its
+    /// token out.
+    ///
+    /// # Errors
+    /// [`Error::NonFiniteLogits`] for a NaN or `+inf` logit, or when every logit is `-inf`:
+    /// there is no distribution to choose from.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::Empty("sample"));
         }
-        if self.config.temperature == 0.0 {
+        crate::checks::check_sampleable(logits)?;
+        if self.config.temperature < MIN_TEMPERATURE {
             return Ok(argmax(logits));
         }
         let t = self.config.temperature;
@@ -95,9 +106,6 @@ impl Sampler {
                 .filter(|(_, v)| !v.is_nan())
                 .map(|(i, &v)| (i as u32, v / t)),
         );
-        if cand.is_empty() {
-            return Err(Error::Sampling("every logit is NaN".into()));
-        }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if let Some(k) = self.config.top_k.filter(|&k| k > 0) {
             cand.truncate(k);
@@ -212,7 +220,7 @@ impl Generation {
     }
 }
 
-impl Session<'_> {
+impl<M: std::borrow::Borrow<TextModel>> Session<M> {
     /// Prefills `prompt` and generates up to `max_new_tokens`, calling `on_token(id)` after
     /// each; the callback may stop generation early with `ControlFlow::Break`.
     pub fn generate(
@@ -237,12 +245,7 @@ impl Session<'_> {
         let vocab = self.model().config().vocab_size;
         let mut kept = Vec::new();
         let mut generated = Vec::new();
-        if self.len() + prompt.len() + options.max_new_tokens.saturating_sub(1) > self.max_len() {
-            return Err(Error::ContextOverflow {
-                tokens: self.len() + prompt.len() + options.max_new_tokens,
-                limit: self.max_len(),
-            });
-        }
+        crate::checks::check_room(self.len(), prompt.len(), options.max_new_tokens, self.max_len())?;
         let start = Instant::now();
         let first = match embeddings {
             Some(e) => self.prefill_embeddings(prompt, e, Logits::Last)?,
@@ -290,6 +293,8 @@ impl Session<'_> {
 
 /// The next token from `logits`, which are appended to `kept` when `keep`.
 fn pick(sampler: &mut Sampler, logits: &[f32], keep: bool, kept: &mut Vec<f32>) -> Result<u32> {
+    // Broken weights show here first: refuse to pick from NaN/Inf logits.
+    crate::checks::check_logits_finite(logits)?;
     if keep {
         kept.extend_from_slice(logits);
     }

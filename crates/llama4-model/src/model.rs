@@ -2,102 +2,17 @@
 
 use std::path::Path;
 
-use irope_attn::{Attention, AttentionScratch, AttnConfig, LayerKind as AttnKind, Projected};
-use kv_cache::{CacheSpec, KvCache, LayerKind as CacheKind};
+use irope_attn::{Attention, AttnConfig, PosEncoding, SelfAttention};
+use kv_cache::{CacheSpec, KvCache};
 use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
 use llama4_core::scratch::reshape_reusing;
-use llama4_core::{Checkpoint, DType, QuantPolicy, Scope, Weight};
-use moe_router::{FeedForward, Mlp, Moe, MoeConfig, Router};
-use ndarray::{s, Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
+use llama4_core::{Checkpoint, DType, LayerKind, QuantPolicy, Scope, Weight};
+use moe_router::{Mlp, Moe, MoeConfig, Router};
+use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
-use crate::config::{ModelConfig, RopeScaling, TextConfig};
+use crate::config::{ModelConfig, TextConfig};
+use crate::layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
 use crate::{Error, Result};
-
-/// The feed-forward block of one decoder layer.
-#[derive(Debug)]
-pub enum FeedForwardLayer {
-    /// Dense SwiGLU MLP of width `intermediate_size_mlp` (non-MoE layers).
-    Dense(Mlp),
-    /// Mixture of experts plus the shared expert.
-    Moe(Box<Moe>),
-    /// Anything else a researcher plugs in.
-    Custom(Box<dyn FeedForward>),
-}
-
-impl FeedForwardLayer {
-    /// Runs the block.
-    ///
-    /// # Shapes
-    /// `x: [T, H]` → `[T, H]`.
-    pub fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
-        Ok(match self {
-            FeedForwardLayer::Dense(m) => m.forward(x)?,
-            FeedForwardLayer::Moe(m) => m.forward(x)?,
-            FeedForwardLayer::Custom(f) => f.forward(x)?,
-        })
-    }
-
-    /// [`FeedForwardLayer::forward`] into `out` (overwritten), reusing `scratch`: the dense MLP
-    /// and the MoE allocate nothing once warmed up; a custom block may.
-    ///
-    /// # Shapes
-    /// `x: [T, H]`, `out: [T, H]`.
-    pub fn forward_into(
-        &self,
-        x: ArrayView2<f32>,
-        out: ArrayViewMut2<f32>,
-        scratch: &mut moe_router::Scratch,
-    ) -> Result<()> {
-        match self {
-            FeedForwardLayer::Dense(m) => m.forward_into(x, out, scratch)?,
-            FeedForwardLayer::Moe(m) => m.forward_into(x, out, scratch)?,
-            FeedForwardLayer::Custom(f) => f.forward_into(x, out, scratch)?,
-        }
-        Ok(())
-    }
-}
-
-/// The buffers a forward pass works in: activations, q/k/v, the attention kernel's and the
-/// feed-forwards' scratch, the last logits. One per sequence ([`crate::Session`] owns one);
-/// once it has held `T` tokens, passes of up to `T` tokens allocate nothing.
-#[derive(Debug, Default)]
-pub struct Workspace {
-    positions: Vec<usize>,
-    /// Normed input of the current sub-layer, `[T, H]`.
-    normed: Array2<f32>,
-    /// Output of the current sub-layer, `[T, H]`.
-    out: Array2<f32>,
-    projected: Projected,
-    attention: AttentionScratch,
-    feed_forward: moe_router::Scratch,
-    /// `[T', V]` from [`TextModel::logits_into`].
-    logits: Array2<f32>,
-}
-
-impl Workspace {
-    /// An empty workspace (buffers grow on first use).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The logits of the last [`TextModel::logits_into`] call, `[T', V]`.
-    pub fn logits(&self) -> ArrayView2<'_, f32> {
-        self.logits.view()
-    }
-}
-
-/// One decoder layer: pre-norm attention and pre-norm feed-forward, each with a residual.
-#[derive(Debug)]
-pub struct DecoderLayer {
-    /// `input_layernorm.weight [H]`.
-    pub input_layernorm: Array1<f32>,
-    /// `post_attention_layernorm.weight [H]`.
-    pub post_attention_layernorm: Array1<f32>,
-    /// `self_attn`.
-    pub self_attn: Attention,
-    /// `feed_forward`.
-    pub feed_forward: FeedForwardLayer,
-}
 
 /// A loaded Llama 4 text model. Weights stay in their stored dtype, memory-mapped.
 pub struct TextModel {
@@ -121,20 +36,6 @@ impl std::fmt::Debug for TextModel {
 
 /// The attention settings of layer `i`.
 pub(crate) fn attn_config(cfg: &TextConfig, i: usize) -> AttnConfig {
-    let rope_scaling = match cfg.rope.scaling {
-        RopeScaling::None => irope_attn::RopeScaling::Default,
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_max_position_embeddings,
-        } => irope_attn::RopeScaling::Llama3 {
-            factor: factor as f32,
-            low_freq_factor: low_freq_factor as f32,
-            high_freq_factor: high_freq_factor as f32,
-            original_max_position_embeddings: original_max_position_embeddings as usize,
-        },
-    };
     AttnConfig {
         hidden_size: cfg.hidden_size,
         num_attention_heads: cfg.num_attention_heads,
@@ -148,10 +49,7 @@ pub(crate) fn attn_config(cfg: &TextConfig, i: usize) -> AttnConfig {
         floor_scale: cfg.floor_scale,
         attn_scale: cfg.attn_scale,
         attention_bias: cfg.attention_bias,
-        rope: irope_attn::RopeConfig {
-            theta: cfg.rope.theta,
-            scaling: rope_scaling,
-        },
+        rope: cfg.rope,
     }
 }
 
@@ -241,16 +139,10 @@ impl TextModel {
         Ok(())
     }
 
-    /// The cache layout this model's layers need.
-    pub fn cache_kinds(&self) -> Vec<CacheKind> {
-        self.config
-            .layers
-            .iter()
-            .map(|l| match l.chunk {
-                Some(chunk) => CacheKind::Chunked { chunk },
-                None => CacheKind::Global,
-            })
-            .collect()
+    /// The cache layout this model's layers need: what each layer's attention says it keeps
+    /// ([`SelfAttention::cache_kind`]), so a swapped attention's choice is what caches hold.
+    pub fn cache_kinds(&self) -> Vec<LayerKind> {
+        self.layers.iter().map(|l| l.self_attn.cache_kind()).collect()
     }
 
     /// An empty cache for this model with keys and values stored in `dtype`.
@@ -316,17 +208,39 @@ impl TextModel {
     /// `hidden: [T, H]`.
     pub fn forward_hidden_in(
         &self,
-        mut hidden: ArrayViewMut2<f32>,
+        hidden: ArrayViewMut2<f32>,
         cache: &mut KvCache,
         ws: &mut Workspace,
     ) -> Result<()> {
+        let len = hidden.nrows();
+        self.forward_seqs(hidden, &mut [Seq { len, cache }], ws)
+    }
+
+    /// The decoder over the rows of several sequences at once, stacked in `hidden` in the
+    /// order of `seqs`, each appending to its own cache: every layer runs
+    /// [`DecoderLayer::forward`] once over all rows. `hidden` goes in as the embeddings and
+    /// comes out final-normed.
+    ///
+    /// # Shapes
+    /// `hidden: [Σ len, H]`.
+    ///
+    /// # Errors
+    /// [`Error::Empty`] for no rows or a sequence of none; shape errors; the layers' errors.
+    /// Caches may have been appended to on error: callers rewind them
+    /// ([`crate::Session`] does).
+    pub fn forward_seqs(
+        &self,
+        mut hidden: ArrayViewMut2<f32>,
+        seqs: &mut [Seq<'_>],
+        ws: &mut Workspace,
+    ) -> Result<()> {
         let (t, h) = hidden.dim();
-        if t == 0 {
+        if t == 0 || seqs.iter().any(|s| s.len == 0) {
             return Err(Error::Empty("forward"));
         }
         if h != self.config.hidden_size {
             return Err(llama4_core::Error::shape(
-                "TextModel::forward_hidden",
+                "TextModel::forward",
                 format!(
                     "hidden {:?}, hidden_size {}",
                     hidden.dim(),
@@ -335,47 +249,10 @@ impl TextModel {
             )
             .into());
         }
-        let start = cache.len();
-        ws.positions.clear();
-        ws.positions.extend(start..start + t);
-        reshape_reusing(&mut ws.normed, (t, h));
-        reshape_reusing(&mut ws.out, (t, h));
-        let eps = self.config.rms_norm_eps;
         for (i, layer) in self.layers.iter().enumerate() {
-            ws.normed.assign(&hidden);
-            rms_norm_inplace(ws.normed.view_mut(), Some(layer.input_layernorm.view()), eps)?;
-            layer
-                .self_attn
-                .project_into(ws.normed.view(), &ws.positions, &mut ws.projected)?;
-            let p = &ws.projected;
-            // Chunked layers append and attend one chunk at a time: their cache only holds the
-            // chunk the current queries are in.
-            for seg in cache.segments(i, t)? {
-                let sl = s![seg.clone(), .., ..];
-                cache.append(i, p.k.slice(sl), p.v.slice(sl))?;
-                let view = cache.view(i)?;
-                layer.self_attn.attend_into(
-                    p.q.slice(sl),
-                    &ws.positions[seg.clone()],
-                    &view.k,
-                    &view.v,
-                    ws.out.slice_mut(s![seg, ..]),
-                    &mut ws.attention,
-                )?;
-            }
-            hidden += &ws.out;
-            ws.normed.assign(&hidden);
-            rms_norm_inplace(
-                ws.normed.view_mut(),
-                Some(layer.post_attention_layernorm.view()),
-                eps,
-            )?;
-            layer
-                .feed_forward
-                .forward_into(ws.normed.view(), ws.out.view_mut(), &mut ws.feed_forward)?;
-            hidden += &ws.out;
+            layer.forward(i, hidden.view_mut(), seqs, ws)?;
         }
-        rms_norm_inplace(hidden, Some(self.norm.view()), eps)?;
+        rms_norm_inplace(hidden, Some(self.norm.view()), self.config.rms_norm_eps)?;
         Ok(())
     }
 
@@ -402,9 +279,9 @@ impl TextModel {
         Ok(ws.logits.view())
     }
 
-    /// Logits for every position of `tokens` in one pass with no cache kept: each attention
-    /// layer sees only these tokens (each chunked layer one chunk at a time). A reference path
-    /// for tests; generation goes through [`crate::Session`].
+    /// Logits for every position of `tokens` in one pass with no cache kept: the decoder's
+    /// body over a throwaway f32 cache. A reference path for tests; generation goes through
+    /// [`crate::Session`].
     ///
     /// # Shapes
     /// `[T]` → `[T, V]`.
@@ -412,17 +289,8 @@ impl TextModel {
         if tokens.is_empty() {
             return Err(Error::Empty("forward_uncached"));
         }
-        let mut hidden = self.embed(tokens)?;
-        let eps = self.config.rms_norm_eps;
-        for layer in &self.layers {
-            let mut x = hidden.clone();
-            rms_norm_inplace(x.view_mut(), Some(layer.input_layernorm.view()), eps)?;
-            hidden += &layer.self_attn.forward(x.view(), 0)?;
-            let mut x = hidden.clone();
-            rms_norm_inplace(x.view_mut(), Some(layer.post_attention_layernorm.view()), eps)?;
-            hidden += &layer.feed_forward.forward(x.view())?;
-        }
-        rms_norm_inplace(hidden.view_mut(), Some(self.norm.view()), eps)?;
+        let mut cache = self.new_cache(DType::F32)?;
+        let hidden = self.forward_hidden(self.embed(tokens)?, &mut cache)?;
         self.logits(hidden.view())
     }
 }
@@ -430,8 +298,12 @@ impl TextModel {
 fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize) -> Result<DecoderLayer> {
     let h = cfg.hidden_size;
     let spec = cfg.layers[i];
-    let kind = if spec.rope { AttnKind::Rope } else { AttnKind::NoPe };
-    let self_attn = Attention::load(&scope.scope("self_attn"), &attn_config(cfg, i), kind)?;
+    let encoding = if spec.rope {
+        PosEncoding::Rope
+    } else {
+        PosEncoding::NoPe
+    };
+    let self_attn = Attention::load(&scope.scope("self_attn"), &attn_config(cfg, i), encoding)?;
     let ff = scope.scope("feed_forward");
     let feed_forward = if spec.moe {
         let moe_cfg = MoeConfig::llama4(
@@ -447,14 +319,16 @@ fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize) -> Result<DecoderLayer>
     Ok(DecoderLayer {
         input_layernorm: scope.vector("input_layernorm.weight", h)?,
         post_attention_layernorm: scope.vector("post_attention_layernorm.weight", h)?,
-        self_attn,
+        self_attn: AttentionLayer::Llama4(Box::new(self_attn)),
         feed_forward,
+        rms_norm_eps: cfg.rms_norm_eps,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::s;
 
     #[test]
     fn embed_into_a_strided_view_equals_embed() {

@@ -317,14 +317,14 @@ impl MultimodalModel {
     /// Reads a PNG or JPEG file and encodes it.
     ///
     /// # Errors
-    /// [`Error::Io`] when the file cannot be read, [`Error::Image`] naming the file when its
-    /// bytes are not an image this crate decodes.
+    /// [`Error::Io`] when the file cannot be read,
+    /// [`llama4_core::Error::NotRegularFile`] for a FIFO, device or directory,
+    /// [`llama4_core::Error::InputTooLarge`] past [`MAX_IMAGE_BYTES`](llama4_core::input::MAX_IMAGE_BYTES),
+    /// [`Error::Image`] naming the file when its bytes are not a complete image this crate decodes.
     pub fn encode_image_file(&self, path: impl AsRef<Path>) -> Result<EncodedImage> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            llama4_core::input::read_capped(path, llama4_core::input::Cap::IMAGE).map_err(Error::input)?;
         let image = decode_image(&bytes).map_err(|source| Error::Image {
             path: path.to_path_buf(),
             source,
@@ -368,7 +368,7 @@ fn shape_err(e: ndarray::ShapeError) -> Error {
     llama4_core::Error::shape("MultimodalModel::prepare", e.to_string()).into()
 }
 
-impl Session<'_> {
+impl<M: std::borrow::Borrow<TextModel>> Session<M> {
     /// [`Session::generate`] for a prompt given with its input embeddings (a
     /// [`PreparedPrompt`]): one prefill over the embeddings, then one step per generated token.
     ///

@@ -1,11 +1,13 @@
 //! A generation session: the model plus the cache of one sequence.
 
+use std::borrow::Borrow;
+
 use kv_cache::{KvCache, MemoryBytes};
 use llama4_core::scratch::reshape_reusing;
 use llama4_core::DType;
 use ndarray::{s, Array1, Array2, ArrayViewMut2};
 
-use crate::model::Workspace;
+use crate::layer::Workspace;
 use crate::{Error, Result, TextModel};
 
 /// A prefill of more tokens than this does not keep its buffers in the session: decoding needs
@@ -22,14 +24,15 @@ pub enum Logits {
 }
 
 /// One sequence being processed: owns its key/value cache and the buffers its forward passes
-/// work in, borrows the model.
+/// work in; holds the model as `M`, a `&TextModel` or an `Arc<TextModel>` (a server keeps
+/// sessions beside a shared model: `Session<Arc<TextModel>>` is `Send`).
 ///
 /// `prefill` runs a batch of prompt tokens, `step` one generated token; both continue from
 /// where the sequence is. [`Session::step_logits`] is the decode step that allocates nothing
 /// once warmed up (the cache still grows, by steps, as the context does; see
 /// [`Session::reserve`]).
-pub struct Session<'m> {
-    model: &'m TextModel,
+pub struct Session<M: Borrow<TextModel>> {
+    model: M,
     cache: KvCache,
     tokens: Vec<u32>,
     max_len: usize,
@@ -38,15 +41,27 @@ pub struct Session<'m> {
     hidden: Array2<f32>,
 }
 
-impl<'m> Session<'m> {
+impl<M: Borrow<TextModel>> std::fmt::Debug for Session<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tokens", &self.tokens.len())
+            .field("max_len", &self.max_len)
+            .field("cache", &self.cache.memory_bytes())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: Borrow<TextModel>> Session<M> {
     /// A new empty session whose cache stores keys and values in `dtype`. The context limit is
     /// the config's `max_position_embeddings`.
-    pub fn new(model: &'m TextModel, dtype: DType) -> Result<Self> {
+    pub fn new(model: M, dtype: DType) -> Result<Self> {
+        let text = model.borrow();
+        let (cache, max_len) = (text.new_cache(dtype)?, text.config().max_position_embeddings);
         Ok(Session {
             model,
-            cache: model.new_cache(dtype)?,
+            cache,
             tokens: Vec::new(),
-            max_len: model.config().max_position_embeddings,
+            max_len,
             ws: Workspace::new(),
             hidden: Array2::zeros((0, 0)),
         })
@@ -56,10 +71,15 @@ impl<'m> Session<'m> {
     /// reaching them grows neither.
     ///
     /// # Errors
-    /// When the cache cannot be sized (see [`KvCache::reserve`]).
+    /// When the cache cannot be sized (see [`KvCache::reserve`]; memory the system refuses is
+    /// [`kv_cache::KvError::Alloc`], not an abort), [`Error::OutOfMemory`] for the token list.
     pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
         self.cache.reserve(n_tokens)?;
-        self.tokens.reserve(n_tokens.saturating_sub(self.tokens.len()));
+        let more = n_tokens.saturating_sub(self.tokens.len());
+        self.tokens.try_reserve(more).map_err(|_| Error::OutOfMemory {
+            what: "the session's token list",
+            bytes: (more as u64).saturating_mul(4),
+        })?;
         Ok(())
     }
 
@@ -75,8 +95,13 @@ impl<'m> Session<'m> {
     }
 
     /// The model.
-    pub fn model(&self) -> &'m TextModel {
-        self.model
+    pub fn model(&self) -> &TextModel {
+        self.model.borrow()
+    }
+
+    /// What holds the model (the `&TextModel` or `Arc<TextModel>` given to [`Session::new`]).
+    pub fn model_handle(&self) -> &M {
+        &self.model
     }
 
     /// Tokens processed so far.
@@ -114,10 +139,12 @@ impl<'m> Session<'m> {
     /// [`Error::TokenOutOfRange`] for ids outside the vocabulary; the session is unchanged.
     pub fn prefill(&mut self, tokens: &[u32], which: Logits) -> Result<Array2<f32>> {
         let mut hidden = std::mem::take(&mut self.hidden);
-        reshape_reusing(&mut hidden, (tokens.len(), self.model.config().hidden_size));
-        let result = self
-            .model
-            .embed_into(tokens, hidden.view_mut())
+        reshape_reusing(
+            &mut hidden,
+            (tokens.len(), self.model.borrow().config().hidden_size),
+        );
+        let embedded = self.model.borrow().embed_into(tokens, hidden.view_mut());
+        let result = embedded
             .and_then(|()| self.run(tokens, hidden.view_mut()))
             .and_then(|()| self.logits(&hidden, which));
         self.hidden = hidden;
@@ -130,18 +157,27 @@ impl<'m> Session<'m> {
     ///
     /// # Shapes
     /// `tokens: [T]`, `embeddings: [T, H]`.
+    ///
+    /// # Errors
+    /// As [`Session::prefill`] (ids outside the vocabulary included), and a shape error when
+    /// `embeddings` is not `[T, H]`.
     pub fn prefill_embeddings(
         &mut self,
         tokens: &[u32],
         mut embeddings: Array2<f32>,
         which: Logits,
     ) -> Result<Array2<f32>> {
-        if embeddings.dim() != (tokens.len(), self.model.config().hidden_size) {
+        if embeddings.dim() != (tokens.len(), self.model.borrow().config().hidden_size) {
             return Err(llama4_core::Error::shape(
                 "Session::prefill_embeddings",
                 format!("{} tokens, embeddings {:?}", tokens.len(), embeddings.dim()),
             )
             .into());
+        }
+        // The ids are recorded as the sequence: they must be ids the model has.
+        let vocab = self.model.borrow().config().vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { id, vocab });
         }
         let result = self
             .run(tokens, embeddings.view_mut())
@@ -169,15 +205,39 @@ impl<'m> Session<'m> {
     /// As [`Session::prefill`]; the session is unchanged.
     pub fn step_logits(&mut self, token: u32) -> Result<&[f32]> {
         let mut hidden = std::mem::take(&mut self.hidden);
-        reshape_reusing(&mut hidden, (1, self.model.config().hidden_size));
-        let result = self
-            .model
-            .embed_into(&[token], hidden.view_mut())
+        reshape_reusing(&mut hidden, (1, self.model.borrow().config().hidden_size));
+        let embedded = self.model.borrow().embed_into(&[token], hidden.view_mut());
+        let result = embedded
             .and_then(|()| self.run(&[token], hidden.view_mut()))
-            .and_then(|()| self.model.logits_into(hidden.view(), &mut self.ws).map(|_| ()));
+            .and_then(|()| {
+                self.model
+                    .borrow()
+                    .logits_into(hidden.view(), &mut self.ws)
+                    .map(|_| ())
+            });
         self.hidden = hidden;
         result?;
         self.ws.logits().to_slice().ok_or(Error::Empty("logits"))
+    }
+
+    /// The cache, for a batched pass ([`crate::forward_batch`]), which records the tokens
+    /// with [`Session::record`] once every layer has run.
+    pub(crate) fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Records `tokens` as processed (their keys and values are in the cache).
+    pub(crate) fn record(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+
+    /// After a failed pass: rewinds the cache to the `len` positions recorded, or, when a
+    /// chunked layer has moved past keys it no longer holds, starts over rather than keep a
+    /// cache that disagrees with the tokens.
+    pub(crate) fn rewind_cache(&mut self, len: usize) {
+        if self.cache.truncate(len).is_err() {
+            self.reset();
+        }
     }
 
     /// The decoder over `hidden` (the embeddings of `tokens`, final-normed on return), with
@@ -196,17 +256,14 @@ impl<'m> Session<'m> {
         let before = self.tokens.len();
         if let Err(e) = self
             .model
+            .borrow()
             .forward_hidden_in(hidden, &mut self.cache, &mut self.ws)
         {
-            // Some layers may have appended already: rewind them, or, when a chunked layer
-            // has moved past keys it no longer holds, start over rather than keep a cache
-            // that disagrees with `tokens`.
-            if self.cache.truncate(before).is_err() {
-                self.reset();
-            }
+            // Some layers may have appended already.
+            self.rewind_cache(before);
             return Err(e);
         }
-        self.tokens.extend_from_slice(tokens);
+        self.record(tokens);
         Ok(())
     }
 
@@ -215,9 +272,10 @@ impl<'m> Session<'m> {
         match which {
             Logits::Last => Ok(self
                 .model
+                .borrow()
                 .logits_into(hidden.slice(s![hidden.nrows() - 1.., ..]), &mut self.ws)?
                 .to_owned()),
-            Logits::All => self.model.logits(hidden.view()),
+            Logits::All => self.model.borrow().logits(hidden.view()),
         }
     }
 

@@ -129,31 +129,52 @@ fn prompt_over_the_context_limit_is_refused_and_the_session_is_unchanged() {
     let model = TextModel::load(fixture("scout")).unwrap();
     let mut s = Session::new(&model, DType::F32).unwrap().with_max_len(16);
     s.prefill(&[5; 10], Logits::Last).unwrap();
-    let err = s.prefill(&[5; 7], Logits::Last).unwrap_err();
-    assert!(
+    let is_17_of_16 = |e: &Error| {
         matches!(
-            err,
+            e,
             Error::ContextOverflow {
                 tokens: 17,
                 limit: 16
             }
-        ),
-        "{err:?}"
-    );
+        )
+    };
+    let err = s.prefill(&[5; 7], Logits::Last).unwrap_err();
+    assert!(is_17_of_16(&err), "{err:?}");
     assert_eq!(s.len(), 10);
     s.prefill(&[5; 6], Logits::Last).unwrap();
 
-    // Generation checks prompt + new tokens before running anything.
+    // Generation checks prompt + new tokens before running anything, without overflow, and
+    // says when the new tokens are the cause.
     let mut s = Session::new(&model, DType::F32).unwrap().with_max_len(16);
-    let opts = GenerateOptions {
-        max_new_tokens: 8,
-        ..GenerateOptions::default()
-    };
+    for max_new_tokens in [8, usize::MAX - 5, usize::MAX] {
+        let opts = GenerateOptions {
+            max_new_tokens,
+            ..GenerateOptions::default()
+        };
+        let err = s
+            .generate(&[5; 10], &opts, |_| ControlFlow::Continue(()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MaxNewTokens {
+                    prompt: 10,
+                    limit: 16,
+                    most: 7,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("max_new_tokens"), "{err}");
+        assert!(s.is_empty());
+    }
     let err = s
-        .generate(&[5; 10], &opts, |_| ControlFlow::Continue(()))
+        .generate(&[5; 17], &GenerateOptions::default(), |_| {
+            ControlFlow::Continue(())
+        })
         .unwrap_err();
-    assert!(matches!(err, Error::ContextOverflow { .. }), "{err:?}");
-    assert!(s.is_empty());
+    assert!(is_17_of_16(&err), "{err:?}");
 }
 
 #[test]

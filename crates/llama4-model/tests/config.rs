@@ -89,7 +89,7 @@ fn top2_fixture_null_chunk_tied_no_head_dim() {
     assert_eq!(t.num_experts_per_tok, 2);
     let rope: Vec<bool> = t.layers.iter().map(|l| l.rope).collect();
     assert_eq!(rope, [true, false, true, false]);
-    assert_eq!(t.rope.scaling, RopeScaling::None);
+    assert_eq!(t.rope.scaling, RopeScaling::Default);
 }
 
 #[test]
@@ -104,7 +104,7 @@ fn defaults_absent_chunk_is_8192_absent_rope_is_default() {
             moe: true
         }
     );
-    assert_eq!(t.rope.scaling, RopeScaling::None);
+    assert_eq!(t.rope.scaling, RopeScaling::Default);
     assert_eq!(t.rope.theta, 500000.0);
     assert_eq!(t.eos_token_ids, Vec::<u32>::new());
 }
@@ -207,7 +207,7 @@ fn legacy_null_rope_scaling_is_unscaled() {
     v["rope_theta"] = json!(10000.0);
     let t = parse(v).unwrap().text;
     assert_eq!(t.rope.theta, 10000.0);
-    assert_eq!(t.rope.scaling, RopeScaling::None);
+    assert_eq!(t.rope.scaling, RopeScaling::Default);
 }
 
 #[test]

@@ -50,6 +50,28 @@ pub enum Error {
         /// The repeated expert id.
         expert: usize,
     },
+    /// A router or feed-forward written outside this crate failed; `source` is its own error.
+    #[error("{component}: {source}")]
+    Component {
+        /// What failed (the component's name).
+        component: &'static str,
+        /// Its error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl Error {
+    /// An [`Error::Component`]: how a custom router or feed-forward reports its own error.
+    pub fn component(
+        component: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Component {
+            component,
+            source: source.into(),
+        }
+    }
 }
 
 /// `Result` with this crate's [`Error`].

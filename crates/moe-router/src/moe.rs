@@ -360,6 +360,7 @@ impl FeedForward for Moe {
             groups,
             output,
             work,
+            ..
         } = scratch;
         let x = standard(x, input)?;
         self.router.route_into(x, routing, logits)?;

@@ -3,7 +3,7 @@
 use std::fmt::Debug;
 
 use llama4_core::scratch::prefix;
-use llama4_core::{kernels, Scope, Weight};
+use llama4_core::{Linear, Scope, Weight};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
 use crate::experts::shape_err;
@@ -54,7 +54,7 @@ pub trait Router: Send + Sync + Debug {
 /// The router's linear map `router.weight [E, H]`, shared by the two routers below.
 #[derive(Clone, Debug)]
 struct RouterLinear {
-    weight: Weight,
+    linear: Linear,
 }
 
 impl RouterLinear {
@@ -66,7 +66,9 @@ impl RouterLinear {
                 num_experts: e,
             });
         }
-        Ok(RouterLinear { weight })
+        Ok(RouterLinear {
+            linear: Linear::new(weight, None)?,
+        })
     }
 
     fn load(scope: &Scope, hidden_size: usize, num_experts: usize) -> Result<Weight> {
@@ -74,7 +76,7 @@ impl RouterLinear {
     }
 
     fn logits(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
-        Ok(kernels::linear(x, &self.weight)?)
+        Ok(self.linear.forward(x)?)
     }
 
     /// The logits `[T, E]` written into the first `T·E` entries of `buf`, and the rest of `buf`
@@ -85,10 +87,10 @@ impl RouterLinear {
         buf: &'b mut Vec<f32>,
         extra: usize,
     ) -> Result<(ArrayView2<'b, f32>, &'b mut [f32])> {
-        let (t, e) = (x.nrows(), self.weight.out_features());
+        let (t, e) = (x.nrows(), self.linear.out_features());
         let (logits, rest) = prefix(buf, t * e + extra).split_at_mut(t * e);
         let out = ArrayViewMut2::from_shape((t, e), &mut *logits).map_err(shape_err)?;
-        kernels::linear_into(x, &self.weight, out)?;
+        self.linear.forward_into(x, out)?;
         let logits: &'b [f32] = logits;
         Ok((ArrayView2::from_shape((t, e), logits).map_err(shape_err)?, rest))
     }
@@ -129,13 +131,13 @@ impl Llama4Router {
 
     /// The router's weight.
     pub fn weight(&self) -> &Weight {
-        &self.linear.weight
+        self.linear.linear.weight()
     }
 }
 
 impl Router for Llama4Router {
     fn num_experts(&self) -> usize {
-        self.linear.weight.out_features()
+        self.linear.linear.weight().out_features()
     }
 
     fn top_k(&self) -> usize {
@@ -143,7 +145,7 @@ impl Router for Llama4Router {
     }
 
     fn hidden_size(&self) -> usize {
-        self.linear.weight.in_features()
+        self.linear.linear.weight().in_features()
     }
 
     fn route(&self, x: ArrayView2<f32>) -> Result<Routing> {
@@ -156,7 +158,7 @@ impl Router for Llama4Router {
     }
 
     fn weight_bytes(&self) -> usize {
-        self.linear.weight.nbytes()
+        self.linear.linear.weight().nbytes()
     }
 }
 
@@ -209,13 +211,13 @@ impl SoftmaxTopKRouter {
 
     /// The router's weight.
     pub fn weight(&self) -> &Weight {
-        &self.linear.weight
+        self.linear.linear.weight()
     }
 }
 
 impl Router for SoftmaxTopKRouter {
     fn num_experts(&self) -> usize {
-        self.linear.weight.out_features()
+        self.linear.linear.weight().out_features()
     }
 
     fn top_k(&self) -> usize {
@@ -223,7 +225,7 @@ impl Router for SoftmaxTopKRouter {
     }
 
     fn hidden_size(&self) -> usize {
-        self.linear.weight.in_features()
+        self.linear.linear.weight().in_features()
     }
 
     fn route(&self, x: ArrayView2<f32>) -> Result<Routing> {
@@ -231,12 +233,12 @@ impl Router for SoftmaxTopKRouter {
     }
 
     fn route_into(&self, x: ArrayView2<f32>, routing: &mut Routing, buf: &mut Vec<f32>) -> Result<()> {
-        let e = self.linear.weight.out_features();
+        let e = self.linear.linear.weight().out_features();
         let (logits, probs) = self.linear.logits_into(x, buf, e)?;
         softmax_top_k_into(logits, self.top_k, self.renormalize, probs, routing)
     }
 
     fn weight_bytes(&self) -> usize {
-        self.linear.weight.nbytes()
+        self.linear.linear.weight().nbytes()
     }
 }

@@ -74,6 +74,30 @@ impl Routing {
         Ok(())
     }
 
+    /// Refills `self` in place as a routing of `tokens` tokens, `top_k` of `num_experts`
+    /// each: `fill(t, experts, weights)` writes token `t`'s choices (`top_k` slots each, best
+    /// first). Checked as [`Routing::new`] checks; on error `self` is left empty. Allocates
+    /// nothing once `self` has held as many choices: what a custom [`crate::Router`]'s
+    /// `route_into` uses.
+    pub fn refill(
+        &mut self,
+        num_experts: usize,
+        top_k: usize,
+        tokens: usize,
+        mut fill: impl FnMut(usize, &mut [u32], &mut [f32]),
+    ) -> Result<()> {
+        check_top_k(top_k, num_experts)?;
+        self.reset(num_experts, top_k, tokens);
+        let slots = self
+            .experts
+            .chunks_exact_mut(top_k)
+            .zip(self.weights.chunks_exact_mut(top_k));
+        for (t, (e, w)) in slots.enumerate() {
+            fill(t, e, w);
+        }
+        self.finish()
+    }
+
     /// Makes `self` a routing of `tokens` tokens, `top_k` of `num_experts` each, reusing its
     /// storage; ids and weights are stale until the caller writes them (`top_k` is checked).
     fn reset(&mut self, num_experts: usize, top_k: usize, tokens: usize) {

@@ -13,13 +13,22 @@ use crate::{Error, ExpertGroups, Result, Routing};
 /// One per sequence (or per thread): calls borrow it mutably. Buffers only grow; drop the
 /// value to release them. Sizes are taken per call, so one `Scratch` can serve layers of
 /// different widths.
+///
+/// A feed-forward written outside this crate keeps its own buffers here too, so that it can be
+/// as allocation-free as [`crate::Moe`]: [`Scratch::routing`] and [`Scratch::logits`] are what
+/// a router fills ([`crate::Router::route_into`], [`Routing::refill`]), and
+/// [`Scratch::extra`] is free for any other intermediates (grow them with
+/// [`llama4_core::scratch::prefix`]). Nothing in this crate touches `extra`.
 #[derive(Debug, Default)]
 pub struct Scratch {
     /// A contiguous copy of a strided input `[T, H]` (unused for standard-layout inputs).
     pub(crate) input: Vec<f32>,
     /// The router's buffer (logits and temporaries).
-    pub(crate) logits: Vec<f32>,
-    pub(crate) routing: Routing,
+    pub logits: Vec<f32>,
+    /// The routing of the last call.
+    pub routing: Routing,
+    /// Buffers for components written outside this crate.
+    pub extra: Vec<Vec<f32>>,
     pub(crate) groups: ExpertGroups,
     /// The output `[T, H]` when the caller's `out` is strided.
     pub(crate) output: Vec<f32>,

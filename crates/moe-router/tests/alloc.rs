@@ -22,7 +22,7 @@ fn steady_state_forward_into_allocates_nothing() {
         e: 16,
         k: 1,
     };
-    let mut rng = Rng(42);
+    let mut rng = Rng::new(42);
     let raw = RawMoe::random(&mut rng, dims);
     let moe = raw.build(DType::BF16, WeightPlacement::ExpertInput);
     let mlp = moe.shared_expert().expect("built with a shared expert").clone();

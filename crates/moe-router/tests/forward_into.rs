@@ -69,7 +69,7 @@ fn moe_forward_into_equals_forward() {
             e: 6,
             k,
         };
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let raw = RawMoe::random(&mut rng, dims);
         for dtype in [DType::F32, DType::BF16] {
             for placement in [WeightPlacement::ExpertInput, WeightPlacement::ExpertOutput] {
@@ -94,7 +94,7 @@ fn moe_without_shared_expert_forward_into_equals_forward() {
         e: 4,
         k: 2,
     };
-    let mut rng = Rng(9);
+    let mut rng = Rng::new(9);
     let raw = RawMoe::random(&mut rng, dims);
     let with_shared = raw.build(DType::F32, WeightPlacement::ExpertInput);
     let moe = Moe::new(
@@ -111,7 +111,7 @@ fn moe_without_shared_expert_forward_into_equals_forward() {
 fn mlp_forward_into_equals_forward() {
     let mut scratch = Scratch::default();
     for dtype in [DType::F32, DType::BF16] {
-        let mut rng = Rng(4);
+        let mut rng = Rng::new(4);
         let dims = Dims {
             h: 20,
             i: 36,
@@ -131,7 +131,7 @@ fn raw_mlp(rng: &mut Rng, dims: Dims, dtype: DType) -> moe_router::Mlp {
 /// One scratch serves layers of different sizes, in turn.
 #[test]
 fn one_scratch_serves_layers_of_different_sizes() {
-    let mut rng = Rng(12);
+    let mut rng = Rng::new(12);
     let small = RawMoe::random(
         &mut rng,
         Dims {
@@ -172,7 +172,7 @@ fn moe_forward_into_is_its_parts_in_order() {
             e: 5,
             k: 2,
         };
-        let mut rng = Rng(21);
+        let mut rng = Rng::new(21);
         let moe = RawMoe::random(&mut rng, dims).build(DType::BF16, placement);
         let x = rng.array(11, dims.h, 2.0);
         let routing = moe.router().route(x.view()).unwrap();
@@ -215,7 +215,7 @@ fn forward_into_updates_stats_as_forward_does() {
         e: 6,
         k: 2,
     };
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let raw = RawMoe::random(&mut rng, dims);
     let (a, b) = (
         raw.build(DType::F32, WeightPlacement::ExpertInput),
@@ -244,7 +244,7 @@ fn wrong_output_shape_is_an_error() {
         e: 3,
         k: 1,
     };
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let moe = RawMoe::random(&mut rng, dims).build(DType::F32, WeightPlacement::ExpertInput);
     let custom = Doubler;
     let x = rng.array(2, dims.h, 1.0);
@@ -275,7 +275,7 @@ impl FeedForward for Doubler {
 
 #[test]
 fn provided_forward_into_calls_forward() {
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     check_forward_into(&Doubler, 5, &mut rng, &mut Scratch::default());
 }
 
@@ -318,7 +318,7 @@ fn route_into_equals_route_reusing_the_routing() {
         e: 7,
         k: 3,
     };
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     let raw = RawMoe::random(&mut rng, dims);
     let routers: Vec<Box<dyn Router>> = vec![
         Box::new(Llama4Router::new(router_weight(&raw, DType::BF16), dims.k).unwrap()),
@@ -344,7 +344,7 @@ fn route_into_equals_route_reusing_the_routing() {
 
 #[test]
 fn routing_functions_accept_strided_logits() {
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     let logits = rng.array(6, 9, 4.0);
     let strided = logits.t().to_owned();
     let mut probs = vec![0.0; 9];
@@ -367,7 +367,7 @@ fn routing_functions_accept_strided_logits() {
 
 #[test]
 fn regroup_equals_from_routing_reusing_the_groups() {
-    let mut rng = Rng(31);
+    let mut rng = Rng::new(31);
     let mut groups = ExpertGroups::default();
     assert_eq!(groups.num_experts(), 0);
     assert!(groups.is_empty());

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 fn logits_and_k() -> impl Strategy<Value = (Array2<f32>, usize)> {
     (1usize..40, 1usize..20, any::<u64>(), any::<bool>()).prop_flat_map(|(t, e, seed, ties)| {
         (1..=e).prop_map(move |k| {
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             let mut l = rng.array(t, e, 12.0);
             if ties {
                 l.mapv_inplace(|v| (v * 0.25).round() * 4.0 / 16.0);
@@ -120,7 +120,7 @@ proptest! {
         on_output in any::<bool>(),
     ) {
         let k = 1 + k_pick % e;
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let raw = RawMoe::random(&mut rng, Dims { h, i, e, k });
         let placement = if on_output { WeightPlacement::ExpertOutput } else { WeightPlacement::ExpertInput };
         let moe = raw.build(if bf16 { DType::BF16 } else { DType::F32 }, placement);
@@ -201,7 +201,7 @@ fn top_k_follows_torch_tie_order() {
 
 #[test]
 fn input_and_output_weighting_differ() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let raw = RawMoe::random(
         &mut rng,
         Dims {
@@ -229,7 +229,7 @@ fn input_and_output_weighting_differ() {
 
 #[test]
 fn mismatched_input_width_is_an_error() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let raw = RawMoe::random(
         &mut rng,
         Dims {
@@ -262,7 +262,7 @@ fn mismatched_input_width_is_an_error() {
 
 #[test]
 fn forward_expert_is_one_expert_of_the_layer() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let raw = RawMoe::random(
         &mut rng,
         Dims {

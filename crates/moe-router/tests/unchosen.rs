@@ -16,7 +16,7 @@ use moe_router::{FeedForward, WeightPlacement};
 /// inputs are positive and router rows are `+1`, `+1/2`, …  for the first `k` experts and `−1`
 /// for the rest.
 fn layer_routing_to_first_k(dims: Dims, seed: u64) -> (RawMoe, ndarray::Array2<f32>) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut raw = RawMoe::random(&mut rng, dims);
     for e in 0..dims.e {
         let v = if e < dims.k { 1.0 / (e + 1) as f32 } else { -1.0 };

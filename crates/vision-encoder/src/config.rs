@@ -7,6 +7,34 @@ use serde_json::Value;
 
 use crate::{Error, Result};
 
+/// Largest patch grid side (`image_size / patch_size`) accepted (24 in Llama 4): each tile
+/// attends over `grid² + 1` tokens, `(grid² + 1)²` scores per head.
+pub const MAX_GRID: usize = 64;
+
+/// Largest tile side in pixels accepted from a processor config (336 in Llama 4).
+pub const MAX_TILE_SIZE: usize = 4096;
+
+/// Most tiles per image accepted from a processor config (`max_patches`, 16 in Llama 4): the
+/// canvases considered grow with it before any image is seen.
+pub const MAX_PATCHES: usize = 256;
+
+/// Most pixels of the largest canvas (`max_patches · tile_size²`) accepted from a processor
+/// config: the tiles of one image are `3 · 4` bytes per pixel (Llama 4: 1.8M pixels).
+pub const MAX_CANVAS_PIXELS: usize = 1 << 25;
+
+/// Refuses `value` above `limit`, naming both.
+fn bounded(field: &'static str, value: usize, limit: usize, limit_name: &'static str) -> Result<()> {
+    if value > limit {
+        return Err(Error::ConfigLimit {
+            field,
+            value: value as u64,
+            limit: limit as u64,
+            limit_name,
+        });
+    }
+    Ok(())
+}
+
 /// LayerNorm epsilon of every vision LayerNorm. transformers builds them as `nn.LayerNorm(hidden)`,
 /// so the config's `norm_eps` has no effect there; this crate follows the reference.
 pub const LAYER_NORM_EPS: f32 = 1e-5;
@@ -199,6 +227,14 @@ impl VisionConfig {
                 self.image_size, self.patch_size
             ));
         }
+        bounded("image_size / patch_size", self.grid(), MAX_GRID, "MAX_GRID")?;
+        // Widths the weights are checked against: they must not wrap. With the grid bounded,
+        // `grid² + 1` cannot overflow; the others depend on unbounded fields.
+        let overflow = |what: &str| Error::Config(format!("{what} overflows"));
+        self.patch_size
+            .checked_mul(self.patch_size)
+            .and_then(|pp| pp.checked_mul(3))
+            .ok_or_else(|| overflow("3 · patch_size²"))?;
         let k = (1.0 / self.pixel_shuffle_ratio).round();
         if !(self.pixel_shuffle_ratio > 0.0 && k >= 1.0 && (k * self.pixel_shuffle_ratio - 1.0).abs() < 1e-9)
         {
@@ -214,7 +250,11 @@ impl VisionConfig {
                 self.shuffle_factor()
             ));
         }
-        let shuffled = self.hidden_size * self.shuffle_factor() * self.shuffle_factor();
+        let shuffled = self
+            .hidden_size
+            .checked_mul(self.shuffle_factor())
+            .and_then(|x| x.checked_mul(self.shuffle_factor()))
+            .ok_or_else(|| overflow("hidden_size / pixel_shuffle_ratio²"))?;
         if self.intermediate_size != shuffled {
             return fail(format!(
                 "intermediate_size {} must equal hidden_size / ratio² = {shuffled} (the adapter's input)",
@@ -293,10 +333,7 @@ impl MultimodalConfig {
 }
 
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = llama4_core::input::read_capped(path, llama4_core::input::Cap::JSON).map_err(Error::input)?;
     serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
@@ -360,15 +397,20 @@ impl ProcessorConfig {
     /// object, else `preprocessor_config.json`. Absent keys take the defaults.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
+        // Absent files are skipped; a FIFO, device or directory in their place is an error.
+        let there = |p: &Path| -> Result<bool> {
+            let probe = llama4_core::input::probe(p).map_err(Error::input)?;
+            Ok(!matches!(probe, llama4_core::input::Probe::Absent))
+        };
         let processor = dir.join("processor_config.json");
-        if processor.is_file() {
+        if there(&processor)? {
             let value = read_json(&processor)?;
             if let Some(inner) = value.get("image_processor") {
                 return Self::from_json(inner).map_err(|e| in_file(&processor, e));
             }
         }
         let preprocessor = dir.join("preprocessor_config.json");
-        if preprocessor.is_file() {
+        if there(&preprocessor)? {
             let value = read_json(&preprocessor)?;
             return Self::from_json(&value).map_err(|e| in_file(&preprocessor, e));
         }
@@ -443,6 +485,28 @@ impl ProcessorConfig {
         if self.tile_size == 0 || self.max_patches == 0 {
             return Err(Error::Config("tile size and max_patches must be positive".into()));
         }
+        bounded("size", self.tile_size, MAX_TILE_SIZE, "MAX_TILE_SIZE")?;
+        bounded("max_patches", self.max_patches, MAX_PATCHES, "MAX_PATCHES")?;
+        // Both bounded: the product fits.
+        let canvas = self.max_patches * self.tile_size * self.tile_size;
+        bounded(
+            "max_patches · size²",
+            canvas,
+            MAX_CANVAS_PIXELS,
+            "MAX_CANVAS_PIXELS",
+        )?;
+        if !(self.rescale_factor > 0.0 && (self.rescale_factor as f32).is_finite()) {
+            return Err(Error::Config(format!(
+                "rescale_factor {} must be positive and finite",
+                self.rescale_factor
+            )));
+        }
+        if self.image_mean.iter().any(|m| !m.is_finite()) {
+            return Err(Error::Config(format!(
+                "image_mean {:?} has a non-finite value",
+                self.image_mean
+            )));
+        }
         if self.image_std.iter().any(|&s| s == 0.0 || !s.is_finite()) {
             return Err(Error::Config(format!(
                 "image_std {:?} has a zero or non-finite value",
@@ -502,6 +566,63 @@ mod tests {
             assert!(
                 matches!(VisionConfig::from_json(&v), Err(Error::Config(_))),
                 "{key} accepted"
+            );
+        }
+    }
+
+    fn limit_of(r: Result<impl std::fmt::Debug>) -> &'static str {
+        match r {
+            Err(Error::ConfigLimit { limit_name, .. }) => limit_name,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sizes_that_would_drive_work_are_bounded_and_products_checked() {
+        let with = |key: &str, val: Value| {
+            let mut v = scout();
+            v[key] = val;
+            v
+        };
+        let grid = json!({"image_size": 4_294_967_296u64, "patch_size": 1});
+        let mut v = scout();
+        v.as_object_mut()
+            .unwrap()
+            .extend(grid.as_object().unwrap().clone());
+        assert_eq!(limit_of(VisionConfig::from_json(&v)), "MAX_GRID");
+        // 3 · patch² wraps for a patch of 2^32 (grid 1).
+        let mut v = with("patch_size", json!(4_294_967_296u64));
+        v["image_size"] = json!(4_294_967_296u64);
+        let err = VisionConfig::from_json(&v).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        // hidden · k² wraps.
+        let err = VisionConfig::from_json(&with("hidden_size", json!(1u64 << 62))).unwrap_err();
+        assert!(err.to_string().contains("overflows"), "{err}");
+        for bad in [json!(-1), json!(1.8446744073709552e19), json!(0.5)] {
+            assert!(VisionConfig::from_json(&with("hidden_size", bad)).is_err());
+        }
+
+        for (cfg, limit) in [
+            (json!({"max_patches": 100_000}), "MAX_PATCHES"),
+            (
+                json!({"max_patches": 9_223_372_036_854_775_824u64}),
+                "MAX_PATCHES",
+            ),
+            (
+                json!({"size": {"height": 1_400_000, "width": 1_400_000}}),
+                "MAX_TILE_SIZE",
+            ),
+            (
+                json!({"max_patches": 256, "size": {"height": 4096, "width": 4096}}),
+                "MAX_CANVAS_PIXELS",
+            ),
+        ] {
+            assert_eq!(limit_of(ProcessorConfig::from_json(&cfg)), limit, "{cfg}");
+        }
+        for bad in [json!({"max_patches": -1}), json!({"rescale_factor": 1e300})] {
+            assert!(
+                matches!(ProcessorConfig::from_json(&bad), Err(Error::Config(_))),
+                "{bad}"
             );
         }
     }

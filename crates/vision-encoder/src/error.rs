@@ -29,6 +29,19 @@ pub enum Error {
     /// A config parses but its values are inconsistent or unsupported.
     #[error("invalid config: {0}")]
     Config(String),
+    /// A config value exceeds the bound this crate sets on it (a named constant of this crate):
+    /// it would size work or memory before the weights or the image could confirm it.
+    #[error("invalid config: `{field}` = {value} exceeds {limit_name} = {limit}")]
+    ConfigLimit {
+        /// The offending field (or product of fields).
+        field: &'static str,
+        /// Its value.
+        value: u64,
+        /// The bound.
+        limit: u64,
+        /// The bound's name.
+        limit_name: &'static str,
+    },
     /// A directory holds neither `processor_config.json` (with image-processor settings) nor
     /// `preprocessor_config.json`.
     #[error("{dir}: no processor_config.json or preprocessor_config.json with image-processor settings")]
@@ -78,5 +91,16 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
         Error::Core(llama4_core::Error::shape(op, detail))
+    }
+}
+
+impl Error {
+    /// An error of [`llama4_core::input`] as this crate reports it: a file that cannot be read
+    /// is [`Error::Io`].
+    pub(crate) fn input(e: llama4_core::Error) -> Self {
+        match e {
+            llama4_core::Error::Io { path, source } => Error::Io { path, source },
+            e => Error::Core(e),
+        }
     }
 }

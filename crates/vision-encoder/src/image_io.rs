@@ -10,23 +10,30 @@ use crate::{Error, Result};
 /// Largest image accepted, in pixels (100 megapixels).
 pub const MAX_PIXELS: u64 = 100_000_000;
 
-/// Reads and decodes a PNG or JPEG file; see [`decode_image`].
+/// Reads and decodes a PNG or JPEG file; see [`decode_image`]. The file must be a regular
+/// file of at most [`MAX_IMAGE_BYTES`](llama4_core::input::MAX_IMAGE_BYTES) (a FIFO or device
+/// is refused, not read).
 pub fn load_image(path: impl AsRef<Path>) -> Result<DynamicImage> {
     let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes =
+        llama4_core::input::read_capped(path, llama4_core::input::Cap::IMAGE).map_err(Error::input)?;
     decode_image(&bytes)
 }
 
 /// Decodes PNG or JPEG bytes. The dimensions are read from the header first, so an empty image or
 /// one over [`MAX_PIXELS`] is rejected before any pixel memory is allocated.
 ///
+/// A JPEG must reach its end-of-image marker (the decoder alone would fill a cut file's missing
+/// rows with grey); a PNG its `IEND` chunk.
+///
 /// Errors: [`Error::UnknownImageFormat`], [`Error::UnsupportedImageFormat`], [`Error::EmptyImage`],
 /// [`Error::ImageTooLarge`], [`Error::TruncatedImage`], [`Error::CorruptImage`].
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage> {
     let reader = guessed(bytes)?;
+    if reader.format() == Some(ImageFormat::Jpeg) {
+        // The JPEG decoder fills in what is missing from a cut file: check the end is there.
+        check_jpeg_complete(bytes)?;
+    }
     let (width, height) = reader.into_dimensions().map_err(decode_error)?;
     check_dimensions(width, height)?;
     let mut reader = guessed(bytes)?;
@@ -52,6 +59,66 @@ fn guessed(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>> {
             format: format!("{other:?}"),
         }),
         None => Err(Error::UnknownImageFormat),
+    }
+}
+
+/// Walks the JPEG marker segments from SOI to EOI: segment lengths are followed (so an EOI
+/// inside an embedded thumbnail does not count), entropy-coded data is skipped to the next
+/// marker. A file that ends first is [`Error::TruncatedImage`]; bytes where a marker must be
+/// are [`Error::CorruptImage`]. Anything after EOI is ignored, as decoders do.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<()> {
+    let truncated = || Error::TruncatedImage("the JPEG data ends before its end-of-image marker".into());
+    let mut i = 2; // after SOI, which the format guess has seen
+    loop {
+        match bytes.get(i) {
+            None => return Err(truncated()),
+            Some(0xFF) => {}
+            Some(b) => {
+                return Err(Error::CorruptImage(format!(
+                    "JPEG: byte {b:#04x} at offset {i} where a marker must be"
+                )))
+            }
+        }
+        // Fill bytes: any number of 0xFF before the marker code.
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let marker = *bytes.get(i).ok_or_else(truncated)?;
+        i += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Restart markers and TEM stand alone.
+            0xD0..=0xD7 | 0x01 => continue,
+            _ => {}
+        }
+        let len = match bytes.get(i..i + 2) {
+            Some(&[hi, lo]) => usize::from(u16::from_be_bytes([hi, lo])),
+            _ => return Err(truncated()),
+        };
+        if len < 2 {
+            return Err(Error::CorruptImage(format!(
+                "JPEG: segment length {len} at offset {i}"
+            )));
+        }
+        i = i
+            .checked_add(len)
+            .filter(|&end| end <= bytes.len())
+            .ok_or_else(truncated)?;
+        if marker == 0xDA {
+            // Entropy-coded data: 0xFF is followed by 0x00 (a stuffed byte) or a restart
+            // marker inside it; any other code is the next marker.
+            loop {
+                match bytes.get(i) {
+                    None => return Err(truncated()),
+                    Some(0xFF) => match bytes.get(i + 1) {
+                        None => return Err(truncated()),
+                        Some(0x00 | 0xD0..=0xD7) => i += 2,
+                        Some(_) => break,
+                    },
+                    Some(_) => i += 1,
+                }
+            }
+        }
     }
 }
 
@@ -161,6 +228,26 @@ fn over_white(c: u8, a: u8) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jpeg_walk_follows_segments_and_scans() {
+        // SOI, an APP1 segment holding a stray EOI, SOS with stuffed and restart bytes, EOI.
+        let mut jpg = vec![0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00];
+        jpg.extend([
+            0xFF, 0xDA, 0x00, 0x03, 0x01, 0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD3, 0x56,
+        ]);
+        jpg.extend([0xFF, 0xFF, 0xD9, 0xAA]);
+        check_jpeg_complete(&jpg).unwrap();
+        for cut in 2..jpg.len() - 1 {
+            assert!(
+                matches!(check_jpeg_complete(&jpg[..cut]), Err(Error::TruncatedImage(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut bad = jpg.clone();
+        bad[2] = 0x00;
+        assert!(matches!(check_jpeg_complete(&bad), Err(Error::CorruptImage(_))));
+    }
 
     #[test]
     fn over_white_endpoints() {

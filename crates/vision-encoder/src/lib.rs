@@ -36,7 +36,10 @@ mod processor;
 mod resize;
 mod tokens;
 
-pub use config::{MultimodalConfig, ProcessorConfig, VisionConfig, LAYER_NORM_EPS};
+pub use config::{
+    MultimodalConfig, ProcessorConfig, VisionConfig, LAYER_NORM_EPS, MAX_CANVAS_PIXELS, MAX_GRID,
+    MAX_PATCHES, MAX_TILE_SIZE,
+};
 pub use error::{Error, Result};
 pub use image_io::{decode_image, load_image, to_rgb8, MAX_PIXELS};
 pub use model::{Projector, VisionModel};

@@ -1,40 +1,19 @@
 //! The vision tower (`Llama4VisionModel`) and the projector (`Llama4MultiModalProjector`).
 
 use llama4_core::kernels::{gelu_inplace, layer_norm_inplace, linear, softmax_inplace};
-use llama4_core::{Scope, Weight};
+use llama4_core::{Linear, Scope, Weight};
 use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
 
 use crate::{Error, Result, VisionConfig, LAYER_NORM_EPS};
 
-/// A linear layer with an optional bias.
-struct Linear {
-    weight: Weight,
-    bias: Option<Array1<f32>>,
-}
-
-impl Linear {
-    fn load(scope: &Scope, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let scope = scope.scope(name);
-        Ok(Linear {
-            weight: scope.weight("weight", [out, inp])?,
-            bias: if bias {
-                Some(scope.vector("bias", out)?)
-            } else {
-                None
-            },
-        })
-    }
-
-    /// # Shapes
-    /// `x: [T, in]` → `[T, out]`.
-    fn forward(&self, x: ArrayView2<f32>) -> Result<Array2<f32>> {
-        let mut y = linear(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y += b;
-        }
-        Ok(y)
-    }
+/// `name.weight` (`[out, inp]`), with `name.bias` required when `bias`.
+fn load_linear(scope: &Scope, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    Ok(if bias {
+        Linear::load_with_bias(scope, name, [out, inp])?
+    } else {
+        Linear::new(scope.weight(&format!("{name}.weight"), [out, inp])?, None)?
+    })
 }
 
 struct LayerNorm {
@@ -79,12 +58,12 @@ impl EncoderLayer {
         Ok(EncoderLayer {
             input_layernorm: LayerNorm::load(scope, "input_layernorm", d)?,
             post_attention_layernorm: LayerNorm::load(scope, "post_attention_layernorm", d)?,
-            q_proj: Linear::load(&attn, "q_proj", d, d, true)?,
-            k_proj: Linear::load(&attn, "k_proj", d, d, true)?,
-            v_proj: Linear::load(&attn, "v_proj", d, d, true)?,
-            o_proj: Linear::load(&attn, "o_proj", d, d, true)?,
-            fc1: Linear::load(&mlp, "fc1", cfg.intermediate_size, d, true)?,
-            fc2: Linear::load(&mlp, "fc2", d, cfg.intermediate_size, true)?,
+            q_proj: load_linear(&attn, "q_proj", d, d, true)?,
+            k_proj: load_linear(&attn, "k_proj", d, d, true)?,
+            v_proj: load_linear(&attn, "v_proj", d, d, true)?,
+            o_proj: load_linear(&attn, "o_proj", d, d, true)?,
+            fc1: load_linear(&mlp, "fc1", cfg.intermediate_size, d, true)?,
+            fc2: load_linear(&mlp, "fc2", d, cfg.intermediate_size, true)?,
         })
     }
 

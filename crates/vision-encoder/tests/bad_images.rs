@@ -130,15 +130,42 @@ fn corrupt_bytes_rejected() {
 }
 
 #[test]
-fn truncated_or_corrupt_jpeg_rejected_or_decoded_without_panic() {
+fn truncated_jpeg_rejected() {
     let jpg = fixture_bytes("photo_like.jpg");
     assert!(decode_image(&jpg).is_ok());
-    // Only a header: no scan data.
-    let err = decode_image(&jpg[..200]).unwrap_err();
-    assert!(
-        matches!(err, Error::TruncatedImage(_) | Error::CorruptImage(_)),
-        "{err:?}"
-    );
+    // Only a header, or cut inside the scan (the decoder alone would fill the missing rows),
+    // or just the end-of-image marker missing.
+    for cut in [200, jpg.len() / 2, jpg.len() * 2 / 3, jpg.len() - 2] {
+        let err = decode_image(&jpg[..cut]).unwrap_err();
+        assert!(matches!(err, Error::TruncatedImage(_)), "cut at {cut}: {err:?}");
+    }
+    // Bytes after the end-of-image marker are ignored, as by every decoder.
+    let mut padded = jpg.clone();
+    padded.extend_from_slice(b"trailing");
+    assert!(decode_image(&padded).is_ok());
+}
+
+#[test]
+fn png_without_its_end_chunk_rejected() {
+    let png = fixture_bytes("exact_tile.png");
+    assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+    let err = decode_image(&png[..png.len() - 12]).unwrap_err();
+    assert!(matches!(err, Error::TruncatedImage(_)), "{err:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn image_paths_that_are_not_regular_files_are_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let zero = dir.path().join("zero.png");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    for path in [zero.as_path(), dir.path()] {
+        let err = load_image(path).unwrap_err();
+        assert!(
+            matches!(err, Error::Core(llama4_core::Error::NotRegularFile { .. })),
+            "{err:?}"
+        );
+    }
 }
 
 #[test]

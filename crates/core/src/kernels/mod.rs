@@ -14,6 +14,7 @@
 //! q4 integer kernels (see [`crate::quant`]). The order of the additions differs from
 //! [`scalar`], so results agree to rounding, not bit for bit.
 
+pub mod attention;
 mod elementwise;
 mod fp8;
 mod ggml;

@@ -1,12 +1,10 @@
-//! Helpers shared by the integration tests of this crate.
+//! Helpers shared by the GGUF / ggml integration tests of this crate (the others use
+//! `llama4-testkit`).
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code, unused_imports)]
 
-pub mod files;
 mod ggml_blocks;
 pub mod gguf;
-mod values;
 
 pub use ggml_blocks::random_blocks;
-pub use values::values;

@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use irope_attn::{AttnConfig, LayerKind, RopeConfig, RopeScaling};
+use irope_attn::{AttnConfig, PosEncoding, RopeConfig, RopeScaling};
 use serde_json::Value;
+
+pub use llama4_testkit::rel_err;
 
 /// `fixtures/components/<name>` of the workspace.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/components")
-        .join(name)
+    llama4_testkit::fixture(&format!("components/{name}"))
 }
 
 pub fn read_json(name: &str) -> Value {
@@ -31,10 +31,10 @@ pub fn rope_config(v: &Value) -> RopeConfig {
         Value::Null => RopeScaling::Default,
         s => match s["rope_type"].as_str() {
             Some("llama3") => RopeScaling::Llama3 {
-                factor: num(s, "factor") as f32,
-                low_freq_factor: num(s, "low_freq_factor") as f32,
-                high_freq_factor: num(s, "high_freq_factor") as f32,
-                original_max_position_embeddings: num(s, "original_max_position_embeddings") as usize,
+                factor: num(s, "factor"),
+                low_freq_factor: num(s, "low_freq_factor"),
+                high_freq_factor: num(s, "high_freq_factor"),
+                original_max_position_embeddings: num(s, "original_max_position_embeddings"),
             },
             Some("default") | None => RopeScaling::Default,
             Some(other) => panic!("rope_type {other} not in the fixtures' vocabulary"),
@@ -47,7 +47,7 @@ pub fn rope_config(v: &Value) -> RopeConfig {
 }
 
 /// The attention fields of a component json, and the layer kind it was captured from.
-pub fn attn_config(v: &Value) -> (AttnConfig, LayerKind) {
+pub fn attn_config(v: &Value) -> (AttnConfig, PosEncoding) {
     let tuning = match &v["attn_temperature_tuning"] {
         Value::Bool(b) => *b,
         n => n.as_i64().unwrap_or(0) != 0,
@@ -67,20 +67,9 @@ pub fn attn_config(v: &Value) -> (AttnConfig, LayerKind) {
         rope: rope_config(v),
     };
     let kind = if v["is_rope_layer"].as_bool().unwrap() {
-        LayerKind::Rope
+        PosEncoding::Rope
     } else {
-        LayerKind::NoPe
+        PosEncoding::NoPe
     };
     (cfg, kind)
-}
-
-/// max |a − b| / max |b|.
-pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, &x| m.max(x.abs() as f64));
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    diff / scale.max(f64::MIN_POSITIVE)
 }

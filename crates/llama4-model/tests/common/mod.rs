@@ -8,42 +8,16 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, ArrayView2};
 use safetensors::SafeTensors;
 
+pub use llama4_testkit::{ids, matrix};
+
 /// `fixtures/models/<name>`.
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/models")
-        .join(name)
-}
-
-/// Token ids stored as I64.
-pub fn ids(st: &SafeTensors, name: &str) -> Vec<u32> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-/// A 2-D F32 tensor.
-pub fn matrix(st: &SafeTensors, name: &str) -> Array2<f32> {
-    let t = st.tensor(name).unwrap();
-    let v: Vec<f32> = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
-    Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v).unwrap()
+    llama4_testkit::fixture(&format!("models/{name}"))
 }
 
 /// max |a − b| / max |b|.
 pub fn rel_err(a: ArrayView2<f32>, b: ArrayView2<f32>) -> f32 {
-    assert_eq!(a.dim(), b.dim());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    llama4_testkit::rel_err_2d(a, b) as f32
 }
 
 /// What transformers produced for a text checkpoint (`reference.safetensors` in its directory).
@@ -55,7 +29,12 @@ pub struct TextReference {
 }
 
 pub fn text_reference(dir: &Path) -> TextReference {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    text_reference_in(dir, "reference.safetensors")
+}
+
+/// [`text_reference`] from another file of the fixture's directory.
+pub fn text_reference_in(dir: &Path, file: &str) -> TextReference {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     TextReference {
         prompt: ids(&st, "prompt_ids"),

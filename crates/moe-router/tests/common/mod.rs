@@ -3,34 +3,9 @@
 
 use llama4_core::{BatchedWeight, DType, Layout, Weight, WeightData};
 use moe_router::{Experts, Llama4Router, Mlp, Moe, WeightPlacement};
-use ndarray::{Array2, ArrayView2};
+use ndarray::ArrayView2;
 
-/// splitmix64: deterministic, dependency-free values for test data.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-scale, scale)`.
-    pub fn uniform(&mut self, scale: f32) -> f32 {
-        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        (2.0 * u - 1.0) * scale
-    }
-
-    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.uniform(scale)).collect()
-    }
-
-    pub fn array(&mut self, rows: usize, cols: usize, scale: f32) -> Array2<f32> {
-        Array2::from_shape_vec((rows, cols), self.vec(rows * cols, scale)).unwrap()
-    }
-}
+pub use llama4_testkit::Rng;
 
 /// Sizes of a random layer.
 #[derive(Clone, Copy, Debug)]

@@ -3,13 +3,13 @@
 //! through tiles and row blocks, on GQA groups, all three K/V dtypes and head dims 16, 64, 128
 //! and odd ones; the key-blocked kernel on prefill-sized calls it no longer gets by default.
 
+use crate::{KvData, KvView, LayerKind};
 use half::{bf16, f16};
-use llama4_core::{KvData, KvView};
 use ndarray::Array3;
 use proptest::prelude::*;
 
-use super::{attention_naive, attention_path, supported_isas, AttnContext, Isa, Path};
-use crate::MaskKind;
+use super::{attention_naive, attention_path, AttnContext, Path};
+use crate::kernels::{available_isas, Isa};
 
 #[derive(Clone, Copy, Debug)]
 enum Dt {
@@ -28,7 +28,7 @@ struct Case {
     pad: usize,
     first_pos: usize,
     positions: Vec<usize>,
-    mask: MaskKind,
+    mask: LayerKind,
     dt: Dt,
     q: Vec<f32>,
     kv: Vec<f32>,
@@ -52,9 +52,9 @@ fn case(max_len: usize, max_t: usize) -> impl Strategy<Value = Case> {
         0usize..=2,
         0usize..=40,
         prop_oneof![
-            Just(MaskKind::Causal),
-            (1usize..=24).prop_map(MaskKind::Chunked),
-            (60usize..=200).prop_map(MaskKind::Chunked)
+            Just(LayerKind::Global),
+            (1usize..=24).prop_map(|c| LayerKind::chunked(c).unwrap()),
+            (60usize..=200).prop_map(|c| LayerKind::chunked(c).unwrap())
         ],
         prop_oneof![Just(Dt::F32), Just(Dt::BF16), Just(Dt::F16)],
         0usize..3,
@@ -97,7 +97,7 @@ fn case(max_len: usize, max_t: usize) -> impl Strategy<Value = Case> {
 }
 
 fn check(c: &Case) -> Result<(), TestCaseError> {
-    if !supported_isas().contains(&Isa::Avx512) {
+    if !available_isas().contains(&Isa::Avx512) {
         return Ok(());
     }
     let hq = c.hkv * c.rep;
@@ -124,7 +124,7 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     let v = KvView { data: vd, ..k };
     let ctx = AttnContext {
         positions: &c.positions,
-        mask: c.mask,
+        mask: &c.mask,
         scale: 1.0 / (c.d.max(1) as f32).sqrt(),
     };
     let want = attention_naive(q.view(), &k, &v, &ctx).unwrap();

@@ -20,10 +20,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx512::exp_neg512;
-use llama4_core::scratch::refill;
-
+use super::keys_avx512::exp_neg512;
 use super::{visible_slots, Args, Item, KvElem, Partial};
+use crate::scratch::refill;
 
 /// Rows per vector.
 const LANES: usize = 16;

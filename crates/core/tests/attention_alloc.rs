@@ -3,18 +3,16 @@
 //! this one test (libtest runs the tests of a binary concurrently).
 
 use half::bf16;
-use irope_attn::{attention_with_into, supported_isas, AttentionScratch, AttnContext, MaskKind};
 use llama4_core::alloc_count::CountingAllocator;
-use llama4_core::{KvData, KvView};
+use llama4_core::kernels::attention::{attention_with_into, AttentionScratch, AttnContext};
+use llama4_core::kernels::available_isas;
+use llama4_core::{KvData, KvView, LayerKind};
 use ndarray::Array3;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator::new();
 
-// The workspace's one test-data generator.
-#[path = "../../core/tests/common/values.rs"]
-mod values;
-use values::values;
+use llama4_testkit::values;
 
 #[test]
 fn steady_state_calls_allocate_nothing() {
@@ -46,17 +44,18 @@ fn steady_state_calls_allocate_nothing() {
     let last = [len - 1];
     let last4: Vec<usize> = (len - 4..len).collect();
     let last64: Vec<usize> = (len - 64..len).collect();
+    let (global, chunked) = (LayerKind::Global, LayerKind::chunked(128).unwrap());
     let ctx = |positions, mask| AttnContext {
         positions,
         mask,
         scale: 0.125,
     };
     let calls = [
-        (&q1, &kb, &vb, ctx(&last[..], MaskKind::Causal)),
-        (&q1, &kf, &vf, ctx(&last[..], MaskKind::Causal)),
-        (&q1, &kb, &vb, ctx(&last[..], MaskKind::Chunked(128))),
-        (&q4, &kb, &vb, ctx(&last4[..], MaskKind::Chunked(128))),
-        (&q64, &kb, &vb, ctx(&last64[..], MaskKind::Causal)),
+        (&q1, &kb, &vb, ctx(&last[..], &global)),
+        (&q1, &kf, &vf, ctx(&last[..], &global)),
+        (&q1, &kb, &vb, ctx(&last[..], &chunked)),
+        (&q4, &kb, &vb, ctx(&last4[..], &chunked)),
+        (&q64, &kb, &vb, ctx(&last64[..], &global)),
     ];
     let mut outs: Vec<Array3<f32>> = calls.iter().map(|c| Array3::zeros(c.0.dim())).collect();
 
@@ -71,7 +70,7 @@ fn steady_state_calls_allocate_nothing() {
     let positions: Vec<[usize; 1]> = (0..ROUNDS).map(|r| [grown(r) - 1]).collect();
     let mut out_g = Array3::<f32>::zeros((1, hq, d));
 
-    let isas = supported_isas();
+    let isas = available_isas();
     let mut scratch = AttentionScratch::default();
     let mut scratch_g = AttentionScratch::default();
     let mut round = |r: usize, scratch: &mut AttentionScratch| {
@@ -91,7 +90,7 @@ fn steady_state_calls_allocate_nothing() {
                 data: KvData::BF16(&vg),
                 ..k
             };
-            let ctx = ctx(&positions[r][..], MaskKind::Causal);
+            let ctx = ctx(&positions[r][..], &global);
             attention_with_into(isa, q1.view(), &k, &v, &ctx, out_g.view_mut(), &mut scratch_g).unwrap();
         }
     };

@@ -22,9 +22,8 @@ use std::arch::x86_64::*;
 
 use half::{bf16, f16};
 
-use llama4_core::scratch::refill;
-
-use super::{exp_neg, visible_slots, Args, Item, KvElem, Partial};
+use super::{visible_slots, Args, Item, KvElem, Partial};
+use crate::scratch::refill;
 
 /// Keys per tile (the generic body's, on which decoding splits keys between threads).
 const TILE: usize = super::KEY_TILE;
@@ -479,4 +478,59 @@ pub(super) unsafe fn exp_neg512(x: __m512) -> __m512 {
     // Below -87 (and -inf): 0, as the scalar twin.
     let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, lo);
     _mm512_maskz_mul_ps(keep, e, scale)
+}
+
+/// `e^x` for `x ≤ 0` (the softmax's arguments), to about 2 ulp, in operations that vectorise
+/// (std's `exp` is a libm call per element). Returns 0 below `-87` (and for `-inf`).
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n · LN2_HI is exact for |n| < 2^9 (Cody–Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2^23 rounds to an integer held in the low mantissa bits.
+    const MAGIC: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 0.0);
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    // Cephes expf polynomial on |r| ≤ ln2/2.
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_neg;
+
+    #[test]
+    fn exp_neg_is_close_to_exp() {
+        let mut worst = 0f64;
+        let mut x = -90.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp();
+            let got = exp_neg(x) as f64;
+            if x >= -87.0 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert_eq!(got, 0.0);
+            }
+            x += 0.001_7;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+    }
 }

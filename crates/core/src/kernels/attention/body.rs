@@ -1,0 +1,210 @@
+//! The item kernel of the AVX2 and portable paths, generic over the crate's vector vocabulary:
+//! a tile of keys and values is widened to f32, then each query row scores it, updates its
+//! online softmax and accumulates the tile's values.
+
+use super::{visible_slots, Args, Dims, Item, KvElem, Partial, KEY_TILE};
+use crate::kernels::simd::{self, load_partial, store_partial, Simd};
+use crate::kernels::Isa;
+use crate::scratch::refill;
+
+/// Working space of [`item`].
+#[derive(Debug, Default)]
+pub(super) struct Work {
+    /// Scaled queries, `[rows, D]`.
+    pub(super) q: Vec<f32>,
+    /// Visible key slots of each token, within the item's slots.
+    pub(super) vis: Vec<(usize, usize)>,
+    /// A tile of keys and of values, widened: `[KEY_TILE, D]`.
+    pub(super) k: Vec<f32>,
+    pub(super) v: Vec<f32>,
+}
+
+impl Work {
+    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, all
+    /// zeroed. Once done for the largest item of a call, doing it for any item of the call
+    /// allocates nothing.
+    pub(super) fn prepare(&mut self, d: usize, rows: usize) {
+        refill(&mut self.q, rows * d, 0f32);
+        // One range per token: at most one per row.
+        self.vis.clear();
+        self.vis.reserve(rows);
+        refill(&mut self.k, KEY_TILE * d, 0f32);
+        refill(&mut self.v, KEY_TILE * d, 0f32);
+    }
+}
+
+/// Runs item `it` on `isa` (AVX2 or portable; any other runs portable).
+pub(super) fn item<E: KvElem>(isa: Isa, args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
+    match isa {
+        // SAFETY: the caller passes an ISA only if this CPU has it.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { item_avx2(args, it, work, out) },
+        // SAFETY: the portable vocabulary needs no CPU feature.
+        _ => unsafe { item_body::<E, simd::Portable>(args, it, work, out) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn item_avx2<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
+    item_body::<E, simd::Avx2>(args, it, work, out)
+}
+
+/// `LANES` elements at `p + i` when `n == LANES`, else `n` of them padded with `fill`.
+#[inline(always)]
+unsafe fn ld<S: Simd>(p: *const f32, n: usize, fill: f32) -> S::V {
+    if n == S::LANES {
+        S::load(p)
+    } else {
+        load_partial::<S>(p, n, fill)
+    }
+}
+
+/// `a·b` over the common length (two interleaved accumulators).
+#[inline(always)]
+unsafe fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [S::splat(0.0); 2];
+    let mut i = 0;
+    while i < n {
+        let c = (n - i).min(S::LANES);
+        let k = (i / S::LANES) & 1;
+        acc[k] = S::fma(ld::<S>(pa.add(i), c, 0.0), ld::<S>(pb.add(i), c, 0.0), acc[k]);
+        i += c;
+    }
+    S::hsum(S::add(acc[0], acc[1]))
+}
+
+/// `acc[i] = acc[i] · alpha + Σ_j p[j] · vals[j·d + i]` for `i < d = acc.len()`: each block of
+/// `LANES` outputs stays in a register while the rows stream through.
+#[inline(always)]
+unsafe fn scale_axpy_rows<S: Simd>(acc: &mut [f32], alpha: f32, p: &[f32], vals: &[f32]) {
+    let d = acc.len();
+    let (pa, pv) = (acc.as_mut_ptr(), vals.as_ptr());
+    let mut i = 0;
+    while i < d {
+        let c = (d - i).min(S::LANES);
+        let mut y = S::mul(ld::<S>(pa.add(i), c, 0.0), S::splat(alpha));
+        for (j, &pj) in p.iter().enumerate() {
+            y = S::fma(S::splat(pj), ld::<S>(pv.add(j * d + i), c, 0.0), y);
+        }
+        if c == S::LANES {
+            S::store(pa.add(i), y);
+        } else {
+            store_partial::<S>(pa.add(i), c, y);
+        }
+        i += c;
+    }
+}
+
+/// The maximum of `x` (`-inf` when empty).
+#[inline(always)]
+unsafe fn max<S: Simd>(x: &[f32]) -> f32 {
+    let mut m = S::splat(f32::NEG_INFINITY);
+    for (i, ch) in x.chunks(S::LANES).enumerate() {
+        m = S::max(
+            m,
+            ld::<S>(x.as_ptr().add(i * S::LANES), ch.len(), f32::NEG_INFINITY),
+        );
+    }
+    S::hmax(m)
+}
+
+/// `x[j] = e^(x[j] − shift)` in place; returns their sum.
+#[inline(always)]
+unsafe fn exp_shifted_sum<S: Simd>(x: &mut [f32], shift: f32) -> f32 {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let mut sum = S::splat(0.0);
+    let mut i = 0;
+    while i < n {
+        let c = (n - i).min(S::LANES);
+        // Padding lanes read -inf and exponentiate to 0: they add nothing to the sum.
+        let e = simd::exp::<S>(S::sub(ld::<S>(p.add(i), c, f32::NEG_INFINITY), S::splat(shift)));
+        sum = S::add(sum, e);
+        if c == S::LANES {
+            S::store(p.add(i), e);
+        } else {
+            store_partial::<S>(p.add(i), c, e);
+        }
+        i += c;
+    }
+    S::hsum(sum)
+}
+
+/// The kernel: `out` receives the item's unnormalised accumulators and their softmax state.
+///
+/// # Safety
+/// The CPU supports `S`.
+#[inline(always)]
+unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
+    let Dims {
+        hq,
+        d,
+        len,
+        first_pos,
+        ..
+    } = args.dims;
+    let rep = args.dims.group();
+    let ctx = args.ctx;
+    let nt = it.t1 - it.t0;
+    let rows = nt * rep;
+
+    work.prepare(d, rows);
+    let Work {
+        q: qbuf,
+        vis,
+        k: kbuf,
+        v: vbuf,
+    } = work;
+    for ti in 0..nt {
+        let t = it.t0 + ti;
+        let (lo, hi) = visible_slots(ctx.mask, ctx.positions[t], first_pos, len);
+        vis.push((lo.max(it.s0), hi.min(it.s1)));
+        for r in 0..rep {
+            let src = &args.q[(t * hq + it.g * rep + r) * d..][..d];
+            let dst = &mut qbuf[(ti * rep + r) * d..][..d];
+            for (y, &x) in dst.iter_mut().zip(src) {
+                *y = x * ctx.scale;
+            }
+        }
+    }
+
+    let Partial { acc, m, l } = out;
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    acc.fill(0.0);
+    let mut s = [0f32; KEY_TILE];
+    let kh = &args.k[it.g * args.k_stride..];
+    let vh = &args.v[it.g * args.v_stride..];
+
+    for j0 in (it.s0..it.s1).step_by(KEY_TILE) {
+        let j1 = (j0 + KEY_TILE).min(it.s1);
+        let n = j1 - j0;
+        E::widen(&kh[j0 * d..j1 * d], &mut kbuf[..n * d]);
+        E::widen(&vh[j0 * d..j1 * d], &mut vbuf[..n * d]);
+        for (ti, &(lo, hi)) in vis.iter().enumerate() {
+            let (a, b) = (lo.max(j0), hi.min(j1));
+            if a >= b {
+                continue;
+            }
+            let keys = &kbuf[(a - j0) * d..(b - j0) * d];
+            let vals = &vbuf[(a - j0) * d..(b - j0) * d];
+            for r in 0..rep {
+                let row = ti * rep + r;
+                let qr = &qbuf[row * d..(row + 1) * d];
+                let sc = &mut s[..b - a];
+                for (x, kj) in sc.iter_mut().zip(keys.chunks_exact(d)) {
+                    *x = dot::<S>(qr, kj);
+                }
+                let m_new = m[row].max(max::<S>(sc));
+                // The rescale of what was accumulated before this tile; 0 on the first.
+                let alpha = (m[row] - m_new).exp();
+                l[row] = l[row] * alpha + exp_shifted_sum::<S>(sc, m_new);
+                scale_axpy_rows::<S>(&mut acc[row * d..(row + 1) * d], alpha, sc, vals);
+                m[row] = m_new;
+            }
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Load benchmark: N concurrent streamed completions (128-id prompts, 128 new tokens,
+//! `ignore_eos`) against the server, for each N, printing aggregate decode tokens/s.
+//!
+//! ```text
+//! # start a server in this process on the checkpoint (slots = the largest N):
+//! cargo run --release -p llama4-server --example load -- --model /tmp/bench-mid
+//! # or against a running server:
+//! cargo run --release -p llama4-server --example load -- --url http://127.0.0.1:8080
+//! ```
+//!
+//! Options: `--streams 1,4,8,16`, `--prompt-len 128`, `--new-tokens 128`, `--rounds 1` (the median
+//! of several rounds is printed), `--api-key KEY`.
+//!
+//! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
+//! aggregate is the sum over streams (they run side by side), also given as all tokens over the
+//! wall time of the round (prefill included).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llama4_server::{RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+struct Args {
+    url: Option<String>,
+    model: Option<PathBuf>,
+    streams: Vec<usize>,
+    prompt_len: usize,
+    new_tokens: usize,
+    rounds: usize,
+    api_key: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        url: None,
+        model: None,
+        streams: vec![1, 4, 8, 16],
+        prompt_len: 128,
+        new_tokens: 128,
+        rounds: 1,
+        api_key: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut v = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        let num = |s: String| s.parse::<usize>().map_err(|_| format!("bad number `{s}`"));
+        match flag.as_str() {
+            "--url" => a.url = Some(v()?),
+            "--model" => a.model = Some(PathBuf::from(v()?)),
+            "--streams" => {
+                a.streams = v()?
+                    .split(',')
+                    .map(|s| num(s.trim().to_string()))
+                    .collect::<Result<_, _>>()?
+            }
+            "--prompt-len" => a.prompt_len = num(v()?)?,
+            "--new-tokens" => a.new_tokens = num(v()?)?,
+            "--rounds" => a.rounds = num(v()?)?.max(1),
+            "--api-key" => a.api_key = Some(v()?),
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    if a.streams.is_empty() || a.streams.contains(&0) {
+        return Err("--streams takes positive numbers".into());
+    }
+    Ok(a)
+}
+
+/// One stream's timings.
+struct StreamResult {
+    tokens: usize,
+    first: Instant,
+    last: Instant,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(3600)))
+        .build()
+        .into()
+}
+
+fn run_stream(
+    url: &str,
+    key: Option<&str>,
+    prompt: &[u32],
+    new_tokens: usize,
+) -> Result<StreamResult, String> {
+    let body = json!({
+        "prompt": prompt, "max_tokens": new_tokens, "ignore_eos": true, "temperature": 0, "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let mut req = agent().post(format!("{url}/v1/completions"));
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let resp = req.send(body.to_string()).map_err(|e| e.to_string())?;
+    let (mut first, mut last, mut tokens) = (None, Instant::now(), 0);
+    for line in BufReader::new(resp.into_body().into_reader()).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            tokens = n as usize;
+        } else if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+        }
+    }
+    Ok(StreamResult {
+        tokens,
+        first: first.ok_or("no tokens streamed")?,
+        last,
+    })
+}
+
+/// A prompt of `len` ids drawn from `[256, vocab)` with a fixed LCG (different per stream).
+fn prompt(len: usize, vocab: usize, stream: usize) -> Vec<u32> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (stream as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let span = vocab.saturating_sub(256).max(1) as u64;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (256.min(vocab as u64 - 1) + (x >> 33) % span) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let max_streams = args.streams.iter().copied().max().unwrap_or(1);
+    let _server;
+    let url = match (&args.url, &args.model) {
+        (Some(u), _) => u.trim_end_matches('/').to_string(),
+        (None, model) => {
+            let config = ServerConfig {
+                model_dir: model
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(llama4_server::DEMO_MODEL_DIR)),
+                port: 0,
+                parallel: max_streams,
+                queue_size: max_streams,
+                ctx_size: Some(args.prompt_len + args.new_tokens),
+                api_key: args.api_key.clone(),
+                ..Default::default()
+            };
+            let server = RunningServer::start(config)?;
+            let url = server.url();
+            _server = server;
+            url
+        }
+    };
+    let mut req = agent().get(format!("{url}/v1/models"));
+    if let Some(k) = &args.api_key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let models: Value = serde_json::from_str(&req.call()?.body_mut().read_to_string()?)?;
+    let vocab = models["data"][0]["meta"]["n_vocab"].as_u64().unwrap_or(32_000) as usize;
+    println!(
+        "model {} at {url}: {} streams of {}-id prompts, {} new tokens each (ignore_eos), {} round(s)",
+        models["data"][0]["id"],
+        args.streams.len(),
+        args.prompt_len,
+        args.new_tokens,
+        args.rounds
+    );
+    println!("streams  decode tok/s (sum of streams)  tok/s (all tokens / wall)  mean time to first token");
+    for &n in &args.streams {
+        let (mut decode, mut overall, mut ttft) = (vec![], vec![], vec![]);
+        for _ in 0..args.rounds {
+            let started = Instant::now();
+            let results: Vec<Result<StreamResult, String>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..n)
+                    .map(|i| {
+                        let (url, key) = (&url, args.api_key.as_deref());
+                        let p = prompt(args.prompt_len, vocab, i);
+                        s.spawn(move || run_stream(url, key, &p, args.new_tokens))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err("stream thread panicked".into())))
+                    .collect()
+            });
+            let wall = started.elapsed().as_secs_f64();
+            let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+            decode.push(
+                results
+                    .iter()
+                    .map(|r| (r.tokens.saturating_sub(1)) as f64 / (r.last - r.first).as_secs_f64().max(1e-9))
+                    .sum::<f64>(),
+            );
+            overall.push(results.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall);
+            ttft.push(
+                results
+                    .iter()
+                    .map(|r| (r.first - started).as_secs_f64())
+                    .sum::<f64>()
+                    / n as f64,
+            );
+        }
+        println!(
+            "{n:>7}  {:>30.1}  {:>25.1}  {:>22.2} s",
+            median(decode),
+            median(overall),
+            median(ttft)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,686 @@
+//! The engine: one thread that owns the model and the slots (a session, i.e. a key/value cache,
+//! each) and runs the step loop. Requests come in through a bounded queue and join between steps;
+//! each sends its events (text pieces, the end) back on its own channel, and a request whose
+//! channel is closed (the client went away) gives up its slot at the next step.
+//!
+//! A step schedules one piece per active sequence: the next token of every decoding sequence,
+//! and prompt pieces of prefilling sequences up to `prefill_chunk` tokens in all, so that a long
+//! prompt does not stall the streams already running. [`forward`] runs the pieces.
+//!
+//! A finished request leaves its tokens in its slot's cache; a new prompt that begins with them
+//! goes to that slot and only its new tokens are prefilled (a chat's next turn).
+
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use llama4_core::DType;
+use llama4_model::{
+    Logits, MultimodalModel, Sampler, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+};
+use ndarray::{s, Array2, ArrayView1, ArrayView2};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use vision_encoder::image::DynamicImage;
+
+use crate::metrics::Metrics;
+use crate::stop::StopStrings;
+use crate::{Error, Result};
+
+/// A loaded checkpoint: text-only, or with a vision tower.
+// One value per server, behind an `Arc`: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum LoadedModel {
+    /// `Llama4ForCausalLM` (or a multimodal checkpoint's text decoder alone).
+    Text(TextModel),
+    /// `Llama4ForConditionalGeneration`: images in the prompt.
+    Multimodal(MultimodalModel),
+}
+
+impl LoadedModel {
+    /// The text decoder.
+    pub fn text(&self) -> &TextModel {
+        match self {
+            LoadedModel::Text(m) => m,
+            LoadedModel::Multimodal(m) => m.text(),
+        }
+    }
+
+    /// The multimodal model, if the checkpoint has a vision tower.
+    pub fn multimodal(&self) -> Option<&MultimodalModel> {
+        match self {
+            LoadedModel::Text(_) => None,
+            LoadedModel::Multimodal(m) => Some(m),
+        }
+    }
+}
+
+/// How one request generates.
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    /// Tokens to generate at most (at least 1).
+    pub max_tokens: usize,
+    /// Temperature, top-k, top-p, seed.
+    pub sampling: SamplingConfig,
+    /// Text that ends generation (not included in the output).
+    pub stop: Vec<String>,
+    /// Keep generating through the model's stop ids.
+    pub ignore_eos: bool,
+}
+
+/// A generation request as the engine sees it: ids, images, parameters.
+#[derive(Debug)]
+pub struct Request {
+    /// Prompt ids; each `<|image|>` takes the next image.
+    pub prompt: Vec<u32>,
+    /// Decoded images, in prompt order (multimodal checkpoints only).
+    pub images: Vec<DynamicImage>,
+    /// Sampling and stopping.
+    pub params: GenParams,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id or a stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI name (`stop`, `length`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Why the engine could not serve a request.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The request cannot be served as sent (e.g. its prompt with images expanded exceeds the
+    /// context, or an image count does not match the placeholders).
+    #[error("{0}")]
+    Rejected(String),
+    /// Something failed while running the model.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What a request's channel carries, in order: `Started`, any number of `Text`, then `Done`;
+/// or `Failed` alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The request holds a slot.
+    Started {
+        /// Prompt tokens (images expanded).
+        prompt_tokens: usize,
+        /// Of these, tokens found in the slot's cache and not prefilled again.
+        reused_tokens: usize,
+    },
+    /// A piece of generated text.
+    Text(String),
+    /// Generation ended.
+    Done {
+        /// Why.
+        reason: FinishReason,
+        /// Tokens generated (a final stop id included).
+        completion_tokens: usize,
+    },
+    /// The request failed; nothing follows.
+    Failed(EngineError),
+}
+
+/// Why a request was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full.
+    #[error("the server is busy: the request queue is full")]
+    QueueFull,
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences run at once (slots).
+    pub parallel: usize,
+    /// Context limit of each sequence, in tokens.
+    pub ctx_size: usize,
+    /// Requests that may wait for a slot; more are refused.
+    pub queue_size: usize,
+    /// Prompt tokens prefilled per step, over all prefilling sequences.
+    pub prefill_chunk: usize,
+    /// Storage of the key/value caches.
+    pub kv_dtype: DType,
+}
+
+struct Queued {
+    request: Request,
+    events: UnboundedSender<Event>,
+}
+
+/// Handle to the engine thread; dropping it stops the thread once the running requests end.
+pub struct Engine {
+    queue: Option<SyncSender<Queued>>,
+    thread: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts the engine thread with `config.parallel` slots. `tokenizer` turns generated ids
+    /// into text; without one, the text is the ids, each followed by a space.
+    ///
+    /// # Errors
+    /// When a slot's session cannot be created, or the thread cannot be spawned.
+    pub fn start(
+        model: Arc<LoadedModel>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        stop_ids: Vec<u32>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let (queue, rx) = mpsc::sync_channel(config.queue_size.max(1));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let m = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("llama4-engine".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let scheduler = Scheduler::new(&model, tokenizer.as_deref(), &stop_ids, &config, &m);
+                match scheduler {
+                    Ok(mut s) => {
+                        let _ = ready_tx.send(Ok(()));
+                        s.run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| Error::Start(format!("engine thread: {e}")))?;
+        ready_rx
+            .recv()
+            .map_err(|_| Error::Start("the engine thread ended while starting".into()))??;
+        Ok(Engine {
+            queue: Some(queue),
+            thread: Some(thread),
+            metrics,
+        })
+    }
+
+    /// Queues `request`; its events arrive on the returned channel. Dropping the receiver
+    /// cancels the request.
+    ///
+    /// # Errors
+    /// [`SubmitError::QueueFull`] when `queue_size` requests already wait.
+    pub fn submit(&self, request: Request) -> std::result::Result<UnboundedReceiver<Event>, SubmitError> {
+        let (events, rx) = unbounded_channel();
+        let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
+        self.metrics.queue_depth.fetch_add(1, Relaxed);
+        match queue.try_send(Queued { request, events }) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.metrics.queue_depth.fetch_sub(1, Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A request holding a slot.
+struct Job {
+    events: UnboundedSender<Event>,
+    params: GenParams,
+    sampler: Sampler,
+    prompt: Vec<u32>,
+    /// Input embeddings of the whole prompt when it has images, `[T, H]`.
+    embeddings: Option<Array2<f32>>,
+    /// Prompt tokens already in the cache.
+    prefilled: usize,
+    /// The token to run next once decoding.
+    next: u32,
+    generated: usize,
+    decoder: StreamDecoder,
+    stop: StopStrings,
+    /// Admission order: earlier prompts prefill first.
+    seq: u64,
+}
+
+impl Job {
+    fn decoding(&self) -> bool {
+        self.prefilled == self.prompt.len()
+    }
+}
+
+struct Slot<'m> {
+    session: Session<&'m TextModel>,
+    job: Option<Job>,
+    /// The cache holds image tokens: its ids do not say what it holds.
+    has_images: bool,
+    last_used: u64,
+}
+
+/// What one slot runs in a step.
+#[derive(Clone, Debug)]
+enum Piece {
+    Decode,
+    Prefill(Range<usize>),
+}
+
+/// One sequence's part of a forward pass: its session and the tokens to run at its next
+/// positions (with their input embeddings when the prompt has images).
+pub(crate) struct Entry<'a, 'm> {
+    session: &'a mut Session<&'m TextModel>,
+    tokens: &'a [u32],
+    embeddings: Option<ArrayView2<'a, f32>>,
+}
+
+/// Runs every entry's tokens and writes each entry's last-token logits into row `i` of
+/// `logits` (`[n, V]`). This is the one place the model runs.
+///
+/// Today a loop over the sessions; the batched forward of `llama4-model` replaces the loop with
+/// one pass over all entries (projections and each chosen expert's weights read once per step).
+fn forward(entries: &mut [Entry<'_, '_>], logits: &mut Array2<f32>) -> llama4_model::Result<()> {
+    for (i, e) in entries.iter_mut().enumerate() {
+        match (&e.embeddings, e.tokens) {
+            (None, &[token]) => {
+                let row = e.session.step_logits(token)?;
+                logits.row_mut(i).assign(&ArrayView1::from(row));
+            }
+            (None, tokens) => {
+                let row = e.session.prefill(tokens, Logits::Last)?;
+                logits.row_mut(i).assign(&row.row(0));
+            }
+            (Some(emb), tokens) => {
+                let row = e
+                    .session
+                    .prefill_embeddings(tokens, emb.to_owned(), Logits::Last)?;
+                logits.row_mut(i).assign(&row.row(0));
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Scheduler<'m> {
+    model: &'m LoadedModel,
+    tokenizer: Option<&'m Tokenizer>,
+    stop_ids: &'m [u32],
+    config: &'m EngineConfig,
+    metrics: &'m Metrics,
+    slots: Vec<Slot<'m>>,
+    logits: Array2<f32>,
+    admitted: u64,
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(
+        model: &'m LoadedModel,
+        tokenizer: Option<&'m Tokenizer>,
+        stop_ids: &'m [u32],
+        config: &'m EngineConfig,
+        metrics: &'m Metrics,
+    ) -> Result<Self> {
+        let slots = (0..config.parallel.max(1))
+            .map(|_| {
+                Ok(Slot {
+                    session: Session::new(model.text(), config.kv_dtype)?.with_max_len(config.ctx_size),
+                    job: None,
+                    has_images: false,
+                    last_used: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Scheduler {
+            model,
+            tokenizer,
+            stop_ids,
+            config,
+            metrics,
+            slots,
+            logits: Array2::zeros((0, model.text().config().vocab_size)),
+            admitted: 0,
+        })
+    }
+
+    fn run(&mut self, rx: Receiver<Queued>) {
+        loop {
+            if !self.slots.iter().any(|s| s.job.is_some()) {
+                // Idle: wait for work; the queue closing ends the thread.
+                match rx.recv() {
+                    Ok(q) => self.admit(q),
+                    Err(_) => return,
+                }
+            }
+            while self.slots.iter().any(|s| s.job.is_none()) {
+                match rx.try_recv() {
+                    Ok(q) => self.admit(q),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.drop_cancelled();
+            self.step();
+            self.metrics
+                .active
+                .set(self.slots.iter().filter(|s| s.job.is_some()).count() as f64);
+        }
+    }
+
+    /// Gives `q` a slot: the free slot whose cache shares the longest prefix with the prompt.
+    fn admit(&mut self, q: Queued) {
+        self.metrics.queue_depth.fetch_sub(1, Relaxed);
+        if q.events.is_closed() {
+            self.metrics.cancelled.fetch_add(1, Relaxed);
+            return;
+        }
+        match self.try_admit(q.request, &q.events) {
+            Ok(()) => {}
+            Err(e) => {
+                self.metrics.failed.fetch_add(1, Relaxed);
+                let _ = q.events.send(Event::Failed(e));
+            }
+        }
+    }
+
+    fn try_admit(
+        &mut self,
+        request: Request,
+        events: &UnboundedSender<Event>,
+    ) -> std::result::Result<(), EngineError> {
+        let Request {
+            mut prompt,
+            images,
+            params,
+        } = request;
+        let mut embeddings = None;
+        if !images.is_empty() {
+            let mm = self
+                .model
+                .multimodal()
+                .ok_or_else(|| EngineError::Rejected("this model does not take images".into()))?;
+            let encoded = images
+                .iter()
+                .map(|im| mm.encode_image(im))
+                .collect::<llama4_model::Result<Vec<_>>>()
+                .map_err(|e| EngineError::Rejected(format!("image: {e}")))?;
+            let prepared = mm
+                .prepare(&prompt, &encoded)
+                .map_err(|e| EngineError::Rejected(e.to_string()))?;
+            prompt = prepared.ids;
+            embeddings = Some(prepared.embeddings);
+        }
+        if prompt.is_empty() {
+            return Err(EngineError::Rejected("the prompt is empty".into()));
+        }
+        let total = prompt.len() + params.max_tokens;
+        if total > self.config.ctx_size {
+            return Err(EngineError::Rejected(format!(
+                "the prompt ({} tokens) plus max_tokens ({}) exceeds the context of {} tokens",
+                prompt.len(),
+                params.max_tokens,
+                self.config.ctx_size
+            )));
+        }
+        let sampler = Sampler::new(params.sampling).map_err(|e| EngineError::Rejected(e.to_string()))?;
+        let with_images = embeddings.is_some();
+        let (index, shared) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.job.is_none())
+            .map(|(i, s)| {
+                let shared = if with_images || s.has_images {
+                    0
+                } else {
+                    common_prefix(s.session.tokens(), &prompt)
+                };
+                (i, shared, s.last_used)
+            })
+            // Longest shared prefix, then the least recently used.
+            .max_by_key(|&(_, shared, used)| (shared, std::cmp::Reverse(used)))
+            .map(|(i, shared, _)| (i, shared))
+            .ok_or_else(|| EngineError::Internal("no free slot".into()))?;
+        self.admitted += 1;
+        let slot = &mut self.slots[index];
+        // At least one prompt token runs: its logits choose the first generated token.
+        let mut reused = shared.min(prompt.len() - 1);
+        if reused == 0 {
+            slot.session.reset();
+        } else if reused < slot.session.len() && slot.session.truncate(reused).is_err() {
+            // A chunked layer no longer holds the keys that position needs: start over.
+            slot.session.reset();
+            reused = 0;
+        }
+        slot.has_images = with_images;
+        slot.last_used = self.admitted;
+        self.metrics.requests_admitted.fetch_add(1, Relaxed);
+        self.metrics.prompt_tokens.fetch_add(prompt.len() as u64, Relaxed);
+        self.metrics
+            .prompt_tokens_reused
+            .fetch_add(reused as u64, Relaxed);
+        let _ = events.send(Event::Started {
+            prompt_tokens: prompt.len(),
+            reused_tokens: reused,
+        });
+        slot.job = Some(Job {
+            events: events.clone(),
+            stop: StopStrings::new(params.stop.clone()),
+            params,
+            sampler,
+            prompt,
+            embeddings,
+            prefilled: reused,
+            next: 0,
+            generated: 0,
+            decoder: StreamDecoder::new(),
+            seq: self.admitted,
+        });
+        Ok(())
+    }
+
+    fn drop_cancelled(&mut self) {
+        for slot in &mut self.slots {
+            if slot.job.as_ref().is_some_and(|j| j.events.is_closed()) {
+                slot.job = None;
+                self.metrics.cancelled.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// What each slot runs this step: every decoding sequence its next token, then prompt
+    /// pieces in admission order while the prefill budget lasts.
+    fn plan(&self) -> Vec<Option<Piece>> {
+        let mut plan: Vec<Option<Piece>> = self
+            .slots
+            .iter()
+            .map(|s| s.job.as_ref().filter(|j| j.decoding()).map(|_| Piece::Decode))
+            .collect();
+        let mut prefilling: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.job.as_ref().filter(|j| !j.decoding()).map(|j| (j.seq, i)))
+            .collect();
+        prefilling.sort_unstable();
+        let mut budget = self.config.prefill_chunk.max(1);
+        for (_, i) in prefilling {
+            if budget == 0 {
+                break;
+            }
+            if let Some(job) = &self.slots[i].job {
+                let n = (job.prompt.len() - job.prefilled).min(budget);
+                plan[i] = Some(Piece::Prefill(job.prefilled..job.prefilled + n));
+                budget -= n;
+            }
+        }
+        plan
+    }
+
+    fn step(&mut self) {
+        let plan = self.plan();
+        let mut entries = Vec::new();
+        let mut rows = Vec::new();
+        for (i, (slot, piece)) in self.slots.iter_mut().zip(&plan).enumerate() {
+            let (Some(piece), Some(job)) = (piece, &slot.job) else {
+                continue;
+            };
+            let (tokens, embeddings) = match piece {
+                Piece::Decode => (std::slice::from_ref(&job.next), None),
+                Piece::Prefill(r) => (
+                    &job.prompt[r.clone()],
+                    job.embeddings.as_ref().map(|e| e.slice(s![r.clone(), ..])),
+                ),
+            };
+            entries.push(Entry {
+                session: &mut slot.session,
+                tokens,
+                embeddings,
+            });
+            rows.push(i);
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let vocab = self.logits.ncols();
+        if self.logits.nrows() != entries.len() {
+            self.logits = Array2::zeros((entries.len(), vocab));
+        }
+        let decodes = plan.iter().filter(|p| matches!(p, Some(Piece::Decode))).count();
+        let started = Instant::now();
+        let result = forward(&mut entries, &mut self.logits);
+        drop(entries);
+        let took = started.elapsed();
+        self.metrics.steps.fetch_add(1, Relaxed);
+        self.metrics
+            .step_micros
+            .fetch_add(took.as_micros() as u64, Relaxed);
+        self.metrics.batch_size.set(rows.len() as f64);
+        if decodes > 0 {
+            self.metrics
+                .decode_tokens_per_s
+                .set(decodes as f64 / took.as_secs_f64().max(1e-9));
+        }
+        if let Err(e) = result {
+            for &i in &rows {
+                let slot = &mut self.slots[i];
+                slot.session.reset();
+                if let Some(job) = slot.job.take() {
+                    self.metrics.failed.fetch_add(1, Relaxed);
+                    let _ = job
+                        .events
+                        .send(Event::Failed(EngineError::Internal(e.to_string())));
+                }
+            }
+            return;
+        }
+        for (r, &i) in rows.iter().enumerate() {
+            let Some(piece) = &plan[i] else { continue };
+            let slot = &mut self.slots[i];
+            let Some(job) = slot.job.as_mut() else { continue };
+            if let Piece::Prefill(range) = piece {
+                job.prefilled = range.end;
+                if !job.decoding() {
+                    continue;
+                }
+            }
+            let outcome = job
+                .sampler
+                .sample(self.logits.row(r).as_slice().unwrap_or_default())
+                .map_err(|e| EngineError::Internal(e.to_string()))
+                .and_then(|token| accept(self.tokenizer, self.stop_ids, self.metrics, job, token));
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(reason)) => {
+                    let counter = match reason {
+                        FinishReason::Stop => &self.metrics.finished_stop,
+                        FinishReason::Length => &self.metrics.finished_length,
+                    };
+                    counter.fetch_add(1, Relaxed);
+                    let _ = job.events.send(Event::Done {
+                        reason,
+                        completion_tokens: job.generated,
+                    });
+                    slot.job = None;
+                }
+                Err(e) => {
+                    self.metrics.failed.fetch_add(1, Relaxed);
+                    let _ = job.events.send(Event::Failed(e));
+                    slot.job = None;
+                }
+            }
+        }
+    }
+}
+
+/// Takes a sampled token: sends its text, and says whether generation ends here.
+fn accept(
+    tokenizer: Option<&Tokenizer>,
+    stop_ids: &[u32],
+    metrics: &Metrics,
+    job: &mut Job,
+    token: u32,
+) -> std::result::Result<Option<FinishReason>, EngineError> {
+    job.generated += 1;
+    metrics.generated_tokens.fetch_add(1, Relaxed);
+    let send = |job: &mut Job, text: String| {
+        if !text.is_empty() {
+            let _ = job.events.send(Event::Text(text));
+        }
+    };
+    if !job.params.ignore_eos && stop_ids.contains(&token) {
+        let rest = job.stop.finish();
+        send(job, rest);
+        return Ok(Some(FinishReason::Stop));
+    }
+    let piece = match tokenizer {
+        Some(t) => job
+            .decoder
+            .push(t, token)
+            .map_err(|e| EngineError::Internal(e.to_string()))?,
+        // No tokenizer: the text is the ids, each followed by a space.
+        None => format!("{token} "),
+    };
+    let released = job.stop.push(&piece);
+    send(job, released.text);
+    if released.stopped {
+        return Ok(Some(FinishReason::Stop));
+    }
+    if job.generated >= job.params.max_tokens {
+        let rest = job.stop.finish();
+        send(job, rest);
+        return Ok(Some(FinishReason::Length));
+    }
+    job.next = token;
+    Ok(None)
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

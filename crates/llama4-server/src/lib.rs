@@ -1,0 +1,300 @@
+#![deny(missing_docs)]
+//! An OpenAI-compatible HTTP server for Llama 4 checkpoints.
+//!
+//! One engine thread owns the model and runs up to `parallel` sequences at once, each in its own
+//! slot (a session with its key/value cache): requests join and leave between steps, long prompts
+//! are prefilled in pieces so running streams keep decoding, and a finished request's cache is
+//! reused when the next prompt extends it ([`engine`]). The HTTP handlers ([`api`]) parse, render
+//! the chat template, tokenize, queue, and stream back what the engine sends.
+//!
+//! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (both streamed as server-sent events with `"stream": true`),
+//! `GET /metrics` (Prometheus text).
+//!
+//! ```no_run
+//! let config = llama4_server::ServerConfig { port: 0, ..Default::default() };
+//! let server = llama4_server::RunningServer::start(config)?; // the embedded demo model
+//! println!("listening on {}", server.url());
+//! # Ok::<(), llama4_server::Error>(())
+//! ```
+
+pub mod api;
+pub mod engine;
+mod error;
+pub mod metrics;
+pub mod openai;
+pub mod stop;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use llama4_core::{DType, QuantPolicy};
+use llama4_model::{
+    stop_ids, ChatTemplate, ImageTokenIds, ModelConfig, MultimodalModel, TextModel, Tokenizer,
+};
+
+pub use error::{Error, Result};
+
+use api::{AppState, Ready};
+use engine::{Engine, EngineConfig, LoadedModel};
+use metrics::Metrics;
+use openai::SamplingDefaults;
+
+/// The embedded demo model: what the server runs without `--model`.
+pub const DEMO_MODEL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/demo");
+
+/// Default context limit per sequence when the checkpoint allows more.
+pub const DEFAULT_CTX_SIZE: usize = 8192;
+
+/// Everything the server is started with.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    pub model_dir: PathBuf,
+    /// Name reported by `/v1/models` and in responses (default: the directory's name).
+    pub model_name: Option<String>,
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (0: any free port).
+    pub port: u16,
+    /// Sequences run at once.
+    pub parallel: usize,
+    /// Context limit per sequence (default: the checkpoint's, at most [`DEFAULT_CTX_SIZE`]).
+    pub ctx_size: Option<usize>,
+    /// Requests that may wait for a slot; beyond, 503.
+    pub queue_size: usize,
+    /// Prompt tokens prefilled per engine step.
+    pub prefill_chunk: usize,
+    /// Load-time quantisation.
+    pub quantization: Option<QuantPolicy>,
+    /// Required as `Authorization: Bearer KEY` when set.
+    pub api_key: Option<String>,
+    /// Request bodies beyond this many bytes get 413.
+    pub max_body_bytes: usize,
+    /// Storage of the key/value caches.
+    pub kv_dtype: DType,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            model_dir: PathBuf::from(DEMO_MODEL_DIR),
+            model_name: None,
+            host: "127.0.0.1".into(),
+            port: 8080,
+            parallel: 4,
+            ctx_size: None,
+            queue_size: 64,
+            prefill_chunk: 512,
+            quantization: None,
+            api_key: None,
+            max_body_bytes: 16 << 20,
+            kv_dtype: DType::F32,
+        }
+    }
+}
+
+/// Loads the checkpoint, tokenizer and chat template, and starts the engine.
+fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
+    let dir = &config.model_dir;
+    let model_config = ModelConfig::from_dir(dir)?;
+    // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let model = if model_config.vision.is_some() {
+        let tok = tokenizer.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "{} has no tokenizer.json (the image tokens' ids come from it)",
+                dir.display()
+            ))
+        })?;
+        let ids = ImageTokenIds::from_tokenizer(tok)?;
+        LoadedModel::Multimodal(MultimodalModel::load_with_quantization(
+            dir,
+            ids,
+            config.quantization,
+        )?)
+    } else {
+        LoadedModel::Text(TextModel::load_with_quantization(dir, config.quantization)?)
+    };
+    let text = model.text().config();
+    let ctx_size = config
+        .ctx_size
+        .unwrap_or_else(|| text.max_position_embeddings.min(DEFAULT_CTX_SIZE));
+    if ctx_size == 0 {
+        return Err(Error::Config("the context size must be at least 1".into()));
+    }
+    let vocab_size = text.vocab_size;
+    let stops = stop_ids(dir, text)?;
+    let template = ChatTemplate::from_dir(dir)?;
+    let takes_images = model.multimodal().is_some();
+    let model_name = config.model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "llama4".into())
+    });
+    let tokenizer = tokenizer.map(Arc::new);
+    let engine = Engine::start(
+        Arc::new(model),
+        tokenizer.clone(),
+        stops,
+        EngineConfig {
+            parallel: config.parallel.max(1),
+            ctx_size,
+            queue_size: config.queue_size,
+            prefill_chunk: config.prefill_chunk.max(1),
+            kv_dtype: config.kv_dtype,
+        },
+        metrics,
+    )?;
+    Ok(Ready {
+        engine,
+        tokenizer,
+        template,
+        model_name,
+        vocab_size,
+        ctx_size,
+        takes_images,
+        defaults: SamplingDefaults::from_dir(dir),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })
+}
+
+/// Serves on `listener` until `shutdown` completes. The socket answers at once (`/health` says
+/// 503 while the model loads); `on_ready` hears when loading ended and how.
+///
+/// # Errors
+/// When loading fails (the server then stops) or serving fails.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: Option<std::sync::mpsc::Sender<std::result::Result<(), String>>>,
+) -> Result<()> {
+    let state = Arc::new(AppState {
+        ready: OnceLock::new(),
+        metrics: Arc::new(Metrics::default()),
+        api_key: config.api_key.clone(),
+    });
+    let app = api::router(state.clone(), config.max_body_bytes);
+    let server =
+        tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
+    let loader = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || {
+            let ready = load(&config, state.metrics.clone())?;
+            // Set once, here: the cell was empty.
+            let _ = state.ready.set(ready);
+            Ok::<(), Error>(())
+        })
+    };
+    let loaded = loader
+        .await
+        .map_err(|e| Error::Start(format!("loading panicked: {e}")))
+        .and_then(|r| r);
+    if let Some(tx) = on_ready {
+        let _ = tx.send(loaded.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    }
+    if let Err(e) = loaded {
+        server.abort();
+        return Err(e);
+    }
+    server
+        .await
+        .map_err(|e| Error::Start(format!("the server task failed: {e}")))?
+        .map_err(|source| Error::Io {
+            context: "serving".into(),
+            source,
+        })
+}
+
+/// A server running on its own thread and runtime (for tests and embedding): started with
+/// [`RunningServer::start`], stopped when dropped.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl RunningServer {
+    /// Binds `config.host:config.port` (port 0: a free port), loads the model and returns once
+    /// the server answers requests.
+    ///
+    /// # Errors
+    /// When binding or loading fails.
+    pub fn start(config: ServerConfig) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                context: "starting the async runtime".into(),
+                source,
+            })?;
+        let bind = format!("{}:{}", config.host, config.port);
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(&bind))
+            .map_err(|source| Error::Io {
+                context: format!("binding {bind}"),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Io {
+            context: "reading the bound address".into(),
+            source,
+        })?;
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("llama4-http".into())
+            .spawn(move || {
+                runtime.block_on(serve(
+                    config,
+                    listener,
+                    async move {
+                        let _ = stop.await;
+                    },
+                    Some(ready_tx),
+                ))
+            })
+            .map_err(|e| Error::Start(format!("server thread: {e}")))?;
+        let mut server = RunningServer {
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        };
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(server),
+            Ok(Err(_)) | Err(_) => match server.thread.take().map(|t| t.join()) {
+                Some(Ok(Err(e))) => Err(e),
+                _ => Err(Error::Start("the server stopped while loading".into())),
+            },
+        }
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

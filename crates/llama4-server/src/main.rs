@@ -1,0 +1,170 @@
+//! `llama4-server`: an OpenAI-compatible HTTP server for a Llama 4 checkpoint.
+//!
+//! ```text
+//! cargo run --release -p llama4-server                        # the embedded demo model on :8080
+//! cargo run --release -p llama4-server -- --model DIR --parallel 8 --port 8000
+//! ```
+//!
+//! Options:
+//! ```text
+//! --model DIR            checkpoint directory (default: the embedded demo model, models/demo)
+//! --alias NAME           model name in /v1/models and in responses (default: the directory's name)
+//! --host ADDR            address to bind (default 127.0.0.1)
+//! --port N               port (default 8080; 0 picks a free one)
+//! --parallel N           sequences run at once (default 4)
+//! --ctx-size N           context limit per sequence in tokens (default: the checkpoint's, at most 8192)
+//! --queue-size N         requests that may wait for a slot; beyond, 503 (default 64)
+//! --prefill-chunk N      prompt tokens prefilled per engine step (default 512)
+//! --kv-dtype f32|bf16|f16  key/value cache storage (default f32)
+//! --quantize q8|q4|fp8   quantise weights at load time, as examples/generate.rs does
+//! --quantize-all         with --quantize: every projection of the text decoder, not only the experts
+//! --quant-group N        input features per scale (default 32)
+//! --quant-scales f32|f16 storage of the scales (default f32)
+//! --api-key KEY          require `Authorization: Bearer KEY` (also from LLAMA4_API_KEY)
+//! --max-body-bytes N     request bodies beyond N bytes get 413 (default 16 MiB)
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec, ScaleType};
+use llama4_server::{serve, ServerConfig};
+
+/// The environment variable the API key may come from.
+const API_KEY_ENV: &str = "LLAMA4_API_KEY";
+
+fn parse_args() -> Result<ServerConfig, String> {
+    let mut c = ServerConfig {
+        api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
+        ..ServerConfig::default()
+    };
+    let (mut format, mut all, mut group, mut scales) = (None, false, None, None);
+    let mut it = std::env::args().skip(1);
+    fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
+        let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+        v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
+    }
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--model" => c.model_dir = value::<PathBuf>(&flag, it.next())?,
+            "--alias" => c.model_name = Some(value(&flag, it.next())?),
+            "--host" => c.host = value(&flag, it.next())?,
+            "--port" => c.port = value(&flag, it.next())?,
+            "--parallel" | "-np" => c.parallel = value(&flag, it.next())?,
+            "--ctx-size" | "-c" => c.ctx_size = Some(value(&flag, it.next())?),
+            "--queue-size" => c.queue_size = value(&flag, it.next())?,
+            "--prefill-chunk" => c.prefill_chunk = value(&flag, it.next())?,
+            "--kv-dtype" => {
+                let name: String = value(&flag, it.next())?;
+                c.kv_dtype = match name.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    _ => return Err(format!("--kv-dtype takes f32, bf16 or f16, not `{name}`")),
+                };
+            }
+            "--quantize" => {
+                let name: String = value(&flag, it.next())?;
+                format = Some(
+                    QuantFormat::parse(&name)
+                        .ok_or_else(|| format!("--quantize takes q8, q4 or fp8, not `{name}`"))?,
+                );
+            }
+            "--quantize-all" => all = true,
+            "--quant-group" => group = Some(value(&flag, it.next())?),
+            "--quant-scales" => {
+                let name: String = value(&flag, it.next())?;
+                scales = Some(
+                    ScaleType::parse(&name)
+                        .ok_or_else(|| format!("--quant-scales takes f32 or f16, not `{name}`"))?,
+                );
+            }
+            "--api-key" => c.api_key = Some(value(&flag, it.next())?),
+            "--max-body-bytes" => c.max_body_bytes = value(&flag, it.next())?,
+            "-h" | "--help" => {
+                let help: Vec<&str> = include_str!("main.rs")
+                    .lines()
+                    .skip_while(|l| *l != "//! Options:")
+                    .skip(2)
+                    .take_while(|l| *l != "//! ```")
+                    .map(|l| l.trim_start_matches("//! "))
+                    .collect();
+                println!(
+                    "llama4-server: an OpenAI-compatible server for Llama 4\n\n{}",
+                    help.join("\n")
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown option `{other}` (see --help)")),
+        }
+    }
+    if c.parallel == 0 {
+        return Err("--parallel must be at least 1".into());
+    }
+    match format {
+        None if all || group.is_some() || scales.is_some() => {
+            return Err("--quantize-all, --quant-group and --quant-scales need --quantize q8|q4|fp8".into())
+        }
+        None => {}
+        Some(f) => {
+            let spec = match f {
+                QuantFormat::F8E4M3 if group.is_some() => {
+                    return Err("--quant-group does not apply to fp8 (one scale per output row)".into())
+                }
+                QuantFormat::F8E4M3 => QuantSpec::fp8(),
+                f => QuantSpec::new(f, group.unwrap_or(32)),
+            }
+            .with_scales(scales.unwrap_or(ScaleType::F32));
+            spec.check_group().map_err(|e| format!("--quant-group: {e}"))?;
+            let scope = if all {
+                QuantScope::AllLinear
+            } else {
+                QuantScope::Experts
+            };
+            c.quantization = Some(llama4_model::quant_policy(spec, scope));
+        }
+    }
+    Ok(c)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    let config = match parse_args() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let bind = format!("{}:{}", config.host, config.port);
+    let listener = match tokio::net::TcpListener::bind(&bind).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot bind {bind}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(bind);
+    eprintln!(
+        "llama4-server: loading {} ({} slots); listening on http://{addr}",
+        config.model_dir.display(),
+        config.parallel
+    );
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(Ok(())) = ready_rx.recv() {
+            eprintln!("llama4-server: model loaded; ready");
+        }
+    });
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("llama4-server: shutting down");
+    };
+    match serve(config, listener, shutdown, Some(ready_tx)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

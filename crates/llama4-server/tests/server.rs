@@ -1,0 +1,555 @@
+//! The server in-process on a free port, called with a real HTTP client: concurrent requests on
+//! the demo model, streaming, cancellation, errors, chat templates, the API key, cache reuse and
+//! images on a multimodal checkpoint.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llama4_server::{RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn start(config: ServerConfig) -> RunningServer {
+    RunningServer::start(ServerConfig { port: 0, ..config }).expect("server starts")
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+/// POSTs `body` (JSON or raw text); returns the status and the parsed body.
+fn post(server: &RunningServer, path: &str, body: &str, key: Option<&str>) -> (u16, Value) {
+    let mut req = agent()
+        .post(format!("{}{path}", server.url()))
+        .header("Content-Type", "application/json");
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.send(body).unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn post_json(server: &RunningServer, path: &str, body: Value) -> (u16, Value) {
+    post(server, path, &body.to_string(), None)
+}
+
+fn get(server: &RunningServer, path: &str, key: Option<&str>) -> (u16, String) {
+    let mut req = agent().get(format!("{}{path}", server.url()));
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    let mut resp = req.call().unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
+}
+
+/// One metric's value from `/metrics`.
+fn metric(server: &RunningServer, name: &str) -> f64 {
+    let (_, text) = get(server, "/metrics", None);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no metric {name}"))
+        .parse()
+        .unwrap()
+}
+
+/// Every `data:` payload of a streamed response, `[DONE]` as a string.
+fn stream(server: &RunningServer, path: &str, body: Value) -> Vec<Value> {
+    let resp = agent()
+        .post(format!("{}{path}", server.url()))
+        .header("Content-Type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let reader = BufReader::new(resp.into_body().into_reader());
+    reader
+        .lines()
+        .map(|l| l.unwrap())
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .map(|d| serde_json::from_str(&d).unwrap_or(Value::String(d)))
+        .collect()
+}
+
+fn heldout() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(root().join("models/demo/heldout.json")).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["prompt"].as_str().unwrap().into(),
+                e["answer"].as_str().unwrap().into(),
+            )
+        })
+        .collect()
+}
+
+fn assert_error(status: u16, body: &Value, want: u16, what: &str) {
+    assert_eq!(status, want, "{what}: {body}");
+    let err = &body["error"];
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {body}"
+    );
+    assert!(err["type"].is_string(), "{what}: {body}");
+    assert!(err.get("code").is_some(), "{what}: {body}");
+}
+
+#[test]
+fn sixteen_concurrent_completions_answer_correctly() {
+    // Prompts of 13 tokens prefilled in pieces of at most 8 per step, over eight slots.
+    let server = start(ServerConfig {
+        parallel: 8,
+        queue_size: 16,
+        prefill_chunk: 8,
+        ..Default::default()
+    });
+    // Held-out entry 8 is the demo's one miss in 200 (in transformers too): leave it out.
+    let cases: Vec<_> = heldout()
+        .into_iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 8)
+        .map(|(_, c)| c)
+        .take(16)
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(prompt, answer)| {
+                let server = &server;
+                s.spawn(move || {
+                    let (status, body) = post_json(
+                        server,
+                        "/v1/completions",
+                        json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}),
+                    );
+                    assert_eq!(status, 200, "{body}");
+                    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), answer, "{prompt}");
+                    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+                    assert_eq!(body["usage"]["completion_tokens"], 11);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    assert_eq!(metric(&server, "llama4_requests_admitted_total"), 16.0);
+    assert_eq!(metric(&server, "llama4_generated_tokens_total"), 16.0 * 11.0);
+}
+
+#[test]
+fn streamed_text_equals_whole_text() {
+    let server = start(ServerConfig::default());
+    let (prompt, _) = &heldout()[3];
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}),
+        ),
+        // Sampled with a seed: the same seed gives the same tokens either way.
+        (
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 20, "temperature": 1.5, "seed": 11, "ignore_eos": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "sort 4 2 ="}], "max_tokens": 6, "temperature": 0.9, "seed": 3}),
+        ),
+    ] {
+        let (status, whole) = post_json(&server, path, body.clone());
+        assert_eq!(status, 200, "{whole}");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let events = stream(&server, path, streamed);
+        assert_eq!(events.last().unwrap(), "[DONE]");
+        let chat = path.contains("chat");
+        let text: String = events
+            .iter()
+            .filter_map(|e| {
+                let c = e.get("choices")?.get(0)?;
+                if chat {
+                    c["delta"]["content"].as_str()
+                } else {
+                    c["text"].as_str()
+                }
+            })
+            .collect();
+        let choice = &whole["choices"][0];
+        let want = if chat {
+            &choice["message"]["content"]
+        } else {
+            &choice["text"]
+        };
+        assert_eq!(text, want.as_str().unwrap(), "{body}");
+        assert!(!text.is_empty());
+        let finish: Vec<&Value> = events
+            .iter()
+            .filter_map(|e| e.get("choices")?.get(0)?.get("finish_reason"))
+            .filter(|f| !f.is_null())
+            .collect();
+        assert_eq!(finish, vec![&choice["finish_reason"]]);
+        let usage = &events[events.len() - 2]["usage"];
+        assert_eq!(usage, &whole["usage"]);
+        if chat {
+            assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+        }
+    }
+}
+
+#[test]
+fn an_abandoned_stream_frees_its_slot() {
+    // One slot and a long generation: the next request can only run if the slot is freed.
+    let server = start(ServerConfig {
+        parallel: 1,
+        ctx_size: Some(60_000),
+        ..Default::default()
+    });
+    let (prompt, answer) = &heldout()[0];
+    let body =
+        json!({"prompt": prompt, "max_tokens": 50_000, "ignore_eos": true, "stream": true, "temperature": 0});
+    let resp = agent()
+        .post(format!("{}/v1/completions", server.url()))
+        .send(body.to_string())
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let mut data = 0;
+    while data < 3 {
+        if lines.next().unwrap().unwrap().starts_with("data: ") {
+            data += 1;
+        }
+    }
+    drop(lines);
+    let started = Instant::now();
+    while metric(&server, "llama4_requests_finished_total{reason=\"cancelled\"}") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the stream was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(metric(&server, "llama4_generated_tokens_total") < 50_000.0);
+    let (status, body) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), answer);
+}
+
+#[test]
+fn bad_requests_get_4xx_and_error_objects() {
+    let server = start(ServerConfig {
+        max_body_bytes: 4096,
+        ..Default::default()
+    });
+    let user = json!([{"role": "user", "content": "sort 1 ="}]);
+    let png = "data:image/png;base64,iVBORw0KGgo=";
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/completions", "{not json".into(), 400, "malformed JSON"),
+        ("/v1/completions", "[1, 2]".into(), 400, "not an object"),
+        ("/v1/completions", json!({"prompt": 5}).to_string(), 400, "prompt of the wrong type"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": "10"}).to_string(), 400, "max_tokens a string"),
+        ("/v1/completions", json!({"prompt": "x", "stream": 1}).to_string(), 400, "stream a number"),
+        ("/v1/completions", json!({"prompt": "x", "temperature": -1}).to_string(), 400, "negative temperature"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": -5}).to_string(), 400, "negative max_tokens"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 0}).to_string(), 400, "zero max_tokens"),
+        ("/v1/completions", json!({"prompt": "x", "max_tokens": 300}).to_string(), 400, "max_tokens over the context"),
+        ("/v1/completions", json!({"prompt": [0, 38]}).to_string(), 400, "id outside the vocabulary"),
+        ("/v1/completions", json!({"prompt": [0, -1]}).to_string(), 400, "negative id"),
+        ("/v1/completions", json!({"prompt": ""}).to_string(), 400, "empty prompt"),
+        ("/v1/completions", json!({"prompt": vec![0; 300]}).to_string(), 400, "prompt over the context"),
+        ("/v1/completions", json!({"prompt": ["a", "b"]}).to_string(), 400, "batched prompts"),
+        ("/v1/completions", json!({"prompt": "x", "n": 3}).to_string(), 400, "n > 1"),
+        ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, "empty messages"),
+        ("/v1/chat/completions", json!({"messages": "hi"}).to_string(), 400, "messages a string"),
+        ("/v1/chat/completions", json!({}).to_string(), 400, "no messages"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}).to_string(),
+            400,
+            "unknown role",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}]}]})
+                .to_string(),
+            400,
+            "an image without a multimodal model",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "max_completion_tokens": -1}).to_string(),
+            400,
+            "negative max_completion_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": user, "stop": {"a": 1}}).to_string(),
+            400,
+            "stop of the wrong type",
+        ),
+        ("/v1/completions", format!("{{\"prompt\": \"{}\"}}", "x".repeat(5000)), 413, "body over the cap"),
+        ("/v1/nothing", "{}".into(), 404, "unknown endpoint"),
+    ];
+    for (path, body, want, what) in &cases {
+        let (status, got) = post(&server, path, body, None);
+        assert_error(status, &got, *want, what);
+    }
+    let resp = agent()
+        .get(format!("{}/v1/completions", server.url()))
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 405);
+    // The server kept serving.
+    let (prompt, answer) = &heldout()[1];
+    let (status, body) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "temperature": 0}),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(body["choices"][0]["text"].as_str().unwrap(), answer);
+    assert_eq!(
+        metric(&server, "llama4_requests_finished_total{reason=\"error\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503() {
+    let server = start(ServerConfig {
+        parallel: 1,
+        queue_size: 1,
+        ctx_size: Some(60_000),
+        ..Default::default()
+    });
+    let (prompt, answer) = &heldout()[2];
+    // Hold the one slot with a long stream.
+    let body = json!({"prompt": prompt, "max_tokens": 50_000, "ignore_eos": true, "stream": true});
+    let resp = agent()
+        .post(format!("{}/v1/completions", server.url()))
+        .send(body.to_string())
+        .unwrap();
+    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    while !lines.next().unwrap().unwrap().starts_with("data: ") {}
+    std::thread::scope(|s| {
+        // One request waits in the queue...
+        let waiting = s.spawn(|| {
+            post_json(
+                &server,
+                "/v1/completions",
+                json!({"prompt": prompt, "temperature": 0}),
+            )
+        });
+        let started = Instant::now();
+        while metric(&server, "llama4_queue_depth") < 1.0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the request was not queued"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // ...so the next one is refused.
+        let (status, body) = post_json(&server, "/v1/completions", json!({"prompt": prompt}));
+        assert_error(status, &body, 503, "queue full");
+        assert_eq!(body["error"]["code"], "queue_full");
+        drop(lines);
+        let (status, body) = waiting.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["text"].as_str().unwrap(), answer);
+    });
+}
+
+#[test]
+fn chat_prompt_token_counts_equal_transformers() {
+    // The tool definitions make one prompt longer than the demo's 256 positions.
+    let server = start(ServerConfig {
+        ctx_size: Some(1024),
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(root().join("fixtures/chat/cases.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let mut checked = 0;
+    for case in cases
+        .iter()
+        .filter(|c| c["checkpoint"] == "models/demo" && c["ids"].is_array())
+    {
+        // What the OpenAI API can carry: text content, generation prompt on.
+        let messages = case["messages"].as_array().unwrap();
+        let plain = messages.iter().all(|m| m["content"].is_string());
+        if !plain || case["add_generation_prompt"] != true {
+            continue;
+        }
+        let mut body = json!({"messages": messages, "max_tokens": 1,
+                              "chat_template_kwargs": case["kwargs"]});
+        if case["tools"].is_array() {
+            body["tools"] = case["tools"].clone();
+        }
+        let (status, got) = post_json(&server, "/v1/chat/completions", body);
+        let want = case["ids"].as_array().unwrap().len();
+        assert_eq!(status, 200, "{}: {got}", case["name"]);
+        assert_eq!(got["usage"]["prompt_tokens"], want, "{}", case["name"]);
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}
+
+#[test]
+fn with_an_api_key_requests_without_it_get_401() {
+    let server = start(ServerConfig {
+        api_key: Some("sekrit".into()),
+        ..Default::default()
+    });
+    let (prompt, answer) = &heldout()[0];
+    let body = json!({"prompt": prompt, "temperature": 0}).to_string();
+    for key in [None, Some("wrong"), Some("sekrit2")] {
+        let (status, got) = post(&server, "/v1/completions", &body, key);
+        assert_error(status, &got, 401, "no key");
+        let (status, _) = get(&server, "/v1/models", key);
+        assert_eq!(status, 401);
+    }
+    assert_eq!(get(&server, "/health", None).0, 200);
+    assert_eq!(get(&server, "/v1/models", Some("sekrit")).0, 200);
+    assert_eq!(get(&server, "/metrics", None).0, 401);
+    let (_, metrics) = get(&server, "/metrics", Some("sekrit"));
+    assert!(
+        metrics.contains("llama4_requests_admitted_total 0"),
+        "nothing ran without the key"
+    );
+    let (status, got) = post(&server, "/v1/completions", &body, Some("sekrit"));
+    assert_eq!(status, 200);
+    assert_eq!(got["choices"][0]["text"].as_str().unwrap(), answer);
+}
+
+#[test]
+fn a_prompt_that_extends_a_finished_one_reuses_its_cache() {
+    let server = start(ServerConfig {
+        parallel: 2,
+        ..Default::default()
+    });
+    let (p1, a1) = &heldout()[5];
+    let (status, first) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": p1, "temperature": 0}),
+    );
+    assert_eq!(
+        (status, first["choices"][0]["text"].as_str().unwrap()),
+        (200, a1.as_str())
+    );
+    // The slot holds the prompt and every generated id but the last (<|eot|>, never run).
+    let held = first["usage"]["prompt_tokens"].as_u64().unwrap()
+        + first["usage"]["completion_tokens"].as_u64().unwrap()
+        - 1;
+    let (p2, _) = &heldout()[6];
+    let next = format!("{p1}{a1}<|eot|>{}", p2.trim_start_matches("<|begin_of_text|>"));
+    let (status, second) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": next, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(metric(&server, "llama4_prompt_tokens_reused_total"), held as f64);
+    // The same prompt on a fresh server (nothing to reuse) gives the same answer.
+    let fresh = start(ServerConfig::default());
+    let (_, want) = post_json(
+        &fresh,
+        "/v1/completions",
+        json!({"prompt": next, "temperature": 0}),
+    );
+    assert_eq!(metric(&fresh, "llama4_prompt_tokens_reused_total"), 0.0);
+    assert_eq!(second["choices"][0]["text"], want["choices"][0]["text"]);
+    assert_eq!(second["usage"], want["usage"]);
+}
+
+#[test]
+fn an_image_in_a_chat_message_reaches_the_vision_tower() {
+    // The vision demo answers `<|begin_of_text|>what is this?<|image|> =`; a chat template that
+    // writes the parts as they are makes a chat request give exactly that prompt.
+    let dir = tempfile::tempdir().unwrap();
+    let demo = root().join("models/vision-demo");
+    for entry in std::fs::read_dir(&demo).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::os::unix::fs::symlink(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{{ bos_token }}{% for m in messages %}{% for p in m.content %}\
+         {% if p.type == 'text' %}{{ p.text }}{% else %}<|image|>{% endif %}{% endfor %}{% endfor %}",
+    )
+    .unwrap();
+    let server = start(ServerConfig {
+        model_dir: dir.path().to_path_buf(),
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(demo.join("heldout.json")).unwrap();
+    let cases: Vec<Value> = serde_json::from_str(&text).unwrap();
+    use base64::Engine as _;
+    for case in &cases[..3] {
+        let png = std::fs::read(demo.join(case["image"].as_str().unwrap())).unwrap();
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(png)
+        );
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": " ="},
+        ]}], "max_tokens": 8, "temperature": 0});
+        let (status, got) = post_json(&server, "/v1/chat/completions", body);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(
+            got["choices"][0]["message"]["content"], case["answer"],
+            "{}",
+            case["image"]
+        );
+        // The prompt counts the image's expanded tokens.
+        assert!(got["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    }
+    let bad = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]});
+    let (status, got) = post_json(&server, "/v1/chat/completions", bad);
+    assert_error(status, &got, 400, "bytes that are not an image");
+}
+
+#[test]
+fn a_checkpoint_without_a_tokenizer_serves_ids() {
+    let server = start(ServerConfig {
+        model_dir: root().join("fixtures/models/scout"),
+        ..Default::default()
+    });
+    let (status, got) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": [1, 2, 3], "max_tokens": 3, "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    let text = got["choices"][0]["text"].as_str().unwrap();
+    let ids: Vec<u32> = text.split_whitespace().map(|t| t.parse().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "{text}");
+    assert!(ids.iter().all(|&i| i < 512));
+    let (status, got) = post_json(&server, "/v1/completions", json!({"prompt": "text"}));
+    assert_error(status, &got, 400, "text without a tokenizer");
+    let (status, got) = post_json(
+        &server,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_error(status, &got, 400, "chat without a tokenizer");
+}
