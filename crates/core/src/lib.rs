@@ -8,6 +8,8 @@ mod checkpoint;
 mod dtype;
 mod error;
 mod finite;
+pub mod ggml;
+pub mod gguf;
 pub mod input;
 pub mod kernels;
 mod kv;

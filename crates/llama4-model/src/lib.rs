@@ -71,6 +71,8 @@ mod checks;
 pub mod config;
 mod error;
 mod generate;
+pub mod gguf_names;
+mod gguf_tokenizer;
 mod layer;
 mod model;
 mod multimodal;
@@ -86,6 +88,7 @@ pub use checks::{
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
+pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
 pub use llama4_core::{DType, KvDtype, LayerKind};
 pub use model::TextModel;

@@ -35,6 +35,11 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
+    /// Wraps a tokenizer built in code (the one of a GGUF file: [`crate::GgufTokenizer`]).
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Self {
+        Tokenizer { inner }
+    }
+
     /// Reads `dir/tokenizer.json` if the checkpoint has one (a FIFO, device, directory or
     /// unfollowable link in its place is an error, not an absent tokenizer).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Option<Self>> {
