@@ -268,7 +268,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         (Some(model), None, Tokenizer::from_dir(&dir)?)
     } else {
-        if ModelConfig::from_dir(&dir)?.vision.is_none() {
+        if ModelConfig::from_dir(&dir)?.multimodal.is_none() {
             return Err(format!(
                 "--image needs a multimodal checkpoint with a vision tower; {} is text-only",
                 dir.display()
@@ -337,7 +337,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // be embedded as ordinary tokens, so they are refused.
     if args.images.is_empty() {
         if let Some(tok) = &tokenizer {
-            if ModelConfig::from_dir(&dir)?.vision.is_some() {
+            if ModelConfig::from_dir(&dir)?.multimodal.is_some() {
                 if let Ok(ids) = ImageTokenIds::from_tokenizer(tok) {
                     check_text_only_prompt(&prompt_ids, &ids)
                         .map_err(|e| format!("{e}: give one --image per <|image|>"))?;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 pub use irope_attn::{RopeConfig, RopeScaling};
+pub use vision_encoder::MultimodalConfig;
 
 use crate::{Error, Result};
 
@@ -162,18 +163,16 @@ impl QuantizationConfig {
     }
 }
 
-/// A checkpoint's whole config: the text model, and for multimodal checkpoints the raw vision
-/// config and image-token ids.
+/// A checkpoint's whole config: the text model, and for multimodal checkpoints the vision
+/// side (parsed by `vision-encoder`, the one parser of that part of config.json).
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     /// The text decoder.
     pub text: TextConfig,
     /// Weight-name prefix of the text model: `""` or `"language_model."`.
     pub text_prefix: &'static str,
-    /// The `vision_config` object of a multimodal checkpoint, unparsed.
-    pub vision: Option<Value>,
-    /// Id of `<|patch|>` (`image_token_index`) in multimodal checkpoints.
-    pub image_token_index: Option<u32>,
+    /// The vision tower's config and the image-token id, in multimodal checkpoints.
+    pub multimodal: Option<MultimodalConfig>,
     /// How the checkpoint was quantised, when config.json says (`quantization_config`, at the
     /// top level; transformers writes it there for multimodal checkpoints too).
     pub quantization: Option<QuantizationConfig>,
@@ -323,19 +322,13 @@ impl ModelConfig {
                 if raw.tie_word_embeddings.is_none() {
                     raw.tie_word_embeddings = top.get("tie_word_embeddings").and_then(Value::as_bool);
                 }
-                let image_token_index = match top.get("image_token_index") {
-                    None => Some(200092),
-                    Some(v) => Some(token_id(
-                        "image_token_index",
-                        v.as_i64()
-                            .ok_or_else(|| bad("image_token_index", "not an integer"))?,
-                    )?),
-                };
+                // A config that says it is multimodal must describe its vision side, even
+                // when only the text model is loaded: a malformed one is an error here.
+                let multimodal = MultimodalConfig::from_json(&value)?;
                 Ok(ModelConfig {
                     text: resolve(raw)?,
                     text_prefix: "language_model.",
-                    vision: top.get("vision_config").cloned(),
-                    image_token_index,
+                    multimodal: Some(multimodal),
                     quantization,
                 })
             }
@@ -344,8 +337,7 @@ impl ModelConfig {
                 Ok(ModelConfig {
                     text: resolve(raw)?,
                     text_prefix: "",
-                    vision: None,
-                    image_token_index: None,
+                    multimodal: None,
                     quantization,
                 })
             }

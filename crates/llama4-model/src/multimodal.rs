@@ -10,9 +10,7 @@ use std::sync::Arc;
 use llama4_core::{Checkpoint, QuantPolicy};
 use ndarray::{Array2, ArrayView2, Axis};
 use vision_encoder::image::DynamicImage;
-use vision_encoder::{
-    decode_image, image_tokens, ImageProcessor, ImageToken, Projector, VisionConfig, VisionModel,
-};
+use vision_encoder::{decode_image, image_tokens, ImageProcessor, ImageToken, Projector, VisionModel};
 
 use crate::session::Session;
 use crate::{Error, GenerateOptions, Generation, ModelConfig, Result, TextModel, Tokenizer};
@@ -229,17 +227,17 @@ impl MultimodalModel {
     ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
-        let vision_json = config.vision.as_ref().ok_or_else(|| Error::Config {
+        let multimodal = config.multimodal.as_ref().ok_or_else(|| Error::Config {
             field: "vision_config",
             reason: "absent: a text-only checkpoint cannot take images".into(),
         })?;
-        let vision_cfg = VisionConfig::from_json(vision_json)?;
-        if config.image_token_index != Some(token_ids.patch) {
+        let vision_cfg = &multimodal.vision;
+        if multimodal.image_token_index != token_ids.patch {
             return Err(Error::Config {
                 field: "image_token_index",
                 reason: format!(
-                    "{:?} differs from the tokenizer's <|patch|> id {}",
-                    config.image_token_index, token_ids.patch
+                    "{} differs from the tokenizer's <|patch|> id {}",
+                    multimodal.image_token_index, token_ids.patch
                 ),
             });
         }
@@ -255,10 +253,10 @@ impl MultimodalModel {
             });
         }
         let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
-        let vision = VisionModel::load(ckpt.scope("vision_model"), &vision_cfg)?;
+        let vision = VisionModel::load(ckpt.scope("vision_model"), vision_cfg)?;
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),
-            &vision_cfg,
+            vision_cfg,
             config.text.hidden_size,
         )?;
         let text = TextModel::from_checkpoint(ckpt, &config)?;

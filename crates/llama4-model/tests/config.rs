@@ -15,6 +15,14 @@ fn parse(v: Value) -> llama4_model::Result<ModelConfig> {
     ModelConfig::from_json_bytes(v.to_string().as_bytes())
 }
 
+/// Scout's vision tower sizes (the rest from transformers' defaults).
+fn vision() -> Value {
+    json!({
+        "hidden_size": 1408, "intermediate_size": 5632, "num_attention_heads": 16,
+        "vision_output_dim": 4096, "projector_input_dim": 4096, "projector_output_dim": 4096
+    })
+}
+
 fn small() -> Value {
     json!({
         "model_type": "llama4_text", "hidden_size": 64, "num_hidden_layers": 4,
@@ -112,14 +120,16 @@ fn defaults_absent_chunk_is_8192_absent_rope_is_default() {
 #[test]
 fn multimodal_config_reads_text_config_and_prefix() {
     let v = json!({
-        "model_type": "llama4", "text_config": small(), "vision_config": {"hidden_size": 8},
+        "model_type": "llama4", "text_config": small(), "vision_config": vision(),
         "image_token_index": 200092, "tie_word_embeddings": true
     });
     let cfg = parse(v).unwrap();
     assert_eq!(cfg.text_prefix, "language_model.");
-    assert_eq!(cfg.image_token_index, Some(200092));
+    let mm = cfg.multimodal.expect("multimodal part");
+    assert_eq!(mm.image_token_index, 200092);
+    assert_eq!(mm.vision.hidden_size, 1408);
+    assert_eq!(mm.text_hidden_size, cfg.text.hidden_size);
     assert!(cfg.text.tie_word_embeddings);
-    assert!(cfg.vision.is_some());
 }
 
 #[test]
@@ -235,4 +245,34 @@ fn stop_ids_join_config_and_generation_config() {
         llama4_model::stop_ids(dir.path(), &t),
         Err(Error::ConfigJson { .. })
     ));
+}
+
+#[test]
+fn multimodal_config_parses_its_vision_side_once_and_refuses_a_bad_one() {
+    // Absent image_token_index takes transformers' default.
+    let v = json!({"model_type": "llama4", "text_config": small(), "vision_config": vision()});
+    let mm = parse(v).unwrap().multimodal.expect("multimodal part");
+    assert_eq!(mm.image_token_index, vision_encoder::DEFAULT_IMAGE_TOKEN_INDEX);
+
+    let bad_vision = json!({
+        "model_type": "llama4", "text_config": small(), "vision_config": {"hidden_size": "wide"}
+    });
+    let err = parse(bad_vision).unwrap_err();
+    assert!(
+        matches!(err, llama4_model::Error::Vision(_)) && err.to_string().contains("vision_config"),
+        "{err}"
+    );
+
+    for id in [json!(-1), json!("200092"), json!(1u64 << 40)] {
+        let v = json!({
+            "model_type": "llama4", "text_config": small(), "vision_config": vision(),
+            "image_token_index": id
+        });
+        let err = parse(v).unwrap_err();
+        assert!(err.to_string().contains("image_token_index"), "{err}");
+    }
+
+    let no_vision = json!({"model_type": "llama4", "text_config": small()});
+    let err = parse(no_vision).unwrap_err();
+    assert!(err.to_string().contains("vision_config"), "{err}");
 }

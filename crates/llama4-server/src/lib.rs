@@ -102,7 +102,7 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let model = if model_config.vision.is_some() {
+    let model = if model_config.multimodal.is_some() {
         let tok = tokenizer.as_ref().ok_or_else(|| {
             Error::Config(format!(
                 "{} has no tokenizer.json (the image tokens' ids come from it)",

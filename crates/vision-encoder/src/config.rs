@@ -298,13 +298,21 @@ impl VisionConfig {
     }
 }
 
-/// What the vision side needs from a multimodal `config.json`.
+/// `image_token_index` when a multimodal config.json omits it (transformers' default: the id
+/// of `<|patch|>` in the Llama 4 vocabulary).
+pub const DEFAULT_IMAGE_TOKEN_INDEX: u32 = 200_092;
+
+/// The multimodal part of a `model_type: "llama4"` config.json, parsed once: the model crate
+/// holds this beside its text config, and the vision tower is built from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MultimodalConfig {
     /// `vision_config`, resolved.
     pub vision: VisionConfig,
     /// `text_config.hidden_size`: the projector's output width.
     pub text_hidden_size: usize,
+    /// `image_token_index`: the id of `<|patch|>`, the text position each projected image
+    /// token replaces.
+    pub image_token_index: u32,
 }
 
 impl MultimodalConfig {
@@ -315,7 +323,7 @@ impl MultimodalConfig {
         Self::from_json(&value)
     }
 
-    /// Parses a multimodal config object.
+    /// Parses a multimodal config object (the whole config.json).
     pub fn from_json(value: &Value) -> Result<Self> {
         let vision = value
             .get("vision_config")
@@ -325,9 +333,19 @@ impl MultimodalConfig {
             .and_then(|t| t.get("hidden_size"))
             .and_then(Value::as_u64)
             .ok_or_else(|| Error::Config("text_config.hidden_size missing or not an integer".into()))?;
+        let image_token_index = match value.get("image_token_index") {
+            None | Some(Value::Null) => DEFAULT_IMAGE_TOKEN_INDEX,
+            Some(v) => v
+                .as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| Error::Config(format!("image_token_index {v} is not a token id")))?,
+        };
         Ok(MultimodalConfig {
             vision: VisionConfig::from_json(vision)?,
-            text_hidden_size: text_hidden_size as usize,
+            text_hidden_size: usize::try_from(text_hidden_size).map_err(|_| {
+                Error::Config(format!("text_config.hidden_size {text_hidden_size} too large"))
+            })?,
+            image_token_index,
         })
     }
 }

@@ -37,8 +37,8 @@ mod resize;
 mod tokens;
 
 pub use config::{
-    MultimodalConfig, ProcessorConfig, VisionConfig, LAYER_NORM_EPS, MAX_CANVAS_PIXELS, MAX_GRID,
-    MAX_PATCHES, MAX_TILE_SIZE,
+    MultimodalConfig, ProcessorConfig, VisionConfig, DEFAULT_IMAGE_TOKEN_INDEX, LAYER_NORM_EPS,
+    MAX_CANVAS_PIXELS, MAX_GRID, MAX_PATCHES, MAX_TILE_SIZE,
 };
 pub use error::{Error, Result};
 pub use image_io::{decode_image, load_image, to_rgb8, MAX_PIXELS};
