@@ -11,10 +11,9 @@
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
-use llama4_examples::heldout;
 use llama4_examples::sliding_window::SlidingWindow;
 use llama4_model::irope_attn::SelfAttention;
-use llama4_model::{AttentionLayer, TextModel, Tokenizer};
+use llama4_model::{heldout, AttentionLayer, DType, TextModel, Tokenizer};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -39,7 +38,7 @@ fn try_main() -> Result<(), Error> {
     let tokenizer = Tokenizer::from_dir(&dir)?.ok_or("the model directory has no tokenizer.json")?;
 
     let mut model = TextModel::load(&dir)?;
-    let before = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
+    let before = heldout::evaluate(&model, &tokenizer, &dir, &cases, DType::F32)?;
     let layers = model.layers().len();
     let slot = model
         .layers_mut()
@@ -52,7 +51,7 @@ fn try_main() -> Result<(), Error> {
     };
     let swapped = SlidingWindow::new((**original).clone(), window);
     slot.self_attn = AttentionLayer::Custom(Box::new(swapped));
-    let after = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
+    let after = heldout::evaluate(&model, &tokenizer, &dir, &cases, DType::F32)?;
 
     let was = match was.chunk() {
         Some(c) => format!("chunks of {c} keys"),

@@ -10,8 +10,7 @@
 use std::path::PathBuf;
 
 use llama4_core::Checkpoint;
-use llama4_examples::heldout;
-use llama4_model::{TextModel, Tokenizer};
+use llama4_model::{heldout, DType, TextModel, Tokenizer};
 use moe_router::SoftmaxTopKRouter;
 
 type Error = Box<dyn std::error::Error>;
@@ -36,7 +35,7 @@ fn try_main() -> Result<(), Error> {
     let tokenizer = Tokenizer::from_dir(&dir)?.ok_or("the model directory has no tokenizer.json")?;
 
     let mut model = TextModel::load(&dir)?;
-    let before = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
+    let before = heldout::evaluate(&model, &tokenizer, &dir, &cases, DType::F32)?;
 
     // The swap: every MoE layer gets a softmax top-k router built from its own router weights.
     let ckpt = Checkpoint::open(&dir)?;
@@ -47,7 +46,7 @@ fn try_main() -> Result<(), Error> {
             SoftmaxTopKRouter::load(&scope, cfg.hidden_size, cfg.num_local_experts, top_k, renormalize)?;
         Ok(Box::new(router))
     })?;
-    let after = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
+    let after = heldout::evaluate(&model, &tokenizer, &dir, &cases, DType::F32)?;
 
     println!("router                               exact match");
     println!(
@@ -66,7 +65,7 @@ fn try_main() -> Result<(), Error> {
     );
     println!("\nfirst answers (expected | Llama 4 router | softmax top-{top_k}):");
     for ((case, b), a) in cases.iter().zip(&before.answers).zip(&after.answers).take(5) {
-        println!("{:<22}|{:<22}|{}", case.1, b, a);
+        println!("{:<22}|{:<22}|{}", case.answer, b, a);
     }
     let changed = before
         .answers

@@ -1,9 +1,8 @@
 //! Examples and benchmarks of the Llama 4 workspace live beside this library, which holds what
 //! the example binaries share: reading the command line, checking output paths before any
-//! work starts, held-out accuracy ([`heldout`]), and components built outside the model crate
-//! ([`sliding_window`]).
+//! work starts, and components built outside the model crate ([`sliding_window`]). Held-out
+//! accuracy is `llama4_model::heldout`.
 
-pub mod heldout;
 pub mod sliding_window;
 
 use std::ffi::OsString;

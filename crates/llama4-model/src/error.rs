@@ -202,6 +202,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A `heldout.json` is not a list of `{"prompt", "answer"}` strings.
+    #[error("{path}: {reason}")]
+    HeldOut {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The chat template rejected the conversation (its `raise_exception`).
     #[error("the chat template rejected the conversation: {0}")]
     ChatRejected(String),

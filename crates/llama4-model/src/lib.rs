@@ -73,6 +73,7 @@ mod error;
 mod generate;
 pub mod gguf_names;
 mod gguf_tokenizer;
+pub mod heldout;
 mod layer;
 mod model;
 mod multimodal;

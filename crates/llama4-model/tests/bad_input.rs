@@ -256,3 +256,32 @@ fn invalid_sampling_settings() {
     let mut s = Sampler::new(SamplingConfig::greedy()).unwrap();
     assert!(matches!(s.sample(&[]), Err(Error::Empty(_))));
 }
+
+#[test]
+fn malformed_held_out_sets_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = llama4_model::heldout::cases(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    for (text, says) in [
+        ("{\"prompt\": \"a\"}", "not a list"),
+        ("[{\"prompt\": \"a\", \"answer\": 3}]", "entry 0"),
+        ("[{\"prompt\": \"a\", \"answer\": \"b\"}, {}]", "entry 1"),
+        ("[{\"prompt\": \"a\"", "EOF"),
+    ] {
+        std::fs::write(dir.path().join("heldout.json"), text).unwrap();
+        let err = llama4_model::heldout::cases(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::HeldOut { .. }), "{text}: {err}");
+        assert!(
+            err.to_string().contains("heldout.json") && err.to_string().contains(says),
+            "{err}"
+        );
+    }
+    std::fs::write(
+        dir.path().join("heldout.json"),
+        "[{\"prompt\": \"a\", \"answer\": \"b\"}]",
+    )
+    .unwrap();
+    let cases = llama4_model::heldout::cases(dir.path()).unwrap();
+    assert_eq!(cases.len(), 1);
+    assert_eq!((cases[0].prompt.as_str(), cases[0].answer.as_str()), ("a", "b"));
+}

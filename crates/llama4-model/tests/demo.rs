@@ -5,25 +5,12 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use llama4_core::DType;
-use llama4_model::{stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer};
+use llama4_model::{
+    heldout, stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+};
 
 fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
-}
-
-fn heldout() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(demo().join("heldout.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["prompt"].as_str().unwrap().to_string(),
-                e["answer"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -38,11 +25,11 @@ fn demo_sorts_digits_on_held_out_inputs() {
         stop_ids: stops.clone(),
         keep_logits: false,
     };
-    let cases = heldout();
+    let cases = heldout::cases(demo()).unwrap();
     assert!(cases.len() >= 200);
     let mut correct = 0;
-    for (prompt, answer) in &cases {
-        let ids = tok.encode(prompt).unwrap();
+    for case in &cases {
+        let ids = tok.encode(&case.prompt).unwrap();
         let mut session = Session::new(&model, DType::F32).unwrap();
         let mut stream = StreamDecoder::with_stop_ids(&stops);
         let mut streamed = String::new();
@@ -55,7 +42,8 @@ fn demo_sorts_digits_on_held_out_inputs() {
         let body = g.answer_ids();
         let text = tok.decode(body).unwrap();
         assert_eq!(streamed, text, "streamed decoding must equal decoding at once");
-        correct += usize::from(&text == answer && g.generated_ids.last().is_some_and(|i| stops.contains(i)));
+        correct +=
+            usize::from(text == case.answer && g.generated_ids.last().is_some_and(|i| stops.contains(i)));
     }
     let accuracy = correct as f64 / cases.len() as f64;
     println!(

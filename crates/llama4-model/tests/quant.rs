@@ -2,7 +2,6 @@
 //! q8 and q4 against bf16, and quantised checkpoints written by `quantize_checkpoint` that load
 //! back bit for bit (weights and logits) without requantising.
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use llama4_core::quant::{QSCALE_SUFFIX, QWEIGHT_SUFFIX};
@@ -11,8 +10,7 @@ use llama4_core::{
     WeightData,
 };
 use llama4_model::{
-    quant_policy, quantize_checkpoint, stop_ids, Error, GenerateOptions, Logits, SamplingConfig, Session,
-    TextModel, Tokenizer,
+    heldout, quant_policy, quantize_checkpoint, Error, Logits, Session, TextModel, Tokenizer,
 };
 use tempfile::TempDir;
 
@@ -20,45 +18,12 @@ fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo")
 }
 
-/// The held-out set of tests/demo.rs.
-fn heldout() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(demo().join("heldout.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["prompt"].as_str().unwrap().to_string(),
-                e["answer"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
-/// Exact matches (answer text equal and ended by a stop id) of `model` over the held-out set,
-/// greedy, as tests/demo.rs counts them.
-fn exact_matches(model: &TextModel, cases: &[(String, String)]) -> usize {
+/// Exact matches of `model` over the held-out set (greedy, f32 cache).
+fn exact_matches(model: &TextModel, cases: &[heldout::Case]) -> usize {
     let tok = Tokenizer::from_dir(demo()).unwrap().unwrap();
-    let stops = stop_ids(demo(), model.config()).unwrap();
-    let options = GenerateOptions {
-        max_new_tokens: 16,
-        sampling: SamplingConfig::greedy(),
-        stop_ids: stops.clone(),
-        keep_logits: false,
-    };
-    cases
-        .iter()
-        .filter(|(prompt, answer)| {
-            let ids = tok.encode(prompt).unwrap();
-            let mut session = Session::new(model, DType::F32).unwrap();
-            let g = session
-                .generate(&ids, &options, |_| ControlFlow::Continue(()))
-                .unwrap();
-            let text = tok.decode(g.answer_ids()).unwrap();
-            &text == answer && g.generated_ids.last().is_some_and(|i| stops.contains(i))
-        })
-        .count()
+    heldout::evaluate(model, &tok, demo(), cases, DType::F32)
+        .unwrap()
+        .correct
 }
 
 fn policy(format: QuantFormat, group: usize, scope: QuantScope) -> QuantPolicy {
@@ -68,7 +33,7 @@ fn policy(format: QuantFormat, group: usize, scope: QuantScope) -> QuantPolicy {
 /// q8 within 1 point of bf16 and q4 within 3 points, experts only and all linear weights.
 #[test]
 fn demo_accuracy_q8_and_q4_against_bf16() {
-    let cases = heldout();
+    let cases = heldout::cases(demo()).unwrap();
     assert!(cases.len() >= 200);
     let n = cases.len() as f64;
     let base = exact_matches(&TextModel::load(demo()).unwrap(), &cases);
@@ -154,7 +119,7 @@ fn saved_quantised_checkpoint_reloads_bit_for_bit() {
     ];
     let prompt: Vec<u32> = {
         let tok = Tokenizer::from_dir(demo()).unwrap().unwrap();
-        tok.encode(&heldout()[0].0).unwrap()
+        tok.encode(&heldout::cases(demo()).unwrap()[0].prompt).unwrap()
     };
     for (spec, scope) in specs {
         let p = quant_policy(spec, scope);

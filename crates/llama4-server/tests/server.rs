@@ -80,18 +80,12 @@ fn stream(server: &RunningServer, path: &str, body: Value) -> Vec<Value> {
         .collect()
 }
 
+/// The demo's held-out prompts and answers.
 fn heldout() -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(root().join("models/demo/heldout.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v.as_array()
+    llama4_model::heldout::cases(root().join("models/demo"))
         .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["prompt"].as_str().unwrap().into(),
-                e["answer"].as_str().unwrap().into(),
-            )
-        })
+        .into_iter()
+        .map(|c| (c.prompt, c.answer))
         .collect()
 }
 
