@@ -223,13 +223,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    llama4_examples::report(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {

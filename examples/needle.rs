@@ -55,7 +55,7 @@ fn parse_args() -> Result<Args, String> {
         no_temperature: false,
         dump_logits: None,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = llama4_examples::utf8_args().map_err(|e| e.to_string())?;
     fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
         let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
         v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
@@ -89,13 +89,7 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    llama4_examples::report(run())
 }
 
 fn run() -> Result<(), Error> {
