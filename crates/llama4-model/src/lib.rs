@@ -90,7 +90,7 @@ pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
 pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
-pub use llama4_core::{DType, LayerKind};
+pub use llama4_core::{DType, KvDtype, LayerKind};
 pub use model::TextModel;
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
