@@ -74,7 +74,11 @@ impl Rope {
         if factors.len() != self.inv_freq.len() {
             return Err(Error::shape(
                 "Rope::with_freq_factors",
-                format!("{} factors for {} frequencies", factors.len(), self.inv_freq.len()),
+                format!(
+                    "{} factors for {} frequencies",
+                    factors.len(),
+                    self.inv_freq.len()
+                ),
             ));
         }
         if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {

@@ -2,6 +2,7 @@
 //! layer pattern of [`GgufLlama4`], the tensors of [`GgufLlama4::tensors`] read in place from
 //! the mapped file (quantised blocks stay quantised), RoPE with the file's `rope_freqs` factors.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use irope_attn::{Attention, PosEncoding, RopeConfig, RopeScaling};
@@ -14,7 +15,7 @@ use crate::config::{LayerSpec, TextConfig};
 use crate::gguf_names::{GgufLlama4, CHUNK, TEMP_FLOOR, TEMP_SCALE};
 use crate::layer::{AttentionLayer, DecoderLayer, FeedForwardLayer};
 use crate::model::{attn_config, TextModel};
-use crate::{Error, Result};
+use crate::{ChatTemplate, Error, GgufTokenizer, Result, LLAMA4_CHAT_TEMPLATE};
 
 /// The resolved config llama.cpp runs `g` with, in this crate's terms. Token ids come from
 /// the tokenizer metadata of `f` when present.
@@ -109,7 +110,8 @@ fn load_layer(
 ) -> Result<DecoderLayer> {
     let (h, d) = (g.n_embd, g.head_dim);
     let name = |s: &str| format!("blk.{il}.{s}.weight");
-    let linear = |s: &str, shape: [usize; 2]| -> Result<Linear> { Ok(Linear::new(f.weight(&name(s), shape)?, None)?) };
+    let linear =
+        |s: &str, shape: [usize; 2]| -> Result<Linear> { Ok(Linear::new(f.weight(&name(s), shape)?, None)?) };
     let (q, kv) = (g.n_head * d, g.n_head_kv * d);
     let encoding = if cfg.layers[il].rope {
         PosEncoding::Rope
@@ -140,7 +142,12 @@ fn load_layer(
             f.weight(&name("ffn_up_shexp"), [i, h])?,
             f.weight(&name("ffn_down_shexp"), [h, i])?,
         )?;
-        let moe = Moe::new(Box::new(router), experts, Some(shared), WeightPlacement::ExpertInput)?;
+        let moe = Moe::new(
+            Box::new(router),
+            experts,
+            Some(shared),
+            WeightPlacement::ExpertInput,
+        )?;
         FeedForwardLayer::Moe(Box::new(moe))
     } else {
         FeedForwardLayer::Dense(Mlp::new(
@@ -168,4 +175,82 @@ pub(crate) fn check(cfg: &TextConfig) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// A GGUF file loaded for generation: the text model, the tokenizer and chat template from the
+/// file's `tokenizer.*` metadata (when it has them), and the ids that end generation.
+#[derive(Debug)]
+pub struct GgufModel {
+    /// The text model, weights read in place from the file's map.
+    pub model: TextModel,
+    /// The tokenizer of `tokenizer.ggml.*`, or `None` when the file has no `tokenizer.ggml.model`.
+    pub tokenizer: Option<GgufTokenizer>,
+    /// Ids that end generation: `tokenizer.ggml.eos_token_id`, `tokenizer.ggml.eot_token_id`
+    /// and `tokenizer.ggml.eom_token_id`, and the tokens llama.cpp also treats as end of
+    /// generation by their text (`<|eot|>`, `<|eom|>`, `<|end_of_text|>`, `<|eot_id|>`).
+    pub stop_ids: Vec<u32>,
+    /// Bytes of tensor data the file holds (every tensor, as stored).
+    pub weight_bytes: u64,
+}
+
+/// Token texts that end generation whatever the metadata says (llama.cpp's `llama_vocab`
+/// adds these to its end-of-generation set by text).
+const STOP_TEXTS: [&str; 4] = ["<|eot|>", "<|eom|>", "<|end_of_text|>", "<|eot_id|>"];
+
+impl GgufModel {
+    /// Opens `path` and loads its model and tokenizer (see [`TextModel::from_gguf`] and
+    /// [`GgufTokenizer::from_gguf`]).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let f = GgufFile::open(path.as_ref())?;
+        let model = TextModel::from_gguf(&f)?;
+        let tokenizer = match f.get("tokenizer.ggml.model") {
+            Some(_) => Some(GgufTokenizer::from_gguf(&f)?),
+            None => None,
+        };
+        let mut stop_ids = model.config().eos_token_ids.clone();
+        let id = |k: &str| f.get(k).and_then(Value::as_u64).map(|v| v as u32);
+        let vocab = model.config().vocab_size as u32;
+        let mut more: Vec<u32> = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .into_iter()
+            .filter_map(id)
+            .collect();
+        if let Some(t) = &tokenizer {
+            more.extend(STOP_TEXTS.iter().filter_map(|s| t.tokenizer.token_id(s)));
+        }
+        for i in more {
+            if i < vocab && !stop_ids.contains(&i) {
+                stop_ids.push(i);
+            }
+        }
+        let weight_bytes = f.header().tensors.iter().map(|t| t.nbytes).sum();
+        Ok(GgufModel {
+            model,
+            tokenizer,
+            stop_ids,
+            weight_bytes,
+        })
+    }
+
+    /// The chat template: the file's `tokenizer.chat_template`, else [`LLAMA4_CHAT_TEMPLATE`],
+    /// with `bos_token` the text of the file's BOS token.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        let mut special = BTreeMap::new();
+        let tok = self.tokenizer.as_ref();
+        if let Some(t) = tok {
+            if let Some(bos) = t.bos_id.and_then(|id| t.tokenizer.decode(&[id]).ok()) {
+                special.insert("bos_token".to_string(), bos);
+            }
+        }
+        let text = tok
+            .and_then(|t| t.chat_template.as_deref())
+            .unwrap_or(LLAMA4_CHAT_TEMPLATE);
+        ChatTemplate::new(text, special)
+    }
+}
+
+/// Whether `path` names a GGUF file (a file whose name ends in `.gguf`, any case) rather than
+/// a checkpoint directory.
+pub fn is_gguf_path(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    path.is_file() && path.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
 }

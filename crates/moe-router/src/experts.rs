@@ -63,14 +63,34 @@ impl Experts {
 
     /// Experts from separate gate, up and down tensors (GGUF's `ffn_{gate,up,down}_exps`):
     /// `gate_proj` and `up_proj` map `H → I`, `down_proj` `I → H`, with the same batch `E`.
-    pub fn new_split(gate_proj: BatchedWeight, up_proj: BatchedWeight, down_proj: BatchedWeight) -> Result<Self> {
+    pub fn new_split(
+        gate_proj: BatchedWeight,
+        up_proj: BatchedWeight,
+        down_proj: BatchedWeight,
+    ) -> Result<Self> {
         let checks = [
             ("up_proj experts", gate_proj.batch(), up_proj.batch()),
             ("down_proj experts", gate_proj.batch(), down_proj.batch()),
-            ("up_proj input width (H)", gate_proj.in_features(), up_proj.in_features()),
-            ("up_proj output width (I)", gate_proj.out_features(), up_proj.out_features()),
-            ("down_proj input width (I)", gate_proj.out_features(), down_proj.in_features()),
-            ("down_proj output width (H)", gate_proj.in_features(), down_proj.out_features()),
+            (
+                "up_proj input width (H)",
+                gate_proj.in_features(),
+                up_proj.in_features(),
+            ),
+            (
+                "up_proj output width (I)",
+                gate_proj.out_features(),
+                up_proj.out_features(),
+            ),
+            (
+                "down_proj input width (I)",
+                gate_proj.out_features(),
+                down_proj.in_features(),
+            ),
+            (
+                "down_proj output width (H)",
+                gate_proj.in_features(),
+                down_proj.out_features(),
+            ),
         ];
         for (what, expected, got) in checks {
             if expected != got {
@@ -208,7 +228,14 @@ impl Experts {
     }
 
     /// `silu(x G) · x U` of the fused tensor into the first `n·I` values of `gate_up` (`n·2I`).
-    fn gate_up_fused(&self, expert: usize, xv: ArrayView2<f32>, n: usize, i: usize, gate_up: &mut [f32]) -> Result<()> {
+    fn gate_up_fused(
+        &self,
+        expert: usize,
+        xv: ArrayView2<f32>,
+        n: usize,
+        i: usize,
+        gate_up: &mut [f32],
+    ) -> Result<()> {
         kernels::linear_into(
             xv,
             self.gate_up_proj.matrix(expert),
