@@ -642,7 +642,8 @@ fn a_gguf_file_serves_llama_cpp_greedy_text() {
     assert_eq!(status, 200, "{got}");
     // The file's own tokenizer (from its metadata) turns the ids into the text, withholding a
     // character whose bytes are not all out yet, as streams do.
-    let f = llama4_model::llama4_core::gguf::GgufFile::open(root().join("fixtures/gguf/k-Q4_K_M.gguf")).unwrap();
+    let f =
+        llama4_model::llama4_core::gguf::GgufFile::open(root().join("fixtures/gguf/k-Q4_K_M.gguf")).unwrap();
     let tok = llama4_model::GgufTokenizer::from_gguf(&f).unwrap().tokenizer;
     let mut stream = llama4_model::StreamDecoder::new();
     let want: String = greedy.iter().map(|&id| stream.push(&tok, id).unwrap()).collect();
