@@ -168,7 +168,7 @@ fn load_layer(
 
 /// Refuses a config llama.cpp would refuse or that this crate cannot run.
 pub(crate) fn check(cfg: &TextConfig) -> Result<()> {
-    if cfg.head_dim == 0 || cfg.head_dim % 2 != 0 {
+    if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
         return Err(Error::Config {
             field: "llama4.attention.key_length",
             reason: format!("{} is not a positive even head width", cfg.head_dim),

@@ -669,6 +669,8 @@ fn a_gguf_file_refuses_load_time_quantisation() {
         port: 0,
         ..Default::default()
     };
-    let err = RunningServer::start(config).err().expect("refused");
+    let Err(err) = RunningServer::start(config) else {
+        panic!("a GGUF with --quantize started")
+    };
     assert!(err.to_string().contains("GGUF"), "{err}");
 }
