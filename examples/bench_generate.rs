@@ -158,7 +158,10 @@ fn try_main() -> Result<(), Error> {
     // Float weights are mapped: the files are what they can occupy. Quantised ones are held in
     // memory: count what the loader returned.
     let weight_bytes = if policy.is_some() {
-        model.checkpoint().weight_bytes() as u64
+        model
+            .checkpoint()
+            .expect("loaded from safetensors")
+            .weight_bytes() as u64
     } else {
         safetensors_bytes(&args.model)?
     };

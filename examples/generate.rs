@@ -7,7 +7,9 @@
 //!
 //! Options (this command line is an interface other tools rely on):
 //! ```text
-//! --model DIR          checkpoint directory (default: the embedded demo model)
+//! --model DIR|FILE.gguf  checkpoint directory (default: the embedded demo model), or a Llama 4
+//!                      GGUF file as llama.cpp writes it (tokenizer, chat template and stop ids
+//!                      from its metadata; weights run in their stored ggml types)
 //! --prompt TEXT | --prompt-ids 1,2,3
 //! --chat               render the prompt as a user turn with the checkpoint's chat template (the
 //!                      Llama 4 template when it has none)
@@ -48,9 +50,9 @@ use llama4_core::input::{read_capped, Cap};
 use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_examples::{check_output_dir, check_output_file, utf8_args};
 use llama4_model::{
-    check_chat_tokens, check_text_only_prompt, quantize_checkpoint, stop_ids, ChatOptions, ChatTemplate,
-    GenerateOptions, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig, Session, StreamDecoder,
-    TextModel, Tokenizer,
+    check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint, stop_ids, ChatOptions,
+    ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
+    Session, StreamDecoder, TextModel, Tokenizer,
 };
 
 /// `println!` that returns an error when stdout is closed (`generate | head`) instead of
@@ -254,8 +256,28 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         policy = None;
     }
     let load_started = Instant::now();
+    // A GGUF file: the text model, tokenizer, chat template and stop ids all come from it.
+    let gguf = if is_gguf_path(&dir) {
+        if !args.images.is_empty() {
+            return Err("--image needs a checkpoint directory with a vision tower, not a GGUF file".into());
+        }
+        if policy.is_some() {
+            return Err(
+                "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
+            );
+        }
+        let g = GgufModel::load(&dir)?;
+        let chat = if args.chat { Some(g.chat_template()?) } else { None };
+        Some((g, chat))
+    } else {
+        None
+    };
+    let mut gguf_facts = None;
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
-    let (text_model, multimodal, tokenizer) = if args.images.is_empty() {
+    let (text_model, multimodal, tokenizer) = if let Some((g, chat)) = gguf {
+        gguf_facts = Some((g.stop_ids, g.weight_bytes, chat));
+        (Some(g.model), None, g.tokenizer.map(|t| t.tokenizer))
+    } else if args.images.is_empty() {
         let model = TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
             Some(p) => quant_error(e, p),
             None => e.into(),
@@ -286,10 +308,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         (None, None) => unreachable!("one of them is loaded above"),
     };
     if args.check_weights {
-        model.checkpoint().check_finite()?;
+        model
+            .checkpoint()
+            .ok_or("--check-weights scans safetensors checkpoints, not GGUF files")?
+            .check_finite()?;
     }
     let load_time = load_started.elapsed();
-    let weight_bytes = model.checkpoint().weight_bytes();
+    let weight_bytes = match (model.checkpoint(), &gguf_facts) {
+        (Some(c), _) => c.weight_bytes(),
+        (None, Some((_, bytes, _))) => *bytes as usize,
+        (None, None) => 0,
+    };
 
     let prompt_text = match (&args.prompt, &args.prompt_ids) {
         (Some(p), _) => Some(p.clone()),
@@ -319,7 +348,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             if args.chat {
                 // Refused when the tokenizer lacks a special token the chat format writes.
                 check_chat_tokens(tok)?;
-                tok.encode_with(&render_chat(&dir, &args, text)?, false)?
+                let template = match &gguf_facts {
+                    Some((_, _, Some(t))) => t,
+                    _ => &ChatTemplate::from_dir(&dir)?,
+                };
+                tok.encode_with(&render_chat(template, &args, text)?, false)?
             } else {
                 tok.encode(text)?
             }
@@ -329,7 +362,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     // Without --image, a multimodal checkpoint runs as text: image tokens in the prompt would
     // be embedded as ordinary tokens, so they are refused.
-    if args.images.is_empty() {
+    if args.images.is_empty() && gguf_facts.is_none() {
         if let Some(tok) = &tokenizer {
             if ModelConfig::from_dir(&dir)?.multimodal.is_some() {
                 if let Ok(ids) = ImageTokenIds::from_tokenizer(tok) {
@@ -339,10 +372,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let stops = if args.ignore_eos {
-        vec![]
-    } else {
-        stop_ids(&dir, model.config())?
+    let stops = match &gguf_facts {
+        _ if args.ignore_eos => vec![],
+        Some((ids, _, _)) => ids.clone(),
+        None => stop_ids(&dir, model.config())?,
     };
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens.unwrap_or(64),
@@ -456,7 +489,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             cache.global as f64 / 1e3,
             peak_rss_bytes().unwrap_or(0) as f64 / 1e6
         );
-        let quantized = model.checkpoint().quantized_weights();
+        let quantized = model.checkpoint().map_or(0, |c| c.quantized_weights());
         outln!(
             "weights: {:.2} MB loaded in {:.1} ms, {quantized} tensors quantised{}",
             weight_bytes as f64 / 1e6,
@@ -479,7 +512,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The chat prompt: `--system`, the messages of `--conversation`, then `user` as the last user
 /// turn (unless empty), rendered with the checkpoint's chat template.
-fn render_chat(dir: &Path, args: &Args, user: &str) -> Result<String, Box<dyn std::error::Error>> {
+fn render_chat(
+    template: &ChatTemplate,
+    args: &Args,
+    user: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
     let mut messages = Vec::new();
     if let Some(system) = &args.system {
         messages.push(serde_json::json!({"role": "system", "content": system}));
@@ -503,7 +540,7 @@ fn render_chat(dir: &Path, args: &Args, user: &str) -> Result<String, Box<dyn st
         add_generation_prompt: true,
         ..Default::default()
     };
-    Ok(ChatTemplate::from_dir(dir)?.render(&messages, &options)?)
+    Ok(template.render(&messages, &options)?)
 }
 
 /// A quantisation error with what to do about it: most often a group size that does not divide
@@ -551,6 +588,9 @@ fn dump_logits(path: &Path, logits: &ndarray::Array2<f32>) -> Result<(), Box<dyn
 
 /// Bytes of the checkpoint's safetensors files (memory-mapped, not copied).
 fn weight_file_bytes(dir: &Path) -> u64 {
+    if dir.is_file() {
+        return dir.metadata().map_or(0, |m| m.len());
+    }
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -247,7 +247,10 @@ fn load_and_run(
         routes,
         load_s,
         run_s: started.elapsed().as_secs_f64(),
-        weight_bytes: model.checkpoint().weight_bytes(),
+        weight_bytes: model
+            .checkpoint()
+            .expect("loaded from safetensors")
+            .weight_bytes(),
     })
 }
 

@@ -112,6 +112,18 @@ impl Attention {
         self
     }
 
+    /// The same layer with its RoPE frequencies divided by `factors` (see
+    /// [`Rope::with_freq_factors`]); a NoPE layer is returned unchanged.
+    ///
+    /// # Shapes
+    /// `factors: [D/2]`.
+    pub fn with_rope_freq_factors(mut self, factors: &[f32]) -> Result<Self> {
+        if let Some(rope) = self.rope.take() {
+            self.rope = Some(rope.with_freq_factors(factors)?);
+        }
+        Ok(self)
+    }
+
     /// RoPE or NoPE.
     pub fn encoding(&self) -> PosEncoding {
         self.encoding

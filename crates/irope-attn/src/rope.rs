@@ -64,6 +64,35 @@ impl Rope {
         Ok(Rope { inv_freq })
     }
 
+    /// The same frequencies each divided by its factor, `f_j / factors[j]`: llama.cpp's
+    /// frequency factors (`rope_freqs.weight` in a GGUF file, the llama3 scaling its converter
+    /// precomputes), applied on top of plain RoPE ([`RopeScaling::Default`]).
+    ///
+    /// # Shapes
+    /// `factors: [D/2]`.
+    pub fn with_freq_factors(mut self, factors: &[f32]) -> Result<Self> {
+        if factors.len() != self.inv_freq.len() {
+            return Err(Error::shape(
+                "Rope::with_freq_factors",
+                format!(
+                    "{} factors for {} frequencies",
+                    factors.len(),
+                    self.inv_freq.len()
+                ),
+            ));
+        }
+        if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            return Err(Error::shape(
+                "Rope::with_freq_factors",
+                format!("factor {bad} is not a positive finite number"),
+            ));
+        }
+        for (f, d) in self.inv_freq.iter_mut().zip(factors) {
+            *f /= d;
+        }
+        Ok(self)
+    }
+
     /// The inverse frequencies `f_j`, `j < D/2`.
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq

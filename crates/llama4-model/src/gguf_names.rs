@@ -1,7 +1,7 @@
 //! Llama 4 as llama.cpp writes and runs it in GGUF (arch `llama4`): tensor names and shapes,
-//! metadata keys, and the hyperparameters llama.cpp fixes in code. Not wired into loading yet;
-//! [`GgufLlama4`] reads the metadata and lists the tensors a file must hold, and the tests check
-//! both against files made by llama.cpp's own converter and quantiser.
+//! metadata keys, and the hyperparameters llama.cpp fixes in code. [`GgufLlama4`] reads the
+//! metadata and lists the tensors a file must hold (the tests check both against files made by
+//! llama.cpp's own converter and quantiser); [`crate::TextModel::load_gguf`] loads from them.
 //!
 //! Sources: the llama.cpp vendored in the llama-cpp-python 0.3.36 sdist (ggml 0.25.3). Paths
 //! below are relative to its `vendor/llama.cpp`.

@@ -71,6 +71,7 @@ mod checks;
 pub mod config;
 mod error;
 mod generate;
+mod gguf_model;
 pub mod gguf_names;
 mod gguf_tokenizer;
 pub mod heldout;
@@ -89,6 +90,7 @@ pub use checks::{
 pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfig, RopeScaling, TextConfig};
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
+pub use gguf_model::{gguf_text_config, is_gguf_path, GgufModel};
 pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
 pub use llama4_core::{DType, KvDtype, LayerKind};

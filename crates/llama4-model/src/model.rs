@@ -21,8 +21,9 @@ pub struct TextModel {
     layers: Vec<DecoderLayer>,
     norm: Array1<f32>,
     lm_head: Weight,
-    // Kept alive because every weight view borrows its memory map.
-    _checkpoint: Checkpoint,
+    // The safetensors checkpoint the weights came from, if any; kept because its quantisation
+    // state and pages are reported through it. Weights hold their memory map themselves.
+    checkpoint: Option<Checkpoint>,
 }
 
 impl std::fmt::Debug for TextModel {
@@ -70,18 +71,62 @@ impl TextModel {
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
         let model = Self::from_checkpoint(ckpt, &config)?;
-        if model._checkpoint.quantization().is_some() {
+        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_some()) {
             // Quantising read every selected float weight once; without this their pages would
             // stay resident beside the quantised copies (2-4x the quantised bytes on bench-mid).
-            model._checkpoint.release_resident_pages();
+            ckpt.release_resident_pages();
         }
         Ok(model)
     }
 
-    /// The checkpoint the weights come from (its [`Checkpoint::weight_bytes`] and
-    /// [`Checkpoint::quantized_weights`] say what loading produced).
-    pub fn checkpoint(&self) -> &Checkpoint {
-        &self._checkpoint
+    /// The safetensors checkpoint the weights come from (its [`Checkpoint::weight_bytes`] and
+    /// [`Checkpoint::quantized_weights`] say what loading produced); `None` for a model built
+    /// otherwise ([`TextModel::load_gguf`], [`TextModel::from_parts`]).
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
+    }
+
+    /// A model from its parts, checked against `config`: `embed_tokens` and `lm_head` of shape
+    /// `[V, H]`, one layer per entry of `config.layers`, `norm` of `[H]`. Weights keep their
+    /// own storage alive (a memory map is shared by reference count).
+    ///
+    /// # Shapes
+    /// `embed_tokens: [V, H]`, `norm: [H]`, `lm_head: [V, H]`.
+    pub fn from_parts(
+        config: TextConfig,
+        embed_tokens: Weight,
+        layers: Vec<DecoderLayer>,
+        norm: Array1<f32>,
+        lm_head: Weight,
+    ) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let checks = [
+            (
+                "embed_tokens",
+                (embed_tokens.out_features(), embed_tokens.in_features()),
+                (v, h),
+            ),
+            ("lm_head", (lm_head.out_features(), lm_head.in_features()), (v, h)),
+            ("norm", (norm.len(), h), (h, h)),
+            ("layers", (layers.len(), 0), (config.layers.len(), 0)),
+        ];
+        for (what, got, want) in checks {
+            if got != want {
+                return Err(llama4_core::Error::shape(
+                    "TextModel::from_parts",
+                    format!("{what}: {got:?}, config says {want:?}"),
+                )
+                .into());
+            }
+        }
+        Ok(TextModel {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            checkpoint: None,
+        })
     }
 
     /// Builds the model from an opened checkpoint and its resolved config.
@@ -106,7 +151,7 @@ impl TextModel {
             layers,
             norm,
             lm_head,
-            _checkpoint: ckpt,
+            checkpoint: Some(ckpt),
         })
     }
 

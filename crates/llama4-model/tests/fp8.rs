@@ -60,7 +60,13 @@ fn check_model(model: &TextModel, what: &str) {
 fn fp8_checkpoint_matches_transformers_on_dequantised_weights() {
     let model = TextModel::load(dir()).unwrap();
     // 2 dense MLPs × 3 linears + 2 MoE layers × (2 expert tensors + 3 shared-expert linears).
-    assert_eq!(model.checkpoint().quantized_weights(), 16);
+    assert_eq!(
+        model
+            .checkpoint()
+            .expect("loaded from safetensors")
+            .quantized_weights(),
+        16
+    );
     check_model(&model, "fp8");
 }
 
@@ -197,7 +203,12 @@ fn quantize_checkpoint_keeps_fp8_tensors() {
     }
     let m1 = TextModel::load_with_quantization(dir(), Some(p)).unwrap();
     let m2 = TextModel::load(out.path()).unwrap();
-    assert_eq!(m2.checkpoint().quantized_weights(), 16 + 17);
+    assert_eq!(
+        m2.checkpoint()
+            .expect("loaded from safetensors")
+            .quantized_weights(),
+        16 + 17
+    );
     assert!(
         same_bits(&logits(&m1), &logits(&m2)),
         "saved and load-time q8 differ"
@@ -220,7 +231,12 @@ fn fp8_policy_round_trips_through_a_saved_checkpoint() {
         assert_eq!(gu.dtype, "F8_E4M3");
         let m1 = TextModel::load_with_quantization(scout(), Some(p)).unwrap();
         let m2 = TextModel::load(out.path()).unwrap();
-        assert_eq!(m2.checkpoint().quantized_weights(), summary.quantized);
+        assert_eq!(
+            m2.checkpoint()
+                .expect("loaded from safetensors")
+                .quantized_weights(),
+            summary.quantized
+        );
         let prompt: Vec<u32> = (3..25).collect();
         let a = m1.forward_uncached(&prompt).unwrap();
         let b = m2.forward_uncached(&prompt).unwrap();

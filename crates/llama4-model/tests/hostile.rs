@@ -343,7 +343,11 @@ fn nan_or_inf_in_weights_stops_generation_and_the_scan_names_the_tensor() {
             assert!(matches!(err, Error::NonFiniteLogits { .. }), "{tensor}: {err:?}");
             assert!(err.to_string().contains("weights"), "{err}");
         }
-        match model.checkpoint().check_finite() {
+        match model
+            .checkpoint()
+            .expect("loaded from safetensors")
+            .check_finite()
+        {
             Err(llama4_core::Error::NonFiniteWeight { name, index, .. }) => {
                 assert_eq!((name.as_str(), index), (tensor, 0))
             }
@@ -353,6 +357,7 @@ fn nan_or_inf_in_weights_stops_generation_and_the_scan_names_the_tensor() {
     TextModel::load(demo_dir())
         .unwrap()
         .checkpoint()
+        .expect("loaded from safetensors")
         .check_finite()
         .unwrap();
 }
@@ -370,7 +375,7 @@ fn inf_in_quantisation_scales_is_caught_too() {
     let err = generate(&model, 0.0).unwrap_err();
     assert!(matches!(err, Error::NonFiniteLogits { .. }), "{err:?}");
     assert!(matches!(
-        model.checkpoint().check_finite(),
+        model.checkpoint().expect("loaded from safetensors").check_finite(),
         Err(llama4_core::Error::NonFiniteWeight { name, .. }) if name == scale
     ));
 }

@@ -46,7 +46,13 @@ fn demo_accuracy_q8_and_q4_against_bf16() {
             for group in [32, 64] {
                 let p = policy(format, group, scope);
                 let model = TextModel::load_with_quantization(demo(), Some(p)).unwrap();
-                assert!(model.checkpoint().quantized_weights() > 0);
+                assert!(
+                    model
+                        .checkpoint()
+                        .expect("loaded from safetensors")
+                        .quantized_weights()
+                        > 0
+                );
                 let got = exact_matches(&model, &cases);
                 let pct = 100.0 * got as f64 / n;
                 println!(
@@ -182,7 +188,12 @@ fn saved_quantised_checkpoint_reloads_bit_for_bit() {
             QuantScope::Experts,
         );
         let m3 = TextModel::load_with_quantization(out.path(), Some(other)).unwrap();
-        assert_eq!(m2.checkpoint().quantized_weights(), expected);
+        assert_eq!(
+            m2.checkpoint()
+                .expect("loaded from safetensors")
+                .quantized_weights(),
+            expected
+        );
         let l1 = m1.forward_uncached(&prompt).unwrap();
         let bf16 = TextModel::load(demo())
             .unwrap()

@@ -32,7 +32,8 @@ use std::sync::{Arc, OnceLock};
 
 use llama4_core::{DType, QuantPolicy};
 use llama4_model::{
-    stop_ids, ChatTemplate, ImageTokenIds, ModelConfig, MultimodalModel, TextModel, Tokenizer,
+    is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, TextModel,
+    Tokenizer,
 };
 
 pub use error::{Error, Result};
@@ -51,7 +52,8 @@ pub const DEFAULT_CTX_SIZE: usize = 8192;
 /// Everything the server is started with.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json), or a Llama 4 GGUF file
+    /// (model, tokenizer, chat template and stop ids from the file).
     pub model_dir: PathBuf,
     /// Name reported by `/v1/models` and in responses (default: the directory's name).
     pub model_name: Option<String>,
@@ -99,6 +101,18 @@ impl Default for ServerConfig {
 /// Loads the checkpoint, tokenizer and chat template, and starts the engine.
 fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
     let dir = &config.model_dir;
+    if is_gguf_path(dir) {
+        if config.quantization.is_some() {
+            return Err(Error::Config(
+                "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
+            ));
+        }
+        let g = GgufModel::load(dir)?;
+        let template = g.chat_template()?;
+        let tokenizer = g.tokenizer.map(|t| t.tokenizer);
+        let model = LoadedModel::Text(Arc::new(g.model));
+        return start(config, metrics, model, tokenizer, g.stop_ids, template);
+    }
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
     let tokenizer = Tokenizer::from_dir(dir)?;
@@ -121,6 +135,21 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             config.quantization,
         )?))
     };
+    let stops = stop_ids(dir, model.text().config())?;
+    let template = ChatTemplate::from_dir(dir)?;
+    start(config, metrics, model, tokenizer, stops, template)
+}
+
+/// Starts the engine on a loaded model.
+fn start(
+    config: &ServerConfig,
+    metrics: Arc<Metrics>,
+    model: LoadedModel,
+    tokenizer: Option<Tokenizer>,
+    stops: Vec<u32>,
+    template: ChatTemplate,
+) -> Result<Ready> {
+    let dir = &config.model_dir;
     let text = model.text().config();
     let ctx_size = config
         .ctx_size
@@ -129,13 +158,15 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
         return Err(Error::Config("the context size must be at least 1".into()));
     }
     let vocab_size = text.vocab_size;
-    let stops = stop_ids(dir, text)?;
-    let template = ChatTemplate::from_dir(dir)?;
     let takes_images = model.multimodal().is_some();
     let model_name = config.model_name.clone().unwrap_or_else(|| {
         dir.canonicalize()
             .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            // A GGUF file is named by its stem (`scout-Q4_K_M.gguf` → `scout-Q4_K_M`).
+            .and_then(|d| match is_gguf_path(&d) {
+                true => d.file_stem().map(|n| n.to_string_lossy().into_owned()),
+                false => d.file_name().map(|n| n.to_string_lossy().into_owned()),
+            })
             .unwrap_or_else(|| "llama4".into())
     });
     let tokenizer = tokenizer.map(Arc::new);

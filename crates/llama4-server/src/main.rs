@@ -7,8 +7,10 @@
 //!
 //! Options:
 //! ```text
-//! --model DIR            checkpoint directory (default: the embedded demo model, models/demo)
-//! --alias NAME           model name in /v1/models and in responses (default: the directory's name)
+//! --model DIR|FILE.gguf  checkpoint directory (default: the embedded demo model, models/demo), or
+//!                        a Llama 4 GGUF file (tokenizer, chat template, stop ids from its metadata)
+//! --alias NAME           model name in /v1/models and in responses (default: the directory's
+//!                        name, or the GGUF file's without `.gguf`)
 //! --host ADDR            address to bind (default 127.0.0.1)
 //! --port N               port (default 8080; 0 picks a free one)
 //! --parallel N           sequences run at once (default 4)

@@ -614,3 +614,57 @@ fn a_checkpoint_without_a_tokenizer_serves_ids() {
     );
     assert_error(status, &got, 400, "chat without a tokenizer");
 }
+
+#[test]
+fn a_gguf_file_serves_llama_cpp_greedy_text() {
+    let server = start(ServerConfig {
+        model_dir: root().join("fixtures/gguf/k-Q4_K_M.gguf"),
+        ..Default::default()
+    });
+    let (status, models) = get(&server, "/v1/models", None);
+    assert_eq!(status, 200);
+    assert!(models.contains("\"k-Q4_K_M\""), "{models}");
+    // llama.cpp's prompt and greedy continuation on this file (make_gguf_fixtures.py).
+    let reference = llama4_testkit::read_tensors(&root().join("fixtures/gguf/reference.safetensors"));
+    let as_ids = |name: &str| -> Vec<u32> { reference[name].iter().map(|&x| x as u32).collect() };
+    let (prompt, greedy) = (as_ids("prompt_ids"), as_ids("k-Q4_K_M.greedy_ids"));
+    let (status, got) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": greedy.len(), "ignore_eos": true, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{got}");
+    // The file's own tokenizer (from its metadata) turns the ids into the text, withholding a
+    // character whose bytes are not all out yet, as streams do.
+    let f =
+        llama4_model::llama4_core::gguf::GgufFile::open(root().join("fixtures/gguf/k-Q4_K_M.gguf")).unwrap();
+    let tok = llama4_model::GgufTokenizer::from_gguf(&f).unwrap().tokenizer;
+    let mut stream = llama4_model::StreamDecoder::new();
+    let want: String = greedy.iter().map(|&id| stream.push(&tok, id).unwrap()).collect();
+    assert_eq!(got["choices"][0]["text"], want, "{got}");
+    assert_eq!(got["usage"]["completion_tokens"], greedy.len(), "{got}");
+    // Chat goes through the file's template (or Llama 4's) and its tokenizer.
+    let (status, got) = post_json(
+        &server,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{got}");
+}
+
+#[test]
+fn a_gguf_file_refuses_load_time_quantisation() {
+    let config = ServerConfig {
+        model_dir: root().join("fixtures/gguf/tiny-Q8_0.gguf"),
+        quantization: Some(llama4_model::quant_policy(
+            llama4_core::QuantSpec::new(llama4_core::QuantFormat::Q8, 32),
+            llama4_core::QuantScope::Experts,
+        )),
+        port: 0,
+        ..Default::default()
+    };
+    let Err(err) = RunningServer::start(config) else {
+        panic!("a GGUF with --quantize started")
+    };
+    assert!(err.to_string().contains("GGUF"), "{err}");
+}

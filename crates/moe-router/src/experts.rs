@@ -14,7 +14,10 @@ use crate::{Error, Result};
 /// when it runs.
 #[derive(Clone, Debug)]
 pub struct Experts {
+    /// The fused `[gate | up]` tensor, or only the gate when `up_proj` is separate.
     gate_up_proj: BatchedWeight,
+    /// The up tensor when stored apart from the gate (GGUF's `ffn_up_exps`).
+    up_proj: Option<BatchedWeight>,
     down_proj: BatchedWeight,
 }
 
@@ -53,6 +56,50 @@ impl Experts {
         }
         Ok(Experts {
             gate_up_proj,
+            up_proj: None,
+            down_proj,
+        })
+    }
+
+    /// Experts from separate gate, up and down tensors (GGUF's `ffn_{gate,up,down}_exps`):
+    /// `gate_proj` and `up_proj` map `H → I`, `down_proj` `I → H`, with the same batch `E`.
+    pub fn new_split(
+        gate_proj: BatchedWeight,
+        up_proj: BatchedWeight,
+        down_proj: BatchedWeight,
+    ) -> Result<Self> {
+        let checks = [
+            ("up_proj experts", gate_proj.batch(), up_proj.batch()),
+            ("down_proj experts", gate_proj.batch(), down_proj.batch()),
+            (
+                "up_proj input width (H)",
+                gate_proj.in_features(),
+                up_proj.in_features(),
+            ),
+            (
+                "up_proj output width (I)",
+                gate_proj.out_features(),
+                up_proj.out_features(),
+            ),
+            (
+                "down_proj input width (I)",
+                gate_proj.out_features(),
+                down_proj.in_features(),
+            ),
+            (
+                "down_proj output width (H)",
+                gate_proj.in_features(),
+                down_proj.out_features(),
+            ),
+        ];
+        for (what, expected, got) in checks {
+            if expected != got {
+                return Err(Error::Mismatch { what, expected, got });
+            }
+        }
+        Ok(Experts {
+            gate_up_proj: gate_proj,
+            up_proj: Some(up_proj),
             down_proj,
         })
     }
@@ -92,9 +139,15 @@ impl Experts {
         self.down_proj.in_features()
     }
 
-    /// The fused gate/up tensor.
+    /// The fused gate/up tensor (`[E, 2I, H]`-shaped), or the gate alone (`I` wide) when the
+    /// experts were built with [`Experts::new_split`].
     pub fn gate_up_proj(&self) -> &BatchedWeight {
         &self.gate_up_proj
+    }
+
+    /// The separate up tensor of [`Experts::new_split`] experts.
+    pub fn up_proj(&self) -> Option<&BatchedWeight> {
+        self.up_proj.as_ref()
     }
 
     /// The down tensor.
@@ -105,7 +158,7 @@ impl Experts {
     /// Bytes of stored weights one expert holds (what running it once reads).
     pub fn expert_bytes(&self) -> usize {
         let per = |w: &BatchedWeight| w.nbytes_per_matrix();
-        per(&self.gate_up_proj) + per(&self.down_proj)
+        per(&self.gate_up_proj) + self.up_proj.as_ref().map_or(0, per) + per(&self.down_proj)
     }
 
     /// Runs expert `expert` over every row of `x`.
@@ -153,6 +206,36 @@ impl Experts {
         scratch.out.resize(n * h, 0.0);
         let gate_up = &mut scratch.gate_up[..n * 2 * i];
         let xv = ArrayView2::from_shape((n, h), x).map_err(shape_err)?;
+        if let Some(up_proj) = &self.up_proj {
+            // Gate rows in the first n·I values, up rows in the next n·I.
+            let (gate, up) = gate_up.split_at_mut(n * i);
+            let g = ArrayViewMut2::from_shape((n, i), &mut *gate).map_err(shape_err)?;
+            kernels::linear_into(xv, self.gate_up_proj.matrix(expert), g)?;
+            let u = ArrayViewMut2::from_shape((n, i), &mut *up).map_err(shape_err)?;
+            kernels::linear_into(xv, up_proj.matrix(expert), u)?;
+            kernels::silu_mul_inplace(gate, up)?;
+        } else {
+            self.gate_up_fused(expert, xv, n, i, gate_up)?;
+        }
+        let act = ArrayView2::from_shape((n, i), &gate_up[..n * i]).map_err(shape_err)?;
+        let out = &mut scratch.out[..n * h];
+        kernels::linear_into(
+            act,
+            self.down_proj.matrix(expert),
+            ArrayViewMut2::from_shape((n, h), &mut *out).map_err(shape_err)?,
+        )?;
+        Ok(out)
+    }
+
+    /// `silu(x G) · x U` of the fused tensor into the first `n·I` values of `gate_up` (`n·2I`).
+    fn gate_up_fused(
+        &self,
+        expert: usize,
+        xv: ArrayView2<f32>,
+        n: usize,
+        i: usize,
+        gate_up: &mut [f32],
+    ) -> Result<()> {
         kernels::linear_into(
             xv,
             self.gate_up_proj.matrix(expert),
@@ -166,14 +249,7 @@ impl Experts {
             kernels::silu_mul_inplace(gate, up)?;
             gate_up.copy_within(r * 2 * i..r * 2 * i + i, r * i);
         }
-        let act = ArrayView2::from_shape((n, i), &gate_up[..n * i]).map_err(shape_err)?;
-        let out = &mut scratch.out[..n * h];
-        kernels::linear_into(
-            act,
-            self.down_proj.matrix(expert),
-            ArrayViewMut2::from_shape((n, h), &mut *out).map_err(shape_err)?,
-        )?;
-        Ok(out)
+        Ok(())
     }
 }
 

@@ -294,8 +294,13 @@ impl Moe {
                 }
             }
             let gate_up = scalar_linear(&xin, &self.experts.gate_up_proj().get(e));
-            let gate = gate_up.slice(ndarray::s![.., ..i]).to_owned();
-            let up = gate_up.slice(ndarray::s![.., i..]).to_owned();
+            let (gate, up) = match self.experts.up_proj() {
+                Some(u) => (gate_up, scalar_linear(&xin, &u.get(e))),
+                None => (
+                    gate_up.slice(ndarray::s![.., ..i]).to_owned(),
+                    gate_up.slice(ndarray::s![.., i..]).to_owned(),
+                ),
+            };
             let mut y = scalar_linear(&scalar_swiglu(&gate, &up), &self.experts.down_proj().get(e));
             if self.weight_placement == WeightPlacement::ExpertOutput {
                 for (mut row, &wt) in y.rows_mut().into_iter().zip(w.iter()) {
