@@ -3,7 +3,7 @@
 //! size) and of the global NoPE layers (growing with the context), and the time of a decode step.
 //!
 //! ```text
-//! cargo run --release --example long_context [-- --model DIR] [--max-context 262144] [--cache bf16|f16|f32]
+//! cargo run --release --example long_context [-- --model DIR] [--max-context 262144] [--cache bf16|f16|f32|q8]
 //! ```
 //! The context is filled with the model's own task tokens, in prefill pieces of 4096 tokens. The
 //! "decode" column is the mean of 8 steps taken at that context (the KV figures include them).
@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use llama4_core::DType;
+use llama4_core::KvDtype;
 use llama4_model::{Logits, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
@@ -26,20 +26,13 @@ fn main() -> std::process::ExitCode {
 fn try_main() -> Result<(), Error> {
     let mut dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models/demo"));
     let mut max_context = 256 * 1024;
-    let mut dtype = DType::BF16;
+    let mut dtype = KvDtype::BF16;
     let mut args = llama4_examples::utf8_args()?;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--model" => dir = args.next().ok_or("--model needs a directory")?.into(),
             "--max-context" => max_context = args.next().ok_or("--max-context needs a value")?.parse()?,
-            "--cache" => {
-                dtype = match args.next().as_deref() {
-                    Some("bf16") => DType::BF16,
-                    Some("f16") => DType::F16,
-                    Some("f32") => DType::F32,
-                    _ => return Err("--cache takes bf16, f16 or f32".into()),
-                }
-            }
+            "--cache" => dtype = llama4_examples::parse_kv_dtype(&a, args.next().as_deref())?,
             other => return Err(format!("unknown option `{other}`").into()),
         }
     }
