@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use llama4_core::DType;
+use llama4_core::{DType, KvDtype};
 use llama4_model::{stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer};
 
 fn demo() -> PathBuf {
@@ -64,6 +64,42 @@ fn demo_sorts_digits_on_held_out_inputs() {
         accuracy * 100.0
     );
     assert!(accuracy >= 0.95, "exact match {correct}/{}", cases.len());
+}
+
+/// The int8 key/value cache keeps the demo's held-out accuracy: at most 2 of the cases lost
+/// (>= 198/200), counted as [`demo_sorts_digits_on_held_out_inputs`] counts them.
+#[test]
+fn demo_keeps_held_out_accuracy_with_the_q8_cache() {
+    let model = TextModel::load(demo()).unwrap();
+    let tok = Tokenizer::from_dir(demo()).unwrap().unwrap();
+    let stops = stop_ids(demo(), model.config()).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 16,
+        sampling: SamplingConfig::greedy(),
+        stop_ids: stops.clone(),
+        keep_logits: false,
+    };
+    let cases = heldout();
+    let exact = |cache: KvDtype| {
+        cases
+            .iter()
+            .filter(|(prompt, answer)| {
+                let ids = tok.encode(prompt).unwrap();
+                let mut session = Session::new(&model, cache).unwrap();
+                let g = session
+                    .generate(&ids, &options, |_| ControlFlow::Continue(()))
+                    .unwrap();
+                let text = tok.decode(g.answer_ids()).unwrap();
+                &text == answer && g.generated_ids.last().is_some_and(|i| stops.contains(i))
+            })
+            .count()
+    };
+    let (f32_cache, q8_cache) = (exact(KvDtype::F32), exact(KvDtype::Q8));
+    println!(
+        "demo held-out exact match, {} cases: f32 cache {f32_cache}, q8 cache {q8_cache}",
+        cases.len()
+    );
+    assert!(q8_cache + 2 >= cases.len(), "q8 cache: {q8_cache}/{}", cases.len());
 }
 
 #[test]
