@@ -163,12 +163,17 @@ fn kv_read_bytes(cache: &KvCache) -> Result<u64, Error> {
 /// (what `reserve(N)` then filling allocates; growing without it adds the capacity ladder's
 /// slack, none at these sizes but 10M).
 fn published_estimates() -> Result<(), Error> {
-    println!("Llama 4 caches by format, chunked + global layers (GiB = 2³⁰ B; minimal estimate, `reserve(N)`)");
+    println!(
+        "Llama 4 caches by format, chunked + global layers (GiB = 2³⁰ B; minimal estimate, `reserve(N)`)"
+    );
     println!(
         "{:<9} {:<5} {:>28} {:>28} {:>28}",
         "model", "cache", "128K", "1M", "10M"
     );
-    for (name, cfg) in [("Scout", TextConfig::scout()), ("Maverick", TextConfig::maverick())] {
+    for (name, cfg) in [
+        ("Scout", TextConfig::scout()),
+        ("Maverick", TextConfig::maverick()),
+    ] {
         let kinds = config_kinds(&cfg)?;
         for dtype in [KvDtype::F32, KvDtype::BF16, KvDtype::F16, KvDtype::Q8] {
             let spec = CacheSpec::new(cfg.num_key_value_heads, cfg.head_dim, dtype);
@@ -187,7 +192,9 @@ fn published_estimates() -> Result<(), Error> {
             println!(
                 "{name:<9} {:<5} {:>28} {:>28} {:>28}",
                 dtype.to_string(),
-                cells[0], cells[1], cells[2]
+                cells[0],
+                cells[1],
+                cells[2]
             );
         }
     }
@@ -212,7 +219,9 @@ fn read_bandwidth() -> f64 {
         });
         best = best.min(t.elapsed().as_secs_f64());
     }
-    let total = sums.iter().fold(0u64, |a, s| a.wrapping_add(s.load(Ordering::Relaxed)));
+    let total = sums
+        .iter()
+        .fold(0u64, |a, s| a.wrapping_add(s.load(Ordering::Relaxed)));
     std::hint::black_box(total);
     (WORDS * 8) as f64 / best / 1e9
 }

@@ -207,7 +207,11 @@ mod tests {
                 let m = reserved.memory_bytes();
                 assert_eq!(m, spec.estimate_minimal(&kinds, n).unwrap(), "{dtype} n={n}");
                 assert_eq!(m.chunked, 2 * 8 * per_pos, "{dtype} n={n}: chunked is flat");
-                assert_eq!(m.global, 2 * n as u64 * per_pos, "{dtype} n={n}: global is linear");
+                assert_eq!(
+                    m.global,
+                    2 * n as u64 * per_pos,
+                    "{dtype} n={n}: global is linear"
+                );
             }
         }
     }

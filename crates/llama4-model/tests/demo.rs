@@ -99,7 +99,11 @@ fn demo_keeps_held_out_accuracy_with_the_q8_cache() {
         "demo held-out exact match, {} cases: f32 cache {f32_cache}, q8 cache {q8_cache}",
         cases.len()
     );
-    assert!(q8_cache + 2 >= cases.len(), "q8 cache: {q8_cache}/{}", cases.len());
+    assert!(
+        q8_cache + 2 >= cases.len(),
+        "q8 cache: {q8_cache}/{}",
+        cases.len()
+    );
 }
 
 #[test]

@@ -83,8 +83,14 @@ fn check(name: &str) {
     // The f32 cache is the reference path (tests/parity.rs holds it to transformers).
     let e_ref = rel_err(base.view(), r.logits_full.slice(s![..base.nrows(), ..]));
     assert!(e_ref < 1e-4, "{name}: f32 cache off by {e_ref:e}");
-    let q8 = figures(&cached_logits(&model, KvDtype::Q8, &r.prompt, &r.generated), &base);
-    let bf16 = figures(&cached_logits(&model, DType::BF16.into(), &r.prompt, &r.generated), &base);
+    let q8 = figures(
+        &cached_logits(&model, KvDtype::Q8, &r.prompt, &r.generated),
+        &base,
+    );
+    let bf16 = figures(
+        &cached_logits(&model, DType::BF16.into(), &r.prompt, &r.generated),
+        &base,
+    );
     println!(
         "{name}: {} positions ({} prefill + {} decode), row error vs the f32 cache: \
          q8 median {:.1e} max {:.1e} ({} > {JUMP:e}); bf16 median {:.1e} max {:.1e} ({} > {JUMP:e})",
@@ -99,9 +105,21 @@ fn check(name: &str) {
         bf16.jumps
     );
     assert!(q8.median > 0.0, "{name}: the q8 cache must round something");
-    assert!(q8.median < Q8_MEDIAN_BOUND, "{name}: q8 median row error {:e}", q8.median);
-    assert!(q8.jumps <= Q8_JUMPS, "{name}: {} q8 rows beyond {JUMP:e}", q8.jumps);
-    assert!(bf16.median < BF16_MEDIAN_BOUND, "{name}: bf16 median row error {:e}", bf16.median);
+    assert!(
+        q8.median < Q8_MEDIAN_BOUND,
+        "{name}: q8 median row error {:e}",
+        q8.median
+    );
+    assert!(
+        q8.jumps <= Q8_JUMPS,
+        "{name}: {} q8 rows beyond {JUMP:e}",
+        q8.jumps
+    );
+    assert!(
+        bf16.median < BF16_MEDIAN_BOUND,
+        "{name}: bf16 median row error {:e}",
+        bf16.median
+    );
 }
 
 #[test]
