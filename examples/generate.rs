@@ -20,6 +20,8 @@
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
 //! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
 //! --ignore-eos
+//! --cache f32|bf16|f16|q8  key/value cache storage (default f32; q8 is int8 with one scale per
+//!                      token and head)
 //! --dump-logits FILE   safetensors with one tensor "logits", F32 [generated, vocab]; row r holds the
 //!                      logits that chose generated token r (row 0 comes from the prompt's last position)
 //! --check-weights      scan every tensor for NaN/Inf after loading and name the first that holds one
@@ -47,8 +49,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use llama4_core::input::{read_capped, Cap};
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
-use llama4_examples::{check_output_dir, check_output_file, utf8_args};
+use llama4_core::{KvDtype, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
+use llama4_examples::{check_output_dir, check_output_file, parse_kv_dtype, utf8_args};
 use llama4_model::{
     check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint, stop_ids, ChatOptions,
     ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
@@ -88,6 +90,8 @@ struct Args {
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
     ignore_eos: bool,
+    /// `None`: f32.
+    cache: Option<KvDtype>,
     dump_logits: Option<PathBuf>,
     check_weights: bool,
     json: bool,
@@ -154,6 +158,7 @@ fn parse_args() -> Result<Args, String> {
             "--top-p" => a.sampling.top_p = Some(value(&flag, it.next())?),
             "--seed" => a.sampling.seed = value(&flag, it.next())?,
             "--ignore-eos" => a.ignore_eos = true,
+            "--cache" => a.cache = Some(parse_kv_dtype(&flag, it.next().as_deref())?),
             "--dump-logits" => a.dump_logits = Some(value(&flag, it.next())?),
             "--check-weights" => a.check_weights = true,
             "--json" => a.json = true,
@@ -416,7 +421,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         outln!("answer: "; no newline);
     }
-    let mut session = Session::new(model, DType::F32)?;
+    let mut session = Session::new(model, args.cache.unwrap_or(KvDtype::F32))?;
     let mut stream = StreamDecoder::with_stop_ids(&stops);
     let mut stream_err: Option<Box<dyn std::error::Error>> = None;
     let on_token = |id| {

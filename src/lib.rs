@@ -9,6 +9,7 @@ use std::ffi::OsString;
 use std::io::ErrorKind;
 
 use llama4_core::input::kind_of;
+use llama4_core::KvDtype;
 use std::path::Path;
 
 /// A command-line argument that is not valid UTF-8.
@@ -57,6 +58,13 @@ pub fn report(result: Result<(), Box<dyn std::error::Error>>) -> std::process::E
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The value of a key/value cache flag (`--cache` in the examples): `f32`, `bf16`, `f16` or `q8`.
+/// A missing or unknown value is an error naming the flag and the accepted spellings.
+pub fn parse_kv_dtype(flag: &str, value: Option<&str>) -> Result<KvDtype, String> {
+    let name = value.ok_or_else(|| format!("{flag} needs a value: {}", KvDtype::SPELLINGS))?;
+    KvDtype::parse(name).ok_or_else(|| format!("{flag} takes {}, not `{name}`", KvDtype::SPELLINGS))
 }
 
 /// Checks that `path`, given with `flag`, can be written as a file: it is not a directory,
@@ -115,6 +123,25 @@ pub fn check_output_dir(flag: &str, path: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_flag_parses_every_format_and_names_bad_values() {
+        for (name, dtype) in [
+            ("f32", KvDtype::F32),
+            ("bf16", KvDtype::BF16),
+            ("f16", KvDtype::F16),
+            ("q8", KvDtype::Q8),
+        ] {
+            assert_eq!(parse_kv_dtype("--cache", Some(name)), Ok(dtype));
+            assert_eq!(dtype.to_string(), name);
+        }
+        let err = parse_kv_dtype("--cache", Some("q4")).unwrap_err();
+        assert_eq!(err, "--cache takes f32, bf16, f16 or q8, not `q4`");
+        let err = parse_kv_dtype("--cache", Some("Q8")).unwrap_err();
+        assert!(err.contains("not `Q8`"), "{err}");
+        let err = parse_kv_dtype("--cache", None).unwrap_err();
+        assert_eq!(err, "--cache needs a value: f32, bf16, f16 or q8");
+    }
 
     #[test]
     fn output_paths_are_checked_before_work() {

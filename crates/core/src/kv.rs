@@ -30,6 +30,9 @@ impl KvDtype {
         }
     }
 
+    /// The spellings [`KvDtype::parse`] accepts, as an error message lists them.
+    pub const SPELLINGS: &'static str = "f32, bf16, f16 or q8";
+
     /// Parses the spelling used by command lines: `f32`, `bf16`, `f16`, `q8`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {

@@ -133,7 +133,7 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llama4_core::DType;
+    use llama4_core::{DType, KvDtype};
     use ndarray::Array3;
 
     fn fill(c: &mut KvCache, t: usize) {
@@ -177,6 +177,43 @@ mod tests {
         c.reset();
         assert!(c.is_empty());
         assert_eq!(c.memory_bytes().global, 24 * per_pos);
+    }
+
+    /// Over contexts far beyond the chunk, in every format: the chunked layers hold one chunk's
+    /// bytes whatever the context, the global layers' bytes are exactly linear in it when
+    /// reserved (and follow the capacity ladder when grown), and what is allocated is the
+    /// estimate.
+    #[test]
+    fn chunked_memory_is_flat_global_is_linear_and_the_estimate_is_allocated() {
+        let c8 = LayerKind::chunked(8).unwrap();
+        let kinds = [c8, LayerKind::Global, c8, LayerKind::Global];
+        for dtype in [KvDtype::F32, KvDtype::BF16, KvDtype::F16, KvDtype::Q8] {
+            let spec = CacheSpec::new(2, 16, dtype);
+            // K and V of one position of one layer: 2 · Hkv · (D · bytes, or D + 4 for q8).
+            let per_pos = spec.layer_bytes(1).unwrap();
+            assert_eq!(per_pos, 2 * 2 * dtype.vector_bytes(16) as u64);
+            for n in [8, 64, 300, 1000] {
+                let mut grown = KvCache::new(&kinds, spec).unwrap();
+                fill(&mut grown, n);
+                let m = grown.memory_bytes();
+                assert_eq!(m, spec.estimate(&kinds, n).unwrap(), "{dtype} n={n}");
+                assert_eq!(m.chunked, 2 * 8 * per_pos, "{dtype} n={n}: chunked is flat");
+                let ladder = crate::capacity_ladder(n).unwrap() as u64;
+                assert_eq!(m.global, 2 * ladder * per_pos, "{dtype} n={n}");
+
+                let mut reserved = KvCache::new(&kinds, spec).unwrap();
+                reserved.reserve(n).unwrap();
+                fill(&mut reserved, n);
+                let m = reserved.memory_bytes();
+                assert_eq!(m, spec.estimate_minimal(&kinds, n).unwrap(), "{dtype} n={n}");
+                assert_eq!(m.chunked, 2 * 8 * per_pos, "{dtype} n={n}: chunked is flat");
+                assert_eq!(
+                    m.global,
+                    2 * n as u64 * per_pos,
+                    "{dtype} n={n}: global is linear"
+                );
+            }
+        }
     }
 
     #[test]

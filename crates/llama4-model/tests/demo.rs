@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use llama4_core::DType;
+use llama4_core::{DType, KvDtype};
 use llama4_model::{
     heldout, stop_ids, GenerateOptions, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
 };
@@ -52,6 +52,26 @@ fn demo_sorts_digits_on_held_out_inputs() {
         accuracy * 100.0
     );
     assert!(accuracy >= 0.95, "exact match {correct}/{}", cases.len());
+}
+
+/// The int8 key/value cache keeps the demo's held-out accuracy: at most 2 of the cases lost
+/// (>= 198/200), counted as [`demo_sorts_digits_on_held_out_inputs`] counts them.
+#[test]
+fn demo_keeps_held_out_accuracy_with_the_q8_cache() {
+    let model = TextModel::load(demo()).unwrap();
+    let tok = Tokenizer::from_dir(demo()).unwrap().unwrap();
+    let cases = heldout::cases(demo()).unwrap();
+    let exact = |cache: KvDtype| heldout::evaluate(&model, &tok, demo(), &cases, cache).unwrap().correct;
+    let (f32_cache, q8_cache) = (exact(KvDtype::F32), exact(KvDtype::Q8));
+    println!(
+        "demo held-out exact match, {} cases: f32 cache {f32_cache}, q8 cache {q8_cache}",
+        cases.len()
+    );
+    assert!(
+        q8_cache + 2 >= cases.len(),
+        "q8 cache: {q8_cache}/{}",
+        cases.len()
+    );
 }
 
 #[test]

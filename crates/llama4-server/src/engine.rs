@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use llama4_core::DType;
+use llama4_core::KvDtype;
 use llama4_model::{
     forward_batch, BatchEntry, MultimodalModel, Sampler, SamplingConfig, Session, StreamDecoder, TextModel,
     Tokenizer, Workspace,
@@ -169,7 +169,7 @@ pub struct EngineConfig {
     /// Prompt tokens prefilled per step, over all prefilling sequences.
     pub prefill_chunk: usize,
     /// Storage of the key/value caches.
-    pub kv_dtype: DType,
+    pub kv_dtype: KvDtype,
 }
 
 struct Queued {

@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use llama4_core::{DType, QuantPolicy};
+use llama4_core::{KvDtype, QuantPolicy};
 use llama4_model::{
     is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, TextModel,
     Tokenizer,
@@ -76,7 +76,7 @@ pub struct ServerConfig {
     /// Request bodies beyond this many bytes get 413.
     pub max_body_bytes: usize,
     /// Storage of the key/value caches.
-    pub kv_dtype: DType,
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for ServerConfig {
@@ -93,7 +93,7 @@ impl Default for ServerConfig {
             quantization: None,
             api_key: None,
             max_body_bytes: 16 << 20,
-            kv_dtype: DType::F32,
+            kv_dtype: KvDtype::F32,
         }
     }
 }

@@ -17,7 +17,8 @@
 //! --ctx-size N           context limit per sequence in tokens (default: the checkpoint's, at most 8192)
 //! --queue-size N         requests that may wait for a slot; beyond, 503 (default 64)
 //! --prefill-chunk N      prompt tokens prefilled per engine step (default 512)
-//! --kv-dtype f32|bf16|f16  key/value cache storage (default f32)
+//! --kv-cache f32|bf16|f16|q8  key/value cache storage (default f32; q8: int8, one scale per
+//!                      token and head); `--kv-dtype` is the same flag
 //! --quantize q8|q4|fp8   quantise weights at load time, as examples/generate.rs does
 //! --quantize-all         with --quantize: every projection of the text decoder, not only the experts
 //! --quant-group N        input features per scale (default 32)
@@ -29,19 +30,19 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec, ScaleType};
+use llama4_core::{KvDtype, QuantFormat, QuantScope, QuantSpec, ScaleType};
 use llama4_server::{serve, ServerConfig};
 
 /// The environment variable the API key may come from.
 const API_KEY_ENV: &str = "LLAMA4_API_KEY";
 
-fn parse_args() -> Result<ServerConfig, String> {
+/// The configuration from the arguments after the program name.
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, String> {
     let mut c = ServerConfig {
         api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
         ..ServerConfig::default()
     };
     let (mut format, mut all, mut group, mut scales) = (None, false, None, None);
-    let mut it = std::env::args().skip(1);
     fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
         let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
         v.parse().map_err(|_| format!("{flag}: cannot parse `{v}`"))
@@ -56,14 +57,10 @@ fn parse_args() -> Result<ServerConfig, String> {
             "--ctx-size" | "-c" => c.ctx_size = Some(value(&flag, it.next())?),
             "--queue-size" => c.queue_size = value(&flag, it.next())?,
             "--prefill-chunk" => c.prefill_chunk = value(&flag, it.next())?,
-            "--kv-dtype" => {
+            "--kv-cache" | "--kv-dtype" => {
                 let name: String = value(&flag, it.next())?;
-                c.kv_dtype = match name.as_str() {
-                    "f32" => DType::F32,
-                    "bf16" => DType::BF16,
-                    "f16" => DType::F16,
-                    _ => return Err(format!("--kv-dtype takes f32, bf16 or f16, not `{name}`")),
-                };
+                c.kv_dtype = KvDtype::parse(&name)
+                    .ok_or_else(|| format!("{flag} takes {}, not `{name}`", KvDtype::SPELLINGS))?;
             }
             "--quantize" => {
                 let name: String = value(&flag, it.next())?;
@@ -131,7 +128,7 @@ fn parse_args() -> Result<ServerConfig, String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    let config = match parse_args() {
+    let config = match parse_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
@@ -168,5 +165,37 @@ async fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServerConfig, String> {
+        parse_args(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn kv_cache_flag_takes_every_format_and_names_bad_values() {
+        assert_eq!(parse(&[]).unwrap().kv_dtype, KvDtype::F32);
+        for (name, dtype) in [
+            ("f32", KvDtype::F32),
+            ("bf16", KvDtype::BF16),
+            ("f16", KvDtype::F16),
+            ("q8", KvDtype::Q8),
+        ] {
+            assert_eq!(parse(&["--kv-cache", name]).unwrap().kv_dtype, dtype);
+            assert_eq!(parse(&["--kv-dtype", name]).unwrap().kv_dtype, dtype);
+        }
+        assert_eq!(
+            parse(&["--kv-cache", "q4"]).err().unwrap(),
+            "--kv-cache takes f32, bf16, f16 or q8, not `q4`"
+        );
+        assert_eq!(
+            parse(&["--kv-dtype", "int8"]).err().unwrap(),
+            "--kv-dtype takes f32, bf16, f16 or q8, not `int8`"
+        );
+        assert_eq!(parse(&["--kv-cache"]).err().unwrap(), "--kv-cache needs a value");
     }
 }
