@@ -61,7 +61,11 @@ fn demo_keeps_held_out_accuracy_with_the_q8_cache() {
     let model = TextModel::load(demo()).unwrap();
     let tok = Tokenizer::from_dir(demo()).unwrap().unwrap();
     let cases = heldout::cases(demo()).unwrap();
-    let exact = |cache: KvDtype| heldout::evaluate(&model, &tok, demo(), &cases, cache).unwrap().correct;
+    let exact = |cache: KvDtype| {
+        heldout::evaluate(&model, &tok, demo(), &cases, cache)
+            .unwrap()
+            .correct
+    };
     let (f32_cache, q8_cache) = (exact(KvDtype::F32), exact(KvDtype::Q8));
     println!(
         "demo held-out exact match, {} cases: f32 cache {f32_cache}, q8 cache {q8_cache}",
