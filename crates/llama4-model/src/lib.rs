@@ -24,7 +24,7 @@ pub use config::{stop_ids, LayerSpec, ModelConfig, QuantizationConfig, RopeConfi
 pub use error::{Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEMPERATURE};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
-pub use model::TextModel;
+pub use model::{MoeBuilder, TextModel};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,
