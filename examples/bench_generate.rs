@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use llama4_core::alloc_count::CountingAllocator;
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec};
 use llama4_model::{GenerateOptions, Logits, Sampler, SamplingConfig, Session, TextModel};
 
 type Error = Box<dyn std::error::Error>;
@@ -150,7 +150,7 @@ fn try_main() -> Result<(), Error> {
             QuantFormat::F8E4M3 => QuantSpec::fp8(),
             f => QuantSpec::new(f, args.quant_group),
         };
-        QuantPolicy::new(spec, scope)
+        llama4_model::quant_policy(spec, scope)
     });
     let model = TextModel::load_with_quantization(&args.model, policy)?;
     let load_s = t.elapsed().as_secs_f64();

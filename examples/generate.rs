@@ -109,7 +109,7 @@ impl Args {
         } else {
             QuantScope::Experts
         };
-        Some(QuantPolicy::new(spec, scope))
+        Some(llama4_model::quant_policy(spec, scope))
     }
 }
 
@@ -390,7 +390,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         outln!("answer: "; no newline);
     }
     let mut session = Session::new(model, DType::F32)?;
-    let mut stream = StreamDecoder::new();
+    let mut stream = StreamDecoder::with_stop_ids(&stops);
     let mut stream_err: Option<Box<dyn std::error::Error>> = None;
     let on_token = |id| {
         if !args.json && !stops.contains(&id) {

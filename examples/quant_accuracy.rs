@@ -317,7 +317,7 @@ fn try_main() -> Result<(), Error> {
                 _ => (QuantSpec::new(format, args.group), format!("g{}", args.group)),
             };
             let spec = spec.with_scales(args.scales);
-            let policy = Some(QuantPolicy::new(spec, scope));
+            let policy = Some(llama4_model::quant_policy(spec, scope));
             let r = load_and_run(&args, policy, &prompt, &forced, None)?;
             let replayed = load_and_run(&args, policy, &prompt, &forced, Some(&reference.routes))?;
             let (_, rr, ra) = compare(replayed.decode.view(), reference.decode.view());

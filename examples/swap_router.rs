@@ -7,11 +7,11 @@
 //! ```
 //! The directory needs `heldout.json` (a list of {"prompt", "answer"}), as the demo model has.
 
-use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use llama4_core::{Checkpoint, DType};
-use llama4_model::{stop_ids, GenerateOptions, SamplingConfig, Session, TextModel, Tokenizer};
+use llama4_core::Checkpoint;
+use llama4_examples::heldout;
+use llama4_model::{TextModel, Tokenizer};
 use moe_router::SoftmaxTopKRouter;
 
 type Error = Box<dyn std::error::Error>;
@@ -32,11 +32,11 @@ fn try_main() -> Result<(), Error> {
             other => return Err(format!("unknown option `{other}`").into()),
         }
     }
-    let cases = heldout(&dir)?;
+    let cases = heldout::cases(&dir)?;
     let tokenizer = Tokenizer::from_dir(&dir)?.ok_or("the model directory has no tokenizer.json")?;
 
     let mut model = TextModel::load(&dir)?;
-    let before = evaluate(&model, &tokenizer, &dir, &cases)?;
+    let before = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
 
     // The swap: every MoE layer gets a softmax top-k router built from its own router weights.
     let ckpt = Checkpoint::open(&dir)?;
@@ -47,26 +47,22 @@ fn try_main() -> Result<(), Error> {
             SoftmaxTopKRouter::load(&scope, cfg.hidden_size, cfg.num_local_experts, top_k, renormalize)?;
         Ok(Box::new(router))
     })?;
-    let after = evaluate(&model, &tokenizer, &dir, &cases)?;
+    let after = heldout::evaluate(&model, &tokenizer, &dir, &cases)?;
 
     println!("router                               exact match");
     println!(
-        "Llama 4: sigmoid, top-{} (as trained)  {:>3}/{} = {:5.1}%",
+        "Llama 4: sigmoid, top-{} (as trained)  {}",
         cfg.num_experts_per_tok,
-        before.correct,
-        cases.len(),
-        100.0 * before.correct as f64 / cases.len() as f64
+        before.score()
     );
     println!(
-        "softmax top-{top_k}{}            {:>3}/{} = {:5.1}%",
+        "softmax top-{top_k}{}            {}",
         if renormalize {
             ", renormalised"
         } else {
             ", raw probs   "
         },
-        after.correct,
-        cases.len(),
-        100.0 * after.correct as f64 / cases.len() as f64
+        after.score()
     );
     println!("\nfirst answers (expected | Llama 4 router | softmax top-{top_k}):");
     for ((case, b), a) in cases.iter().zip(&before.answers).zip(&after.answers).take(5) {
@@ -80,50 +76,4 @@ fn try_main() -> Result<(), Error> {
         .count();
     println!("\n{changed} of {} answers changed", cases.len());
     Ok(())
-}
-
-struct Outcome {
-    correct: usize,
-    answers: Vec<String>,
-}
-
-fn heldout(dir: &Path) -> Result<Vec<(String, String)>, Error> {
-    let bytes = llama4_core::input::read_capped(&dir.join("heldout.json"), llama4_core::input::Cap::JSON)?;
-    let text = String::from_utf8(bytes)?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let list = v.as_array().ok_or("heldout.json is not a list")?;
-    list.iter()
-        .map(|e| match (e["prompt"].as_str(), e["answer"].as_str()) {
-            (Some(p), Some(a)) => Ok((p.to_string(), a.to_string())),
-            _ => Err("heldout.json entries need prompt and answer strings".into()),
-        })
-        .collect()
-}
-
-fn evaluate(
-    model: &TextModel,
-    tok: &Tokenizer,
-    dir: &Path,
-    cases: &[(String, String)],
-) -> Result<Outcome, Error> {
-    let stops = stop_ids(dir, model.config())?;
-    let options = GenerateOptions {
-        max_new_tokens: 16,
-        sampling: SamplingConfig::greedy(),
-        stop_ids: stops.clone(),
-        keep_logits: false,
-    };
-    let mut outcome = Outcome {
-        correct: 0,
-        answers: Vec::new(),
-    };
-    for (prompt, answer) in cases {
-        let mut session = Session::new(model, DType::F32)?;
-        let g = session.generate(&tok.encode(prompt)?, &options, |_| ControlFlow::Continue(()))?;
-        let body = g.answer_ids();
-        let text = tok.decode(body)?;
-        outcome.correct += usize::from(&text == answer);
-        outcome.answers.push(text);
-    }
-    Ok(outcome)
 }

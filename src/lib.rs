@@ -1,6 +1,10 @@
 //! Examples and benchmarks of the Llama 4 workspace live beside this library, which holds what
-//! the example binaries share: reading the command line, and checking output paths before any
-//! work starts.
+//! the example binaries share: reading the command line, checking output paths before any
+//! work starts, held-out accuracy ([`heldout`]), and components built outside the model crate
+//! ([`sliding_window`]).
+
+pub mod heldout;
+pub mod sliding_window;
 
 use std::ffi::OsString;
 use std::io::ErrorKind;

@@ -21,7 +21,7 @@ import shutil
 import sys
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import transformers
 from transformers import Llama4ForCausalLM, Llama4TextConfig
@@ -312,16 +312,52 @@ def make_model(name, cfg, seed, bf16=False, shards=1, config_edits=None, prompt_
     print(f"{name}: prompt {prompt_len} + {new_tokens} tokens, cache drift {drift:.2e}, ids {generated}")
 
 
-def make_models():
-    # Scout-like: every layer MoE, NoPE every 4th layer, QK norm, llama3 RoPE with low = high (as
-    # Scout-Instruct), the published checkpoints' integer `attn_temperature_tuning`, an empty
-    # `no_rope_layers` (meaning: the default interval), f32, one file.
-    scout = text_config(
+def make_scout_layer_variant():
+    """The scout fixture's weights with layer 1 (a RoPE layer) attending over everything
+    (`layer_types[1] = "full_attention"`) instead of its chunk: the reference for changing one
+    layer's chunking through the library's API. Only the reference logits are written, beside
+    the scout fixture; the weights are checked to be the same."""
+    cfg = scout_config()
+    assert cfg.layer_types[1] == "chunked_attention" and cfg.no_rope_layers[1] == 1
+    cfg.layer_types = list(cfg.layer_types)
+    cfg.layer_types[1] = "full_attention"
+    model = Llama4ForCausalLM(cfg).eval()
+    randomise(model, seed=1000)
+    out_dir = os.path.join(MODELS, "scout")
+    stored = load_file(os.path.join(out_dir, "model.safetensors"))
+    for name, t in state(model, "", False).items():
+        assert torch.equal(stored[name], t), name
+    g = torch.Generator().manual_seed(1000 + 1)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 21), generator=g)
+    generated, step_logits = greedy_with_cache(model, prompt, 12)
+    full = torch.cat([prompt[0], torch.tensor(generated)]).unsqueeze(0)
+    with torch.no_grad():
+        logits_full = model(full, use_cache=False).logits[0]
+    ref = {
+        "prompt_ids": prompt[0].to(torch.int64).contiguous(),
+        "generated_ids": torch.tensor(generated, dtype=torch.int64),
+        "step_logits": step_logits.float().contiguous(),
+        "logits_full": logits_full.float().contiguous(),
+    }
+    save_file(ref, os.path.join(out_dir, "reference_layer1_global.safetensors"))
+    print(f"scout, layer 1 global: ids {generated}")
+
+
+def scout_config():
+    """Scout-like: every layer MoE, NoPE every 4th layer, QK norm, llama3 RoPE with low = high
+    (as Scout-Instruct)."""
+    return text_config(
         num_hidden_layers=5,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=16.0, low_freq_factor=1.0,
                              high_freq_factor=1.0, original_max_position_embeddings=64),
     )
-    make_model("scout", scout, seed=1000,
+
+
+def make_models():
+    # Scout-like (see scout_config), with the published checkpoints' integer
+    # `attn_temperature_tuning`, an empty `no_rope_layers` (meaning: the default interval), f32,
+    # one file.
+    make_model("scout", scout_config(), seed=1000,
                config_edits={"attn_temperature_tuning": 4, "no_rope_layers": [], "-layer_types": None})
 
     # Maverick-like: dense and MoE layers interleaved, no QK norm, bf16 weights in three shards,
@@ -359,6 +395,8 @@ def main():
         make_attention()
     if "models" in what:
         make_models()
+    if "models" in what or "variants" in what:
+        make_scout_layer_variant()
 
 
 if __name__ == "__main__":

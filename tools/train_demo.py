@@ -244,6 +244,20 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def config_json(cfg):
+    """config.json of a text model stored in bf16 (also used by train_longctx_demo.py)."""
+    conf = cfg.to_dict()
+    # Generic PreTrainedConfig fields that mean nothing for these models, and the run-specific ones.
+    for key in ("_attn_implementation", "transformers_version", "_name_or_path", "chunk_size_feed_forward",
+                "id2label", "label2id", "is_encoder_decoder", "output_attentions", "output_hidden_states",
+                "problem_type", "return_dict"):
+        conf.pop(key, None)
+    conf["architectures"] = ["Llama4ForCausalLM"]
+    conf["torch_dtype"] = "bfloat16"
+    conf["dtype"] = "bfloat16"
+    return conf
+
+
 def write_readme(cfg, ids, n_params, correct, example):
     moe = "every layer" if len(cfg.moe_layers) == cfg.num_hidden_layers else f"layers {cfg.moe_layers}"
     nope = [i for i, r in enumerate(cfg.no_rope_layers) if not r]
@@ -352,16 +366,7 @@ def main():
         "model_max_length": cfg.max_position_embeddings,
     })
 
-    conf = cfg.to_dict()
-    # Generic PreTrainedConfig fields that mean nothing for this model, and the run-specific ones.
-    for key in ("_attn_implementation", "transformers_version", "_name_or_path", "chunk_size_feed_forward",
-                "id2label", "label2id", "is_encoder_decoder", "output_attentions", "output_hidden_states",
-                "problem_type", "return_dict"):
-        conf.pop(key, None)
-    conf["architectures"] = ["Llama4ForCausalLM"]
-    conf["torch_dtype"] = "bfloat16"
-    conf["dtype"] = "bfloat16"
-    write_json(os.path.join(OUT, "config.json"), conf)
+    write_json(os.path.join(OUT, "config.json"), config_json(cfg))
     write_json(os.path.join(OUT, "generation_config.json"), {
         "bos_token_id": ids.bos, "eos_token_id": ids.eot, "pad_token_id": ids.pad,
         "do_sample": False, "max_new_tokens": ANSWER_LEN,

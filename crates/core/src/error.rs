@@ -204,6 +204,40 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A GGUF header is not what the format describes.
+    #[error("{path}: malformed GGUF header at byte {offset}: {reason}")]
+    GgufHeader {
+        /// The file.
+        path: PathBuf,
+        /// Where the offending field starts.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A GGUF header announces more bytes than the file holds.
+    #[error("{path}: truncated GGUF file ({file_len} bytes; {needed} more needed at byte {offset})")]
+    GgufTruncated {
+        /// The file.
+        path: PathBuf,
+        /// Where the missing bytes start.
+        offset: u64,
+        /// The bytes the header says must be there.
+        needed: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// A count or length in a GGUF header is over this reader's limit.
+    #[error("{path}: GGUF {what} {value} is over the limit {limit}")]
+    GgufLimit {
+        /// The file.
+        path: PathBuf,
+        /// What was counted.
+        what: &'static str,
+        /// The announced value.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Arguments of a kernel or layer call have inconsistent shapes.
     #[error("{op}: {detail}")]
     Shape {

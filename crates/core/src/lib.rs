@@ -8,6 +8,8 @@ mod checkpoint;
 mod dtype;
 mod error;
 mod finite;
+pub mod ggml;
+pub mod gguf;
 pub mod input;
 pub mod kernels;
 mod kv;
@@ -23,10 +25,12 @@ pub use buffer::Buffer;
 pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use kv::{KvData, KvView};
+pub use kv::{quantize_q8, KvData, KvDtype, KvView};
 pub use layer_kind::{AttentionMask, LayerKind, Segments};
 pub use linear::Linear;
-pub use quant::{QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales};
+pub use quant::{
+    QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales, TensorRole,
+};
 pub use weight::{BatchedWeight, Layout, Weight, WeightData};
 
 pub use half::{bf16, f16};

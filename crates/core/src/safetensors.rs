@@ -351,3 +351,162 @@ impl SafetensorsFile {
         Ok(&self.map[self.header.data_start + start..self.header.data_start + end])
     }
 }
+
+/// One tensor of a file a [`Writer`] writes: its name, dtype string, shape; its bytes come later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Full tensor name.
+    pub name: String,
+    /// Dtype string as the format spells it (`"BF16"`, `"I8"`, …).
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+/// Writes a safetensors file whose tensors are known up front and whose bytes are produced one
+/// tensor at a time, in any order: the header is written first, each tensor lands at its own
+/// offset, and the file appears under its name only once [`Writer::finish`] has checked it.
+///
+/// Tensors are laid out widest element first: with the data section starting 8-aligned (the
+/// header is padded), every tensor starts at a multiple of its element size, so a reader maps
+/// it without copying.
+pub struct Writer {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: std::io::BufWriter<std::fs::File>,
+    data_start: u64,
+    /// Byte range of each entry (in the caller's order) inside the data section.
+    ranges: Vec<(usize, usize)>,
+    written: Vec<bool>,
+}
+
+impl Writer {
+    /// Creates `path` (as `path.partial` until finished) holding `entries` and `metadata`.
+    ///
+    /// # Errors
+    /// [`Error::Header`] for a dtype the format does not define or a size that overflows;
+    /// [`Error::Io`] when the file cannot be created.
+    pub fn create(
+        path: impl AsRef<Path>,
+        entries: &[Entry],
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let bad = |reason: String| Error::Header {
+            path: path.clone(),
+            reason,
+        };
+        let mut sizes = Vec::with_capacity(entries.len());
+        for e in entries {
+            let elem = element_size(&e.dtype)
+                .ok_or_else(|| bad(format!("`{}`: unknown dtype {}", e.name, e.dtype)))?;
+            let len = e
+                .shape
+                .iter()
+                .try_fold(elem, |n, &d| n.checked_mul(d as u64))
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| bad(format!("`{}`: size overflows", e.name)))?;
+            sizes.push((elem, len));
+        }
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by(|&a, &b| {
+            sizes[b]
+                .0
+                .cmp(&sizes[a].0)
+                .then_with(|| entries[a].name.cmp(&entries[b].name))
+        });
+        let mut ranges = vec![(0, 0); entries.len()];
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for &i in &order {
+            let end = offset
+                .checked_add(sizes[i].1)
+                .ok_or_else(|| bad("file size overflows".into()))?;
+            ranges[i] = (offset, end);
+            let e = &entries[i];
+            header.insert(
+                e.name.clone(),
+                serde_json::json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        if !metadata.is_empty() {
+            header.insert("__metadata__".into(), serde_json::json!(metadata));
+        }
+        let mut header = Value::Object(header).to_string().into_bytes();
+        header.resize(header.len().div_ceil(8) * 8, b' ');
+        let tmp = path.with_extension("safetensors.partial");
+        let io = |source| Error::Io {
+            path: tmp.clone(),
+            source,
+        };
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+        use std::io::Write;
+        out.write_all(&(header.len() as u64).to_le_bytes())
+            .and_then(|()| out.write_all(&header))
+            .map_err(io)?;
+        Ok(Writer {
+            data_start: 8 + header.len() as u64,
+            path,
+            tmp,
+            out,
+            ranges,
+            written: vec![false; entries.len()],
+        })
+    }
+
+    /// Bytes of the data section, once every tensor is written.
+    pub fn data_len(&self) -> usize {
+        self.ranges.iter().map(|r| r.1).max().unwrap_or(0)
+    }
+
+    /// Writes the bytes of entry `index` (in the order given to [`Writer::create`]).
+    ///
+    /// # Errors
+    /// [`Error::Shape`] when `bytes` is not the entry's size or the index is out of range,
+    /// [`Error::Io`] when writing fails.
+    pub fn write(&mut self, index: usize, bytes: &[u8]) -> Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
+        let &(start, end) = self
+            .ranges
+            .get(index)
+            .ok_or_else(|| Error::shape("safetensors::Writer::write", format!("no entry {index}")))?;
+        if bytes.len() != end - start {
+            return Err(Error::shape(
+                "safetensors::Writer::write",
+                format!("entry {index} takes {} bytes, got {}", end - start, bytes.len()),
+            ));
+        }
+        let io = |source| Error::Io {
+            path: self.tmp.clone(),
+            source,
+        };
+        self.out
+            .seek(SeekFrom::Start(self.data_start + start as u64))
+            .and_then(|_| self.out.write_all(bytes))
+            .map_err(io)?;
+        self.written[index] = true;
+        Ok(())
+    }
+
+    /// Flushes, checks that every entry was written and that the file parses, and moves it to
+    /// its name.
+    pub fn finish(mut self) -> Result<PathBuf> {
+        use std::io::Write;
+        if let Some(i) = self.written.iter().position(|w| !w) {
+            return Err(Error::Header {
+                path: self.path.clone(),
+                reason: format!("entry {i} was never written"),
+            });
+        }
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { path, source }
+        };
+        self.out.flush().map_err(io(&self.tmp))?;
+        drop(self.out);
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        SafetensorsFile::open(&self.path)?;
+        Ok(self.path)
+    }
+}

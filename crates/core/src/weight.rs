@@ -3,6 +3,7 @@
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
 
+use crate::ggml::{GgmlData, GgmlType};
 use crate::quant::{self, QuantData, QuantSpec};
 use crate::{Buffer, DType, Error, Result};
 
@@ -19,6 +20,9 @@ pub enum WeightData {
     F16(Buffer<f16>),
     /// Quantised integers with per-group scales (always [`Layout::OutIn`]; see [`crate::quant`]).
     Quant(Box<QuantData>),
+    /// ggml blocks as a GGUF file stores them (always [`Layout::OutIn`], whole blocks per row;
+    /// see [`crate::ggml`]).
+    Ggml(Box<GgmlData>),
 }
 
 impl WeightData {
@@ -28,7 +32,15 @@ impl WeightData {
             WeightData::F32(_) => Some(DType::F32),
             WeightData::BF16(_) => Some(DType::BF16),
             WeightData::F16(_) => Some(DType::F16),
-            WeightData::Quant(_) => None,
+            WeightData::Quant(_) | WeightData::Ggml(_) => None,
+        }
+    }
+
+    /// The ggml type of ggml storage; `None` otherwise.
+    pub fn ggml(&self) -> Option<GgmlType> {
+        match self {
+            WeightData::Ggml(g) => Some(g.ty()),
+            _ => None,
         }
     }
 
@@ -47,6 +59,7 @@ impl WeightData {
             WeightData::BF16(b) => b.len() * 2,
             WeightData::F16(b) => b.len() * 2,
             WeightData::Quant(q) => q.nbytes(),
+            WeightData::Ggml(g) => g.nbytes(),
         }
     }
 
@@ -57,6 +70,7 @@ impl WeightData {
             WeightData::BF16(b) => b.len(),
             WeightData::F16(b) => b.len(),
             WeightData::Quant(q) => q.len(),
+            WeightData::Ggml(g) => g.len(),
         }
     }
 
@@ -72,6 +86,7 @@ impl WeightData {
             WeightData::BF16(b) => b.is_mapped(),
             WeightData::F16(b) => b.is_mapped(),
             WeightData::Quant(q) => q.is_mapped(),
+            WeightData::Ggml(g) => g.is_mapped(),
         }
     }
 
@@ -82,6 +97,7 @@ impl WeightData {
             WeightData::BF16(b) => WeightData::BF16(b.slice(start, len)),
             WeightData::F16(b) => WeightData::F16(b.slice(start, len)),
             WeightData::Quant(q) => WeightData::Quant(Box::new(q.slice(start, len))),
+            WeightData::Ggml(g) => WeightData::Ggml(Box::new(g.slice(start, len))),
         }
     }
 
@@ -92,6 +108,7 @@ impl WeightData {
             WeightData::BF16(b) => b.iter().map(|v| v.to_f32()).collect(),
             WeightData::F16(b) => b.iter().map(|v| v.to_f32()).collect(),
             WeightData::Quant(q) => q.to_f32_vec(),
+            WeightData::Ggml(g) => g.to_f32_vec(),
         }
     }
 
@@ -110,6 +127,7 @@ impl WeightData {
                 assert!(range.end <= q.len(), "elements {range:?} of {}", q.len());
                 out.iter_mut().zip(range).for_each(|(o, i)| *o = q.value(i));
             }
+            WeightData::Ggml(g) => g.dequantize_into(start, out),
         }
     }
 
@@ -441,13 +459,28 @@ impl BatchedWeight {
     }
 }
 
-/// Quantised storage is `[out, in]` with whole groups per row.
+/// Quantised storage is `[out, in]` with whole groups (ggml: whole blocks) per row.
 fn check_quant_layout(data: &WeightData, layout: Layout, in_features: usize) -> Result<()> {
-    if let WeightData::Quant(q) = data {
-        if layout != Layout::OutIn {
-            return Err(Error::Quant("quantised weights are stored [out, in]".into()));
+    match data {
+        WeightData::Quant(q) => {
+            if layout != Layout::OutIn {
+                return Err(Error::Quant("quantised weights are stored [out, in]".into()));
+            }
+            q.spec().check(in_features)?;
         }
-        q.spec().check(in_features)?;
+        WeightData::Ggml(g) => {
+            if layout != Layout::OutIn {
+                return Err(Error::Quant("ggml weights are stored [out, in]".into()));
+            }
+            if !in_features.is_multiple_of(g.ty().block_size()) {
+                return Err(Error::Quant(format!(
+                    "{} rows of {in_features} are not whole blocks of {}",
+                    g.ty(),
+                    g.ty().block_size()
+                )));
+            }
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use llama4_core::kernels::attention::{attention_naive, attention_with, AttnContext};
 use llama4_core::kernels::available_isas;
-use llama4_core::{KvData, KvView, LayerKind};
+use llama4_core::{quantize_q8, KvData, KvView, LayerKind};
 use ndarray::Array3;
 use proptest::prelude::*;
 
@@ -12,6 +12,18 @@ enum Dt {
     F32,
     BF16,
     F16,
+    Q8,
+}
+
+/// Rows of `d` elements quantised to q8: elements and one scale per row.
+fn q8_rows(x: &[f32], d: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; x.len()];
+    let s = x
+        .chunks_exact(d)
+        .zip(q.chunks_exact_mut(d))
+        .map(|(x, q)| quantize_q8(x, q))
+        .collect();
+    (q, s)
 }
 
 #[derive(Debug, Clone)]
@@ -45,7 +57,7 @@ fn case(max_len: usize, max_t: usize, reps: std::ops::RangeInclusive<usize>) -> 
             Just(LayerKind::Global),
             (1usize..=24).prop_map(|c| LayerKind::chunked(c).unwrap())
         ],
-        prop_oneof![Just(Dt::F32), Just(Dt::BF16), Just(Dt::F16)],
+        prop_oneof![Just(Dt::F32), Just(Dt::BF16), Just(Dt::F16), Just(Dt::Q8)],
         0.05f32..2.0,
         any::<u64>(),
     )
@@ -87,10 +99,15 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     let vb: Vec<bf16> = vf.iter().map(|&x| bf16::from_f32(x)).collect();
     let kh: Vec<f16> = kf.iter().map(|&x| f16::from_f32(x)).collect();
     let vh: Vec<f16> = vf.iter().map(|&x| f16::from_f32(x)).collect();
+    let ((kq, ks), (vq, vs)) = (q8_rows(kf, c.d), q8_rows(vf, c.d));
     let (kd, vd) = match c.dt {
         Dt::F32 => (KvData::F32(kf), KvData::F32(vf)),
         Dt::BF16 => (KvData::BF16(&kb), KvData::BF16(&vb)),
         Dt::F16 => (KvData::F16(&kh), KvData::F16(&vh)),
+        Dt::Q8 => (
+            KvData::Q8 { q: &kq, scales: &ks },
+            KvData::Q8 { q: &vq, scales: &vs },
+        ),
     };
     let k = KvView {
         data: kd,

@@ -9,7 +9,7 @@ use llama4_core::kernels::{self, Isa};
 use llama4_core::quant::{self, fp8_e4m3_from_f32, fp8_e4m3_value, linear_reference, FP8_E4M3_TABLE};
 use llama4_core::{
     bf16, f16, Buffer, Checkpoint, Error, Layout, QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec,
-    ScaleType, Scales, Weight, WeightData,
+    ScaleType, Scales, TensorRole, Weight, WeightData,
 };
 use ndarray::Array2;
 use proptest::prelude::*;
@@ -386,7 +386,10 @@ fn expert_tensors_are_transposed_once() {
 #[test]
 fn a_policy_never_requantises_fp8() {
     let c = fp8_checkpoint(|_| {});
-    let policy = QuantPolicy::new(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
+    // Every tensor a projection: the policy would quantise anything it could.
+    let policy = QuantPolicy::new(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear, |_| {
+        TensorRole::Projection
+    });
     let mut ckpt = c.ckpt;
     ckpt.set_quantization(Some(policy));
     let w = ckpt.root().batched_in_out(GU, [E, H, 2 * I]).unwrap();

@@ -171,7 +171,7 @@ mod tests {
     #[test]
     fn quantised_experts_count_values_and_scales() {
         let cfg = TextConfig::maverick();
-        let q4 = QuantPolicy::new(QuantSpec::new(QuantFormat::Q4, 32), QuantScope::Experts);
+        let q4 = llama4_model::quant_policy(QuantSpec::new(QuantFormat::Q4, 32), QuantScope::Experts);
         let plan = memory_plan(&cfg, DType::BF16, Some(q4), 1).unwrap();
         // Half a byte per weight plus a 4-byte scale per 32: 0.625 bytes per weight.
         let weights = 24u64 * 128 * 3 * 5120 * 8192;

@@ -34,7 +34,6 @@ pub struct WorkerStats {
 
 /// One rank's share of every MoE layer's routed experts (no router use, no shared expert, no
 /// attention: rank 0 routes and sends the rows), served over a [`Transport`].
-#[derive(Debug)]
 pub struct ExpertWorker {
     transport: Arc<dyn Transport>,
     fingerprint: [u32; FINGERPRINT],
@@ -44,6 +43,17 @@ pub struct ExpertWorker {
     layers: Vec<Option<Moe>>,
     checkpoint: Checkpoint,
     config: ModelConfig,
+}
+
+impl std::fmt::Debug for ExpertWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The checkpoint (mapped files) has nothing to show.
+        f.debug_struct("ExpertWorker")
+            .field("rank", &self.transport.rank())
+            .field("experts", &self.experts)
+            .field("layers", &self.layers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExpertWorker {

@@ -44,8 +44,8 @@ impl LayerCache {
         Ok(Self {
             kind,
             spec,
-            k: Storage::zeros(spec.dtype, 0),
-            v: Storage::zeros(spec.dtype, 0),
+            k: Storage::zeros(spec.dtype, spec.head_dim, 0),
+            v: Storage::zeros(spec.dtype, spec.head_dim, 0),
             capacity: 0,
             first_pos: 0,
             len: 0,
@@ -86,7 +86,7 @@ impl LayerCache {
     /// memory costs).
     pub fn memory_bytes(&self) -> u64 {
         // Cannot overflow: the same product was allocated.
-        2 * (self.capacity * self.spec.kv_heads * self.spec.head_dim * self.spec.dtype.size()) as u64
+        2 * (self.capacity * self.spec.kv_heads * self.spec.dtype.vector_bytes(self.spec.head_dim)) as u64
     }
 
     /// How to split `t` tokens appended next so that no piece crosses a chunk boundary: see

@@ -14,7 +14,7 @@ pub use kind::{capacity_ladder, MIN_CAPACITY};
 pub use layer::{LayerCache, LayerView};
 pub use spec::{CacheSpec, MemoryBytes};
 
-pub use llama4_core::{DType, KvData, KvView, LayerKind, Segments};
+pub use llama4_core::{DType, KvData, KvDtype, KvView, LayerKind, Segments};
 
 #[cfg(test)]
 mod scout;

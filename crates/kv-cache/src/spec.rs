@@ -1,6 +1,6 @@
 //! Sizes shared by every layer of a cache, the memory report, and the estimates.
 
-use llama4_core::DType;
+use llama4_core::KvDtype;
 
 use crate::kind::grown_capacity;
 use crate::{KvError, LayerKind, Result};
@@ -12,8 +12,9 @@ pub struct CacheSpec {
     pub kv_heads: usize,
     /// Elements per head vector `D`.
     pub head_dim: usize,
-    /// Storage element type; appended f32 values are rounded to it (nearest, ties to even).
-    pub dtype: DType,
+    /// Storage format; appended f32 values are rounded to it (nearest, ties to even; q8
+    /// vectors to their own scale, see [`KvDtype::Q8`]).
+    pub dtype: KvDtype,
 }
 
 /// Bytes held by a cache, split by layer kind.
@@ -42,12 +43,13 @@ impl MemoryBytes {
 }
 
 impl CacheSpec {
-    /// A spec; see [`CacheSpec::validate`] for what a cache accepts.
-    pub fn new(kv_heads: usize, head_dim: usize, dtype: DType) -> Self {
+    /// A spec; see [`CacheSpec::validate`] for what a cache accepts. `dtype` is a
+    /// [`KvDtype`] or a float [`llama4_core::DType`].
+    pub fn new(kv_heads: usize, head_dim: usize, dtype: impl Into<KvDtype>) -> Self {
         Self {
             kv_heads,
             head_dim,
-            dtype,
+            dtype: dtype.into(),
         }
     }
 
@@ -63,18 +65,16 @@ impl CacheSpec {
     }
 
     /// Bytes one layer allocates for a capacity of `positions`: keys and values,
-    /// `2 · Hkv · positions · D · sizeof(dtype)`.
+    /// `2 · Hkv · positions · bytes per vector` (`D · sizeof(dtype)`, or `D + 4` for q8).
     pub fn layer_bytes(&self, positions: usize) -> Result<u64> {
-        [
-            2,
-            self.kv_heads as u64,
-            positions as u64,
-            self.head_dim as u64,
-            self.dtype.size() as u64,
-        ]
-        .into_iter()
-        .try_fold(1u64, |acc, x| acc.checked_mul(x))
-        .ok_or(KvError::Overflow("layer bytes"))
+        let vector = (self.head_dim as u64)
+            .checked_mul(4)
+            .and_then(|_| u64::try_from(self.dtype.vector_bytes(self.head_dim)).ok())
+            .ok_or(KvError::Overflow("layer bytes"))?;
+        [2, self.kv_heads as u64, positions as u64, vector]
+            .into_iter()
+            .try_fold(1u64, |acc, x| acc.checked_mul(x))
+            .ok_or(KvError::Overflow("layer bytes"))
     }
 
     /// Bytes a fresh [`crate::KvCache`] over `kinds` holds after `n_tokens` positions were

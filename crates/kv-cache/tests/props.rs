@@ -1,7 +1,7 @@
 //! Invariants of the caches over random layer mixes, dtypes and append patterns.
 
 use half::{bf16, f16};
-use kv_cache::{CacheSpec, DType, KvCache, KvError, LayerKind};
+use kv_cache::{CacheSpec, DType, KvCache, KvDtype, KvError, LayerKind};
 use ndarray::{s, Array3, ArrayView3};
 use proptest::prelude::*;
 
@@ -19,11 +19,12 @@ fn random_tokens(t: usize, hkv: usize, d: usize, seed: u64) -> Array3<f32> {
 }
 
 /// What storing `x` in `dtype` and reading it back must give (round to nearest).
-fn round(dtype: DType, x: f32) -> f32 {
+fn round(dtype: KvDtype, x: f32) -> f32 {
     match dtype {
-        DType::F32 => x,
-        DType::BF16 => bf16::from_f32(x).to_f32(),
-        DType::F16 => f16::from_f32(x).to_f32(),
+        KvDtype::F32 => x,
+        KvDtype::BF16 => bf16::from_f32(x).to_f32(),
+        KvDtype::F16 => f16::from_f32(x).to_f32(),
+        KvDtype::Q8 => unreachable!("the strategy draws float formats only"),
     }
 }
 

@@ -6,7 +6,7 @@ use irope_attn::{Attention, AttnConfig, PosEncoding, SelfAttention};
 use kv_cache::{CacheSpec, KvCache};
 use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
 use llama4_core::scratch::reshape_reusing;
-use llama4_core::{Checkpoint, DType, LayerKind, QuantPolicy, Scope, Weight};
+use llama4_core::{Checkpoint, DType, KvDtype, LayerKind, QuantPolicy, Scope, Weight};
 use moe_router::{Mlp, Moe, MoeConfig, Router};
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
@@ -167,7 +167,7 @@ impl TextModel {
     }
 
     /// An empty cache for this model with keys and values stored in `dtype`.
-    pub fn new_cache(&self, dtype: DType) -> Result<KvCache> {
+    pub fn new_cache(&self, dtype: impl Into<KvDtype>) -> Result<KvCache> {
         let spec = CacheSpec::new(self.config.num_key_value_heads, self.config.head_dim, dtype);
         Ok(KvCache::new(&self.cache_kinds(), spec)?)
     }

@@ -5,6 +5,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::Arc;
 
 use llama4_core::{Checkpoint, QuantPolicy};
 use ndarray::{Array2, ArrayView2, Axis};
@@ -177,7 +178,7 @@ pub struct PreparedPrompt {
 /// A multimodal Llama 4 checkpoint (`model_type: llama4`): the text decoder, the vision tower,
 /// the projector, the image processor and the ids of the image layout tokens.
 pub struct MultimodalModel {
-    text: TextModel,
+    text: Arc<TextModel>,
     vision: VisionModel,
     projector: Projector,
     processor: ImageProcessor,
@@ -274,7 +275,7 @@ impl MultimodalModel {
         )?;
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
         Ok(MultimodalModel {
-            text,
+            text: Arc::new(text),
             vision,
             projector,
             processor,
@@ -284,6 +285,12 @@ impl MultimodalModel {
 
     /// The text decoder (for [`Session::new`]).
     pub fn text(&self) -> &TextModel {
+        &self.text
+    }
+
+    /// The text decoder as a shared handle, for sessions that own their model
+    /// (`Session<Arc<TextModel>>`, which a server keeps beside the vision tower).
+    pub fn shared_text(&self) -> &Arc<TextModel> {
         &self.text
     }
 

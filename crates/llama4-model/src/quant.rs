@@ -10,15 +10,50 @@
 //! [`Scope`](llama4_core::Scope) look-up.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use llama4_core::quant::{QuantTarget, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
-use llama4_core::{Checkpoint, QuantData, QuantPolicy, Scales, WeightData};
-use serde_json::{json, Value};
+use llama4_core::safetensors;
+use llama4_core::{
+    Checkpoint, QuantData, QuantPolicy, QuantScope, QuantSpec, Scales, TensorRole, WeightData,
+};
 
 use crate::{Error, Result};
+
+/// A load-time quantisation policy for Llama 4 checkpoints: `scope` of the tensors
+/// [`tensor_role`] names, quantised with `spec`.
+pub fn quant_policy(spec: QuantSpec, scope: QuantScope) -> QuantPolicy {
+    QuantPolicy::new(spec, scope, tensor_role)
+}
+
+/// What a tensor of a Llama 4 checkpoint (Hugging Face names, text-only or multimodal) is, for
+/// quantisation: the fused experts (`…feed_forward.experts.{gate_up_proj,down_proj}`), a
+/// projection of the text decoder (`…{q,k,v,o,gate,up,down}_proj.weight`, `lm_head.weight`:
+/// attention, shared expert, dense MLPs), or anything else: the token embedding, norms, the
+/// router (tiny, and routing decisions are sensitive), the vision tower and projector.
+pub fn tensor_role(name: &str) -> TensorRole {
+    let is_vision = name
+        .split('.')
+        .any(|c| c == "vision_model" || c == "multi_modal_projector");
+    let mut last = name.rsplit('.');
+    let (a, b) = (last.next(), last.next());
+    if is_vision {
+        TensorRole::Other
+    } else if matches!(a, Some("gate_up_proj" | "down_proj")) && b == Some("experts") {
+        TensorRole::Experts
+    } else if a == Some("weight")
+        && matches!(
+            b,
+            Some(
+                "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj" | "lm_head"
+            )
+        )
+    {
+        TensorRole::Projection
+    } else {
+        TensorRole::Other
+    }
+}
 
 /// The metadata key naming the policy's scope (`experts` or `all-linear`), for people reading
 /// the file; loading does not need it.
@@ -51,32 +86,12 @@ enum Source {
     Scales(String),
 }
 
-/// One tensor of the output file.
-struct Entry {
-    name: String,
-    dtype: String,
-    shape: Vec<usize>,
-    len: usize,
-    elem: usize,
-    source: Source,
-}
-
 /// How a source tensor selected by the policy is laid out: `(lead, out, in)`.
 fn quant_dims(target: QuantTarget, shape: &[usize]) -> Option<(Vec<usize>, usize, usize)> {
     match (target, shape) {
         (QuantTarget::Linear, &[out, inp]) => Some((vec![], out, inp)),
         (QuantTarget::Experts, &[e, inp, out]) => Some((vec![e], out, inp)),
         _ => None,
-    }
-}
-
-/// Bytes per element of a safetensors dtype string (the file was validated, so it is known).
-fn element_size(dtype: &str) -> usize {
-    match dtype {
-        "F64" | "I64" | "U64" => 8,
-        "F32" | "I32" | "U32" => 4,
-        "F16" | "BF16" | "I16" | "U16" => 2,
-        _ => 1,
     }
 }
 
@@ -123,68 +138,34 @@ pub fn quantize_checkpoint(
 
     let mut names: Vec<&str> = ckpt.tensor_names().collect();
     names.sort_unstable();
-    let (entries, metadata, quantized) = plan(&ckpt, &names, policy)?;
-
-    // Header: offsets in write order, then padded with spaces to a multiple of 8 so the data
-    // section starts aligned.
-    let mut tensors = serde_json::Map::new();
-    let mut offsets = Vec::with_capacity(entries.len());
-    let mut offset = 0usize;
-    for e in &entries {
-        let end = offset + e.len;
-        tensors.insert(
-            e.name.clone(),
-            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
-        );
-        offsets.push(offset);
-        offset = end;
-    }
-    tensors.insert("__metadata__".into(), json!(metadata));
-    let mut header = Value::Object(tensors).to_string().into_bytes();
-    header.resize(header.len().div_ceil(8) * 8, b' ');
-
-    let path = dst.join("model.safetensors");
-    let tmp = dst.join("model.safetensors.partial");
-    let file = File::create(&tmp).map_err(io(&tmp))?;
-    let mut out = BufWriter::new(file);
-    let data_start = 8 + header.len() as u64;
-    out.write_all(&(header.len() as u64).to_le_bytes())
-        .and_then(|()| out.write_all(&header))
-        .map_err(io(&tmp))?;
-
-    // Write each source tensor once; a quantised one's values and scales land at their
-    // (separate) offsets, so the file is written out of order with seeks.
-    let at: BTreeMap<(&str, u8), usize> = entries
+    let (entries, sources, metadata, quantized) = plan(&ckpt, &names, policy)?;
+    let mut out = safetensors::Writer::create(dst.join("model.safetensors"), &entries, &metadata)?;
+    // Where each source tensor's output entries are: a quantised one's values and scales.
+    let at: BTreeMap<(&str, u8), usize> = sources
         .iter()
-        .zip(&offsets)
-        .map(|(e, &o)| match &e.source {
-            Source::Copy(n) => ((n.as_str(), 0), o),
-            Source::Values(n) => ((n.as_str(), 1), o),
-            Source::Scales(n) => ((n.as_str(), 2), o),
+        .enumerate()
+        .map(|(i, source)| match source {
+            Source::Copy(n) => ((n.as_str(), 0), i),
+            Source::Values(n) => ((n.as_str(), 1), i),
+            Source::Scales(n) => ((n.as_str(), 2), i),
         })
         .collect();
-    let mut write_at = |offset: usize, bytes: &[u8]| -> Result<()> {
-        out.seek(SeekFrom::Start(data_start + offset as u64))
-            .and_then(|_| out.write_all(bytes))
-            .map_err(io(&tmp))
-    };
     let mut bytes_in = 0u64;
     for &name in &names {
         bytes_in += ckpt.raw_bytes(name)?.len() as u64;
-        if let Some(&o) = at.get(&(name, 0)) {
-            write_at(o, ckpt.raw_bytes(name)?)?;
+        if let Some(&i) = at.get(&(name, 0)) {
+            out.write(i, ckpt.raw_bytes(name)?)?;
             continue;
         }
         let q = quantized_data(&ckpt, name, policy)?;
-        let (Some(&values_at), Some(&scales_at)) = (at.get(&(name, 1)), at.get(&(name, 2))) else {
+        let (Some(&values), Some(&scales)) = (at.get(&(name, 1)), at.get(&(name, 2))) else {
             return Err(internal(name));
         };
-        write_at(values_at, q.values())?;
-        write_at(scales_at, &scale_bytes(q.scales()))?;
+        out.write(values, q.values())?;
+        out.write(scales, &scale_bytes(q.scales()))?;
     }
-    out.flush().map_err(io(&tmp))?;
-    drop(out);
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let bytes_out = out.data_len() as u64;
+    let path = out.finish()?;
 
     let mut files_copied = Vec::new();
     if let Some(dir) = &src_dir {
@@ -200,27 +181,22 @@ pub fn quantize_checkpoint(
         }
     }
     files_copied.sort();
-    // The file must open as a checkpoint: this validates the header just written.
-    Checkpoint::open(&path)?;
     Ok(QuantizeSummary {
         path,
         quantized,
         copied: names.len() - quantized,
         bytes_in,
-        bytes_out: offset as u64,
+        bytes_out,
         files_copied,
     })
 }
 
 /// The output tensors in write order, the file's metadata, and how many tensors are quantised.
-/// Checks every selected tensor before anything is written.
-fn plan(
-    ckpt: &Checkpoint,
-    names: &[&str],
-    policy: &QuantPolicy,
-) -> Result<(Vec<Entry>, BTreeMap<String, String>, usize)> {
+/// The output tensors with where each one's bytes come from, the file's metadata, and how many
+/// tensors are quantised. Checks every selected tensor before anything is written.
+fn plan(ckpt: &Checkpoint, names: &[&str], policy: &QuantPolicy) -> Result<Plan> {
     let spec = policy.spec;
-    let mut entries = Vec::new();
+    let (mut entries, mut sources) = (Vec::new(), Vec::new());
     let mut metadata = BTreeMap::new();
     let mut quantized = 0;
     for &name in names {
@@ -243,14 +219,12 @@ fn plan(
             .filter(|_| info.dtype != "F8_E4M3")
             .and_then(|target| quant_dims(target, &info.shape));
         let Some((lead, out, inp)) = dims else {
-            entries.push(Entry {
+            entries.push(safetensors::Entry {
                 name: name.to_string(),
                 dtype: info.dtype.clone(),
                 shape: info.shape.clone(),
-                len: info.data_offsets.1 - info.data_offsets.0,
-                elem: element_size(&info.dtype),
-                source: Source::Copy(name.to_string()),
             });
+            sources.push(Source::Copy(name.to_string()));
             continue;
         };
         spec.check(inp).map_err(|e| match e {
@@ -258,34 +232,32 @@ fn plan(
             e => e,
         })?;
         quantized += 1;
-        let rows: usize = lead.iter().product::<usize>() * out;
         let shape = |last: usize| lead.iter().copied().chain([out, last]).collect::<Vec<_>>();
-        let value_bytes = spec.format.value_bytes(inp);
-        entries.push(Entry {
+        entries.push(safetensors::Entry {
             name: format!("{name}{QWEIGHT_SUFFIX}"),
             dtype: spec.format.safetensors_dtype().into(),
-            shape: shape(value_bytes),
-            len: rows * value_bytes,
-            elem: 1,
-            source: Source::Values(name.to_string()),
+            shape: shape(spec.format.value_bytes(inp)),
         });
-        let groups = inp / spec.group_for(inp);
-        entries.push(Entry {
+        sources.push(Source::Values(name.to_string()));
+        entries.push(safetensors::Entry {
             name: format!("{name}{QSCALE_SUFFIX}"),
             dtype: spec.scales.name().to_uppercase(),
-            shape: shape(groups),
-            len: rows * groups * spec.scales.size(),
-            elem: spec.scales.size(),
-            source: Source::Scales(name.to_string()),
+            shape: shape(inp / spec.group_for(inp)),
         });
+        sources.push(Source::Scales(name.to_string()));
     }
-    // Widest elements first: with a data section starting 8-aligned, every tensor then starts
-    // at a multiple of its element size.
-    entries.sort_by(|a, b| b.elem.cmp(&a.elem).then_with(|| a.name.cmp(&b.name)));
     metadata.insert(METADATA_KEY.to_string(), spec.to_metadata());
     metadata.insert(SCOPE_METADATA_KEY.to_string(), policy.scope.name().to_string());
-    Ok((entries, metadata, quantized))
+    Ok((entries, sources, metadata, quantized))
 }
+
+/// What [`plan`] gives: output entries, the source of each, metadata, tensors quantised.
+type Plan = (
+    Vec<safetensors::Entry>,
+    Vec<Source>,
+    BTreeMap<String, String>,
+    usize,
+);
 
 /// Tensor `name` quantised by the look-up a model load uses.
 fn quantized_data(ckpt: &Checkpoint, name: &str, policy: &QuantPolicy) -> Result<QuantData> {

@@ -4,7 +4,7 @@ use std::borrow::Borrow;
 
 use kv_cache::{KvCache, MemoryBytes};
 use llama4_core::scratch::reshape_reusing;
-use llama4_core::DType;
+use llama4_core::KvDtype;
 use ndarray::{s, Array1, Array2, ArrayViewMut2};
 
 use crate::layer::Workspace;
@@ -54,7 +54,7 @@ impl<M: Borrow<TextModel>> std::fmt::Debug for Session<M> {
 impl<M: Borrow<TextModel>> Session<M> {
     /// A new empty session whose cache stores keys and values in `dtype`. The context limit is
     /// the config's `max_position_embeddings`.
-    pub fn new(model: M, dtype: DType) -> Result<Self> {
+    pub fn new(model: M, dtype: impl Into<KvDtype>) -> Result<Self> {
         let text = model.borrow();
         let (cache, max_len) = (text.new_cache(dtype)?, text.config().max_position_embeddings);
         Ok(Session {

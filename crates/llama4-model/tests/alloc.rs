@@ -4,7 +4,7 @@
 //! test: nothing else may run beside it.
 
 use llama4_core::alloc_count::CountingAllocator;
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec};
 use llama4_model::{Logits, Sampler, SamplingConfig, Session, TextModel};
 
 mod common;
@@ -45,9 +45,9 @@ fn decode_steps_allocate_nothing() {
     let scout = TextModel::load(common::fixture_dir("scout")).unwrap();
     let maverick = TextModel::load(common::fixture_dir("maverick")).unwrap();
     let demo_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
-    let q8 = QuantPolicy::new(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
+    let q8 = llama4_model::quant_policy(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
     let q8_demo = TextModel::load_with_quantization(&demo_dir, Some(q8)).unwrap();
-    let q4 = QuantPolicy::new(QuantSpec::new(QuantFormat::Q4, 32), QuantScope::Experts);
+    let q4 = llama4_model::quant_policy(QuantSpec::new(QuantFormat::Q4, 32), QuantScope::Experts);
     let q4_demo = TextModel::load_with_quantization(&demo_dir, Some(q4)).unwrap();
     let cases: [(&str, &TextModel, DType, SamplingConfig); 5] = [
         (

@@ -44,13 +44,11 @@ fn demo_sorts_digits_on_held_out_inputs() {
     for (prompt, answer) in &cases {
         let ids = tok.encode(prompt).unwrap();
         let mut session = Session::new(&model, DType::F32).unwrap();
-        let mut stream = StreamDecoder::new();
+        let mut stream = StreamDecoder::with_stop_ids(&stops);
         let mut streamed = String::new();
         let g = session
             .generate(&ids, &options, |id| {
-                if !stops.contains(&id) {
-                    streamed.push_str(&stream.push(&tok, id).unwrap());
-                }
+                streamed.push_str(&stream.push(&tok, id).unwrap());
                 ControlFlow::Continue(())
             })
             .unwrap();

@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec};
 use llama4_model::config::QuantizationConfig;
 use llama4_model::{
     quantize_checkpoint, Error, GenerateOptions, Logits, ModelConfig, SamplingConfig, Session, TextModel,
@@ -174,7 +174,7 @@ fn quantize_checkpoint_keeps_fp8_tensors() {
     // A q8 policy over an FP8 checkpoint: the fp8 tensors and their scales are copied byte for
     // byte and read as fp8 again; the float projections it selects become q8.
     let out = TempDir::new().unwrap();
-    let p = QuantPolicy::new(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
+    let p = llama4_model::quant_policy(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
     let summary = quantize_checkpoint(dir(), out.path(), &p).unwrap();
     // 4 layers × q/k/v/o and lm_head.
     assert_eq!(summary.quantized, 17);
@@ -209,7 +209,7 @@ fn quantize_checkpoint_keeps_fp8_tensors() {
 #[test]
 fn fp8_policy_round_trips_through_a_saved_checkpoint() {
     for scope in [QuantScope::Experts, QuantScope::AllLinear] {
-        let p = QuantPolicy::new(QuantSpec::fp8(), scope);
+        let p = llama4_model::quant_policy(QuantSpec::fp8(), scope);
         let out = TempDir::new().unwrap();
         let summary = quantize_checkpoint(scout(), out.path(), &p).unwrap();
         assert!(summary.quantized > 0);

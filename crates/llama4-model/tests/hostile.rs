@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use llama4_core::input::{Cap, MAX_JSON_BYTES};
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec};
 use llama4_model::config::{MAX_EXPERTS, MAX_HEADS, MAX_HEAD_DIM, MAX_LAYERS};
 use llama4_model::{
     check_text_only_prompt, encode_chat, quantize_checkpoint, stop_ids, Error, GenerateOptions,
@@ -361,7 +361,7 @@ fn nan_or_inf_in_weights_stops_generation_and_the_scan_names_the_tensor() {
 fn inf_in_quantisation_scales_is_caught_too() {
     let out = tempfile::tempdir().unwrap();
     let q8 = out.path().join("q8");
-    let policy = QuantPolicy::new(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
+    let policy = llama4_model::quant_policy(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::AllLinear);
     quantize_checkpoint(demo_dir(), &q8, &policy).unwrap();
     // Every token's logits read this scale (an expert's might not be routed to).
     let scale = "lm_head.weight.qscale";

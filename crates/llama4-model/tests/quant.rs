@@ -11,8 +11,8 @@ use llama4_core::{
     WeightData,
 };
 use llama4_model::{
-    quantize_checkpoint, stop_ids, Error, GenerateOptions, Logits, SamplingConfig, Session, TextModel,
-    Tokenizer,
+    quant_policy, quantize_checkpoint, stop_ids, Error, GenerateOptions, Logits, SamplingConfig, Session,
+    TextModel, Tokenizer,
 };
 use tempfile::TempDir;
 
@@ -62,7 +62,7 @@ fn exact_matches(model: &TextModel, cases: &[(String, String)]) -> usize {
 }
 
 fn policy(format: QuantFormat, group: usize, scope: QuantScope) -> QuantPolicy {
-    QuantPolicy::new(QuantSpec::new(format, group), scope)
+    quant_policy(QuantSpec::new(format, group), scope)
 }
 
 /// q8 within 1 point of bf16 and q4 within 3 points, experts only and all linear weights.
@@ -157,7 +157,7 @@ fn saved_quantised_checkpoint_reloads_bit_for_bit() {
         tok.encode(&heldout()[0].0).unwrap()
     };
     for (spec, scope) in specs {
-        let p = QuantPolicy::new(spec, scope);
+        let p = quant_policy(spec, scope);
         let out = TempDir::new().unwrap();
         let summary = quantize_checkpoint(demo(), out.path(), &p).unwrap();
         let expected = if scope == QuantScope::Experts { 8 } else { 37 };
@@ -212,7 +212,7 @@ fn saved_quantised_checkpoint_reloads_bit_for_bit() {
         let m2 = TextModel::load(out.path()).unwrap();
         // Selects only tensors the saved file stores quantised (a float tensor it selected
         // would be quantised at load, by design).
-        let other = QuantPolicy::new(
+        let other = quant_policy(
             QuantSpec::new(QuantFormat::Q4, 32).with_scales(ScaleType::F16),
             QuantScope::Experts,
         );
@@ -315,4 +315,58 @@ fn written_file_layout() {
     }
     assert_eq!(end as u64, summary.bytes_out);
     assert!(summary.bytes_out < summary.bytes_in);
+}
+
+#[test]
+fn llama4_policies_select_experts_and_text_projections_only() {
+    let spec = QuantSpec::new(QuantFormat::Q8, 32);
+    let experts = quant_policy(spec, QuantScope::Experts);
+    let all = quant_policy(spec, QuantScope::AllLinear);
+    let cases: &[(&str, Option<QuantTarget>, Option<QuantTarget>)] = &[
+        (
+            "model.layers.0.feed_forward.experts.gate_up_proj",
+            Some(QuantTarget::Experts),
+            Some(QuantTarget::Experts),
+        ),
+        (
+            "language_model.model.layers.3.feed_forward.experts.down_proj",
+            Some(QuantTarget::Experts),
+            Some(QuantTarget::Experts),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            None,
+            Some(QuantTarget::Linear),
+        ),
+        (
+            "model.layers.1.self_attn.o_proj.weight",
+            None,
+            Some(QuantTarget::Linear),
+        ),
+        (
+            "model.layers.1.feed_forward.shared_expert.down_proj.weight",
+            None,
+            Some(QuantTarget::Linear),
+        ),
+        (
+            "model.layers.1.feed_forward.gate_proj.weight",
+            None,
+            Some(QuantTarget::Linear),
+        ),
+        ("lm_head.weight", None, Some(QuantTarget::Linear)),
+        ("language_model.lm_head.weight", None, Some(QuantTarget::Linear)),
+        ("model.layers.0.feed_forward.router.weight", None, None),
+        ("model.embed_tokens.weight", None, None),
+        ("model.layers.0.input_layernorm.weight", None, None),
+        ("model.layers.0.self_attn.q_proj.bias", None, None),
+        ("model.norm.weight", None, None),
+        ("vision_model.model.layers.0.self_attn.q_proj.weight", None, None),
+        ("vision_model.model.layers.0.mlp.fc1.weight", None, None),
+        ("multi_modal_projector.linear_1.weight", None, None),
+        ("model.layers.0.feed_forward.experts", None, None),
+    ];
+    for &(name, e, a) in cases {
+        assert_eq!(experts.selects(name), e, "{name} (experts)");
+        assert_eq!(all.selects(name), a, "{name} (all-linear)");
+    }
 }

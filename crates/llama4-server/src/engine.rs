@@ -5,7 +5,10 @@
 //!
 //! A step schedules one piece per active sequence: the next token of every decoding sequence,
 //! and prompt pieces of prefilling sequences up to `prefill_chunk` tokens in all, so that a long
-//! prompt does not stall the streams already running. [`forward`] runs the pieces.
+//! prompt does not stall the streams already running. All pieces of a step run in one batched
+//! pass ([`llama4_model::forward_batch`]): projections, the shared expert and `lm_head` once
+//! over every row, each chosen expert's weights read once, attention per sequence. A piece the
+//! pass refuses fails its own request only; the others run again without it.
 //!
 //! A finished request leaves its tokens in its slot's cache; a new prompt that begins with them
 //! goes to that slot and only its new tokens are prefilled (a chat's next turn).
@@ -19,9 +22,10 @@ use std::time::Instant;
 
 use llama4_core::DType;
 use llama4_model::{
-    Logits, MultimodalModel, Sampler, SamplingConfig, Session, StreamDecoder, TextModel, Tokenizer,
+    forward_batch, BatchEntry, MultimodalModel, Sampler, SamplingConfig, Session, StreamDecoder, TextModel,
+    Tokenizer, Workspace,
 };
-use ndarray::{s, Array2, ArrayView1, ArrayView2};
+use ndarray::{s, Array2};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use vision_encoder::image::DynamicImage;
 
@@ -35,7 +39,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub enum LoadedModel {
     /// `Llama4ForCausalLM` (or a multimodal checkpoint's text decoder alone).
-    Text(TextModel),
+    Text(Arc<TextModel>),
     /// `Llama4ForConditionalGeneration`: images in the prompt.
     Multimodal(MultimodalModel),
 }
@@ -43,9 +47,14 @@ pub enum LoadedModel {
 impl LoadedModel {
     /// The text decoder.
     pub fn text(&self) -> &TextModel {
+        self.shared_text()
+    }
+
+    /// The text decoder as the handle the slots' sessions hold.
+    pub fn shared_text(&self) -> &Arc<TextModel> {
         match self {
             LoadedModel::Text(m) => m,
-            LoadedModel::Multimodal(m) => m.text(),
+            LoadedModel::Multimodal(m) => m.shared_text(),
         }
     }
 
@@ -201,7 +210,7 @@ impl Engine {
             .name("llama4-engine".into())
             .stack_size(8 << 20)
             .spawn(move || {
-                let scheduler = Scheduler::new(&model, tokenizer.as_deref(), &stop_ids, &config, &m);
+                let scheduler = Scheduler::new(model, tokenizer, stop_ids, config, m);
                 match scheduler {
                     Ok(mut s) => {
                         let _ = ready_tx.send(Ok(()));
@@ -279,8 +288,8 @@ impl Job {
     }
 }
 
-struct Slot<'m> {
-    session: Session<&'m TextModel>,
+struct Slot {
+    session: Session<Arc<TextModel>>,
     job: Option<Job>,
     /// The cache holds image tokens: its ids do not say what it holds.
     has_images: bool,
@@ -294,64 +303,90 @@ enum Piece {
     Prefill(Range<usize>),
 }
 
-/// One sequence's part of a forward pass: its session and the tokens to run at its next
-/// positions (with their input embeddings when the prompt has images).
-pub(crate) struct Entry<'a, 'm> {
-    session: &'a mut Session<&'m TextModel>,
-    tokens: &'a [u32],
-    embeddings: Option<ArrayView2<'a, f32>>,
+/// The session of one slot, made once when the engine starts and kept (with its cache) across
+/// the requests the slot serves. This is the one place slot caches are made: caches drawn from
+/// a shared page pool plug in here.
+fn new_slot_session(text: &Arc<TextModel>, config: &EngineConfig) -> Result<Session<Arc<TextModel>>> {
+    Ok(Session::new(text.clone(), config.kv_dtype)?.with_max_len(config.ctx_size))
 }
 
-/// Runs every entry's tokens and writes each entry's last-token logits into row `i` of
-/// `logits` (`[n, V]`). This is the one place the model runs.
+/// Runs the pieces `plan` gives the slots `rows` (ascending) in one batched pass; on success
+/// row `r` of `ws.logits()` holds the last-token logits of slot `rows[r]`. This is the one
+/// place the model runs.
 ///
-/// Today a loop over the sessions; the batched forward of `llama4-model` replaces the loop with
-/// one pass over all entries (projections and each chosen expert's weights read once per step).
-fn forward(entries: &mut [Entry<'_, '_>], logits: &mut Array2<f32>) -> llama4_model::Result<()> {
-    for (i, e) in entries.iter_mut().enumerate() {
-        match (&e.embeddings, e.tokens) {
-            (None, &[token]) => {
-                let row = e.session.step_logits(token)?;
-                logits.row_mut(i).assign(&ArrayView1::from(row));
-            }
-            (None, tokens) => {
-                let row = e.session.prefill(tokens, Logits::Last)?;
-                logits.row_mut(i).assign(&row.row(0));
-            }
-            (Some(emb), tokens) => {
-                let row = e
-                    .session
-                    .prefill_embeddings(tokens, emb.to_owned(), Logits::Last)?;
-                logits.row_mut(i).assign(&row.row(0));
-            }
+/// # Errors
+/// As [`forward_batch`]: a refused piece is [`llama4_model::Error::BatchEntry`] (its index is
+/// into `rows`) and nothing ran; after a failure while running every session is as before.
+fn forward(
+    text: &TextModel,
+    slots: &mut [Slot],
+    plan: &[Option<Piece>],
+    rows: &[usize],
+    ws: &mut Workspace,
+) -> llama4_model::Result<()> {
+    let mut entries = Vec::with_capacity(rows.len());
+    let mut wanted = rows.iter().copied().peekable();
+    for (i, slot) in slots.iter_mut().enumerate() {
+        if wanted.peek() != Some(&i) {
+            continue;
         }
+        wanted.next();
+        let (Some(piece), Some(job)) = (&plan[i], &slot.job) else {
+            continue;
+        };
+        let (tokens, embeddings) = match piece {
+            Piece::Decode => (std::slice::from_ref(&job.next), None),
+            Piece::Prefill(r) => (
+                &job.prompt[r.clone()],
+                job.embeddings.as_ref().map(|e| e.slice(s![r.clone(), ..])),
+            ),
+        };
+        entries.push(BatchEntry {
+            session: &mut slot.session,
+            tokens,
+            embeddings,
+        });
     }
-    Ok(())
+    forward_batch(text, &mut entries, ws).map(|_| ())
 }
 
-struct Scheduler<'m> {
-    model: &'m LoadedModel,
-    tokenizer: Option<&'m Tokenizer>,
-    stop_ids: &'m [u32],
-    config: &'m EngineConfig,
-    metrics: &'m Metrics,
-    slots: Vec<Slot<'m>>,
-    logits: Array2<f32>,
+/// The message a request gets when its piece fails: what the client sent (a context or
+/// vocabulary bound) or something on our side.
+fn piece_error(e: &llama4_model::Error) -> EngineError {
+    match e {
+        llama4_model::Error::ContextOverflow { .. } | llama4_model::Error::TokenOutOfRange { .. } => {
+            EngineError::Rejected(e.to_string())
+        }
+        _ => EngineError::Internal(e.to_string()),
+    }
+}
+
+struct Scheduler {
+    model: Arc<LoadedModel>,
+    text: Arc<TextModel>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    stop_ids: Vec<u32>,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    slots: Vec<Slot>,
+    /// The batched pass's buffers (activations, scratch, logits), reused across steps.
+    ws: Workspace,
     admitted: u64,
 }
 
-impl<'m> Scheduler<'m> {
+impl Scheduler {
     fn new(
-        model: &'m LoadedModel,
-        tokenizer: Option<&'m Tokenizer>,
-        stop_ids: &'m [u32],
-        config: &'m EngineConfig,
-        metrics: &'m Metrics,
+        model: Arc<LoadedModel>,
+        tokenizer: Option<Arc<Tokenizer>>,
+        stop_ids: Vec<u32>,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
     ) -> Result<Self> {
+        let text = model.shared_text().clone();
         let slots = (0..config.parallel.max(1))
             .map(|_| {
                 Ok(Slot {
-                    session: Session::new(model.text(), config.kv_dtype)?.with_max_len(config.ctx_size),
+                    session: new_slot_session(&text, &config)?,
                     job: None,
                     has_images: false,
                     last_used: 0,
@@ -360,12 +395,13 @@ impl<'m> Scheduler<'m> {
             .collect::<Result<Vec<_>>>()?;
         Ok(Scheduler {
             model,
+            text,
             tokenizer,
             stop_ids,
             config,
             metrics,
             slots,
-            logits: Array2::zeros((0, model.text().config().vocab_size)),
+            ws: Workspace::new(),
             admitted: 0,
         })
     }
@@ -545,37 +581,15 @@ impl<'m> Scheduler<'m> {
 
     fn step(&mut self) {
         let plan = self.plan();
-        let mut entries = Vec::new();
-        let mut rows = Vec::new();
-        for (i, (slot, piece)) in self.slots.iter_mut().zip(&plan).enumerate() {
-            let (Some(piece), Some(job)) = (piece, &slot.job) else {
-                continue;
-            };
-            let (tokens, embeddings) = match piece {
-                Piece::Decode => (std::slice::from_ref(&job.next), None),
-                Piece::Prefill(r) => (
-                    &job.prompt[r.clone()],
-                    job.embeddings.as_ref().map(|e| e.slice(s![r.clone(), ..])),
-                ),
-            };
-            entries.push(Entry {
-                session: &mut slot.session,
-                tokens,
-                embeddings,
-            });
-            rows.push(i);
-        }
-        if entries.is_empty() {
+        let mut rows: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| plan[i].is_some() && self.slots[i].job.is_some())
+            .collect();
+        if rows.is_empty() {
             return;
-        }
-        let vocab = self.logits.ncols();
-        if self.logits.nrows() != entries.len() {
-            self.logits = Array2::zeros((entries.len(), vocab));
         }
         let decodes = plan.iter().filter(|p| matches!(p, Some(Piece::Decode))).count();
         let started = Instant::now();
-        let result = forward(&mut entries, &mut self.logits);
-        drop(entries);
+        let ran = self.run_pieces(&plan, &mut rows);
         let took = started.elapsed();
         self.metrics.steps.fetch_add(1, Relaxed);
         self.metrics
@@ -587,53 +601,95 @@ impl<'m> Scheduler<'m> {
                 .decode_tokens_per_s
                 .set(decodes as f64 / took.as_secs_f64().max(1e-9));
         }
-        if let Err(e) = result {
-            for &i in &rows {
-                let slot = &mut self.slots[i];
-                slot.session.reset();
-                if let Some(job) = slot.job.take() {
-                    self.metrics.failed.fetch_add(1, Relaxed);
-                    let _ = job
-                        .events
-                        .send(Event::Failed(EngineError::Internal(e.to_string())));
-                }
-            }
-            return;
+        for (r, &i) in ran.iter().enumerate() {
+            self.take_logits(i, &plan, r);
         }
-        for (r, &i) in rows.iter().enumerate() {
-            let Some(piece) = &plan[i] else { continue };
-            let slot = &mut self.slots[i];
-            let Some(job) = slot.job.as_mut() else { continue };
-            if let Piece::Prefill(range) = piece {
-                job.prefilled = range.end;
-                if !job.decoding() {
-                    continue;
-                }
+    }
+
+    /// Runs the planned pieces of `rows` and returns the slots whose pieces ran, in the order of
+    /// their rows of `ws.logits()`. A piece the batched pass refuses fails its request and the
+    /// others run again without it. When the pass fails while running (every session is then
+    /// as before), each piece runs alone, so that only those that fail alone fail.
+    fn run_pieces(&mut self, plan: &[Option<Piece>], rows: &mut Vec<usize>) -> Vec<usize> {
+        loop {
+            if rows.is_empty() {
+                return Vec::new();
             }
-            let outcome = job
-                .sampler
-                .sample(self.logits.row(r).as_slice().unwrap_or_default())
-                .map_err(|e| EngineError::Internal(e.to_string()))
-                .and_then(|token| accept(self.tokenizer, self.stop_ids, self.metrics, job, token));
-            match outcome {
-                Ok(None) => {}
-                Ok(Some(reason)) => {
-                    let counter = match reason {
-                        FinishReason::Stop => &self.metrics.finished_stop,
-                        FinishReason::Length => &self.metrics.finished_length,
-                    };
-                    counter.fetch_add(1, Relaxed);
-                    let _ = job.events.send(Event::Done {
-                        reason,
-                        completion_tokens: job.generated,
-                    });
-                    slot.job = None;
+            match forward(&self.text, &mut self.slots, plan, rows, &mut self.ws) {
+                Ok(()) => return std::mem::take(rows),
+                Err(llama4_model::Error::BatchEntry { entry, source }) if entry < rows.len() => {
+                    let i = rows.remove(entry);
+                    self.fail(i, piece_error(&source));
                 }
-                Err(e) => {
-                    self.metrics.failed.fetch_add(1, Relaxed);
-                    let _ = job.events.send(Event::Failed(e));
-                    slot.job = None;
+                Err(e) if rows.len() == 1 => {
+                    self.fail(rows[0], piece_error(&e));
+                    return Vec::new();
                 }
+                Err(_) => break,
+            }
+        }
+        // One at a time: the logits of each are taken before the next runs.
+        for &i in rows.iter() {
+            match forward(&self.text, &mut self.slots, plan, &[i], &mut self.ws) {
+                Ok(()) => self.take_logits(i, plan, 0),
+                Err(e) => self.fail(i, piece_error(&e)),
+            }
+        }
+        Vec::new()
+    }
+
+    /// Ends slot `i`'s request with `error`; its cache keeps what it held before the step.
+    fn fail(&mut self, i: usize, error: EngineError) {
+        if let Some(job) = self.slots[i].job.take() {
+            self.metrics.failed.fetch_add(1, Relaxed);
+            let _ = job.events.send(Event::Failed(error));
+        }
+    }
+
+    /// Moves slot `i` past the piece it ran: a prefill piece advances its prompt; the last one,
+    /// or a decode step, samples the next token from row `r` of the logits.
+    fn take_logits(&mut self, i: usize, plan: &[Option<Piece>], r: usize) {
+        let Some(piece) = &plan[i] else { return };
+        let slot = &mut self.slots[i];
+        let Some(job) = slot.job.as_mut() else { return };
+        if let Piece::Prefill(range) = piece {
+            job.prefilled = range.end;
+            if !job.decoding() {
+                return;
+            }
+        }
+        let logits = self.ws.logits();
+        let outcome = job
+            .sampler
+            .sample(logits.row(r).as_slice().unwrap_or_default())
+            .map_err(|e| EngineError::Internal(e.to_string()))
+            .and_then(|token| {
+                accept(
+                    self.tokenizer.as_deref(),
+                    &self.stop_ids,
+                    &self.metrics,
+                    job,
+                    token,
+                )
+            });
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(reason)) => {
+                let counter = match reason {
+                    FinishReason::Stop => &self.metrics.finished_stop,
+                    FinishReason::Length => &self.metrics.finished_length,
+                };
+                counter.fetch_add(1, Relaxed);
+                let _ = job.events.send(Event::Done {
+                    reason,
+                    completion_tokens: job.generated,
+                });
+                slot.job = None;
+            }
+            Err(e) => {
+                self.metrics.failed.fetch_add(1, Relaxed);
+                let _ = job.events.send(Event::Failed(e));
+                slot.job = None;
             }
         }
     }

@@ -116,7 +116,10 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             config.quantization,
         )?)
     } else {
-        LoadedModel::Text(TextModel::load_with_quantization(dir, config.quantization)?)
+        LoadedModel::Text(Arc::new(TextModel::load_with_quantization(
+            dir,
+            config.quantization,
+        )?))
     };
     let text = model.text().config();
     let ctx_size = config

@@ -27,7 +27,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use llama4_core::{DType, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
+use llama4_core::{DType, QuantFormat, QuantScope, QuantSpec, ScaleType};
 use llama4_server::{serve, ServerConfig};
 
 /// The environment variable the API key may come from.
@@ -121,7 +121,7 @@ fn parse_args() -> Result<ServerConfig, String> {
             } else {
                 QuantScope::Experts
             };
-            c.quantization = Some(QuantPolicy::new(spec, scope));
+            c.quantization = Some(llama4_model::quant_policy(spec, scope));
         }
     }
     Ok(c)

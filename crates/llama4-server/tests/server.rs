@@ -149,6 +149,73 @@ fn sixteen_concurrent_completions_answer_correctly() {
     assert_eq!(metric(&server, "llama4_generated_tokens_total"), 16.0 * 11.0);
 }
 
+/// The text of a streamed completion.
+fn streamed_text(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter_map(|e| e.get("choices")?.get(0)?.get("text")?.as_str())
+        .collect()
+}
+
+#[test]
+fn concurrent_streams_give_the_text_of_sequential_requests() {
+    // Prompts of different lengths, past their answers (`ignore_eos`) so the streams decode side
+    // by side for many steps; one batched pass per step over six slots, prompts in pieces of 5.
+    let mut bodies: Vec<Value> = heldout()
+        .iter()
+        .take(5)
+        .enumerate()
+        .map(|(i, (prompt, _))| {
+            let prompt = prompt.repeat(1 + i % 3);
+            json!({"prompt": prompt, "max_tokens": 24 + i, "temperature": 0, "ignore_eos": true})
+        })
+        .collect();
+    bodies.push(json!({"prompt": heldout()[9].0, "max_tokens": 20, "temperature": 1.2, "seed": 5, "ignore_eos": true}));
+
+    let alone = start(ServerConfig {
+        parallel: 1,
+        ..Default::default()
+    });
+    let want: Vec<String> = bodies
+        .iter()
+        .map(|b| {
+            let (status, body) = post_json(&alone, "/v1/completions", b.clone());
+            assert_eq!(status, 200, "{body}");
+            body["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let steps_alone = metric(&alone, "llama4_steps_total");
+
+    let batched = start(ServerConfig {
+        parallel: 6,
+        prefill_chunk: 5,
+        ..Default::default()
+    });
+    let got: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let server = &batched;
+                let mut b = b.clone();
+                b["stream"] = json!(true);
+                s.spawn(move || streamed_text(&stream(server, "/v1/completions", b)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(!w.is_empty());
+        assert_eq!(g, w, "request {i}: {}", bodies[i]);
+    }
+    // The streams shared steps: fewer passes than the requests needed one after another. How many
+    // fewer depends on when the client threads' requests arrive, so only the direction is asserted.
+    let steps_batched = metric(&batched, "llama4_steps_total");
+    assert!(
+        steps_batched < steps_alone,
+        "{steps_batched} batched steps, {steps_alone} alone"
+    );
+}
+
 #[test]
 fn streamed_text_equals_whole_text() {
     let server = start(ServerConfig::default());

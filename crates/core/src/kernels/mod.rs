@@ -17,6 +17,7 @@
 pub mod attention;
 mod elementwise;
 mod fp8;
+mod ggml;
 mod linear;
 mod quant;
 pub mod scalar;
@@ -259,6 +260,7 @@ fn linear_with(
             fp8::linear(isa, tasks, x, t, k, n, q, y)
         }
         WeightData::Quant(q) => quant::linear(isa, tasks, x, t, k, n, q, y),
+        WeightData::Ggml(g) => ggml::linear(isa, tasks, x, t, k, n, g, y),
     };
     if let Some(y) = y.as_slice_mut() {
         run(y);

@@ -31,12 +31,12 @@ use crate::quant::{quantize_activations, QuantData, QuantFormat, Scales};
 
 #[cfg(target_arch = "x86_64")]
 #[path = "quant_x86.rs"]
-mod x86;
+pub(super) mod x86;
 
 /// Tokens per pass of the row kernel in prefill (its register tile holds this many tokens).
-const PREFILL_T: usize = 4;
+pub(super) const PREFILL_T: usize = 4;
 /// Weight bytes per prefill chunk: it stays in L2 while every token block passes over it.
-const CHUNK_BYTES: usize = 256 << 10;
+pub(super) const CHUNK_BYTES: usize = 256 << 10;
 /// Activation rows are padded to a multiple of this many elements (the widest q4 unit), and
 /// scale rows to a multiple of [`GROUP_PAD`] groups, with zeros: kernels read whole vectors.
 const ELEM_PAD: usize = 128;
@@ -52,7 +52,7 @@ const TILE_MIN_T: [usize; 2] = [7, 11];
 
 /// The kernel family a call runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Path {
+pub(super) enum Path {
     /// AVX-512 with VNNI.
     Vnni,
     /// AVX2 (also AVX-512 CPUs without VNNI).
@@ -80,6 +80,11 @@ fn choose(isa: Isa, w: &QuantData) -> Path {
     if !w.group().is_power_of_two() {
         return Path::Portable;
     }
+    isa_path(isa)
+}
+
+/// The integer kernel family for `isa` on this CPU.
+pub(super) fn isa_path(isa: Isa) -> Path {
     match isa {
         Isa::Avx512 if has_vnni() => Path::Vnni,
         Isa::Avx512 | Isa::Avx2 => Path::Avx2,

@@ -28,10 +28,10 @@ use super::{Acts, Mat, MatScales, TileActs, TILE_ROWS};
 
 /// Bytes ahead of the current read that the row kernels prefetch: the hardware prefetcher
 /// stops at 4 KiB page boundaries, which a q8 row of 4096 reaches every row.
-const PF_BYTES: usize = 4096;
+pub(in crate::kernels) const PF_BYTES: usize = 4096;
 
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(in crate::kernels) fn prefetch(p: *const u8) {
     // SAFETY: SSE is part of x86_64; a prefetch never faults.
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
 }
@@ -99,7 +99,7 @@ unsafe fn hmax256(v: __m256) -> f32 {
 /// Horizontal sum of 8 f32 lanes.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn hsum256(v: __m256) -> f32 {
+pub(in crate::kernels) unsafe fn hsum256(v: __m256) -> f32 {
     let m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
     let m = _mm_add_ss(m, _mm_shuffle_ps::<1>(m, m));

@@ -29,7 +29,12 @@ pub struct TextReference {
 }
 
 pub fn text_reference(dir: &Path) -> TextReference {
-    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    text_reference_in(dir, "reference.safetensors")
+}
+
+/// [`text_reference`] from another file of the fixture's directory.
+pub fn text_reference_in(dir: &Path, file: &str) -> TextReference {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     TextReference {
         prompt: ids(&st, "prompt_ids"),

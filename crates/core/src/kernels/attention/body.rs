@@ -182,8 +182,12 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
     for j0 in (it.s0..it.s1).step_by(KEY_TILE) {
         let j1 = (j0 + KEY_TILE).min(it.s1);
         let n = j1 - j0;
-        E::widen(&kh[j0 * d..j1 * d], &mut kbuf[..n * d]);
-        E::widen(&vh[j0 * d..j1 * d], &mut vbuf[..n * d]);
+        let (ks, vs) = (
+            args.scales(args.k_scales, it.g, j0, j1),
+            args.scales(args.v_scales, it.g, j0, j1),
+        );
+        E::widen_scaled(&kh[j0 * d..j1 * d], ks, d, &mut kbuf[..n * d]);
+        E::widen_scaled(&vh[j0 * d..j1 * d], vs, d, &mut vbuf[..n * d]);
         for (ti, &(lo, hi)) in vis.iter().enumerate() {
             let (a, b) = (lo.max(j0), hi.min(j1));
             if a >= b {

@@ -88,6 +88,14 @@ trait KvElem: Copy + Send + Sync {
     /// `dst[i] = src[i]` as f32 (same lengths).
     fn widen(src: &[Self], dst: &mut [f32]);
 
+    /// Rows of `d` elements widened to f32, row `j` times `scales[j]` for a scaled format
+    /// (float formats have no scales and ignore them).
+    #[inline(always)]
+    fn widen_scaled(src: &[Self], scales: &[f32], d: usize, dst: &mut [f32]) {
+        let _ = (scales, d);
+        Self::widen(src, dst);
+    }
+
     /// The AVX-512 key-blocked item kernel for this dtype.
     ///
     /// # Safety
@@ -120,6 +128,31 @@ impl KvElem for bf16 {
         // NaNs, a branch we do not need).
         for (d, s) in dst.iter_mut().zip(src) {
             *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+}
+
+/// [`KvData::Q8`]: int8 elements, each vector times its scale. Runs the AVX2/portable body
+/// only (an AVX-512 call is sent to AVX2 in [`attention_path_into`]).
+impl KvElem for i8 {
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn item_avx512(_: &Args<Self>, _: Item, _: &mut keys_avx512::Work, _: Partial) {
+        unreachable!("q8 attention never runs the AVX-512 kernels")
+    }
+
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s as f32;
+        }
+    }
+
+    #[inline(always)]
+    fn widen_scaled(src: &[Self], scales: &[f32], d: usize, dst: &mut [f32]) {
+        for ((o, x), &s) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)).zip(scales) {
+            for (y, &q) in o.iter_mut().zip(x) {
+                *y = q as f32 * s;
+            }
         }
     }
 }
@@ -301,7 +334,15 @@ fn attention_path_into(
             "output not contiguous in standard layout",
         ));
     };
-    let isa = if isa.is_available() { isa } else { Isa::Portable };
+    let mut isa = if isa.is_available() { isa } else { Isa::Portable };
+    if matches!(k.data, KvData::Q8 { .. }) && isa == Isa::Avx512 {
+        // The AVX-512 item kernels read float formats only; AVX-512 CPUs have AVX2.
+        isa = if Isa::Avx2.is_available() {
+            Isa::Avx2
+        } else {
+            Isa::Portable
+        };
+    }
     // Queries in another layout are copied into the scratch (moved out meanwhile, as `run`
     // borrows the rest of it).
     let mut q_copy = std::mem::take(&mut scratch.q);
@@ -320,10 +361,14 @@ fn attention_path_into(
         dims,
         ctx,
     };
+    let none: &[f32] = &[];
     match (k.data, v.data) {
-        (KvData::F32(kd), KvData::F32(vd)) => call.run(kd, vd, k, v, o, scratch),
-        (KvData::BF16(kd), KvData::BF16(vd)) => call.run(kd, vd, k, v, o, scratch),
-        (KvData::F16(kd), KvData::F16(vd)) => call.run(kd, vd, k, v, o, scratch),
+        (KvData::F32(kd), KvData::F32(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
+        (KvData::BF16(kd), KvData::BF16(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
+        (KvData::F16(kd), KvData::F16(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
+        (KvData::Q8 { q: kq, scales: ks }, KvData::Q8 { q: vq, scales: vs }) => {
+            call.run((kq, ks), (vq, vs), k, v, o, scratch)
+        }
         _ => unreachable!("dtypes checked equal"),
     }
     scratch.q = q_copy;
@@ -398,8 +443,24 @@ struct Args<'a, E> {
     v: &'a [E],
     k_stride: usize,
     v_stride: usize,
+    /// Scales of a scaled format (empty for floats), `scale_stride` apart per head.
+    k_scales: &'a [f32],
+    v_scales: &'a [f32],
+    scale_stride: usize,
     dims: Dims,
     ctx: &'a AttnContext<'a>,
+}
+
+impl<E> Args<'_, E> {
+    /// Scales of key (or value) slots `j0..j1` of kv head `g` (empty for float formats).
+    #[inline(always)]
+    fn scales<'s>(&self, s: &'s [f32], g: usize, j0: usize, j1: usize) -> &'s [f32] {
+        if s.is_empty() {
+            s
+        } else {
+            &s[g * self.scale_stride + j0..g * self.scale_stride + j1]
+        }
+    }
 }
 
 /// One unit of parallel work: kv head `g`, query tokens `t0..t1`, key slots `s0..s1`; its

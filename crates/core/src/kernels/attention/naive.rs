@@ -12,6 +12,7 @@ fn kv_at(view: &KvView, h: usize, j: usize, i: usize) -> f32 {
         KvData::F32(x) => x[at],
         KvData::BF16(x) => x[at].to_f32(),
         KvData::F16(x) => x[at].to_f32(),
+        KvData::Q8 { q, scales } => q[at] as f32 * scales[at / view.head_dim],
     }
 }
 

@@ -26,8 +26,8 @@ impl Call<'_> {
     /// Attention into `out` (`[T, Hq, D]`, overwritten).
     pub fn run<E: KvElem>(
         &self,
-        kd: &[E],
-        vd: &[E],
+        (kd, k_scales): (&[E], &[f32]),
+        (vd, v_scales): (&[E], &[f32]),
         k: &KvView,
         v: &KvView,
         out: &mut [f32],
@@ -44,6 +44,9 @@ impl Call<'_> {
             v: vd,
             k_stride: k.head_stride,
             v_stride: v.head_stride,
+            k_scales,
+            v_scales,
+            scale_stride: k.head_stride / self.dims.d.max(1),
             dims: self.dims,
             ctx: self.ctx,
         };

@@ -85,9 +85,23 @@ fn into_matches_fresh(sh: &Shape, seed: u64, scratch: &mut AttentionScratch) {
         kf.iter().map(|&x| f16::from_f32(x)).collect(),
         vf.iter().map(|&x| f16::from_f32(x)).collect(),
     );
+    let quant = |x: &[f32]| {
+        let mut q = vec![0i8; x.len()];
+        let s: Vec<f32> = x
+            .chunks_exact(sh.d)
+            .zip(q.chunks_exact_mut(sh.d))
+            .map(|(x, q)| crate::quantize_q8(x, q))
+            .collect();
+        (q, s)
+    };
+    let ((kq, ks), (vq, vs)) = (quant(&kf), quant(&vf));
     let (kd, vd) = match sh.dtype {
         0 => (KvData::F32(&kf), KvData::F32(&vf)),
         1 => (KvData::BF16(&kb), KvData::BF16(&vb)),
+        3 => (
+            KvData::Q8 { q: &kq, scales: &ks },
+            KvData::Q8 { q: &vq, scales: &vs },
+        ),
         _ => (KvData::F16(&kh), KvData::F16(&vh)),
     };
     let k = KvView {
@@ -156,6 +170,8 @@ fn into_with_reused_scratch_is_bitwise_fresh() {
         decode(4, 4, 4, 64, 300, 1),
         prefill(170, 67, LayerKind::Global, 2),
         decode(2, 2, 8, 128, 2500, 1),
+        decode(1, 1, 5, 64, 5000, 3),
+        prefill(90, 40, LayerKind::chunked(32).unwrap(), 3),
     ];
     let mut scratch = AttentionScratch::default();
     for (i, sh) in shapes.iter().enumerate() {

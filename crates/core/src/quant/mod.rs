@@ -47,6 +47,12 @@ use half::f16;
 
 use crate::{Buffer, Error, Result};
 
+mod fp8;
+mod policy;
+
+pub use fp8::*;
+pub use policy::{QuantPolicy, QuantScope, QuantTarget, TensorRole};
+
 /// Group sizes must be multiples of this (one 32-byte block of int8 activations).
 pub const GROUP_ALIGN: usize = 32;
 
@@ -106,72 +112,6 @@ impl QuantFormat {
             QuantFormat::F8E4M3 => "F8_E4M3",
         }
     }
-}
-
-/// The largest finite float8 e4m3fn value.
-pub const FP8_MAX: f32 = 448.0;
-
-/// The value of float8 e4m3fn code `c` (bias 7, no infinities; `0x7f` and `0xff` are NaN), exactly.
-pub const fn fp8_e4m3_value(c: u8) -> f32 {
-    let sign = ((c as u32) & 0x80) << 24;
-    let e = ((c >> 3) & 0x0f) as u32;
-    let m = (c & 0x07) as u32;
-    let mag = if e == 0x0f && m == 0x07 {
-        // The bits PyTorch's conversion produces, so tables compare bit for bit.
-        0x7ff0_0000
-    } else if e == 0 {
-        if m == 0 {
-            0
-        } else {
-            // Subnormal m · 2^-9: normalise around the leading bit p of m.
-            let p = 31 - m.leading_zeros();
-            ((p + 127 - 9) << 23) | ((m - (1 << p)) << (23 - p))
-        }
-    } else {
-        // (1 + m/8) · 2^(e - 7): rebias the exponent, widen the mantissa.
-        ((e + 120) << 23) | (m << 20)
-    };
-    f32::from_bits(sign | mag)
-}
-
-/// [`fp8_e4m3_value`] of every code.
-pub static FP8_E4M3_TABLE: [f32; 256] = {
-    let mut t = [0f32; 256];
-    let mut c = 0;
-    while c < 256 {
-        t[c] = fp8_e4m3_value(c as u8);
-        c += 1;
-    }
-    t
-};
-
-/// The float8 e4m3fn code nearest to `v` (ties to even), saturating: magnitudes above 448,
-/// infinities included, give ±448, as PyTorch's `.to(torch.float8_e4m3fn)`; NaN gives NaN
-/// (`0x7f`, with `v`'s sign).
-pub fn fp8_e4m3_from_f32(v: f32) -> u8 {
-    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
-    let a = v.abs();
-    if a.is_nan() {
-        return sign | 0x7f;
-    }
-    if a >= FP8_MAX {
-        return sign | 0x7e;
-    }
-    // 2^-6 is the smallest normal: below it the step is 2^-9, and code m is m · 2^-9 (m = 8 is
-    // the smallest normal, so rounding up into it needs no special case).
-    let code = if a < 0.015_625 {
-        round_half_even(a * 512.0) as u32
-    } else {
-        // Exponent e in -6..=8; the mantissa in [1, 2) and its 3-bit rounding m in 0..=8 (8
-        // carries into e), every step exact in f32.
-        let bits = a.to_bits();
-        let e = (bits >> 23) as i32 - 127;
-        let mant = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
-        let m = round_half_even((mant - 1.0) * 8.0) as u32;
-        (((e + 7) as u32) << 3) + m
-    };
-    // `a < 448` keeps the code at or below 0x7e (448 itself).
-    sign | code as u8
 }
 
 /// The storage type of the per-group scales.
@@ -741,109 +681,6 @@ impl QuantSpec {
         spec.check_group().map_err(|e| bad(e.to_string()))?;
         Ok(spec)
     }
-}
-
-/// Which weights a [`QuantPolicy`] quantises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum QuantScope {
-    /// The routed experts only (`feed_forward.experts.gate_up_proj` / `down_proj`): most of a
-    /// MoE model's bytes, and each expert sees few tokens.
-    Experts,
-    /// The experts and every other projection of the text decoder: attention `q/k/v/o_proj`,
-    /// the shared expert, dense MLPs and `lm_head`. Never the token embedding, norms, the router
-    /// (tiny, and routing decisions are sensitive) or the vision tower and projector.
-    AllLinear,
-}
-
-impl QuantScope {
-    /// The name used in messages: `experts` or `all-linear`.
-    pub fn name(self) -> &'static str {
-        match self {
-            QuantScope::Experts => "experts",
-            QuantScope::AllLinear => "all-linear",
-        }
-    }
-}
-
-/// What kind of tensor a [`QuantPolicy`] selected, which fixes its stored orientation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum QuantTarget {
-    /// An `nn.Linear` weight, 2-D `[out, in]`.
-    Linear,
-    /// A fused expert tensor, 3-D `[E, in, out]` ([`Layout::InOut`](crate::Layout) per expert).
-    Experts,
-}
-
-impl QuantTarget {
-    /// The number of dimensions such a tensor has in a checkpoint.
-    pub fn ndim(self) -> usize {
-        match self {
-            QuantTarget::Linear => 2,
-            QuantTarget::Experts => 3,
-        }
-    }
-}
-
-/// Load-time quantisation: which weights ([`QuantScope`]) are quantised with which
-/// [`QuantSpec`]. Set on a [`Checkpoint`](crate::Checkpoint) so that layer code does not change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct QuantPolicy {
-    /// How selected weights are quantised.
-    pub spec: QuantSpec,
-    /// Which weights are selected.
-    pub scope: QuantScope,
-}
-
-impl QuantPolicy {
-    /// Quantise `scope` with `spec`.
-    pub fn new(spec: QuantSpec, scope: QuantScope) -> Self {
-        QuantPolicy { spec, scope }
-    }
-
-    /// Whether the tensor of this full checkpoint name is quantised, and as what.
-    ///
-    /// Decided from the name alone, the same way at load time and when a quantised checkpoint
-    /// is written, so both quantise the same tensors in the same orientation.
-    pub fn selects(&self, name: &str) -> Option<QuantTarget> {
-        if is_vision_tensor(name) {
-            return None;
-        }
-        if is_expert_tensor(name) {
-            return Some(QuantTarget::Experts);
-        }
-        (self.scope == QuantScope::AllLinear && is_text_projection(name)).then_some(QuantTarget::Linear)
-    }
-}
-
-/// Components of a dotted name, last first.
-fn last_components(name: &str) -> impl Iterator<Item = &str> {
-    name.rsplit('.')
-}
-
-/// `…feed_forward.experts.gate_up_proj` or `…feed_forward.experts.down_proj`.
-fn is_expert_tensor(name: &str) -> bool {
-    let mut c = last_components(name);
-    matches!(c.next(), Some("gate_up_proj" | "down_proj")) && c.next() == Some("experts")
-}
-
-/// `…{q,k,v,o,gate,up,down}_proj.weight` or `…lm_head.weight`: every 2-D projection of the
-/// text decoder; the router (`router.weight`), embeddings and norms have other names.
-fn is_text_projection(name: &str) -> bool {
-    let mut c = last_components(name);
-    c.next() == Some("weight")
-        && matches!(
-            c.next(),
-            Some(
-                "q_proj" | "k_proj" | "v_proj" | "o_proj" | "gate_proj" | "up_proj" | "down_proj" | "lm_head"
-            )
-        )
-}
-
-/// The vision tower and projector of a multimodal checkpoint (`vision_model.…`,
-/// `multi_modal_projector.…`), never quantised.
-fn is_vision_tensor(name: &str) -> bool {
-    name.split('.')
-        .any(|c| c == "vision_model" || c == "multi_modal_projector")
 }
 
 #[cfg(test)]

@@ -1,0 +1,279 @@
+//! `y = x · Wᵀ` for ggml weights read in place (see [`crate::ggml`] for the arithmetic).
+//!
+//! - F32 / F16 / BF16: the activations are rounded to the weight's type (as ggml-cpu converts
+//!   them to its `vec_dot_type`), then the float kernels of [`super::linear`] run on the
+//!   weight's elements.
+//! - Quantised types: each token's activations are quantised once per call to the weight
+//!   type's dot type (Q8_0, Q8_1 or Q8_K, bit for bit as ggml-cpu), then output rows are split
+//!   into one contiguous range per pool thread, as for the q8 / q4 kernels ([`super::quant`]).
+//!
+//! # Paths
+//! The integer kernels share the q8 / q4 kernels' families ([`isa_path`]): AVX-512 VNNI
+//! (`vpdpbusd` for the 32-value blocks, `vpdpwssd` to apply the k-quants' sub-block scales),
+//! AVX2 (`vpmaddubsw` + `vpmaddwd`), both from one generic body in `ggml_x86.rs`, and a
+//! portable path (scalar integer dots over the decoded blocks). Decode (`t ≤ 3`) streams each
+//! weight row once for all tokens; prefill streams an L2-sized chunk of rows and passes the
+//! tokens over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others), so each
+//! block of weights is unpacked once per block of tokens.
+
+use std::cell::Cell;
+
+use half::{bf16, f16};
+
+use super::linear::SMALL_T;
+use super::quant::{isa_path, Path, CHUNK_BYTES};
+use super::Isa;
+use crate::ggml::act::{quantize_q8_0, quantize_q8_1, quantize_q8_k, round_bf16, round_f16};
+use crate::ggml::dot::{decode_32, decode_k};
+use crate::ggml::{DotType, GgmlData, GgmlType, QK_K};
+use crate::pool::SyncPtr;
+use crate::Layout;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "ggml_x86.rs"]
+mod x86;
+
+/// Tokens per pass of a k-quant prefill row kernel: each super-block is unpacked once for this
+/// many tokens. Unpacking a k-quant block costs about as much as three tokens' products, so 8
+/// beats 4 by about 10% (Q4_K, Q6_K); the 32-value types unpack in one or two instructions and
+/// lose about 5% at 8 (Q8_0: the accumulators no longer fit in registers), so they take 4.
+const PREFILL_T: usize = 8;
+
+/// How many tokens a row kernel takes next, `left` tokens remaining: [`PREFILL_T`] (k-quants)
+/// or 4 while there are that many, then the rest (`1..=4`; `1..=3` is decode).
+fn next_block(kquant: bool, left: usize) -> usize {
+    match left {
+        l if kquant && l >= PREFILL_T => PREFILL_T,
+        l => l.min(4),
+    }
+}
+
+/// Per-thread activation storage, reused across calls (no allocation per call once warm).
+#[derive(Default)]
+struct Scratch {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    bsums: Vec<i16>,
+    f: Vec<f32>,
+}
+
+thread_local! {
+    static ACT: Cell<Scratch> = const {
+        Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), f: Vec::new() })
+    };
+}
+
+/// Quantised activations of all tokens of a call, in the weight's dot type.
+pub(crate) struct Acts<'a> {
+    /// `[t, k]` int8.
+    q: &'a [i8],
+    /// `[t, nb]` block scales (f16-rounded for Q8_0 / Q8_1, f32 for Q8_K).
+    d: &'a [f32],
+    /// `[t, nb]` Q8_1 `s`; empty otherwise.
+    s: &'a [f32],
+    /// `[t, k / 16]` Q8_K sums of each 16 values; empty otherwise.
+    bsums: &'a [i16],
+    /// Row stride of `q`.
+    k: usize,
+    /// Blocks per row.
+    nb: usize,
+}
+
+/// The weight as the kernels read it.
+pub(crate) struct Mat {
+    w: *const u8,
+    row_bytes: usize,
+    n: usize,
+    ty: GgmlType,
+}
+
+// SAFETY: `Mat` only reads the weight, which outlives the call and is not mutated.
+unsafe impl Sync for Mat {}
+
+/// Fills `sc` with the activations of `x` (`[t, k]`) in `dot` (a quantised dot type).
+fn prepare<'a>(dot: DotType, x: &[f32], t: usize, k: usize, sc: &'a mut Scratch) -> Acts<'a> {
+    let bs = if dot == DotType::Q8K { QK_K } else { 32 };
+    let nb = k / bs;
+    let resize = |v: &mut Vec<f32>, n: usize| {
+        v.clear();
+        v.resize(n, 0.0)
+    };
+    sc.q.clear();
+    sc.q.resize(t * k, 0);
+    resize(&mut sc.d, t * nb);
+    resize(&mut sc.s, if dot == DotType::Q8_1 { t * nb } else { 0 });
+    sc.bsums.clear();
+    sc.bsums
+        .resize(if dot == DotType::Q8K { t * k / 16 } else { 0 }, 0);
+    for r in 0..t {
+        let xr = &x[r * k..(r + 1) * k];
+        let qr = &mut sc.q[r * k..(r + 1) * k];
+        let dr = &mut sc.d[r * nb..(r + 1) * nb];
+        match dot {
+            DotType::Q8_0 => quantize_q8_0(xr, qr, dr),
+            DotType::Q8_1 => quantize_q8_1(xr, qr, dr, &mut sc.s[r * nb..(r + 1) * nb]),
+            _ => quantize_q8_k(xr, qr, dr, &mut sc.bsums[r * k / 16..(r + 1) * k / 16]),
+        }
+    }
+    Acts {
+        q: &sc.q,
+        d: &sc.d,
+        s: &sc.s,
+        bsums: &sc.bsums,
+        k,
+        nb,
+    }
+}
+
+/// `y[t, n] = x[t, k] · Wᵀ` for ggml `w` (`[n, k]`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    isa: Isa,
+    tasks: Option<usize>,
+    x: &[f32],
+    t: usize,
+    k: usize,
+    n: usize,
+    w: &GgmlData,
+    y: &mut [f32],
+) {
+    assert!(
+        w.len() == n * k && x.len() == t * k && y.len() == t * n,
+        "ggml linear: shapes checked by the caller"
+    );
+    let dot = w.ty().dot_type().expect("GgmlData holds supported types");
+    let mut sc = ACT.with(Cell::take);
+    match dot {
+        DotType::F32 => {
+            let wf: &[f32] = bytemuck::cast_slice(w.bytes());
+            super::run_linear(isa, tasks, x, t, k, n, wf, Layout::OutIn, y);
+        }
+        DotType::F16 | DotType::BF16 => {
+            sc.f.clear();
+            sc.f.extend_from_slice(x);
+            if dot == DotType::F16 {
+                round_f16(&mut sc.f);
+                let wf: &[f16] = bytemuck::cast_slice(w.bytes());
+                super::run_linear(isa, tasks, &sc.f, t, k, n, wf, Layout::OutIn, y);
+            } else {
+                round_bf16(&mut sc.f);
+                let wf: &[bf16] = bytemuck::cast_slice(w.bytes());
+                super::run_linear(isa, tasks, &sc.f, t, k, n, wf, Layout::OutIn, y);
+            }
+        }
+        _ => {
+            let path = isa_path(isa);
+            let acts = prepare(dot, x, t, k, &mut sc);
+            let mat = Mat {
+                w: w.bytes().as_ptr(),
+                row_bytes: w.ty().bytes_for(k).expect("rows are whole blocks"),
+                n,
+                ty: w.ty(),
+            };
+            let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
+            let per = n.div_ceil(tasks.max(1)).max(1);
+            let count = n.div_ceil(per);
+            let yp = SyncPtr(y.as_mut_ptr());
+            let run = |i: usize| {
+                let (lo, hi) = (i * per, ((i + 1) * per).min(n));
+                // SAFETY: `path` is available (from the available `isa`); `mat` and `acts`
+                // describe `w` and `x` (shapes asserted above); tasks write disjoint rows.
+                unsafe { run_rows(path, &mat, &acts, t, lo, hi, yp.get()) };
+            };
+            if count <= 1 {
+                run(0);
+            } else {
+                crate::pool::run(count, &run);
+            }
+        }
+    }
+    ACT.with(|c| c.set(sc));
+}
+
+/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=4`, or
+/// [`PREFILL_T`] for the k-quants.
+type RowKernel = unsafe fn(&Mat, &Acts, usize, usize, usize, usize, *mut f32);
+
+/// Output rows `lo..hi` of every token on `path`.
+///
+/// # Safety
+/// The path is available; `y` is valid for `t · n` writes and no other task writes rows
+/// `lo..hi`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    let kernel: RowKernel = match path {
+        Path::Vnni => x86::rows_vnni,
+        Path::Avx2 => x86::rows_avx2,
+        Path::Portable => rows_portable,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel: RowKernel = {
+        let _ = path;
+        rows_portable
+    };
+    if t <= SMALL_T {
+        return kernel(m, a, 0, t, lo, hi, y);
+    }
+    let chunk = (CHUNK_BYTES / m.row_bytes.max(1)).max(1);
+    let kquant = m.ty.dot_type() == Some(DotType::Q8K);
+    let mut c0 = lo;
+    while c0 < hi {
+        let c1 = (c0 + chunk).min(hi);
+        let mut r0 = 0;
+        while r0 < t {
+            let tt = next_block(kquant, t - r0);
+            kernel(m, a, r0, tt, c0, c1, y);
+            r0 += tt;
+        }
+        c0 = c1;
+    }
+}
+
+/// Rows `lo..hi` for tokens `r0..r0 + tt`, scalar integer dots over the decoded blocks.
+///
+/// # Safety
+/// `m` points at `n` rows of `row_bytes`; `y` is valid for `t · n` writes; no other task writes
+/// rows `lo..hi`.
+unsafe fn rows_portable(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
+    let ts = m.ty.type_size();
+    let kquant = m.ty.dot_type() == Some(DotType::Q8K);
+    for o in lo..hi {
+        let row = std::slice::from_raw_parts(m.w.add(o * m.row_bytes), m.row_bytes);
+        let mut acc = [0f32; PREFILL_T];
+        for b in 0..a.nb {
+            let blk = &row[b * ts..(b + 1) * ts];
+            if kquant {
+                let kb = decode_k(m.ty, blk);
+                for (i, acc) in acc.iter_mut().enumerate().take(tt) {
+                    let r = r0 + i;
+                    let xs = &a.q[r * a.k + b * QK_K..r * a.k + (b + 1) * QK_K];
+                    let mut isum = 0i32;
+                    for (s, (qw, qx)) in kb.q.chunks_exact(16).zip(xs.chunks_exact(16)).enumerate() {
+                        let dot: i32 = qw.iter().zip(qx).map(|(&w, &x)| w as i32 * x as i32).sum();
+                        isum += kb.sc[s] as i32 * dot;
+                    }
+                    let bsums = &a.bsums[r * a.k / 16 + b * 16..r * a.k / 16 + b * 16 + 16];
+                    let msum: i32 = kb.m.iter().zip(bsums).map(|(&m, &s)| m as i32 * s as i32).sum();
+                    let dy = a.d[r * a.nb + b];
+                    *acc += kb.d * dy * isum as f32 - kb.dmin * dy * msum as f32;
+                }
+            } else {
+                let (q, d, mw) = decode_32(m.ty, blk);
+                for (i, acc) in acc.iter_mut().enumerate().take(tt) {
+                    let r = r0 + i;
+                    let xs = &a.q[r * a.k + b * 32..r * a.k + b * 32 + 32];
+                    let isum: i32 = q.iter().zip(xs).map(|(&w, &x)| w as i32 * x as i32).sum();
+                    *acc += d * a.d[r * a.nb + b] * isum as f32;
+                    if !a.s.is_empty() {
+                        *acc += mw * a.s[r * a.nb + b];
+                    }
+                }
+            }
+        }
+        for (i, &v) in acc.iter().enumerate().take(tt) {
+            *y.add((r0 + i) * m.n + o) = v;
+        }
+    }
+}

@@ -1,0 +1,537 @@
+//! x86 row kernels of the ggml types: one generic body per block family, compiled for AVX2 and
+//! for AVX-512 VNNI (the [`Dot`] implementations are the only difference).
+//!
+//! Every weight block is unpacked in registers into 32-byte vectors of small integers, once per
+//! block of up to four tokens (eight for the k-quants):
+//!
+//! - 32-value blocks (Q4_0, Q5_0, Q8_0: signed values; Q4_1, Q5_1: unsigned): one vector per
+//!   block. Signed values are multiplied with the sign moved onto the activation (`|w|` times
+//!   `sign(x, w)`, at most 2 · 128 · 127 per `maddubs` pair); each block's 8 lane sums are
+//!   converted to f32 and added with the block's `d_w · d_x` (and `m_w · s_x`).
+//! - k-quants (Q8_K activations): eight vectors of unsigned values per super-block, and the
+//!   sub-block scales as 16-bit lanes: lanes 0..8 of a vector's products belong to its first 16
+//!   values, lanes 8..16 to the next 16, so `madd(maddubs(u, x), scales)` applies one scale per
+//!   16 values (at most 2 · 63 · 127 per pair). An offset `o` (Q3_K 4, Q6_K 32) is removed
+//!   exactly as `o · Σ sc · bsum`; the mins as `Σ m · bsum` (Q8_K's sums of each 16 values).
+//!
+//! All integer sums are exact; each lane is converted to f32 once per block.
+
+// Index loops state the block layouts most plainly.
+#![allow(clippy::needless_range_loop)]
+#![allow(clippy::missing_safety_doc)]
+
+use std::arch::x86_64::*;
+
+use super::super::quant::x86::{hsum256, prefetch, PF_BYTES};
+use super::{Acts, Mat};
+use crate::ggml::{GgmlType, QK_K};
+
+/// How unsigned × signed byte products are summed into i32 lanes.
+trait Dot {
+    /// `acc` plus, per i32 lane, the sum of the four products `u·s` of its bytes.
+    unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+    /// `acc` plus, per i32 lane, `Σ scale · (u·s pair sum)` over its two 16-bit pairs.
+    unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i;
+}
+
+/// `vpmaddubsw` then `vpmaddwd`.
+struct Avx2;
+
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(u, s);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+    }
+    #[inline(always)]
+    unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale))
+    }
+}
+
+/// `vpdpbusd`, and `vpmaddubsw` then `vpdpwssd` (EVEX encodings: AVX-512 VNNI with VL).
+struct Vnni;
+
+impl Dot for Vnni {
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(acc, u, s)
+    }
+    #[inline(always)]
+    unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), scale)
+    }
+}
+
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    let h = p.cast::<u16>().read_unaligned();
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+}
+
+#[inline(always)]
+unsafe fn u32_at(p: *const u8) -> u32 {
+    p.cast::<u32>().read_unaligned()
+}
+
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p.cast())
+}
+
+/// 16 bytes of nibbles as 32 bytes: low nibbles first, then high nibbles.
+#[inline(always)]
+unsafe fn nibbles32(p: *const u8) -> __m256i {
+    let q = _mm_loadu_si128(p.cast());
+    let v = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0f))
+}
+
+/// Byte `j` is 0xFF where bit `j` of `bits` is set, else 0.
+#[inline(always)]
+unsafe fn bits32(bits: u32) -> __m256i {
+    // Byte j takes byte j / 8 of `bits`, then tests bit j % 8 of it.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+}
+
+/// The 32 values of a 32-value block (signed or unsigned per type).
+#[inline(always)]
+unsafe fn unpack32<const TY: u32>(b: *const u8) -> __m256i {
+    match TY {
+        8 => load(b.add(2)),
+        2 => _mm256_sub_epi8(nibbles32(b.add(2)), _mm256_set1_epi8(8)),
+        3 => nibbles32(b.add(4)),
+        6 => {
+            // Without its fifth bit a value is `nibble − 16`: 0xF0 | nibble as a signed byte.
+            let high = _mm256_andnot_si256(bits32(u32_at(b.add(2))), _mm256_set1_epi8(0xf0u8 as i8));
+            _mm256_or_si256(nibbles32(b.add(6)), high)
+        }
+        7 => {
+            let high = _mm256_and_si256(bits32(u32_at(b.add(4))), _mm256_set1_epi8(0x10));
+            _mm256_or_si256(nibbles32(b.add(8)), high)
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// The eight i32 lanes of `dot4(u, x)` for one block and one token: `x` signed like the weight
+/// for the signed types (`|w| · sign(x, w)`, at most 2 · 128 · 127 per `maddubs` pair).
+#[inline(always)]
+unsafe fn block_lanes<D: Dot>(signed: bool, u: __m256i, v: __m256i, x: *const i8) -> __m256i {
+    let x = load(x.cast());
+    let x = if signed { _mm256_sign_epi8(x, v) } else { x };
+    D::dot4(_mm256_setzero_si256(), u, x)
+}
+
+/// Eight blocks' lane vectors `p[0..8]` reduced to one vector of their eight integer sums, block
+/// `j` in lane `j` (exact: each sum is at most 32 · 128 · 127 in magnitude).
+#[inline(always)]
+unsafe fn block_sums8(p: [__m256i; 8]) -> __m256i {
+    // Per 128-bit half, `hadd` pairs neighbours: after two levels a half holds, for four blocks,
+    // the sum of its four lanes of each; the halves of blocks 0..4 and 4..8 are then added.
+    let q0 = _mm256_hadd_epi32(p[0], p[1]);
+    let q1 = _mm256_hadd_epi32(p[2], p[3]);
+    let q2 = _mm256_hadd_epi32(p[4], p[5]);
+    let q3 = _mm256_hadd_epi32(p[6], p[7]);
+    let r0 = _mm256_hadd_epi32(q0, q1);
+    let r1 = _mm256_hadd_epi32(q2, q3);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256::<0x20>(r0, r1),
+        _mm256_permute2x128_si256::<0x31>(r0, r1),
+    )
+}
+
+/// The f16 at byte `at` of each of the eight blocks from `b` (stride `ts`), widened.
+#[inline(always)]
+unsafe fn f16x8(b: *const u8, ts: usize, at: usize) -> __m256 {
+    let h: [u16; 8] = std::array::from_fn(|j| b.add(j * ts + at).cast::<u16>().read_unaligned());
+    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
+}
+
+/// Rows `lo..hi`, tokens `r0..r0 + T`, of a 32-value block type (`TY` its GGUF id).
+///
+/// Blocks go eight at a time: their integer sums are gathered into one vector (one lane per
+/// block), converted once and multiplied by the eight `d_w · d_x` in one instruction, so the
+/// per-block f32 work is shared by eight blocks; the `m_w · s_x` terms of Q4_1 / Q5_1 likewise.
+/// Blocks past the last whole group of eight go one at a time.
+#[inline(always)]
+unsafe fn rows32<D: Dot, const TY: u32, const T: usize>(
+    m: &Mat,
+    a: &Acts,
+    r0: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    let ts = m.ty.type_size();
+    let signed = matches!(TY, 2 | 6 | 8);
+    let xs: [*const i8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k));
+    let ds: [*const f32; T] = std::array::from_fn(|i| a.d.as_ptr().add((r0 + i) * a.nb));
+    let ss: [*const f32; T] = std::array::from_fn(|i| a.s.as_ptr().wrapping_add((r0 + i) * a.nb));
+    let groups = a.nb / 8;
+    for o in lo..hi {
+        let row = m.w.add(o * m.row_bytes);
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut accm = [_mm256_setzero_ps(); T];
+        for g in 0..groups {
+            let gp = row.add(8 * g * ts);
+            prefetch(gp.wrapping_add(PF_BYTES));
+            prefetch(gp.wrapping_add(PF_BYTES + 64));
+            prefetch(gp.wrapping_add(PF_BYTES + 128));
+            prefetch(gp.wrapping_add(PF_BYTES + 8 * ts - 1));
+            let dw = f16x8(gp, ts, 0);
+            let mut p = [[_mm256_setzero_si256(); 8]; T];
+            for j in 0..8 {
+                let v = unpack32::<TY>(gp.add(j * ts));
+                let u = if signed { _mm256_sign_epi8(v, v) } else { v };
+                for i in 0..T {
+                    p[i][j] = block_lanes::<D>(signed, u, v, xs[i].add(32 * (8 * g + j)));
+                }
+            }
+            for i in 0..T {
+                let dd = _mm256_mul_ps(dw, _mm256_loadu_ps(ds[i].add(8 * g)));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_sums8(p[i])), dd, acc[i]);
+            }
+            if !signed {
+                let mw = f16x8(gp, ts, 2);
+                for i in 0..T {
+                    accm[i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(ss[i].add(8 * g)), accm[i]);
+                }
+            }
+        }
+        let mut tail = [0f32; T];
+        for b in 8 * groups..a.nb {
+            let bp = row.add(b * ts);
+            let v = unpack32::<TY>(bp);
+            let u = if signed { _mm256_sign_epi8(v, v) } else { v };
+            let (d, mw) = (f16_at(bp), if signed { 0.0 } else { f16_at(bp.add(2)) });
+            for i in 0..T {
+                let p = block_lanes::<D>(signed, u, v, xs[i].add(32 * b));
+                let scale = _mm256_set1_ps(d * *ds[i].add(b));
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[i]);
+                if !signed {
+                    tail[i] += mw * *ss[i].add(b);
+                }
+            }
+        }
+        for i in 0..T {
+            *y.add((r0 + i) * m.n + o) = hsum256(acc[i]) + (hsum256(accm[i]) + tail[i]);
+        }
+    }
+}
+
+/// A k-quant super-block unpacked: eight vectors of unsigned values (elements `32c..32c + 32`),
+/// the scales as sixteen 16-bit lanes (one per 16 values), the mins likewise (zero when the type
+/// has none), the offset removed from every value (0, 4 or 32) and the f16 scales widened.
+struct KUnpacked {
+    u: [__m256i; 8],
+    sc: __m256i,
+    mins: __m256i,
+    d: f32,
+    dmin: f32,
+}
+
+/// The eight 6-bit scales and the eight 6-bit mins of a Q4_K / Q5_K block's 12 scale bytes, as
+/// two little-endian u64 (byte `j` is sub-block `j`'s).
+#[inline(always)]
+fn scales_k4(p: &[u32; 3]) -> (u64, u64) {
+    let [a, b, c] = *p;
+    let (m6, m4, m2) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+    let sc_hi = (c & m4) | (((a >> 6) & m2) << 4);
+    let mn_hi = ((c >> 4) & m4) | (((b >> 6) & m2) << 4);
+    (
+        (a & m6) as u64 | ((sc_hi as u64) << 32),
+        (b & m6) as u64 | ((mn_hi as u64) << 32),
+    )
+}
+
+/// The sixteen 6-bit scales of a Q3_K block (before the −32), as 16 bytes.
+#[inline(always)]
+fn scales_q3k(p: &[u32; 3]) -> [u32; 4] {
+    let [a, b, c] = *p;
+    let (m4, m2) = (0x0f0f_0f0fu32, 0x0303_0303u32);
+    [
+        (a & m4) | ((c & m2) << 4),
+        (b & m4) | (((c >> 2) & m2) << 4),
+        ((a >> 4) & m4) | (((c >> 4) & m2) << 4),
+        ((b >> 4) & m4) | (((c >> 6) & m2) << 4),
+    ]
+}
+
+#[inline(always)]
+unsafe fn words3(p: *const u8) -> [u32; 3] {
+    [u32_at(p), u32_at(p.add(4)), u32_at(p.add(8))]
+}
+
+/// Per-32 values (eight bytes in a u64) as sixteen 16-bit lanes, each repeated for both halves.
+#[inline(always)]
+unsafe fn per32_to_16(v: u64) -> __m256i {
+    let w = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(v as i64));
+    _mm256_set_m128i(_mm_unpackhi_epi16(w, w), _mm_unpacklo_epi16(w, w))
+}
+
+/// Element `32c + l` set to 0x10 where bit `bit` of `qh[l]` is set.
+#[inline(always)]
+unsafe fn high_bit(qh: __m256i, bit: u32, value: i8) -> __m256i {
+    let mask = _mm256_set1_epi8((1u8 << bit) as i8);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, mask), mask);
+    _mm256_and_si256(set, _mm256_set1_epi8(value))
+}
+
+#[inline(always)]
+unsafe fn unpack_k<const TY: u32>(b: *const u8) -> KUnpacked {
+    let lo4 = _mm256_set1_epi8(0x0f);
+    let zero = _mm256_setzero_si256();
+    match TY {
+        // Q2_K: scales[16] (scale | min << 4), qs[64], d, dmin.
+        10 => {
+            let s = _mm_loadu_si128(b.cast());
+            let m4 = _mm_set1_epi8(0x0f);
+            let sc = _mm256_cvtepu8_epi16(_mm_and_si128(s, m4));
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(s), m4));
+            let three = _mm256_set1_epi8(3);
+            let mut u = [zero; 8];
+            for n in 0..2 {
+                let q = load(b.add(16 + 32 * n));
+                u[4 * n] = _mm256_and_si256(q, three);
+                u[4 * n + 1] = _mm256_and_si256(_mm256_srli_epi16::<2>(q), three);
+                u[4 * n + 2] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), three);
+                u[4 * n + 3] = _mm256_and_si256(_mm256_srli_epi16::<6>(q), three);
+            }
+            KUnpacked {
+                u,
+                sc,
+                mins,
+                d: f16_at(b.add(80)),
+                dmin: f16_at(b.add(82)),
+            }
+        }
+        // Q3_K: hmask[32], qs[64], scales[12], d; value = low 2 bits + 4·high bit − 4.
+        11 => {
+            let s = scales_q3k(&words3(b.add(96)));
+            let s = _mm_set_epi32(s[3] as i32, s[2] as i32, s[1] as i32, s[0] as i32);
+            let sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(s), _mm256_set1_epi16(32));
+            let hm = load(b);
+            let three = _mm256_set1_epi8(3);
+            let mut u = [zero; 8];
+            for n in 0..2 {
+                let q = load(b.add(32 + 32 * n));
+                let low = [
+                    _mm256_and_si256(q, three),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(q), three),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), three),
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(q), three),
+                ];
+                for (j, l) in low.into_iter().enumerate() {
+                    u[4 * n + j] = _mm256_or_si256(l, high_bit(hm, (4 * n + j) as u32, 4));
+                }
+            }
+            KUnpacked {
+                u,
+                sc,
+                mins: zero,
+                d: f16_at(b.add(108)),
+                dmin: 0.0,
+            }
+        }
+        // Q4_K: d, dmin, scales[12], qs[128]; Q5_K: d, dmin, scales[12], qh[32], qs[128].
+        12 | 13 => {
+            let (sc, mins) = scales_k4(&words3(b.add(4)));
+            let qs = if TY == 13 { b.add(48) } else { b.add(16) };
+            let qh = load(b.add(16));
+            let mut u = [zero; 8];
+            for j in 0..4 {
+                let q = load(qs.add(32 * j));
+                let mut l = _mm256_and_si256(q, lo4);
+                let mut h = _mm256_and_si256(_mm256_srli_epi16::<4>(q), lo4);
+                if TY == 13 {
+                    l = _mm256_or_si256(l, high_bit(qh, 2 * j as u32, 16));
+                    h = _mm256_or_si256(h, high_bit(qh, 2 * j as u32 + 1, 16));
+                }
+                u[2 * j] = l;
+                u[2 * j + 1] = h;
+            }
+            KUnpacked {
+                u,
+                sc: per32_to_16(sc),
+                mins: per32_to_16(mins),
+                d: f16_at(b),
+                dmin: f16_at(b.add(2)),
+            }
+        }
+        // Q6_K: ql[128], qh[64], scales[16] (i8), d; value = 4 low | 2 high bits − 32.
+        14 => {
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.add(192).cast()));
+            let mut u = [zero; 8];
+            let (m3, m12, m48, m192) = (
+                _mm256_set1_epi8(3),
+                _mm256_set1_epi8(12),
+                _mm256_set1_epi8(48),
+                _mm256_set1_epi8(-64),
+            );
+            for n in 0..2 {
+                let q0 = load(b.add(64 * n));
+                let q1 = load(b.add(64 * n + 32));
+                let qh = load(b.add(128 + 32 * n));
+                let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m3));
+                let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(qh, m12));
+                let h2 = _mm256_and_si256(qh, m48);
+                let h3 = _mm256_srli_epi16::<2>(_mm256_and_si256(qh, m192));
+                u[4 * n] = _mm256_or_si256(_mm256_and_si256(q0, lo4), h0);
+                u[4 * n + 1] = _mm256_or_si256(_mm256_and_si256(q1, lo4), h1);
+                u[4 * n + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q0), lo4), h2);
+                u[4 * n + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q1), lo4), h3);
+            }
+            KUnpacked {
+                u,
+                sc,
+                mins: zero,
+                d: f16_at(b.add(208)),
+                dmin: 0.0,
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// `vpshufb` controls of [`scale_pair`]: for `c % 4`, words `2c'` (low half) and `2c' + 1` (high
+/// half) of a 128-bit half, each repeated eight times. A table, so that the control is one load
+/// (built from `c` at run time it costs a chain of byte inserts per vector).
+static SCALE_PICK: [[u8; 32]; 4] = {
+    let mut t = [[0u8; 32]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut j = 0;
+        while j < 32 {
+            let word = 2 * c + j / 16;
+            t[c][j] = (2 * word + j % 2) as u8;
+            j += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
+/// For vector `c` of a super-block: a 16-bit vector whose lanes 0..8 hold scale `2c` and lanes
+/// 8..16 scale `2c + 1`, from the sixteen scales in `sc`.
+#[inline(always)]
+unsafe fn scale_pair(sc: __m256i, c: usize) -> __m256i {
+    // Both 128-bit halves hold scales 0..8 (c < 4) or 8..16; a byte shuffle then picks word
+    // 2c' in the low half and 2c' + 1 in the high half.
+    let half = if c < 4 {
+        _mm256_permute2x128_si256::<0x00>(sc, sc)
+    } else {
+        _mm256_permute2x128_si256::<0x11>(sc, sc)
+    };
+    _mm256_shuffle_epi8(half, load(SCALE_PICK[c % 4].as_ptr()))
+}
+
+/// Rows `lo..hi`, tokens `r0..r0 + T`, of a k-quant type (`TY` its GGUF id).
+#[inline(always)]
+unsafe fn rows_k<D: Dot, const TY: u32, const T: usize>(
+    m: &Mat,
+    a: &Acts,
+    r0: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+) {
+    let ts = m.ty.type_size();
+    // The offset every stored value carries, removed through the scaled block sums.
+    let off_shift: i32 = match TY {
+        11 => 2,
+        14 => 5,
+        _ => -1,
+    };
+    let has_mins = matches!(TY, 10 | 12 | 13);
+    let xs: [*const i8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k));
+    let ds: [*const f32; T] = std::array::from_fn(|i| a.d.as_ptr().add((r0 + i) * a.nb));
+    let bsums: [*const i16; T] = std::array::from_fn(|i| a.bsums.as_ptr().add((r0 + i) * a.k / 16));
+    for o in lo..hi {
+        let row = m.w.add(o * m.row_bytes);
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..a.nb {
+            let bp = row.add(b * ts);
+            prefetch(bp.wrapping_add(PF_BYTES));
+            prefetch(bp.wrapping_add(PF_BYTES + 64));
+            prefetch(bp.wrapping_add(PF_BYTES + 128));
+            let kb = unpack_k::<TY>(bp);
+            let mut isum = [_mm256_setzero_si256(); T];
+            for c in 0..8 {
+                let scale = scale_pair(kb.sc, c);
+                for i in 0..T {
+                    let x = load(xs[i].add(QK_K * b + 32 * c).cast());
+                    isum[i] = D::dot_scaled(isum[i], kb.u[c], x, scale);
+                }
+            }
+            for i in 0..T {
+                let bs = _mm256_loadu_si256(bsums[i].add(16 * b).cast());
+                let mut s = isum[i];
+                if off_shift >= 0 {
+                    let corr = _mm256_madd_epi16(kb.sc, bs);
+                    s = _mm256_sub_epi32(s, _mm256_sll_epi32(corr, _mm_cvtsi32_si128(off_shift)));
+                }
+                let dy = *ds[i].add(b);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(kb.d * dy), acc[i]);
+                if has_mins {
+                    let msum = _mm256_cvtepi32_ps(_mm256_madd_epi16(kb.mins, bs));
+                    acc[i] = _mm256_fnmadd_ps(msum, _mm256_set1_ps(kb.dmin * dy), acc[i]);
+                }
+            }
+        }
+        for i in 0..T {
+            *y.add((r0 + i) * m.n + o) = hsum256(acc[i]);
+        }
+    }
+}
+
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants), body `D`.
+#[inline(always)]
+unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
+    macro_rules! go {
+        ($($ty:literal => $kind:ident),*; $($kty:literal),*) => {
+            match (m.ty.id(), tt) {
+                $(
+                    ($ty, 1) => $kind::<D, $ty, 1>(m, a, r0, lo, hi, y),
+                    ($ty, 2) => $kind::<D, $ty, 2>(m, a, r0, lo, hi, y),
+                    ($ty, 3) => $kind::<D, $ty, 3>(m, a, r0, lo, hi, y),
+                    ($ty, 4) => $kind::<D, $ty, 4>(m, a, r0, lo, hi, y),
+                )*
+                $(($kty, 8) => rows_k::<D, $kty, 8>(m, a, r0, lo, hi, y),)*
+                _ => unreachable!("{} with {tt} tokens", m.ty),
+            }
+        };
+    }
+    debug_assert!(m.ty != GgmlType::F32);
+    go!(2 => rows32, 3 => rows32, 6 => rows32, 7 => rows32, 8 => rows32,
+        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k; 10, 11, 12, 13, 14)
+}
+
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants) with AVX2.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C; `m` and `a` describe one call's weight and activations; `y` is
+/// valid for `t · n` writes and no other task writes rows `lo..hi`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn rows_avx2(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
+    rows::<Avx2>(m, a, r0, tt, lo, hi, y)
+}
+
+/// [`rows_avx2`] with AVX-512 VNNI (256-bit EVEX forms).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; otherwise as [`rows_avx2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn rows_vnni(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
+    rows::<Vnni>(m, a, r0, tt, lo, hi, y)
+}
