@@ -69,6 +69,7 @@ pub use leader::{CommStats, Leader, ShardedMoe};
 #[cfg(feature = "mpi")]
 pub use mpi_transport::{Mpi, MpiTransport};
 pub use plan::{memory_plan, shard, RankMemory};
+pub use protocol::{exchange_bytes, Exchange};
 pub use resident::{expert_residency, resident_bytes, ExpertResidency};
 pub use transport::{LocalGroup, Transport};
 pub use worker::{run_worker, ExpertWorker, WorkerStats};

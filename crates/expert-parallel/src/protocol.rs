@@ -71,3 +71,25 @@ pub(crate) fn fingerprint(config: &TextConfig, ranks: usize) -> [u32; FINGERPRIN
     ]
     .map(|v| v as u32)
 }
+
+/// Bytes one MoE layer call moves (see the module doc), as [`crate::CommStats`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exchange {
+    /// What rank 0 broadcasts: the header, the rows `[T, H]` and their routing (`T · k` weights
+    /// and `T · k` expert ids), 4 bytes each.
+    pub broadcast: u64,
+    /// What the reduction sums: every rank's `T · H` contribution and its failure flag (rank
+    /// 0's own does not leave the host; the other `N − 1` travel).
+    pub reduce: u64,
+}
+
+/// The bytes of one MoE layer call over `rows` tokens of a model of `config` among `ranks`
+/// processes.
+pub fn exchange_bytes(config: &TextConfig, rows: usize, ranks: usize) -> Exchange {
+    let (h, k) = (config.hidden_size as u64, config.num_experts_per_tok as u64);
+    let rows = rows as u64;
+    Exchange {
+        broadcast: 4 * (HEADER as u64 + rows * h + 2 * rows * k),
+        reduce: 4 * (rows * h + 1) * ranks as u64,
+    }
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use expert_parallel::{load_leader, memory_plan, run_worker, shard, LocalGroup, Transport, WorkerStats};
+use expert_parallel::{exchange_bytes, load_leader, memory_plan, run_worker, shard, LocalGroup, Transport, WorkerStats};
 use llama4_core::DType;
 use llama4_model::{GenerateOptions, Logits, ModelConfig, SamplingConfig, Session, TextModel};
 use llama4_testkit::{fixture, ids, rel_err_2d};
@@ -100,7 +100,16 @@ fn check(name: &str, dtype: DType, ranks: usize) {
     assert!(e_prefill <= TOL, "{name} on {ranks} ranks: prefill logits off by {e_prefill:e}");
     assert!(e_steps <= TOL, "{name} on {ranks} ranks: decode logits off by {e_steps:e}");
     assert_eq!(got_ids, want_ids, "{name} on {ranks} ranks: greedy ids differ");
-    assert!(comm.calls > 0 && comm.bytes_sent > 0 && comm.bytes_reduced > 0);
+    // The greedy run: a prefill of the prompt's rows, then one row per step, at every MoE layer.
+    let moe = config.text.moe_layers().count() as u64;
+    let (pre, step) = (
+        exchange_bytes(&config.text, prompt.len(), ranks),
+        exchange_bytes(&config.text, 1, ranks),
+    );
+    let steps = generated.len() as u64 - 1;
+    assert_eq!(comm.calls, moe * (1 + steps));
+    assert_eq!(comm.bytes_sent, moe * (pre.broadcast + steps * step.broadcast));
+    assert_eq!(comm.bytes_reduced, moe * (pre.reduce + steps * step.reduce));
 }
 
 /// MoE layer calls the leader makes in `check`: an uncached pass, a prefill, and a greedy
