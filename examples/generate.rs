@@ -346,10 +346,12 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
                 leader = Some(l);
                 mm
             }
-            None => MultimodalModel::load_with_quantization(&dir, ids, policy).map_err(|e| match &policy {
-                Some(p) => quant_error(e, p),
-                None => e.into(),
-            })?,
+            None => {
+                MultimodalModel::load_with_quantization(&dir, ids, policy).map_err(|e| match &policy {
+                    Some(p) => quant_error(e, p),
+                    None => e.into(),
+                })?
+            }
         };
         (None, Some(mm), tokenizer)
     };

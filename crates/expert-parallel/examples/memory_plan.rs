@@ -14,8 +14,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gb = |b: u64| b as f64 / 1e9;
     println!("| model | experts stored | ranks | rank 0 (GB) | each other rank (GB) | all ranks (GB) |");
     println!("|---|---|---|---|---|---|");
-    for (name, cfg) in [("Scout", TextConfig::scout()), ("Maverick", TextConfig::maverick())] {
-        for (label, format) in [("bf16", None), ("q8", Some(QuantFormat::Q8)), ("q4", Some(QuantFormat::Q4))] {
+    for (name, cfg) in [
+        ("Scout", TextConfig::scout()),
+        ("Maverick", TextConfig::maverick()),
+    ] {
+        for (label, format) in [
+            ("bf16", None),
+            ("q8", Some(QuantFormat::Q8)),
+            ("q4", Some(QuantFormat::Q4)),
+        ] {
             let policy = format.map(|f| quant_policy(QuantSpec::new(f, 32), QuantScope::Experts));
             for ranks in [1, 2, 4, 8] {
                 let plan = memory_plan(&cfg, DType::BF16, policy, ranks)?;
@@ -37,7 +44,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          rank 0 sends, receives KB/token | decode tokens/s the link allows at 25 Gbit/s | at 100 Gbit/s |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (name, cfg) in [("Scout", TextConfig::scout()), ("Maverick", TextConfig::maverick())] {
+    for (name, cfg) in [
+        ("Scout", TextConfig::scout()),
+        ("Maverick", TextConfig::maverick()),
+    ] {
         let layers = cfg.moe_layers().count() as u64;
         for ranks in [2u64, 4, 8] {
             let x = exchange_bytes(&cfg, 1, ranks as usize);

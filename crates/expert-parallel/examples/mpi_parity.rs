@@ -114,7 +114,13 @@ struct Run {
 
 /// The uncached pass over `all`, a prefill of `prompt` and `n` greedy tokens (`n - 1` decode
 /// steps); `between` is called after the prefill and after the last step.
-fn run(model: &TextModel, prompt: &[u32], all: &[u32], n: usize, mut between: impl FnMut()) -> Result<Run, Error> {
+fn run(
+    model: &TextModel,
+    prompt: &[u32],
+    all: &[u32],
+    n: usize,
+    mut between: impl FnMut(),
+) -> Result<Run, Error> {
     let full = model.forward_uncached(all)?;
     let mut session = Session::new(model, DType::F32)?;
     let prefill = session.prefill(prompt, Logits::All)?;

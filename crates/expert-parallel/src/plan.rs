@@ -108,9 +108,9 @@ pub fn memory_plan(
 /// with `spec` (values and scales of `[.., out, in]` rows).
 fn stored_bytes(shape: &[usize], dtype: DType, spec: Option<QuantSpec>) -> u64 {
     let elements: usize = shape.iter().product();
-    let (rows, inp) = match shape {
-        &[batch, inp, out] => (batch * out, inp),
-        &[out, inp] => (out, inp),
+    let (rows, inp) = match *shape {
+        [batch, inp, out] => (batch * out, inp),
+        [out, inp] => (out, inp),
         _ => return (elements * dtype.size()) as u64,
     };
     match spec {
@@ -160,7 +160,10 @@ mod tests {
         // 48 layers of 16 experts of 3 · 5120 · 8192 parameters, 2 bytes each.
         assert_eq!(one[0].expert_bytes, 48 * 16 * 3 * 5120 * 8192 * 2);
         let four = memory_plan(&cfg, DType::BF16, None, 4).unwrap();
-        assert_eq!(four.iter().map(|r| r.expert_bytes).sum::<u64>(), one[0].expert_bytes);
+        assert_eq!(
+            four.iter().map(|r| r.expert_bytes).sum::<u64>(),
+            one[0].expert_bytes
+        );
         assert_eq!(four[1].expert_bytes * 4, one[0].expert_bytes);
         // Routers are on every rank, the rest only on rank 0.
         let routers = 48 * 16 * 5120 * 2;

@@ -26,7 +26,9 @@ pub(crate) enum Op {
 
 impl Op {
     pub(crate) fn from_word(w: u32) -> Option<Op> {
-        [Op::Stop, Op::Start, Op::Run].into_iter().find(|op| *op as u32 == w)
+        [Op::Stop, Op::Start, Op::Run]
+            .into_iter()
+            .find(|op| *op as u32 == w)
     }
 }
 

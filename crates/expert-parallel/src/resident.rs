@@ -6,8 +6,8 @@ use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
-use llama4_core::Checkpoint;
 use llama4_core::quant::QWEIGHT_SUFFIX;
+use llama4_core::Checkpoint;
 use llama4_model::ModelConfig;
 
 use crate::Result;

@@ -39,6 +39,7 @@ pub struct LocalGroup;
 
 impl LocalGroup {
     /// The transports of ranks `0 .. size`, one per thread.
+    #[allow(clippy::new_ret_no_self)] // a group is its members' transports
     pub fn new(size: usize) -> Vec<Arc<dyn Transport>> {
         Self::with_timeout(size, Duration::from_secs(60))
     }
@@ -107,10 +108,7 @@ impl Shared {
             return Ok(());
         }
         while st.generation == generation {
-            let (next, timeout) = self
-                .arrived
-                .wait_timeout(st, self.timeout)
-                .map_err(|_| lost())?;
+            let (next, timeout) = self.arrived.wait_timeout(st, self.timeout).map_err(|_| lost())?;
             st = next;
             if timeout.timed_out() && st.generation == generation {
                 st.broken = true;

@@ -63,7 +63,11 @@ impl ExpertWorker {
     ///
     /// # Errors
     /// Loading errors; [`Error::Plan`] when the experts cannot be shared among the group.
-    pub fn load(dir: impl AsRef<Path>, policy: Option<QuantPolicy>, transport: Arc<dyn Transport>) -> Result<Self> {
+    pub fn load(
+        dir: impl AsRef<Path>,
+        policy: Option<QuantPolicy>,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let checkpoint = Checkpoint::open(dir)?.with_quantization(policy);
@@ -190,7 +194,11 @@ fn serve(t: &dyn Transport, worker: std::result::Result<&ExpertWorker, ()>) -> R
         Ok(w) if go[0] == 1 => w,
         // This rank's own failure is the caller's to report.
         Err(()) => return Ok(None),
-        Ok(_) => return Err(Error::Group("another rank did not load its share of the model".into())),
+        Ok(_) => {
+            return Err(Error::Group(
+                "another rank did not load its share of the model".into(),
+            ))
+        }
     };
     worker.run_calls(t).map(Some)
 }
@@ -270,6 +278,10 @@ impl ExpertWorker {
         let out = ArrayViewMut2::from_shape((rows, h), out).map_err(|e| Error::Protocol(e.to_string()))?;
         moe.forward_routed_into(x, routing, out, scratch)?;
         let held = moe.expert_range();
-        Ok(routing.experts().iter().filter(|&&e| held.contains(&(e as usize))).count())
+        Ok(routing
+            .experts()
+            .iter()
+            .filter(|&&e| held.contains(&(e as usize)))
+            .count())
     }
 }

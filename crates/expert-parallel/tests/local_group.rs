@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use expert_parallel::{exchange_bytes, load_leader, memory_plan, run_worker, shard, LocalGroup, Transport, WorkerStats};
+use expert_parallel::{
+    exchange_bytes, load_leader, memory_plan, run_worker, shard, LocalGroup, Transport, WorkerStats,
+};
 use llama4_core::DType;
 use llama4_model::{GenerateOptions, Logits, ModelConfig, SamplingConfig, Session, TextModel};
 use llama4_testkit::{fixture, ids, rel_err_2d};
@@ -51,7 +53,9 @@ fn greedy(model: &TextModel, prompt: &[u32], n: usize) -> (Vec<u32>, ndarray::Ar
         stop_ids: vec![],
         keep_logits: true,
     };
-    let g = session.generate(prompt, &opts, |_| ControlFlow::Continue(())).unwrap();
+    let g = session
+        .generate(prompt, &opts, |_| ControlFlow::Continue(()))
+        .unwrap();
     (g.generated_ids, g.logits.unwrap())
 }
 
@@ -62,7 +66,10 @@ fn check(name: &str, dtype: DType, ranks: usize) {
     let all: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
     let want_full = alone.forward_uncached(&all).unwrap();
     let (want_ids, want_steps) = greedy(&alone, &prompt, generated.len());
-    assert_eq!(want_ids, generated, "{name}: the single-process run is not transformers'");
+    assert_eq!(
+        want_ids, generated,
+        "{name}: the single-process run is not transformers'"
+    );
 
     let mut group = LocalGroup::new(ranks);
     let workers = spawn_workers(&dir, group.split_off(1));
@@ -86,7 +93,11 @@ fn check(name: &str, dtype: DType, ranks: usize) {
     for (rank, w) in (1..).zip(workers) {
         let (experts, bytes, stats) = w.join().unwrap().unwrap();
         assert_eq!(experts, shard(e, ranks, rank).unwrap());
-        assert_eq!(bytes as u64, plan[rank].total(), "{name}: rank {rank} loaded other bytes than planned");
+        assert_eq!(
+            bytes as u64,
+            plan[rank].total(),
+            "{name}: rank {rank} loaded other bytes than planned"
+        );
         let stats = stats.expect("the group started");
         // Every MoE layer call of the leader reached every worker.
         assert_eq!(stats.calls, leader_calls(&config, generated.len()));
@@ -96,9 +107,18 @@ fn check(name: &str, dtype: DType, ranks: usize) {
          decode exchanged {} B sent + {} B reduced over {} layer calls",
         comm.bytes_sent, comm.bytes_reduced, comm.calls
     );
-    assert!(e_full <= TOL, "{name} on {ranks} ranks: uncached logits off by {e_full:e}");
-    assert!(e_prefill <= TOL, "{name} on {ranks} ranks: prefill logits off by {e_prefill:e}");
-    assert!(e_steps <= TOL, "{name} on {ranks} ranks: decode logits off by {e_steps:e}");
+    assert!(
+        e_full <= TOL,
+        "{name} on {ranks} ranks: uncached logits off by {e_full:e}"
+    );
+    assert!(
+        e_prefill <= TOL,
+        "{name} on {ranks} ranks: prefill logits off by {e_prefill:e}"
+    );
+    assert!(
+        e_steps <= TOL,
+        "{name} on {ranks} ranks: decode logits off by {e_steps:e}"
+    );
     assert_eq!(got_ids, want_ids, "{name} on {ranks} ranks: greedy ids differ");
     // The greedy run: a prefill of the prompt's rows, then one row per step, at every MoE layer.
     let moe = config.text.moe_layers().count() as u64;

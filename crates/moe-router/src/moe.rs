@@ -166,7 +166,11 @@ impl Moe {
             experts,
         )?;
         let shared = if shared_expert {
-            Some(Mlp::load(&scope.scope("shared_expert"), c.hidden_size, c.intermediate_size)?)
+            Some(Mlp::load(
+                &scope.scope("shared_expert"),
+                c.hidden_size,
+                c.intermediate_size,
+            )?)
         } else {
             None
         };
@@ -336,7 +340,9 @@ impl Moe {
                     gathered.extend_from_slice(row);
                 }
             }
-            let y = self.experts.run(e - held.start, gathered, tokens.len(), experts)?;
+            let y = self
+                .experts
+                .run(e - held.start, gathered, tokens.len(), experts)?;
             for ((&tok, &w), yr) in tokens.iter().zip(weights).zip(y.chunks_exact(h)) {
                 let orow = &mut out[tok as usize * h..(tok as usize + 1) * h];
                 let scale = if input_scaled { 1.0 } else { w };
