@@ -35,6 +35,9 @@
 //! --quant-group N      input features per scale: a multiple of 32 dividing every quantised weight's
 //!                      input width (default 32)
 //! --quant-scales f32|f16  storage of the scales (default f32)
+//! --expert-parallel   share the routed experts of every MoE layer among the ranks of an MPI job
+//!                      (`mpirun -np N generate --model DIR ... --expert-parallel`; needs a build
+//!                      with `--features mpi`): rank 0 prints, the others only serve their experts
 //! --save-quantized DIR write the quantised checkpoint to DIR (model.safetensors with `llama4.quant`
 //!                      metadata, plus config and tokenizer files) and exit; with --prompt or
 //!                      --prompt-ids, generate afterwards with the checkpoint just written
@@ -46,8 +49,10 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Instant;
 
+use expert_parallel::Transport;
 use llama4_core::input::{read_capped, Cap};
 use llama4_core::{KvDtype, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_examples::{check_output_dir, check_output_file, parse_kv_dtype, utf8_args};
@@ -100,6 +105,7 @@ struct Args {
     quant_group: Option<usize>,
     quant_scales: Option<ScaleType>,
     save_quantized: Option<PathBuf>,
+    expert_parallel: bool,
 }
 
 impl Args {
@@ -179,6 +185,7 @@ fn parse_args() -> Result<Args, String> {
                 );
             }
             "--save-quantized" => a.save_quantized = Some(value(&flag, it.next())?),
+            "--expert-parallel" => a.expert_parallel = true,
             "-h" | "--help" => {
                 // Nothing to report if stdout is closed: exit all the same.
                 let _ = writeln!(
@@ -195,6 +202,10 @@ fn parse_args() -> Result<Args, String> {
             }
             other => return Err(format!("unknown option `{other}` (see --help)")),
         }
+    }
+    // Every rank parses the same arguments: what is refused here stops every rank alike.
+    if a.expert_parallel && a.save_quantized.is_some() {
+        return Err("--save-quantized does not combine with --expert-parallel".into());
     }
     if a.prompt.is_some() && a.prompt_ids.is_some() {
         return Err("give --prompt or --prompt-ids, not both".into());
@@ -230,11 +241,57 @@ fn parse_args() -> Result<Args, String> {
 }
 
 fn main() -> ExitCode {
-    llama4_examples::report(run())
+    // MPI is initialised before anything runs and finalised after everything is dropped.
+    #[cfg(feature = "mpi")]
+    let mpi = if std::env::args_os().skip(1).any(|a| a == "--expert-parallel") {
+        match expert_parallel::Mpi::init() {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(feature = "mpi")]
+    let group: Option<Arc<dyn Transport>> = mpi.as_ref().map(|m| m.transport() as Arc<dyn Transport>);
+    #[cfg(not(feature = "mpi"))]
+    let group: Option<Arc<dyn Transport>> = None;
+    let rank = group.as_ref().map_or(0, |t| t.rank());
+    let result = match group {
+        Some(t) if t.rank() != 0 => serve_experts(t),
+        group => run(group),
+    };
+    #[cfg(feature = "mpi")]
+    drop(mpi);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if rank > 0 => {
+            eprintln!("rank {rank}: error: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// `--expert-parallel` on ranks 1 and up: loads this rank's share of the experts and serves
+/// rank 0 until it stops; prints nothing on success.
+fn serve_experts(transport: Arc<dyn Transport>) -> Result<(), Box<dyn std::error::Error>> {
     let args = parse_args()?;
+    let dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
+    expert_parallel::run_worker(&dir, args.quant_policy(), transport)?;
+    Ok(())
+}
+
+fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    if args.expert_parallel && group.is_none() {
+        return Err("--expert-parallel needs a build with `--features mpi`, run under mpirun".into());
+    }
     let mut dir = args.model.clone().unwrap_or_else(|| PathBuf::from(DEMO_DIR));
     let mut policy = args.quant_policy();
     if let (Some(out), Some(p)) = (&args.save_quantized, &policy) {
@@ -271,6 +328,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             );
         }
+        if group.is_some() {
+            return Err("--expert-parallel needs a safetensors checkpoint directory, not a GGUF file".into());
+        }
         let g = GgufModel::load(&dir)?;
         let chat = if args.chat { Some(g.chat_template()?) } else { None };
         Some((g, chat))
@@ -278,15 +338,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         None
     };
     let mut gguf_facts = None;
+    // With --expert-parallel, rank 0's share of the experts; the group stops when it is dropped.
+    let mut leader = None;
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
     let (text_model, multimodal, tokenizer) = if let Some((g, chat)) = gguf {
         gguf_facts = Some((g.stop_ids, g.weight_bytes, chat));
         (Some(g.model), None, g.tokenizer.map(|t| t.tokenizer))
     } else if args.images.is_empty() {
-        let model = TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
-            Some(p) => quant_error(e, p),
-            None => e.into(),
-        })?;
+        let model = match group {
+            Some(t) => {
+                let (model, l) = expert_parallel::load_leader(&dir, policy, t)?;
+                leader = Some(l);
+                model
+            }
+            None => TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
+                Some(p) => quant_error(e, p),
+                None => e.into(),
+            })?,
+        };
         (Some(model), None, Tokenizer::from_dir(&dir)?)
     } else {
         if ModelConfig::from_dir(&dir)?.multimodal.is_none() {
@@ -300,11 +369,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let tok = tokenizer
             .as_ref()
             .ok_or("--image needs the checkpoint's tokenizer.json (for the image tokens' ids)")?;
-        let mm = MultimodalModel::load_with_quantization(&dir, ImageTokenIds::from_tokenizer(tok)?, policy)
-            .map_err(|e| match &policy {
-            Some(p) => quant_error(e, p),
-            None => e.into(),
-        })?;
+        let ids = ImageTokenIds::from_tokenizer(tok)?;
+        let mm = match group {
+            Some(t) => {
+                let (mm, l) = expert_parallel::load_leader_multimodal(&dir, ids, policy, t)?;
+                leader = Some(l);
+                mm
+            }
+            None => {
+                MultimodalModel::load_with_quantization(&dir, ids, policy).map_err(|e| match &policy {
+                    Some(p) => quant_error(e, p),
+                    None => e.into(),
+                })?
+            }
+        };
         (None, Some(mm), tokenizer)
     };
     let model: &TextModel = match (&text_model, &multimodal) {
@@ -511,6 +589,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 _ => String::new(),
             }
         );
+        if let Some(l) = &leader {
+            let c = l.stats();
+            outln!(
+                "experts: {} ranks, this one holds experts {:?} of each MoE layer; {:.1} ms in communication \
+                 over {} layer calls ({} rows; {:.2} MB sent, {:.2} MB reduced)",
+                l.size(),
+                l.experts(),
+                c.comm().as_secs_f64() * 1e3,
+                c.calls,
+                c.rows,
+                c.bytes_sent as f64 / 1e6,
+                c.bytes_reduced as f64 / 1e6
+            );
+        }
     }
     Ok(())
 }

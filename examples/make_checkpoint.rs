@@ -44,47 +44,6 @@ fn preset(name: &str) -> Result<Value, Error> {
     })
 }
 
-/// Every tensor of the text model with its shape, in the checkpoint's names.
-fn tensors(cfg: &llama4_model::TextConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, v, d) = (cfg.hidden_size, cfg.vocab_size, cfg.head_dim);
-    let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-    let (e, i, mlp) = (
-        cfg.num_local_experts,
-        cfg.intermediate_size,
-        cfg.intermediate_size_mlp,
-    );
-    let mut out = vec![
-        ("model.embed_tokens.weight".to_string(), vec![v, h]),
-        ("model.norm.weight".to_string(), vec![h]),
-    ];
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, h]));
-    }
-    for (l, spec) in cfg.layers.iter().enumerate() {
-        let p = format!("model.layers.{l}");
-        let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
-        add("input_layernorm.weight", vec![h]);
-        add("post_attention_layernorm.weight", vec![h]);
-        add("self_attn.q_proj.weight", vec![q, h]);
-        add("self_attn.k_proj.weight", vec![kv, h]);
-        add("self_attn.v_proj.weight", vec![kv, h]);
-        add("self_attn.o_proj.weight", vec![h, q]);
-        if spec.moe {
-            add("feed_forward.router.weight", vec![e, h]);
-            add("feed_forward.experts.gate_up_proj", vec![e, h, 2 * i]);
-            add("feed_forward.experts.down_proj", vec![e, i, h]);
-            add("feed_forward.shared_expert.gate_proj.weight", vec![i, h]);
-            add("feed_forward.shared_expert.up_proj.weight", vec![i, h]);
-            add("feed_forward.shared_expert.down_proj.weight", vec![h, i]);
-        } else {
-            add("feed_forward.gate_proj.weight", vec![mlp, h]);
-            add("feed_forward.up_proj.weight", vec![mlp, h]);
-            add("feed_forward.down_proj.weight", vec![h, mlp]);
-        }
-    }
-    out
-}
-
 /// Values for one tensor: norms near 1, everything else uniform with the variance of
 /// N(0, 1/fan_in) (embeddings: N(0, 1)), from a seeded xorshift stream.
 fn values(name: &str, shape: &[usize], state: &mut u64) -> Vec<f32> {
@@ -140,7 +99,7 @@ fn try_main() -> Result<(), Error> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
     let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut params = 0usize;
-    for (name, shape) in tensors(&text) {
+    for (name, shape) in text.tensor_shapes() {
         let v = values(&name, &shape, &mut state);
         params += v.len();
         let bytes: Vec<u8> = if bf16_weights {

@@ -23,6 +23,7 @@
 //! module lists say.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -381,7 +382,8 @@ impl Checkpoint {
 
     /// The fp8 weight `name` (see the module doc) when it is stored as `F8_E4M3`; `None` when it
     /// is absent or stored otherwise. `lead` batch dimensions of `out × in` matrices stored in
-    /// `layout` order; the result is `[.., out, in]`.
+    /// `layout` order; the result is matrices `range` of them (counted over the flattened lead
+    /// dimensions), `[range.len(), out, in]`: the others' bytes are not read.
     ///
     /// # Errors
     /// [`Error::ShapeMismatch`] naming the tensor or its scales when a shape is wrong,
@@ -393,6 +395,7 @@ impl Checkpoint {
         out: usize,
         inp: usize,
         layout: Layout,
+        range: Range<usize>,
     ) -> Result<Option<QuantData>> {
         let Ok((file, info)) = self.find(name) else {
             return Ok(None);
@@ -446,12 +449,13 @@ impl Checkpoint {
                 )))
             }
         };
-        let mapped = file.byte_data(name)?;
+        let per = rows * cols;
+        let mapped = file.byte_data(name)?.slice(range.start * per, range.len() * per);
+        let scales = scales.slice(range.start * out, range.len() * out);
         let values = match layout {
             Layout::OutIn => mapped,
             Layout::InOut => {
-                let batch = lead.iter().product::<usize>();
-                let owned = transpose_bytes(&mapped, batch, rows, cols);
+                let owned = transpose_bytes(&mapped, range.len(), rows, cols);
                 drop(mapped);
                 // The stored orientation was read once and is not needed again.
                 file.release_tensor_pages(name);
@@ -563,7 +567,7 @@ impl<'a> Scope<'a> {
             self.ckpt.account(w.nbytes(), true);
             return Ok(w);
         }
-        if let Some(q) = self.ckpt.stored_fp8(&full, &[], out, inp, layout)? {
+        if let Some(q) = self.ckpt.stored_fp8(&full, &[], out, inp, layout, 0..1)? {
             let w = Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?;
             self.ckpt.account(w.nbytes(), true);
             return Ok(w);
@@ -584,32 +588,58 @@ impl<'a> Scope<'a> {
     /// A batch of weights stored `[batch, in, out]` (the expert tensors).
     ///
     /// Quantised like [`Scope::weight`] (then stored `[batch, out, in]`).
-    pub fn batched_in_out(
+    pub fn batched_in_out(&self, name: &str, shape: [usize; 3]) -> Result<BatchedWeight> {
+        self.batched_in_out_range(name, shape, 0..shape[0])
+    }
+
+    /// Matrices `range` of a batch stored `[batch, in, out]`, as a batch of `range.len()`: what
+    /// one process of an expert-parallel run holds of an expert tensor. Only their bytes are
+    /// used: the other matrices of a mapped tensor are never read, and a load-time quantisation
+    /// or an fp8 transpose handles `range` alone. [`Checkpoint::weight_bytes`] counts `range`.
+    ///
+    /// # Errors
+    /// As [`Scope::batched_in_out`], and a shape error when `range` does not lie in `0..batch`.
+    pub fn batched_in_out_range(
         &self,
         name: &str,
         [batch, in_features, out_features]: [usize; 3],
+        range: Range<usize>,
     ) -> Result<BatchedWeight> {
         let full = self.name(name);
+        if range.start > range.end || range.end > batch {
+            return Err(Error::shape(
+                "Scope::batched_in_out_range",
+                format!("matrices {range:?} of `{full}`, which holds {batch}"),
+            ));
+        }
+        let n = range.len();
         if self.ckpt.check_not_both(&full)? {
             let q = self
                 .ckpt
                 .stored_quant(&full, &[batch], out_features, in_features)?;
-            let data = WeightData::Quant(Box::new(q));
-            let w = BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?;
+            // Whole matrices are whole groups (the group divides `in_features`).
+            let per = in_features * out_features;
+            let data = WeightData::Quant(Box::new(q.slice(range.start * per, n * per)));
+            let w = BatchedWeight::new(data, Layout::OutIn, n, out_features, in_features)?;
             self.ckpt.account(w.data().nbytes(), true);
             return Ok(w);
         }
-        let fp8 = self
-            .ckpt
-            .stored_fp8(&full, &[batch], out_features, in_features, Layout::InOut)?;
+        let fp8 = self.ckpt.stored_fp8(
+            &full,
+            &[batch],
+            out_features,
+            in_features,
+            Layout::InOut,
+            range.clone(),
+        )?;
         if let Some(q) = fp8 {
             let data = WeightData::Quant(Box::new(q));
-            let w = BatchedWeight::new(data, Layout::OutIn, batch, out_features, in_features)?;
+            let w = BatchedWeight::new(data, Layout::OutIn, n, out_features, in_features)?;
             self.ckpt.account(w.data().nbytes(), true);
             return Ok(w);
         }
         let data = self.ckpt.data(&full, &[batch, in_features, out_features])?;
-        let w = BatchedWeight::new(data, Layout::InOut, batch, out_features, in_features)?;
+        let w = BatchedWeight::new(data, Layout::InOut, batch, out_features, in_features)?.narrow(range)?;
         let w = match self.ckpt.policy_for(&full, QuantTarget::Experts) {
             Some(spec) => {
                 let q = w.quantized(spec).map_err(|e| name_quant_error(&full, e))?;

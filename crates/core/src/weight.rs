@@ -412,6 +412,30 @@ impl BatchedWeight {
         self.layout
     }
 
+    /// Matrices `range` as a batch of their own, sharing storage (no bytes are read): a share of
+    /// the experts of one tensor.
+    ///
+    /// # Errors
+    /// A shape error when `range` does not lie in `0..batch()`.
+    pub fn narrow(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        if range.start > range.end || range.end > self.batch {
+            return Err(Error::shape(
+                "BatchedWeight::narrow",
+                format!("matrices {range:?} of a batch of {}", self.batch),
+            ));
+        }
+        let per = self.in_features * self.out_features;
+        // Whole matrices are whole quantisation groups (the group divides `in_features`).
+        let data = self.data.slice(range.start * per, range.len() * per);
+        Ok(Self::with_matrices(
+            data,
+            self.layout,
+            range.len(),
+            self.out_features,
+            self.in_features,
+        ))
+    }
+
     /// Matrix `index`, sharing storage (no bytes are read).
     ///
     /// # Panics

@@ -369,6 +369,51 @@ impl TextConfig {
             .map(|(i, _)| i)
     }
 
+    /// Every tensor of the text decoder with its shape, in the checkpoint's names (without a
+    /// multimodal checkpoint's `language_model.` prefix): what a checkpoint of this config
+    /// holds, for writing one and for estimating memory.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, v, d) = (self.hidden_size, self.vocab_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let (e, i, mlp) = (
+            self.num_local_experts,
+            self.intermediate_size,
+            self.intermediate_size_mlp,
+        );
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), vec![v, h]),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![v, h]));
+        }
+        for (l, spec) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+            add("input_layernorm.weight", vec![h]);
+            add("post_attention_layernorm.weight", vec![h]);
+            for (proj, rows, cols) in [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)] {
+                add(&format!("self_attn.{proj}_proj.weight"), vec![rows, cols]);
+                if self.attention_bias {
+                    add(&format!("self_attn.{proj}_proj.bias"), vec![rows]);
+                }
+            }
+            if spec.moe {
+                add("feed_forward.router.weight", vec![e, h]);
+                add("feed_forward.experts.gate_up_proj", vec![e, h, 2 * i]);
+                add("feed_forward.experts.down_proj", vec![e, i, h]);
+                add("feed_forward.shared_expert.gate_proj.weight", vec![i, h]);
+                add("feed_forward.shared_expert.up_proj.weight", vec![i, h]);
+                add("feed_forward.shared_expert.down_proj.weight", vec![h, i]);
+            } else {
+                add("feed_forward.gate_proj.weight", vec![mlp, h]);
+                add("feed_forward.up_proj.weight", vec![mlp, h]);
+                add("feed_forward.down_proj.weight", vec![h, mlp]);
+            }
+        }
+        out
+    }
+
     /// The layers whose feed-forward is a mixture of experts.
     pub fn moe_layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.layers

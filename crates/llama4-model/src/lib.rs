@@ -94,7 +94,7 @@ pub use gguf_model::{gguf_text_config, is_gguf_path, GgufModel};
 pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
 pub use llama4_core::{DType, KvDtype, LayerKind};
-pub use model::TextModel;
+pub use model::{MoeBuilder, TextModel};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,

@@ -67,10 +67,21 @@ impl TextModel {
     /// [`Checkpoint::set_quantization`]). Weights the checkpoint stores quantised are used as
     /// stored, with or without a policy, and never requantised.
     pub fn load_with_quantization(dir: impl AsRef<Path>, policy: Option<QuantPolicy>) -> Result<Self> {
+        Self::load_with_moe(dir, policy, &mut load_moe)
+    }
+
+    /// [`TextModel::load_with_quantization`] with each MoE layer's feed-forward built by
+    /// `build` from its checkpoint scope: a layer holding only some experts, or experts served
+    /// by other processes, is loaded without reading the bytes of the others.
+    pub fn load_with_moe(
+        dir: impl AsRef<Path>,
+        policy: Option<QuantPolicy>,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
-        let model = Self::from_checkpoint(ckpt, &config)?;
+        let model = Self::from_checkpoint_with_moe(ckpt, &config, build)?;
         if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_some()) {
             // Quantising read every selected float weight once; without this their pages would
             // stay resident beside the quantised copies (2-4x the quantised bytes on bench-mid).
@@ -131,6 +142,16 @@ impl TextModel {
 
     /// Builds the model from an opened checkpoint and its resolved config.
     pub fn from_checkpoint(ckpt: Checkpoint, config: &ModelConfig) -> Result<Self> {
+        Self::from_checkpoint_with_moe(ckpt, config, &mut load_moe)
+    }
+
+    /// [`TextModel::from_checkpoint`] with each MoE layer's feed-forward built by `build` (see
+    /// [`TextModel::load_with_moe`]).
+    pub fn from_checkpoint_with_moe(
+        ckpt: Checkpoint,
+        config: &ModelConfig,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let cfg = config.text.clone();
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let root = ckpt.scope(config.text_prefix.trim_end_matches('.'));
@@ -143,7 +164,7 @@ impl TextModel {
             root.weight("lm_head.weight", [v, h])?
         };
         let layers = (0..cfg.layers.len())
-            .map(|i| load_layer(&model.scope(&format!("layers.{i}")), &cfg, i))
+            .map(|i| load_layer(&model.scope(&format!("layers.{i}")), &cfg, i, build))
             .collect::<Result<Vec<_>>>()?;
         Ok(TextModel {
             config: cfg,
@@ -340,7 +361,16 @@ impl TextModel {
     }
 }
 
-fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize) -> Result<DecoderLayer> {
+/// Builds the feed-forward of MoE layer `layer` from its scope (`…layers.{layer}.feed_forward`)
+/// and sizes: the hook of [`TextModel::load_with_moe`].
+pub type MoeBuilder<'a> = dyn FnMut(usize, &Scope<'_>, &MoeConfig) -> Result<FeedForwardLayer> + 'a;
+
+/// The MoE layer as the checkpoint holds it: every expert, the router and the shared expert.
+pub(crate) fn load_moe(_layer: usize, scope: &Scope<'_>, config: &MoeConfig) -> Result<FeedForwardLayer> {
+    Ok(FeedForwardLayer::Moe(Box::new(Moe::load(scope, config)?)))
+}
+
+fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize, build: &mut MoeBuilder<'_>) -> Result<DecoderLayer> {
     let h = cfg.hidden_size;
     let spec = cfg.layers[i];
     let encoding = if spec.rope {
@@ -357,7 +387,7 @@ fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize) -> Result<DecoderLayer>
             cfg.num_local_experts,
             cfg.num_experts_per_tok,
         );
-        FeedForwardLayer::Moe(Box::new(Moe::load(&ff, &moe_cfg)?))
+        build(i, &ff, &moe_cfg)?
     } else {
         FeedForwardLayer::Dense(Mlp::load(&ff, h, cfg.intermediate_size_mlp)?)
     };

@@ -12,8 +12,9 @@ use ndarray::{Array2, ArrayView2, Axis};
 use vision_encoder::image::DynamicImage;
 use vision_encoder::{decode_image, image_tokens, ImageProcessor, ImageToken, Projector, VisionModel};
 
+use crate::model::load_moe;
 use crate::session::Session;
-use crate::{Error, GenerateOptions, Generation, ModelConfig, Result, TextModel, Tokenizer};
+use crate::{Error, GenerateOptions, Generation, ModelConfig, MoeBuilder, Result, TextModel, Tokenizer};
 
 /// Ids of the special tokens that lay out an image in the prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,6 +226,17 @@ impl MultimodalModel {
         token_ids: ImageTokenIds,
         policy: Option<QuantPolicy>,
     ) -> Result<Self> {
+        Self::load_with_moe(dir, token_ids, policy, &mut load_moe)
+    }
+
+    /// [`MultimodalModel::load_with_quantization`] with the text decoder's MoE layers built by
+    /// `build` (see [`TextModel::load_with_moe`]).
+    pub fn load_with_moe(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        policy: Option<QuantPolicy>,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let multimodal = config.multimodal.as_ref().ok_or_else(|| Error::Config {
@@ -259,7 +271,7 @@ impl MultimodalModel {
             vision_cfg,
             config.text.hidden_size,
         )?;
-        let text = TextModel::from_checkpoint(ckpt, &config)?;
+        let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
         Ok(MultimodalModel {
             text: Arc::new(text),
             vision,

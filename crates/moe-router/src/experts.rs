@@ -1,5 +1,7 @@
 //! The routed experts, stored as Llama 4's fused tensors.
 
+use std::ops::Range;
+
 use llama4_core::{kernels, BatchedWeight, Scope};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
@@ -112,6 +114,22 @@ impl Experts {
         hidden_size: usize,
         intermediate_size: usize,
     ) -> Result<Self> {
+        Self::load_range(scope, num_experts, hidden_size, intermediate_size, 0..num_experts)
+    }
+
+    /// Loads experts `range` of the `num_experts` the tensors hold, as a bank of
+    /// `range.len()`: the others' bytes are never read, and a load-time quantisation handles
+    /// `range` alone (see [`Scope::batched_in_out_range`]).
+    ///
+    /// # Errors
+    /// As [`Experts::load`]; a shape error when `range` does not lie in `0..num_experts`.
+    pub fn load_range(
+        scope: &Scope,
+        num_experts: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        range: Range<usize>,
+    ) -> Result<Self> {
         let (e, h, i) = (num_experts, hidden_size, intermediate_size);
         let two_i = i.checked_mul(2).ok_or(Error::Mismatch {
             what: "intermediate size (2·I overflows)",
@@ -119,9 +137,21 @@ impl Experts {
             got: i,
         })?;
         Self::new(
-            scope.batched_in_out("gate_up_proj", [e, h, two_i])?,
-            scope.batched_in_out("down_proj", [e, i, h])?,
+            scope.batched_in_out_range("gate_up_proj", [e, h, two_i], range.clone())?,
+            scope.batched_in_out_range("down_proj", [e, i, h], range)?,
         )
+    }
+
+    /// Experts `range` of this bank as a bank of their own, sharing storage.
+    ///
+    /// # Errors
+    /// A shape error when `range` does not lie in `0..E`.
+    pub fn narrow(&self, range: Range<usize>) -> Result<Self> {
+        Ok(Experts {
+            gate_up_proj: self.gate_up_proj.narrow(range.clone())?,
+            up_proj: self.up_proj.as_ref().map(|u| u.narrow(range.clone())).transpose()?,
+            down_proj: self.down_proj.narrow(range)?,
+        })
     }
 
     /// Number of experts `E`.

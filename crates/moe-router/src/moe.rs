@@ -1,6 +1,8 @@
 //! The MoE layer: route, group tokens by expert, run each selected expert once over its group,
 //! scatter back, add the shared expert.
 
+use std::ops::Range;
+
 use llama4_core::{kernels, Scope, Weight};
 use ndarray::{Array2, ArrayView2, ArrayViewMut2};
 
@@ -64,10 +66,17 @@ pub struct MoeOutput {
 /// the experts some token selected run (each once, over the tokens that chose it).
 ///
 /// An expert no token chose costs nothing: its weights are never read.
+///
+/// A layer may hold only some of its routed experts ([`Moe::partial`]): the router still
+/// chooses among all `E`, and rows routed to experts held elsewhere get nothing from them here.
+/// Partial layers over disjoint shares of `0..E`, the shared expert in one of them, add up to
+/// the whole layer: what expert parallelism computes on each process.
 #[derive(Debug)]
 pub struct Moe {
     router: Box<dyn Router>,
+    /// The experts held: `first_expert .. first_expert + experts.num_experts()` of the router's.
     experts: Experts,
+    first_expert: usize,
     shared_expert: Option<Mlp>,
     weight_placement: WeightPlacement,
     stats: RoutingStats,
@@ -83,7 +92,30 @@ impl Moe {
         shared_expert: Option<Mlp>,
         weight_placement: WeightPlacement,
     ) -> Result<Self> {
-        check_router(router.as_ref(), &experts)?;
+        if router.num_experts() != experts.num_experts() {
+            return Err(Error::Mismatch {
+                what: "router expert count",
+                expected: experts.num_experts(),
+                got: router.num_experts(),
+            });
+        }
+        Self::partial(router, experts, 0, shared_expert, weight_placement)
+    }
+
+    /// A layer that holds only routed experts `first_expert .. first_expert + n` of the
+    /// router's `E` (`experts` holds those `n`, in order): rows routed to other experts get
+    /// nothing from them here (see the type's doc). `n` may be 0.
+    ///
+    /// # Errors
+    /// [`Error::Mismatch`] when the share does not lie in `0..E` or a hidden size disagrees.
+    pub fn partial(
+        router: Box<dyn Router>,
+        experts: Experts,
+        first_expert: usize,
+        shared_expert: Option<Mlp>,
+        weight_placement: WeightPlacement,
+    ) -> Result<Self> {
+        check_router(router.as_ref(), &experts, first_expert)?;
         if let Some(s) = &shared_expert {
             if s.hidden_size() != experts.hidden_size() {
                 return Err(Error::Mismatch {
@@ -93,10 +125,11 @@ impl Moe {
                 });
             }
         }
-        let stats = RoutingStats::new(experts.num_experts());
+        let stats = RoutingStats::new(router.num_experts());
         Ok(Moe {
             router,
             experts,
+            first_expert,
             shared_expert,
             weight_placement,
             stats,
@@ -107,16 +140,41 @@ impl Moe {
     /// `experts.{gate_up_proj,down_proj}` and `shared_expert.{gate,up,down}_proj.weight`, with
     /// shape checks against `config`.
     pub fn load(scope: &Scope, config: &MoeConfig) -> Result<Self> {
+        Self::load_partial(scope, config, 0..config.num_experts, true)
+    }
+
+    /// Loads the router, routed experts `experts` only (see [`Experts::load_range`]: the
+    /// others' bytes are never read) and, when `shared_expert`, the shared expert: one
+    /// process's share of a layer ([`Moe::partial`]).
+    ///
+    /// # Errors
+    /// As [`Moe::load`]; a shape error when `experts` does not lie in `0..E`.
+    pub fn load_partial(
+        scope: &Scope,
+        config: &MoeConfig,
+        experts: Range<usize>,
+        shared_expert: bool,
+    ) -> Result<Self> {
         let c = config;
         let router = Llama4Router::load(&scope.scope("router"), c.hidden_size, c.num_experts, c.top_k)?;
-        let experts = Experts::load(
+        let first = experts.start;
+        let experts = Experts::load_range(
             &scope.scope("experts"),
             c.num_experts,
             c.hidden_size,
             c.intermediate_size,
+            experts,
         )?;
-        let shared = Mlp::load(&scope.scope("shared_expert"), c.hidden_size, c.intermediate_size)?;
-        Self::new(Box::new(router), experts, Some(shared), c.weight_placement)
+        let shared = if shared_expert {
+            Some(Mlp::load(
+                &scope.scope("shared_expert"),
+                c.hidden_size,
+                c.intermediate_size,
+            )?)
+        } else {
+            None
+        };
+        Self::partial(Box::new(router), experts, first, shared, c.weight_placement)
     }
 
     /// The same layer with another router (statistics are kept: `E` is unchanged).
@@ -127,7 +185,14 @@ impl Moe {
 
     /// Replaces the router in place (for a layer already inside a model), returning the old one.
     pub fn set_router(&mut self, router: Box<dyn Router>) -> Result<Box<dyn Router>> {
-        check_router(router.as_ref(), &self.experts)?;
+        if router.num_experts() != self.router.num_experts() {
+            return Err(Error::Mismatch {
+                what: "router expert count",
+                expected: self.router.num_experts(),
+                got: router.num_experts(),
+            });
+        }
+        check_router(router.as_ref(), &self.experts, self.first_expert)?;
         Ok(std::mem::replace(&mut self.router, router))
     }
 
@@ -142,9 +207,20 @@ impl Moe {
         self.router.as_ref()
     }
 
-    /// The routed experts.
+    /// The routed experts this layer holds (all `E`, unless [`Moe::partial`]); expert `e` of
+    /// the bank is the router's `first_expert + e` ([`Moe::expert_range`]).
     pub fn experts(&self) -> &Experts {
         &self.experts
+    }
+
+    /// The router's ids of the experts held: `0..E` for a whole layer.
+    pub fn expert_range(&self) -> Range<usize> {
+        self.first_expert..self.first_expert + self.experts.num_experts()
+    }
+
+    /// Experts the router chooses among (`E`, held here or not).
+    pub fn num_experts(&self) -> usize {
+        self.router.num_experts()
     }
 
     /// The shared expert, if any.
@@ -198,9 +274,37 @@ impl Moe {
         Ok(out)
     }
 
+    /// [`Moe::forward_routed`] into `out` (`[T, H]`, overwritten), reusing `scratch`: with a
+    /// routing made elsewhere (on another process of an expert-parallel run), a call allocates
+    /// nothing once `scratch` has served as many tokens.
+    ///
+    /// # Shapes
+    /// `x: [T, H]`, `routing` of `T` tokens over `E` experts, `out: [T, H]`.
+    pub fn forward_routed_into(
+        &self,
+        x: ArrayView2<f32>,
+        routing: &Routing,
+        out: ArrayViewMut2<f32>,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let (t, h) = self.check_input(x)?;
+        check_output(out.dim(), t, h)?;
+        self.check_routing(routing, t)?;
+        let Scratch {
+            input,
+            groups,
+            output,
+            work,
+            ..
+        } = scratch;
+        let x = standard(x, input)?;
+        groups.regroup(routing);
+        with_standard_output(out, output, |out| self.run_groups(x, groups, out, work))
+    }
+
     /// The layer over `x` (standard layout) grouped as `groups`, into the row-major `out`
-    /// (`T·H`, overwritten): the shared expert (or zeros), then each selected expert once over
-    /// its tokens, added in ascending expert order. Updates the statistics.
+    /// (`T·H`, overwritten): the shared expert (or zeros), then each selected expert held here
+    /// once over its tokens, added in ascending expert order. Updates the statistics.
     fn run_groups(
         &self,
         x: ArrayView2<f32>,
@@ -222,7 +326,10 @@ impl Moe {
         } = work;
         gathered.clear();
         gathered.reserve(groups.max_len() * h);
-        for e in groups.active_experts() {
+        let held = self.expert_range();
+        let mut active = 0;
+        for e in groups.active_experts().filter(|e| held.contains(e)) {
+            active += 1;
             let (tokens, weights) = (groups.tokens(e), groups.weights(e));
             gathered.clear();
             for (&tok, &w) in tokens.iter().zip(weights) {
@@ -233,14 +340,15 @@ impl Moe {
                     gathered.extend_from_slice(row);
                 }
             }
-            let y = self.experts.run(e, gathered, tokens.len(), experts)?;
+            let y = self
+                .experts
+                .run(e - held.start, gathered, tokens.len(), experts)?;
             for ((&tok, &w), yr) in tokens.iter().zip(weights).zip(y.chunks_exact(h)) {
                 let orow = &mut out[tok as usize * h..(tok as usize + 1) * h];
                 let scale = if input_scaled { 1.0 } else { w };
                 orow.iter_mut().zip(yr).for_each(|(o, &v)| *o += scale * v);
             }
         }
-        let active = groups.active_experts().count();
         let bytes = self.router.weight_bytes()
             + self.shared_expert.as_ref().map_or(0, Mlp::weight_bytes)
             + active * self.experts.expert_bytes();
@@ -250,8 +358,8 @@ impl Moe {
 
     /// The reference formula, as transformers computes it: EVERY expert over EVERY token with
     /// the dense `[T, E]` weights (0 for unselected experts), summed, plus the shared expert;
-    /// scalar kernels with f64 accumulation. Reads every weight: for tests only. Statistics are
-    /// not updated.
+    /// scalar kernels with f64 accumulation (of a [`Moe::partial`] layer, the experts it holds).
+    /// Reads every weight: for tests only. Statistics are not updated.
     ///
     /// # Shapes
     /// `x: [T, H]` → `[T, H]`.
@@ -285,7 +393,7 @@ impl Moe {
             }
             None => Array2::zeros((t, h)),
         };
-        for e in 0..self.experts.num_experts() {
+        for e in self.expert_range() {
             let w = dense.column(e);
             let mut xin = x.to_owned();
             if self.weight_placement == WeightPlacement::ExpertInput {
@@ -293,15 +401,16 @@ impl Moe {
                     row.mapv_inplace(|v| v * wt);
                 }
             }
-            let gate_up = scalar_linear(&xin, &self.experts.gate_up_proj().get(e));
+            let local = e - self.first_expert;
+            let gate_up = scalar_linear(&xin, &self.experts.gate_up_proj().get(local));
             let (gate, up) = match self.experts.up_proj() {
-                Some(u) => (gate_up, scalar_linear(&xin, &u.get(e))),
+                Some(u) => (gate_up, scalar_linear(&xin, &u.get(local))),
                 None => (
                     gate_up.slice(ndarray::s![.., ..i]).to_owned(),
                     gate_up.slice(ndarray::s![.., i..]).to_owned(),
                 ),
             };
-            let mut y = scalar_linear(&scalar_swiglu(&gate, &up), &self.experts.down_proj().get(e));
+            let mut y = scalar_linear(&scalar_swiglu(&gate, &up), &self.experts.down_proj().get(local));
             if self.weight_placement == WeightPlacement::ExpertOutput {
                 for (mut row, &wt) in y.rows_mut().into_iter().zip(w.iter()) {
                     row.mapv_inplace(|v| v * wt);
@@ -332,10 +441,10 @@ impl Moe {
                 got: routing.num_tokens(),
             });
         }
-        if routing.num_experts() != self.experts.num_experts() {
+        if routing.num_experts() != self.num_experts() {
             return Err(Error::Mismatch {
                 what: "routing expert count",
-                expected: self.experts.num_experts(),
+                expected: self.num_experts(),
                 got: routing.num_experts(),
             });
         }
@@ -375,11 +484,14 @@ impl FeedForward for Moe {
     }
 }
 
-fn check_router(router: &dyn Router, experts: &Experts) -> Result<()> {
-    if router.num_experts() != experts.num_experts() {
+/// `router` chooses among experts that include `first .. first + experts.num_experts()`, over
+/// the same hidden size.
+fn check_router(router: &dyn Router, experts: &Experts, first: usize) -> Result<()> {
+    let held_end = first.checked_add(experts.num_experts());
+    if held_end.is_none_or(|end| end > router.num_experts()) {
         return Err(Error::Mismatch {
-            what: "router expert count",
-            expected: experts.num_experts(),
+            what: "router expert count (held experts past the router's)",
+            expected: held_end.unwrap_or(usize::MAX),
             got: router.num_experts(),
         });
     }

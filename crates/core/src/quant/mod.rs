@@ -256,7 +256,7 @@ impl Scales {
         }
     }
 
-    fn slice(&self, start: usize, len: usize) -> Self {
+    pub(crate) fn slice(&self, start: usize, len: usize) -> Self {
         match self {
             Scales::F32(b) => Scales::F32(b.slice(start, len)),
             Scales::F16(b) => Scales::F16(b.slice(start, len)),
