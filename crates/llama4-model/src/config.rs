@@ -322,13 +322,16 @@ impl ModelConfig {
                 if raw.tie_word_embeddings.is_none() {
                     raw.tie_word_embeddings = top.get("tie_word_embeddings").and_then(Value::as_bool);
                 }
-                // A config that says it is multimodal must describe its vision side, even
-                // when only the text model is loaded: a malformed one is an error here.
-                let multimodal = MultimodalConfig::from_json(&value)?;
+                // A vision side, when described, must be well formed even if only the text
+                // model is loaded; without `vision_config` the checkpoint can only run as text.
+                let multimodal = match top.get("vision_config") {
+                    Some(_) => Some(MultimodalConfig::from_json(&value)?),
+                    None => None,
+                };
                 Ok(ModelConfig {
                     text: resolve(raw)?,
                     text_prefix: "language_model.",
-                    multimodal: Some(multimodal),
+                    multimodal,
                     quantization,
                 })
             }
