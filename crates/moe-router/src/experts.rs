@@ -149,7 +149,11 @@ impl Experts {
     pub fn narrow(&self, range: Range<usize>) -> Result<Self> {
         Ok(Experts {
             gate_up_proj: self.gate_up_proj.narrow(range.clone())?,
-            up_proj: self.up_proj.as_ref().map(|u| u.narrow(range.clone())).transpose()?,
+            up_proj: self
+                .up_proj
+                .as_ref()
+                .map(|u| u.narrow(range.clone()))
+                .transpose()?,
             down_proj: self.down_proj.narrow(range)?,
         })
     }
