@@ -170,7 +170,11 @@ fn leader(a: &Args, transport: Arc<expert_parallel::MpiTransport>) -> Result<(),
     let got = run(&model, &prompt, &all, n, || marks.push(leader.stats()))?;
     let decode = marks[1].since(&marks[0]);
     let config = ModelConfig::from_dir(&a.model)?;
-    let residency = expert_residency(model.checkpoint(), &config, leader.experts())?;
+    let residency = expert_residency(
+        model.checkpoint().ok_or("a safetensors checkpoint is needed")?,
+        &config,
+        leader.experts(),
+    )?;
     let experts = leader.experts();
     drop(model);
     drop(leader); // the workers report and return
