@@ -17,6 +17,8 @@
 //! - `demo`: the demo model's layout (4 query heads, 2 kv heads, head dim 16), 512 tokens at
 //!   32K context, as `examples/long_context.rs` prefills.
 //! - `scout`: Scout's layout, 64 tokens at 8K context.
+//! - `mid`: `bench-mid`'s layout (16 query heads, 4 kv heads, head dim 64), a 512-token prompt
+//!   prefilled from position 0, as `examples/bench_generate.rs --prompt-len 512` does.
 //!
 //! Run: `cargo bench --bench attention` (`-- decode` or `-- prefill` for one part).
 
@@ -137,6 +139,7 @@ fn prefill(c: &mut Criterion) {
     for (name, hq, hkv, d, ctx_len, t) in [
         ("demo", 4, 2, 16, 32 * 1024, 512),
         ("scout", HQ, HKV, D, 8 * 1024, 64),
+        ("mid", 16, 4, 64, 512, 512),
     ] {
         let k = fill(hkv * ctx_len * d, 4);
         let v = fill(hkv * ctx_len * d, 5);

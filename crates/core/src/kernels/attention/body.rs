@@ -3,7 +3,7 @@
 //! online softmax and accumulates the tile's values.
 
 use super::{visible_slots, Args, Dims, Item, KvElem, Partial, KEY_TILE};
-use crate::kernels::simd::{self, load_partial, store_partial, Simd};
+use crate::kernels::simd::{self, load_partial, store_partial, Simd, MAX_LANES};
 use crate::kernels::Isa;
 use crate::scratch::refill;
 
@@ -60,29 +60,98 @@ unsafe fn ld<S: Simd>(p: *const f32, n: usize, fill: f32) -> S::V {
     }
 }
 
-/// `a·b` over the common length (two interleaved accumulators).
+/// `a·b` over `d` elements (two interleaved accumulators): the keys of a partial block.
 #[inline(always)]
-unsafe fn dot<S: Simd>(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
     let mut acc = [S::splat(0.0); 2];
     let mut i = 0;
-    while i < n {
-        let c = (n - i).min(S::LANES);
+    while i < d {
+        let c = (d - i).min(S::LANES);
         let k = (i / S::LANES) & 1;
-        acc[k] = S::fma(ld::<S>(pa.add(i), c, 0.0), ld::<S>(pb.add(i), c, 0.0), acc[k]);
+        acc[k] = S::fma(ld::<S>(a.add(i), c, 0.0), ld::<S>(b.add(i), c, 0.0), acc[k]);
         i += c;
     }
     S::hsum(S::add(acc[0], acc[1]))
 }
 
-/// `acc[i] = acc[i] · alpha + Σ_j p[j] · vals[j·d + i]` for `i < d = acc.len()`: each block of
-/// `LANES` outputs stays in a register while the rows stream through.
+/// `s[j] = q·k_j` for the `s.len()` keys `keys: [s.len(), d]`, `LANES` keys per pass: each
+/// loaded piece of `q` meets `LANES` keys in independent accumulators, which one transpose
+/// then sums into a vector of `LANES` scores (no horizontal sum per key). Fewer than `LANES`
+/// keys left over take one dot product each.
+#[inline(always)]
+unsafe fn scores<S: Simd>(q: &[f32], keys: &[f32], d: usize, s: &mut [f32]) {
+    let n = s.len();
+    debug_assert!(q.len() >= d && keys.len() >= n * d);
+    let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+    let mut j = 0;
+    while j + S::LANES <= n {
+        let block = pk.add(j * d);
+        let mut acc = [S::splat(0.0); MAX_LANES];
+        let mut i = 0;
+        while i < d {
+            let w = (d - i).min(S::LANES);
+            let qv = ld::<S>(pq.add(i), w, 0.0);
+            let col = block.add(i);
+            for (jj, a) in acc.iter_mut().enumerate().take(S::LANES) {
+                *a = S::fma(qv, ld::<S>(col.add(jj * d), w, 0.0), *a);
+            }
+            i += w;
+        }
+        S::transpose(&mut acc);
+        let mut sum = acc[0];
+        for a in &acc[1..S::LANES] {
+            sum = S::add(sum, *a);
+        }
+        S::store(s.as_mut_ptr().add(j), sum);
+        j += S::LANES;
+    }
+    for (jj, x) in s.iter_mut().enumerate().skip(j) {
+        *x = dot::<S>(pq, pk.add(jj * d), d);
+    }
+}
+
+/// `B` vectors of outputs at `acc + i`: `y = y · alpha + Σ_j p[j] · vals[j·d + i..]`, the `B`
+/// accumulators independent FMA chains held in registers while the rows stream through.
+#[inline(always)]
+unsafe fn scale_axpy_block<S: Simd, const B: usize>(
+    acc: *mut f32,
+    alpha: f32,
+    p: &[f32],
+    vals: *const f32,
+    d: usize,
+) {
+    let mut y = [S::splat(0.0); B];
+    for (b, y) in y.iter_mut().enumerate() {
+        *y = S::mul(S::load(acc.add(b * S::LANES)), S::splat(alpha));
+    }
+    for (j, &pj) in p.iter().enumerate() {
+        let pv = S::splat(pj);
+        let row = vals.add(j * d);
+        for (b, y) in y.iter_mut().enumerate() {
+            *y = S::fma(pv, S::load(row.add(b * S::LANES)), *y);
+        }
+    }
+    for (b, y) in y.iter().enumerate() {
+        S::store(acc.add(b * S::LANES), *y);
+    }
+}
+
+/// `acc[i] = acc[i] · alpha + Σ_j p[j] · vals[j·d + i]` for `i < d = acc.len()`, in blocks of
+/// eight, four and one vectors (a single chain per vector would wait on FMA latency).
 #[inline(always)]
 unsafe fn scale_axpy_rows<S: Simd>(acc: &mut [f32], alpha: f32, p: &[f32], vals: &[f32]) {
     let d = acc.len();
+    debug_assert!(vals.len() >= p.len() * d);
     let (pa, pv) = (acc.as_mut_ptr(), vals.as_ptr());
     let mut i = 0;
+    while i + 8 * S::LANES <= d {
+        scale_axpy_block::<S, 8>(pa.add(i), alpha, p, pv.add(i), d);
+        i += 8 * S::LANES;
+    }
+    while i + 4 * S::LANES <= d {
+        scale_axpy_block::<S, 4>(pa.add(i), alpha, p, pv.add(i), d);
+        i += 4 * S::LANES;
+    }
     while i < d {
         let c = (d - i).min(S::LANES);
         let mut y = S::mul(ld::<S>(pa.add(i), c, 0.0), S::splat(alpha));
@@ -186,22 +255,28 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
             args.scales(args.k_scales, it.g, j0, j1),
             args.scales(args.v_scales, it.g, j0, j1),
         );
-        E::widen_scaled(&kh[j0 * d..j1 * d], ks, d, &mut kbuf[..n * d]);
-        E::widen_scaled(&vh[j0 * d..j1 * d], vs, d, &mut vbuf[..n * d]);
+        let (kt, vt) = (&kh[j0 * d..j1 * d], &vh[j0 * d..j1 * d]);
+        // f32 tiles are read in place; other formats are widened once per tile.
+        let (ktile, vtile) = match (E::as_f32(kt), E::as_f32(vt)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => {
+                E::widen_scaled(kt, ks, d, &mut kbuf[..n * d]);
+                E::widen_scaled(vt, vs, d, &mut vbuf[..n * d]);
+                (&kbuf[..n * d], &vbuf[..n * d])
+            }
+        };
         for (ti, &(lo, hi)) in vis.iter().enumerate() {
             let (a, b) = (lo.max(j0), hi.min(j1));
             if a >= b {
                 continue;
             }
-            let keys = &kbuf[(a - j0) * d..(b - j0) * d];
-            let vals = &vbuf[(a - j0) * d..(b - j0) * d];
+            let keys = &ktile[(a - j0) * d..(b - j0) * d];
+            let vals = &vtile[(a - j0) * d..(b - j0) * d];
             for r in 0..rep {
                 let row = ti * rep + r;
                 let qr = &qbuf[row * d..(row + 1) * d];
                 let sc = &mut s[..b - a];
-                for (x, kj) in sc.iter_mut().zip(keys.chunks_exact(d)) {
-                    *x = dot::<S>(qr, kj);
-                }
+                scores::<S>(qr, keys, d, sc);
                 let m_new = m[row].max(max::<S>(sc));
                 // The rescale of what was accumulated before this tile; 0 on the first.
                 let alpha = (m[row] - m_new).exp();

@@ -96,6 +96,13 @@ trait KvElem: Copy + Send + Sync {
         Self::widen(src, dst);
     }
 
+    /// The elements as f32 when they are f32 (read in place, not copied); `None` otherwise.
+    #[inline(always)]
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        let _ = src;
+        None
+    }
+
     /// The AVX-512 key-blocked item kernel for this dtype.
     ///
     /// # Safety
@@ -113,6 +120,11 @@ impl KvElem for f32 {
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+
+    #[inline(always)]
+    fn as_f32(src: &[Self]) -> Option<&[f32]> {
+        Some(src)
     }
 }
 
