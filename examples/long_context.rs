@@ -70,10 +70,10 @@ fn try_main() -> Result<(), Error> {
         "\n{}: {} layers: {chunked} chunked (chunk {:?}), {} global; {} kv heads × {} dims; cache in {dtype}",
         dir.display(),
         cfg.layers.len(),
-        cfg.attention_chunk_size,
+        cfg.attention.attention_chunk_size,
         cfg.layers.len() - chunked,
-        cfg.num_key_value_heads,
-        cfg.head_dim
+        cfg.attention.num_key_value_heads,
+        cfg.attention.head_dim
     );
     let threads = pool::threads();
     let bandwidth = read_bandwidth();
@@ -176,7 +176,7 @@ fn published_estimates() -> Result<(), Error> {
     ] {
         let kinds = config_kinds(&cfg)?;
         for dtype in [KvDtype::F32, KvDtype::BF16, KvDtype::F16, KvDtype::Q8] {
-            let spec = CacheSpec::new(cfg.num_key_value_heads, cfg.head_dim, dtype);
+            let spec = CacheSpec::new(cfg.attention.num_key_value_heads, cfg.attention.head_dim, dtype);
             let cells = [128 << 10, 1 << 20, 10 << 20]
                 .into_iter()
                 .map(|n| {

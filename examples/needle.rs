@@ -100,7 +100,7 @@ fn run() -> Result<(), Error> {
 
     let mut config = ModelConfig::from_dir(&args.model)?;
     if args.no_temperature {
-        config.text.attn_temperature_tuning = false;
+        config.text.attention.attn_temperature_tuning = false;
     }
     let model = TextModel::from_checkpoint(Checkpoint::open(&args.model)?, &config)?;
     describe(&args.model, &config, &task);
@@ -168,7 +168,7 @@ fn run() -> Result<(), Error> {
         "accuracy": accuracy,
         "train_context": task.train_context,
         "correct": correct,
-        "temperature_tuning": config.text.attn_temperature_tuning,
+        "temperature_tuning": config.text.attention.attn_temperature_tuning,
         "model": args.model.file_name().and_then(|s| s.to_str()).unwrap_or(""),
         "seconds": seconds,
     });
@@ -186,17 +186,17 @@ fn describe(dir: &Path, config: &ModelConfig, task: &Task) {
          temperature tuning {} (floor_scale {}, attn_scale {:.4}); trained on contexts up to {}",
         dir.display(),
         t.layers.len(),
-        match t.attention_chunk_size {
+        match t.attention.attention_chunk_size {
             Some(c) if chunked > 0 => format!(" with chunk {c}"),
             _ => String::new(),
         },
         t.layers.len() - chunked,
-        t.num_attention_heads,
-        t.num_key_value_heads,
-        t.head_dim,
-        if t.attn_temperature_tuning { "on" } else { "off" },
-        t.floor_scale,
-        t.attn_scale,
+        t.attention.num_attention_heads,
+        t.attention.num_key_value_heads,
+        t.attention.head_dim,
+        if t.attention.attn_temperature_tuning { "on" } else { "off" },
+        t.attention.floor_scale,
+        t.attention.attn_scale,
         task.train_context
     );
 }

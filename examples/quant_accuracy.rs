@@ -229,7 +229,7 @@ fn load_and_run(
             "{}model.layers.{layer}.feed_forward.router",
             cfg.text_prefix
         ));
-        let inner = Llama4Router::load(&scope, cfg.text.hidden_size, moe.router().num_experts(), 1)?;
+        let inner = Llama4Router::load(&scope, cfg.text.hidden_size(), moe.router().num_experts(), 1)?;
         let log = Arc::new(Mutex::new(Vec::new()));
         logs.push(log.clone());
         let replay = replay.and_then(|r| r.get(logs.len() - 1)).cloned();

@@ -42,8 +42,13 @@ fn try_main() -> Result<(), Error> {
     let cfg = model.config().clone();
     model.replace_routers(|layer, _moe| {
         let scope = ckpt.scope(&format!("model.layers.{layer}.feed_forward.router"));
-        let router =
-            SoftmaxTopKRouter::load(&scope, cfg.hidden_size, cfg.num_local_experts, top_k, renormalize)?;
+        let router = SoftmaxTopKRouter::load(
+            &scope,
+            cfg.hidden_size(),
+            cfg.num_local_experts,
+            top_k,
+            renormalize,
+        )?;
         Ok(Box::new(router))
     })?;
     let after = heldout::evaluate(&model, &tokenizer, &dir, &cases, DType::F32)?;

@@ -62,7 +62,7 @@ pub(crate) fn fingerprint(config: &TextConfig, ranks: usize) -> [u32; FINGERPRIN
         moe_bits ^= 1 << (i % 32);
     }
     [
-        config.hidden_size,
+        config.hidden_size(),
         config.intermediate_size,
         config.num_local_experts,
         config.num_experts_per_tok,
@@ -88,7 +88,7 @@ pub struct Exchange {
 /// The bytes of one MoE layer call over `rows` tokens of a model of `config` among `ranks`
 /// processes.
 pub fn exchange_bytes(config: &TextConfig, rows: usize, ranks: usize) -> Exchange {
-    let (h, k) = (config.hidden_size as u64, config.num_experts_per_tok as u64);
+    let (h, k) = (config.hidden_size() as u64, config.num_experts_per_tok as u64);
     let rows = rows as u64;
     Exchange {
         broadcast: 4 * (HEADER as u64 + rows * h + 2 * rows * k),

@@ -92,7 +92,7 @@ impl ExpertWorker {
         }
         Ok(ExpertWorker {
             fingerprint: fingerprint(text, transport.size()),
-            hidden: text.hidden_size,
+            hidden: text.hidden_size(),
             experts,
             layers,
             transport,
@@ -157,7 +157,7 @@ pub fn run_worker(
 /// The MoE settings of the checkpoint's layers.
 pub(crate) fn moe_config(text: &TextConfig) -> MoeConfig {
     MoeConfig::llama4(
-        text.hidden_size,
+        text.hidden_size(),
         text.intermediate_size,
         text.num_local_experts,
         text.num_experts_per_tok,

@@ -48,7 +48,7 @@ pub fn forward_batch<'w, M: Borrow<TextModel>>(
             source: Box::new(source),
         })?;
     }
-    let h = model.config().hidden_size;
+    let h = model.config().hidden_size();
     let total: usize = entries.iter().map(|e| e.tokens.len()).sum();
     // The stacked hidden states leave the workspace while the layers borrow the rest of it.
     let mut hidden = std::mem::take(&mut ws.hidden);
@@ -121,7 +121,7 @@ fn check_entry<M: Borrow<TextModel>>(model: &TextModel, e: &BatchEntry<'_, M>) -
         return Err(Error::TokenOutOfRange { id, vocab });
     }
     if let Some(x) = &e.embeddings {
-        if x.dim() != (t, model.config().hidden_size) {
+        if x.dim() != (t, model.config().hidden_size()) {
             return Err(llama4_core::Error::shape(
                 "forward_batch",
                 format!("{t} tokens, embeddings {:?}", x.dim()),

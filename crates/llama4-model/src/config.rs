@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-pub use irope_attn::{RopeConfig, RopeScaling};
+pub use irope_attn::{AttnConfig, RopeConfig, RopeScaling};
 pub use vision_encoder::MultimodalConfig;
 
 use crate::{Error, Result};
@@ -56,38 +56,19 @@ pub struct LayerSpec {
 pub struct TextConfig {
     /// Vocabulary size `V`.
     pub vocab_size: usize,
-    /// Hidden size `H`.
-    pub hidden_size: usize,
     /// Width `I` of each expert and of the shared expert.
     pub intermediate_size: usize,
     /// Width of the dense MLP of non-MoE layers.
     pub intermediate_size_mlp: usize,
-    /// Query heads.
-    pub num_attention_heads: usize,
-    /// Key/value heads.
-    pub num_key_value_heads: usize,
-    /// Dimension of one head.
-    pub head_dim: usize,
-    /// RMSNorm epsilon (also the QK-norm epsilon).
-    pub rms_norm_eps: f32,
     /// Experts per MoE layer.
     pub num_local_experts: usize,
     /// Experts chosen per token.
     pub num_experts_per_tok: usize,
-    /// Per-head RMS norm of q and k on RoPE layers.
-    pub use_qk_norm: bool,
-    /// Chunk size of the RoPE layers' local attention (`None`: causal).
-    pub attention_chunk_size: Option<usize>,
-    /// Query scaling by position on NoPE layers.
-    pub attn_temperature_tuning: bool,
-    /// Positions per temperature step.
-    pub floor_scale: f32,
-    /// Strength of the temperature scaling.
-    pub attn_scale: f32,
-    /// Biases on q/k/v/o projections.
-    pub attention_bias: bool,
-    /// RoPE parameters.
-    pub rope: RopeConfig,
+    /// The attention settings shared by every layer, among them the hidden size and the RMSNorm
+    /// epsilon of the whole decoder ([`TextConfig::hidden_size`], [`TextConfig::rms_norm_eps`]).
+    /// `attention.attention_chunk_size` is the checkpoint's chunk of RoPE layers; each layer's
+    /// own is in [`LayerSpec::chunk`] ([`TextConfig::layer_attention`]).
+    pub attention: AttnConfig,
     /// `lm_head` shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// Longest context the model was configured for.
@@ -363,6 +344,28 @@ impl TextConfig {
         resolve(raw)
     }
 
+    /// Hidden size `H` of the decoder.
+    pub fn hidden_size(&self) -> usize {
+        self.attention.hidden_size
+    }
+
+    /// RMSNorm epsilon of every norm of the decoder (also the QK-norm epsilon).
+    pub fn rms_norm_eps(&self) -> f32 {
+        self.attention.rms_norm_eps
+    }
+
+    /// The attention settings of layer `i`: [`TextConfig::attention`] with the layer's own
+    /// chunk (`layer_types` may make a RoPE layer attend causally).
+    ///
+    /// # Panics
+    /// If `i` is not a layer (`i >= layers.len()`).
+    pub fn layer_attention(&self, i: usize) -> AttnConfig {
+        AttnConfig {
+            attention_chunk_size: self.layers[i].chunk,
+            ..self.attention.clone()
+        }
+    }
+
     /// The layers that use RoPE (the rest are NoPE layers).
     pub fn rope_layers(&self) -> impl Iterator<Item = usize> + '_ {
         self.layers
@@ -376,8 +379,11 @@ impl TextConfig {
     /// multimodal checkpoint's `language_model.` prefix): what a checkpoint of this config
     /// holds, for writing one and for estimating memory.
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, v, d) = (self.hidden_size, self.vocab_size, self.head_dim);
-        let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
+        let (h, v, d) = (self.hidden_size(), self.vocab_size, self.attention.head_dim);
+        let (q, kv) = (
+            self.attention.num_attention_heads * d,
+            self.attention.num_key_value_heads * d,
+        );
         let (e, i, mlp) = (
             self.num_local_experts,
             self.intermediate_size,
@@ -397,7 +403,7 @@ impl TextConfig {
             add("post_attention_layernorm.weight", vec![h]);
             for (proj, rows, cols) in [("q", q, h), ("k", kv, h), ("v", kv, h), ("o", h, q)] {
                 add(&format!("self_attn.{proj}_proj.weight"), vec![rows, cols]);
-                if self.attention_bias {
+                if self.attention.attention_bias {
                     add(&format!("self_attn.{proj}_proj.bias"), vec![rows]);
                 }
             }
@@ -710,22 +716,24 @@ fn resolve(raw: RawText) -> Result<TextConfig> {
     };
     Ok(TextConfig {
         vocab_size,
-        hidden_size,
         intermediate_size,
         intermediate_size_mlp,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        rms_norm_eps: rms_norm_eps as f32,
         num_local_experts,
         num_experts_per_tok,
-        use_qk_norm: raw.use_qk_norm.unwrap_or(true),
-        attention_chunk_size,
-        attn_temperature_tuning: raw.attn_temperature_tuning.is_none_or(BoolOrInt::on),
-        floor_scale: floor_scale as f32,
-        attn_scale: attn_scale as f32,
-        attention_bias: raw.attention_bias.unwrap_or(false),
-        rope,
+        attention: AttnConfig {
+            hidden_size,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: rms_norm_eps as f32,
+            use_qk_norm: raw.use_qk_norm.unwrap_or(true),
+            attention_chunk_size,
+            attn_temperature_tuning: raw.attn_temperature_tuning.is_none_or(BoolOrInt::on),
+            floor_scale: floor_scale as f32,
+            attn_scale: attn_scale as f32,
+            attention_bias: raw.attention_bias.unwrap_or(false),
+            rope,
+        },
         tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
         max_position_embeddings: raw.max_position_embeddings.unwrap_or(131072),
         bos_token_id: raw

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use irope_attn::{Attention, PosEncoding, RopeConfig, RopeScaling};
+use irope_attn::{Attention, AttnConfig, PosEncoding, RopeConfig, RopeScaling};
 use llama4_core::gguf::{GgufFile, Value};
 use llama4_core::Linear;
 use moe_router::{Experts, Llama4Router, Mlp, Moe, WeightPlacement};
@@ -14,7 +14,7 @@ use ndarray::Array1;
 use crate::config::{LayerSpec, TextConfig};
 use crate::gguf_names::{GgufLlama4, CHUNK, TEMP_FLOOR, TEMP_SCALE};
 use crate::layer::{AttentionLayer, DecoderLayer, FeedForwardLayer};
-use crate::model::{attn_config, TextModel};
+use crate::model::TextModel;
 use crate::{ChatTemplate, Error, GgufTokenizer, Result, LLAMA4_CHAT_TEMPLATE};
 
 /// The resolved config llama.cpp runs `g` with, in this crate's terms. Token ids come from
@@ -34,28 +34,30 @@ pub fn gguf_text_config(f: &GgufFile, g: &GgufLlama4) -> Result<TextConfig> {
         .map_or(CHUNK, |c| c as usize);
     Ok(TextConfig {
         vocab_size: g.n_vocab,
-        hidden_size: g.n_embd,
         intermediate_size: g.n_ff_exp,
         intermediate_size_mlp: g.n_ff,
-        num_attention_heads: g.n_head,
-        num_key_value_heads: g.n_head_kv,
-        head_dim: g.head_dim,
-        rms_norm_eps: g.rms_eps,
         num_local_experts: g.n_expert,
         num_experts_per_tok: g.n_expert_used,
-        use_qk_norm: g.qk_norm,
-        attention_chunk_size: g.chunked.then_some(CHUNK),
-        // llama.cpp tunes the temperature of NoPE layers whenever there are any; with
-        // `sliding_window = 0` there are none (see `gguf_names`).
-        attn_temperature_tuning: g.chunked,
-        floor_scale: TEMP_FLOOR,
-        attn_scale: TEMP_SCALE,
-        attention_bias: false,
-        // The llama3 scaling arrives as per-frequency factors (`rope_freqs.weight`), applied
-        // on top of plain RoPE by `load_gguf`.
-        rope: RopeConfig {
-            theta: g.rope_base as f64,
-            scaling: RopeScaling::Default,
+        attention: AttnConfig {
+            hidden_size: g.n_embd,
+            num_attention_heads: g.n_head,
+            num_key_value_heads: g.n_head_kv,
+            head_dim: g.head_dim,
+            rms_norm_eps: g.rms_eps,
+            use_qk_norm: g.qk_norm,
+            attention_chunk_size: g.chunked.then_some(CHUNK),
+            // llama.cpp tunes the temperature of NoPE layers whenever there are any; with
+            // `sliding_window = 0` there are none (see `gguf_names`).
+            attn_temperature_tuning: g.chunked,
+            floor_scale: TEMP_FLOOR,
+            attn_scale: TEMP_SCALE,
+            attention_bias: false,
+            // The llama3 scaling arrives as per-frequency factors (`rope_freqs.weight`),
+            // applied on top of plain RoPE by `load_gguf`.
+            rope: RopeConfig {
+                theta: g.rope_base as f64,
+                scaling: RopeScaling::Default,
+            },
         },
         tie_word_embeddings: f.header().tensor("output.weight").is_none(),
         max_position_embeddings: context,
@@ -82,7 +84,7 @@ impl TextModel {
         let g = GgufLlama4::from_gguf(f)?;
         let cfg = gguf_text_config(f, &g)?;
         check(&cfg)?;
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (h, v) = (cfg.hidden_size(), cfg.vocab_size);
         let embed_tokens = f.weight("token_embd.weight", [v, h])?;
         let lm_head = if cfg.tie_word_embeddings {
             embed_tokens.clone()
@@ -91,7 +93,7 @@ impl TextModel {
         };
         let norm = Array1::from_vec(f.to_f32("output_norm.weight", &[h])?);
         let freq_factors = match f.header().tensor("rope_freqs.weight") {
-            Some(_) => Some(f.to_f32("rope_freqs.weight", &[cfg.head_dim / 2])?),
+            Some(_) => Some(f.to_f32("rope_freqs.weight", &[cfg.attention.head_dim / 2])?),
             None => None,
         };
         let layers = (0..g.n_layer)
@@ -123,7 +125,7 @@ fn load_layer(
         linear("attn_k", [kv, h])?,
         linear("attn_v", [kv, h])?,
         linear("attn_output", [h, q])?,
-        &attn_config(cfg, il),
+        &cfg.layer_attention(il),
         encoding,
     )?;
     if let Some(factors) = freq_factors {
@@ -162,16 +164,16 @@ fn load_layer(
         post_attention_layernorm: vector("ffn_norm")?,
         self_attn: AttentionLayer::Llama4(Box::new(attn)),
         feed_forward,
-        rms_norm_eps: cfg.rms_norm_eps,
+        rms_norm_eps: cfg.rms_norm_eps(),
     })
 }
 
 /// Refuses a config llama.cpp would refuse or that this crate cannot run.
 pub(crate) fn check(cfg: &TextConfig) -> Result<()> {
-    if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
+    if cfg.attention.head_dim == 0 || !cfg.attention.head_dim.is_multiple_of(2) {
         return Err(Error::Config {
             field: "llama4.attention.key_length",
-            reason: format!("{} is not a positive even head width", cfg.head_dim),
+            reason: format!("{} is not a positive even head width", cfg.attention.head_dim),
         });
     }
     Ok(())

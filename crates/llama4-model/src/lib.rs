@@ -57,7 +57,7 @@
 //! let ckpt = llama4_model::llama4_core::Checkpoint::open(dir)?;
 //! model.replace_routers(|layer, _moe| {
 //!     let scope = ckpt.scope(&format!("model.layers.{layer}.feed_forward.router"));
-//!     Ok(Box::new(SoftmaxTopKRouter::load(&scope, cfg.hidden_size, cfg.num_local_experts, 2, true)?))
+//!     Ok(Box::new(SoftmaxTopKRouter::load(&scope, cfg.hidden_size(), cfg.num_local_experts, 2, true)?))
 //! })?;
 //! let mut session = Session::new(&model, DType::BF16)?;
 //! let generation = session.generate(&tok.encode("<|begin_of_text|>sort 3 1 4 1 5 9 2 6 5 3 =")?, &options, |_| ControlFlow::Continue(()))?;

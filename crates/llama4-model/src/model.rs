@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use irope_attn::{Attention, AttnConfig, PosEncoding, SelfAttention};
+use irope_attn::{Attention, PosEncoding, SelfAttention};
 use kv_cache::{CacheSpec, KvCache};
 use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
 use llama4_core::scratch::reshape_reusing;
@@ -30,27 +30,8 @@ impl std::fmt::Debug for TextModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextModel")
             .field("layers", &self.layers.len())
-            .field("hidden_size", &self.config.hidden_size)
+            .field("hidden_size", &self.config.hidden_size())
             .finish()
-    }
-}
-
-/// The attention settings of layer `i`.
-pub(crate) fn attn_config(cfg: &TextConfig, i: usize) -> AttnConfig {
-    AttnConfig {
-        hidden_size: cfg.hidden_size,
-        num_attention_heads: cfg.num_attention_heads,
-        num_key_value_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-        rms_norm_eps: cfg.rms_norm_eps,
-        use_qk_norm: cfg.use_qk_norm,
-        // Per layer: `layer_types` may make a RoPE layer attend causally.
-        attention_chunk_size: cfg.layers[i].chunk,
-        attn_temperature_tuning: cfg.attn_temperature_tuning,
-        floor_scale: cfg.floor_scale,
-        attn_scale: cfg.attn_scale,
-        attention_bias: cfg.attention_bias,
-        rope: cfg.rope,
     }
 }
 
@@ -110,7 +91,7 @@ impl TextModel {
         norm: Array1<f32>,
         lm_head: Weight,
     ) -> Result<Self> {
-        let (v, h) = (config.vocab_size, config.hidden_size);
+        let (v, h) = (config.vocab_size, config.hidden_size());
         let checks = [
             (
                 "embed_tokens",
@@ -153,7 +134,7 @@ impl TextModel {
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
         let cfg = config.text.clone();
-        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let (h, v) = (cfg.hidden_size(), cfg.vocab_size);
         let root = ckpt.scope(config.text_prefix.trim_end_matches('.'));
         let model = root.scope("model");
         let embed_tokens = model.weight("embed_tokens.weight", [v, h])?;
@@ -213,7 +194,11 @@ impl TextModel {
 
     /// An empty cache for this model with keys and values stored in `dtype`.
     pub fn new_cache(&self, dtype: impl Into<KvDtype>) -> Result<KvCache> {
-        let spec = CacheSpec::new(self.config.num_key_value_heads, self.config.head_dim, dtype);
+        let spec = CacheSpec::new(
+            self.config.attention.num_key_value_heads,
+            self.config.attention.head_dim,
+            dtype,
+        );
         Ok(KvCache::new(&self.cache_kinds(), spec)?)
     }
 
@@ -222,7 +207,7 @@ impl TextModel {
     /// # Shapes
     /// `[T]` → `[T, H]`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Array2<f32>> {
-        let mut out = Array2::zeros((tokens.len(), self.config.hidden_size));
+        let mut out = Array2::zeros((tokens.len(), self.config.hidden_size()));
         self.embed_into(tokens, out.view_mut())?;
         Ok(out)
     }
@@ -232,7 +217,7 @@ impl TextModel {
     /// # Shapes
     /// `tokens: [T]`, `out: [T, H]`.
     pub fn embed_into(&self, tokens: &[u32], mut out: ArrayViewMut2<f32>) -> Result<()> {
-        let (h, v) = (self.config.hidden_size, self.config.vocab_size);
+        let (h, v) = (self.config.hidden_size(), self.config.vocab_size);
         if out.dim() != (tokens.len(), h) {
             return Err(llama4_core::Error::shape(
                 "TextModel::embed",
@@ -304,13 +289,13 @@ impl TextModel {
         if t == 0 || seqs.iter().any(|s| s.len == 0) {
             return Err(Error::Empty("forward"));
         }
-        if h != self.config.hidden_size {
+        if h != self.config.hidden_size() {
             return Err(llama4_core::Error::shape(
                 "TextModel::forward",
                 format!(
                     "hidden {:?}, hidden_size {}",
                     hidden.dim(),
-                    self.config.hidden_size
+                    self.config.hidden_size()
                 ),
             )
             .into());
@@ -318,7 +303,7 @@ impl TextModel {
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(i, hidden.view_mut(), seqs, ws)?;
         }
-        rms_norm_inplace(hidden, Some(self.norm.view()), self.config.rms_norm_eps)?;
+        rms_norm_inplace(hidden, Some(self.norm.view()), self.config.rms_norm_eps())?;
         Ok(())
     }
 
@@ -371,14 +356,14 @@ pub(crate) fn load_moe(_layer: usize, scope: &Scope<'_>, config: &MoeConfig) -> 
 }
 
 fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize, build: &mut MoeBuilder<'_>) -> Result<DecoderLayer> {
-    let h = cfg.hidden_size;
+    let h = cfg.hidden_size();
     let spec = cfg.layers[i];
     let encoding = if spec.rope {
         PosEncoding::Rope
     } else {
         PosEncoding::NoPe
     };
-    let self_attn = Attention::load(&scope.scope("self_attn"), &attn_config(cfg, i), encoding)?;
+    let self_attn = Attention::load(&scope.scope("self_attn"), &cfg.layer_attention(i), encoding)?;
     let ff = scope.scope("feed_forward");
     let feed_forward = if spec.moe {
         let moe_cfg = MoeConfig::llama4(
@@ -396,7 +381,7 @@ fn load_layer(scope: &Scope, cfg: &TextConfig, i: usize, build: &mut MoeBuilder<
         post_attention_layernorm: scope.vector("post_attention_layernorm.weight", h)?,
         self_attn: AttentionLayer::Llama4(Box::new(self_attn)),
         feed_forward,
-        rms_norm_eps: cfg.rms_norm_eps,
+        rms_norm_eps: cfg.rms_norm_eps(),
     })
 }
 
@@ -411,7 +396,7 @@ mod tests {
         let model = TextModel::load(dir).unwrap();
         let tokens = [3, 0, 511, 7];
         let want = model.embed(&tokens).unwrap();
-        let mut wide = Array2::from_elem((tokens.len(), 2 * model.config().hidden_size), f32::NAN);
+        let mut wide = Array2::from_elem((tokens.len(), 2 * model.config().hidden_size()), f32::NAN);
         model.embed_into(&tokens, wide.slice_mut(s![.., ..;2])).unwrap();
         assert_eq!(wide.slice(s![.., ..;2]), want);
         assert!(want.iter().all(|v| v.is_finite()));

@@ -269,7 +269,7 @@ impl MultimodalModel {
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),
             vision_cfg,
-            config.text.hidden_size,
+            config.text.hidden_size(),
         )?;
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
         Ok(MultimodalModel {
@@ -367,7 +367,7 @@ impl MultimodalModel {
         let ratios: Vec<(usize, usize)> = images.iter().map(|i| i.aspect_ratio).collect();
         let ids = self.expand_prompt(prompt, &ratios)?;
         let mut embeddings = self.text.embed(&ids)?;
-        let h = self.text.config().hidden_size;
+        let h = self.text.config().hidden_size();
         let rows: usize = images.iter().map(|i| i.features.nrows()).sum();
         let mut features = Array2::<f32>::zeros((0, h));
         features.reserve_rows(rows).map_err(shape_err)?;

@@ -141,7 +141,7 @@ impl<M: Borrow<TextModel>> Session<M> {
         let mut hidden = std::mem::take(&mut self.hidden);
         reshape_reusing(
             &mut hidden,
-            (tokens.len(), self.model.borrow().config().hidden_size),
+            (tokens.len(), self.model.borrow().config().hidden_size()),
         );
         let embedded = self.model.borrow().embed_into(tokens, hidden.view_mut());
         let result = embedded
@@ -167,7 +167,7 @@ impl<M: Borrow<TextModel>> Session<M> {
         mut embeddings: Array2<f32>,
         which: Logits,
     ) -> Result<Array2<f32>> {
-        if embeddings.dim() != (tokens.len(), self.model.borrow().config().hidden_size) {
+        if embeddings.dim() != (tokens.len(), self.model.borrow().config().hidden_size()) {
             return Err(llama4_core::Error::shape(
                 "Session::prefill_embeddings",
                 format!("{} tokens, embeddings {:?}", tokens.len(), embeddings.dim()),
@@ -205,7 +205,7 @@ impl<M: Borrow<TextModel>> Session<M> {
     /// As [`Session::prefill`]; the session is unchanged.
     pub fn step_logits(&mut self, token: u32) -> Result<&[f32]> {
         let mut hidden = std::mem::take(&mut self.hidden);
-        reshape_reusing(&mut hidden, (1, self.model.borrow().config().hidden_size));
+        reshape_reusing(&mut hidden, (1, self.model.borrow().config().hidden_size()));
         let embedded = self.model.borrow().embed_into(&[token], hidden.view_mut());
         let result = embedded
             .and_then(|()| self.run(&[token], hidden.view_mut()))

@@ -205,7 +205,7 @@ fn token_ids_outside_the_vocabulary_and_empty_prompts() {
 #[test]
 fn buffers_of_the_wrong_shape_are_errors() {
     let model = TextModel::load(fixture("scout")).unwrap();
-    let h = model.config().hidden_size;
+    let h = model.config().hidden_size();
     let mut wrong = ndarray::Array2::zeros((2, h + 1));
     assert!(matches!(
         model.embed_into(&[1, 2], wrong.view_mut()),

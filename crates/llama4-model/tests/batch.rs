@@ -189,7 +189,7 @@ fn bad_entries_are_refused_and_change_nothing() {
     ));
 
     let bad_id = [vocab as u32];
-    let wrong_emb = Array2::<f32>::zeros((2, model.config().hidden_size));
+    let wrong_emb = Array2::<f32>::zeros((2, model.config().hidden_size()));
     let mut s_other = Session::new(&other, DType::F32).unwrap();
     let cases: Vec<Case<'_>> = vec![
         (&[], None, false),

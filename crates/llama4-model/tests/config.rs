@@ -50,7 +50,10 @@ fn scout_fixture_integer_temperature_flag_and_empty_no_rope_layers() {
     let cfg = ModelConfig::from_dir(fixture("scout")).unwrap();
     let t = &cfg.text;
     assert_eq!(cfg.text_prefix, "");
-    assert!(t.attn_temperature_tuning, "`attn_temperature_tuning: 4` means on");
+    assert!(
+        t.attention.attn_temperature_tuning,
+        "`attn_temperature_tuning: 4` means on"
+    );
     // Empty no_rope_layers means the default: every 4th layer is NoPE.
     let rope: Vec<bool> = t.layers.iter().map(|l| l.rope).collect();
     assert_eq!(rope, [true, true, true, false, true]);
@@ -58,7 +61,7 @@ fn scout_fixture_integer_temperature_flag_and_empty_no_rope_layers() {
     assert_eq!(t.layers[0].chunk, Some(8));
     assert_eq!(t.layers[3].chunk, None, "NoPE layers attend globally");
     assert_eq!(
-        t.rope.scaling,
+        t.attention.rope.scaling,
         RopeScaling::Llama3 {
             factor: 16.0,
             low_freq_factor: 1.0,
@@ -66,20 +69,20 @@ fn scout_fixture_integer_temperature_flag_and_empty_no_rope_layers() {
             original_max_position_embeddings: 64.0
         }
     );
-    assert!(t.use_qk_norm);
-    assert_eq!(t.floor_scale, 4.0);
+    assert!(t.attention.use_qk_norm);
+    assert_eq!(t.attention.floor_scale, 4.0);
 }
 
 #[test]
 fn maverick_fixture_legacy_rope_spelling_interleaved_moe_eos_list() {
     let t = ModelConfig::from_dir(fixture("maverick")).unwrap().text;
-    assert_eq!(t.rope.theta, 500000.0);
+    assert_eq!(t.attention.rope.theta, 500000.0);
     assert!(
-        matches!(t.rope.scaling, RopeScaling::Llama3 { high_freq_factor, .. } if high_freq_factor == 4.0)
+        matches!(t.attention.rope.scaling, RopeScaling::Llama3 { high_freq_factor, .. } if high_freq_factor == 4.0)
     );
     let moe: Vec<usize> = t.moe_layers().collect();
     assert_eq!(moe, [1, 3], "interleave_moe_layer_step 2 without moe_layers");
-    assert!(!t.use_qk_norm);
+    assert!(!t.attention.use_qk_norm);
     assert_eq!(t.eos_token_ids, [2, 5]);
     assert_eq!(t.num_local_experts, 32);
 }
@@ -87,23 +90,23 @@ fn maverick_fixture_legacy_rope_spelling_interleaved_moe_eos_list() {
 #[test]
 fn top2_fixture_null_chunk_tied_no_head_dim() {
     let t = ModelConfig::from_dir(fixture("top2_tied")).unwrap().text;
-    assert_eq!(t.attention_chunk_size, None);
+    assert_eq!(t.attention.attention_chunk_size, None);
     assert!(
         t.layers.iter().all(|l| l.chunk.is_none()),
         "null chunk size means causal"
     );
-    assert_eq!(t.head_dim, 16, "head_dim absent: hidden / heads");
+    assert_eq!(t.attention.head_dim, 16, "head_dim absent: hidden / heads");
     assert!(t.tie_word_embeddings);
     assert_eq!(t.num_experts_per_tok, 2);
     let rope: Vec<bool> = t.layers.iter().map(|l| l.rope).collect();
     assert_eq!(rope, [true, false, true, false]);
-    assert_eq!(t.rope.scaling, RopeScaling::Default);
+    assert_eq!(t.attention.rope.scaling, RopeScaling::Default);
 }
 
 #[test]
 fn defaults_absent_chunk_is_8192_absent_rope_is_default() {
     let t = parse(small()).unwrap().text;
-    assert_eq!(t.attention_chunk_size, Some(8192));
+    assert_eq!(t.attention.attention_chunk_size, Some(8192));
     assert_eq!(
         t.layers[0],
         LayerSpec {
@@ -112,8 +115,8 @@ fn defaults_absent_chunk_is_8192_absent_rope_is_default() {
             moe: true
         }
     );
-    assert_eq!(t.rope.scaling, RopeScaling::Default);
-    assert_eq!(t.rope.theta, 500000.0);
+    assert_eq!(t.attention.rope.scaling, RopeScaling::Default);
+    assert_eq!(t.attention.rope.theta, 500000.0);
     assert_eq!(t.eos_token_ids, Vec::<u32>::new());
 }
 
@@ -128,7 +131,7 @@ fn multimodal_config_reads_text_config_and_prefix() {
     let mm = cfg.multimodal.expect("multimodal part");
     assert_eq!(mm.image_token_index, 200092);
     assert_eq!(mm.vision.hidden_size, 1408);
-    assert_eq!(mm.text_hidden_size, cfg.text.hidden_size);
+    assert_eq!(mm.text_hidden_size, cfg.text.hidden_size());
     assert!(cfg.text.tie_word_embeddings);
 }
 
@@ -143,9 +146,9 @@ fn presets_have_published_shapes() {
     assert_eq!(maverick.num_local_experts, 128);
     assert_eq!(
         (
-            maverick.num_attention_heads,
-            maverick.num_key_value_heads,
-            maverick.head_dim
+            maverick.attention.num_attention_heads,
+            maverick.attention.num_key_value_heads,
+            maverick.attention.head_dim
         ),
         (40, 8, 128)
     );
@@ -216,8 +219,8 @@ fn legacy_null_rope_scaling_is_unscaled() {
     v["rope_scaling"] = Value::Null;
     v["rope_theta"] = json!(10000.0);
     let t = parse(v).unwrap().text;
-    assert_eq!(t.rope.theta, 10000.0);
-    assert_eq!(t.rope.scaling, RopeScaling::Default);
+    assert_eq!(t.attention.rope.theta, 10000.0);
+    assert_eq!(t.attention.rope.scaling, RopeScaling::Default);
 }
 
 #[test]

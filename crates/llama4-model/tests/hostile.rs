@@ -468,7 +468,7 @@ fn reserve_beyond_memory_is_an_error_and_embeddings_check_their_ids() {
     s.prefill(&[1, 2], Logits::Last).unwrap();
 
     let mut s = Session::new(&model, DType::F32).unwrap();
-    let h = model.config().hidden_size;
+    let h = model.config().hidden_size();
     let e = ndarray::Array2::zeros((2, h));
     assert!(matches!(
         s.prefill_embeddings(&[1, 512], e, Logits::Last),

@@ -27,7 +27,7 @@ fn model_dir(name: &str) -> PathBuf {
 
 fn load(dir: &Path, temperature: bool) -> TextModel {
     let mut config = ModelConfig::from_dir(dir).unwrap();
-    config.text.attn_temperature_tuning = temperature;
+    config.text.attention.attn_temperature_tuning = temperature;
     TextModel::from_checkpoint(Checkpoint::open(dir).unwrap(), &config).unwrap()
 }
 
@@ -120,7 +120,7 @@ fn longctx_demo_retrieves_at_its_training_length() {
     let dir = model_dir("longctx-demo");
     let task = Task::load(&dir).unwrap();
     let model = TextModel::load(&dir).unwrap();
-    assert!(model.config().attn_temperature_tuning);
+    assert!(model.config().attention.attn_temperature_tuning);
     // Contexts 1 and 2 (context 0 is the reference's): every pair asked.
     let (mut right, mut asked) = (0, 0);
     for c in 1..3 {

@@ -185,7 +185,7 @@ fn eight_images_in_one_prompt() {
     assert_eq!(count(ids.tile_x_separator), 4 * 2 * 2);
     assert_eq!(
         prepared.embeddings.dim(),
-        (prepared.ids.len(), model.text().config().hidden_size)
+        (prepared.ids.len(), model.text().config().hidden_size())
     );
 
     let mut session = Session::new(model.text(), DType::F32).unwrap();
