@@ -58,8 +58,8 @@ use llama4_core::{KvDtype, QuantFormat, QuantPolicy, QuantScope, QuantSpec, Scal
 use llama4_examples::{check_output_dir, check_output_file, parse_kv_dtype, utf8_args};
 use llama4_model::{
     check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint, stop_ids, ChatOptions,
-    ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
-    Session, StreamDecoder, TextModel, Tokenizer,
+    ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, LoadOptions, ModelConfig, MultimodalModel,
+    SamplingConfig, Session, SharedProgress, StreamDecoder, TerminalProgress, TextModel, Tokenizer,
 };
 
 /// `println!` that returns an error when stdout is closed (`generate | head`) instead of
@@ -318,6 +318,15 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         policy = None;
     }
     let load_started = Instant::now();
+    // A bar on stderr while loading (and quantising); nothing is drawn unless stderr is a terminal.
+    let bar = Arc::new(TerminalProgress::new(match policy {
+        Some(_) => "loading + quantising",
+        None => "loading",
+    }));
+    let options = LoadOptions {
+        quantization: policy,
+        progress: Some(bar.clone() as SharedProgress),
+    };
     // A GGUF file: the text model, tokenizer, chat template and stop ids all come from it.
     let gguf = if is_gguf_path(&dir) {
         if !args.images.is_empty() {
@@ -331,7 +340,7 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         if group.is_some() {
             return Err("--expert-parallel needs a safetensors checkpoint directory, not a GGUF file".into());
         }
-        let g = GgufModel::load(&dir)?;
+        let g = GgufModel::load_with_progress(&dir, options.progress.clone())?;
         let chat = if args.chat { Some(g.chat_template()?) } else { None };
         Some((g, chat))
     } else {
@@ -351,7 +360,7 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
                 leader = Some(l);
                 model
             }
-            None => TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
+            None => TextModel::load_with_options(&dir, &options).map_err(|e| match &policy {
                 Some(p) => quant_error(e, p),
                 None => e.into(),
             })?,
@@ -376,15 +385,14 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
                 leader = Some(l);
                 mm
             }
-            None => {
-                MultimodalModel::load_with_quantization(&dir, ids, policy).map_err(|e| match &policy {
-                    Some(p) => quant_error(e, p),
-                    None => e.into(),
-                })?
-            }
+            None => MultimodalModel::load_with_options(&dir, ids, &options).map_err(|e| match &policy {
+                Some(p) => quant_error(e, p),
+                None => e.into(),
+            })?,
         };
         (None, Some(mm), tokenizer)
     };
+    bar.finish();
     let model: &TextModel = match (&text_model, &multimodal) {
         (Some(m), _) => m,
         (None, Some(mm)) => mm.text(),

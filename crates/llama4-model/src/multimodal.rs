@@ -14,7 +14,9 @@ use vision_encoder::{decode_image, image_tokens, ImageProcessor, ImageToken, Pro
 
 use crate::model::load_moe;
 use crate::session::Session;
-use crate::{Error, GenerateOptions, Generation, ModelConfig, MoeBuilder, Result, TextModel, Tokenizer};
+use crate::{
+    Error, GenerateOptions, Generation, LoadOptions, ModelConfig, MoeBuilder, Result, TextModel, Tokenizer,
+};
 
 /// Ids of the special tokens that lay out an image in the prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +239,31 @@ impl MultimodalModel {
         policy: Option<QuantPolicy>,
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            quantization: policy,
+            progress: None,
+        };
+        Self::load_with_options_and_moe(dir, token_ids, &options, build)
+    }
+
+    /// [`MultimodalModel::load_with_quantization`] with `options.progress` told of every
+    /// tensor loaded (see [`TextModel::load_with_options`]).
+    pub fn load_with_options(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)
+    }
+
+    /// [`MultimodalModel::load_with_options`] with the text decoder's MoE layers built by
+    /// `build` (see [`TextModel::load_with_moe`]).
+    pub fn load_with_options_and_moe(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        options: &LoadOptions,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let multimodal = config.multimodal.as_ref().ok_or_else(|| Error::Config {
@@ -264,7 +291,9 @@ impl MultimodalModel {
                 ),
             });
         }
-        let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
+        let ckpt = Checkpoint::open(dir)?
+            .with_quantization(options.quantization)
+            .with_progress(options.progress.clone());
         let vision = VisionModel::load(ckpt.scope("vision_model"), vision_cfg)?;
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),
@@ -272,6 +301,9 @@ impl MultimodalModel {
             config.text.hidden_size,
         )?;
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
+        if let Some(ckpt) = text.checkpoint() {
+            ckpt.finish_progress();
+        }
         Ok(MultimodalModel {
             text: Arc::new(text),
             vision,

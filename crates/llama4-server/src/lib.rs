@@ -32,8 +32,8 @@ use std::sync::{Arc, OnceLock};
 
 use llama4_core::{KvDtype, QuantPolicy};
 use llama4_model::{
-    is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, TextModel,
-    Tokenizer,
+    is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, LoadOptions, ModelConfig,
+    MultimodalModel, SharedProgress, TerminalProgress, TextModel, Tokenizer,
 };
 
 pub use error::{Error, Result};
@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
+    /// Draw a loading progress bar on stderr (nothing is drawn when stderr is not a terminal).
+    pub load_progress: bool,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +96,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 16 << 20,
             kv_dtype: KvDtype::F32,
+            load_progress: false,
         }
     }
 }
@@ -101,13 +104,26 @@ impl Default for ServerConfig {
 /// Loads the checkpoint, tokenizer and chat template, and starts the engine.
 fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
     let dir = &config.model_dir;
+    let bar = config.load_progress.then(|| {
+        let label = if config.quantization.is_some() {
+            "loading + quantising"
+        } else {
+            "loading"
+        };
+        Arc::new(TerminalProgress::new(label))
+    });
+    let progress = bar.clone().map(|b| b as SharedProgress);
+    let options = LoadOptions {
+        quantization: config.quantization,
+        progress: progress.clone(),
+    };
     if is_gguf_path(dir) {
         if config.quantization.is_some() {
             return Err(Error::Config(
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             ));
         }
-        let g = GgufModel::load(dir)?;
+        let g = GgufModel::load_with_progress(dir, progress)?;
         let template = g.chat_template()?;
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
         let model = LoadedModel::Text(Arc::new(g.model));
@@ -124,17 +140,11 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             ))
         })?;
         let ids = ImageTokenIds::from_tokenizer(tok)?;
-        LoadedModel::Multimodal(MultimodalModel::load_with_quantization(
-            dir,
-            ids,
-            config.quantization,
-        )?)
+        LoadedModel::Multimodal(MultimodalModel::load_with_options(dir, ids, &options)?)
     } else {
-        LoadedModel::Text(Arc::new(TextModel::load_with_quantization(
-            dir,
-            config.quantization,
-        )?))
+        LoadedModel::Text(Arc::new(TextModel::load_with_options(dir, &options)?))
     };
+    drop(bar);
     let stops = stop_ids(dir, model.text().config())?;
     let template = ChatTemplate::from_dir(dir)?;
     start(config, metrics, model, tokenizer, stops, template)

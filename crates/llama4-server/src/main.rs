@@ -40,6 +40,8 @@ const API_KEY_ENV: &str = "LLAMA4_API_KEY";
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, String> {
     let mut c = ServerConfig {
         api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
+        // A bar on stderr while loading; indicatif draws nothing when stderr is not a terminal.
+        load_progress: true,
         ..ServerConfig::default()
     };
     let (mut format, mut all, mut group, mut scales) = (None, false, None, None);
