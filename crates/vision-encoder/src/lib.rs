@@ -31,6 +31,7 @@
 mod config;
 mod error;
 mod image_io;
+mod mmproj;
 mod model;
 mod processor;
 mod resize;
@@ -42,6 +43,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use image_io::{decode_image, load_image, to_rgb8, MAX_PIXELS};
+pub use mmproj::{mmproj_config, Mmproj, LLAMA4_PROJECTOR};
 pub use model::{Projector, VisionModel};
 pub use processor::{canvas_for, resized_size, ImageProcessor, ProcessedImage};
 pub use resize::resize_bilinear_aa;
