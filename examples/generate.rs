@@ -18,6 +18,9 @@
 //!                      messages ({"role": "system"|"user"|"assistant"|"tool", "content": ...});
 //!                      --prompt, if given, is appended as the last user turn
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
+//! --mmproj FILE        with a GGUF --model and --image: the vision tower and projector from
+//!                      llama.cpp's multimodal projector GGUF (`convert_hf_to_gguf.py --mmproj`);
+//!                      image tokens' ids from the model file's tokenizer
 //! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
 //! --ignore-eos
 //! --cache f32|bf16|f16|q8  key/value cache storage (default f32; q8 is int8 with one scale per
@@ -61,6 +64,7 @@ use llama4_model::{
     ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, LoadOptions, ModelConfig, MultimodalModel,
     SamplingConfig, Session, SharedProgress, StreamDecoder, TerminalProgress, TextModel, Tokenizer,
 };
+use vision_encoder::Mmproj;
 
 /// `println!` that returns an error when stdout is closed (`generate | head`) instead of
 /// panicking.
@@ -92,6 +96,7 @@ struct Args {
     system: Option<String>,
     conversation: Option<PathBuf>,
     images: Vec<PathBuf>,
+    mmproj: Option<PathBuf>,
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
     ignore_eos: bool,
@@ -158,6 +163,7 @@ fn parse_args() -> Result<Args, String> {
                 a.chat = true;
             }
             "--image" => a.images.push(value(&flag, it.next())?),
+            "--mmproj" => a.mmproj = Some(value(&flag, it.next())?),
             "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
             "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
             "--top-k" => a.sampling.top_k = Some(value(&flag, it.next())?),
@@ -206,6 +212,14 @@ fn parse_args() -> Result<Args, String> {
     // Every rank parses the same arguments: what is refused here stops every rank alike.
     if a.expert_parallel && a.save_quantized.is_some() {
         return Err("--save-quantized does not combine with --expert-parallel".into());
+    }
+    if a.mmproj.is_some() && a.images.is_empty() {
+        return Err("--mmproj needs --image (without images only the text model runs)".into());
+    }
+    if a.mmproj.is_some() && a.expert_parallel {
+        return Err(
+            "--mmproj does not combine with --expert-parallel (a GGUF model runs on one process)".into(),
+        );
     }
     if a.prompt.is_some() && a.prompt_ids.is_some() {
         return Err("give --prompt or --prompt-ids, not both".into());
@@ -327,10 +341,17 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         quantization: policy,
         progress: Some(bar.clone() as SharedProgress),
     };
+    if args.mmproj.is_some() && !is_gguf_path(&dir) {
+        return Err(
+            "--mmproj goes with a GGUF --model; a checkpoint directory holds its own vision tower".into(),
+        );
+    }
     // A GGUF file: the text model, tokenizer, chat template and stop ids all come from it.
     let gguf = if is_gguf_path(&dir) {
-        if !args.images.is_empty() {
-            return Err("--image needs a checkpoint directory with a vision tower, not a GGUF file".into());
+        if !args.images.is_empty() && args.mmproj.is_none() {
+            return Err(
+                "--image with a GGUF model needs --mmproj FILE (the vision tower's projector GGUF)".into(),
+            );
         }
         if policy.is_some() {
             return Err(
@@ -352,7 +373,19 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
     let (text_model, multimodal, tokenizer) = if let Some((g, chat)) = gguf {
         gguf_facts = Some((g.stop_ids, g.weight_bytes, chat));
-        (Some(g.model), None, g.tokenizer.map(|t| t.tokenizer))
+        let tokenizer = g.tokenizer.map(|t| t.tokenizer);
+        match &args.mmproj {
+            None => (Some(g.model), None, tokenizer),
+            Some(path) => {
+                let tok = tokenizer
+                    .as_ref()
+                    .ok_or("--mmproj needs the GGUF model's tokenizer (for the image tokens' ids)")?;
+                let ids = ImageTokenIds::from_tokenizer(tok)?;
+                let mmproj = Mmproj::load_with_progress(path, options.progress.clone())?;
+                let mm = MultimodalModel::from_parts(Arc::new(g.model), mmproj, ids)?;
+                (None, Some(mm), tokenizer)
+            }
+        }
     } else if args.images.is_empty() {
         let model = match group {
             Some(t) => {

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use llama4_core::{Checkpoint, QuantPolicy};
 use ndarray::{Array2, ArrayView2, Axis};
 use vision_encoder::image::DynamicImage;
-use vision_encoder::{decode_image, image_tokens, ImageProcessor, ImageToken, Projector, VisionModel};
+use vision_encoder::{
+    decode_image, image_tokens, ImageProcessor, ImageToken, Mmproj, Projector, VisionModel,
+};
 
 use crate::model::load_moe;
 use crate::session::Session;
@@ -309,6 +311,45 @@ impl MultimodalModel {
             vision,
             projector,
             processor,
+            token_ids,
+        })
+    }
+
+    /// A model from a text decoder, a vision tower and projector with their image processor
+    /// (a llama.cpp projector GGUF: [`Mmproj`]) and the layout tokens' ids: what
+    /// `generate --model FILE.gguf --mmproj MMPROJ.gguf` runs, the decoder from
+    /// [`GgufModel::load`](crate::GgufModel::load) and the ids from its tokenizer.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the projector's output width is not the decoder's hidden size
+    /// (a projector made for another model) or `token_ids.patch` is not in its vocabulary.
+    pub fn from_parts(text: Arc<TextModel>, mmproj: Mmproj, token_ids: ImageTokenIds) -> Result<Self> {
+        let hidden = text.config().hidden_size;
+        if mmproj.projector.output_dim() != hidden {
+            return Err(Error::Config {
+                field: "mm.model.fc.weight",
+                reason: format!(
+                    "the projector outputs width {}, the text model's hidden size is {hidden}: \
+                     a projector for another model",
+                    mmproj.projector.output_dim()
+                ),
+            });
+        }
+        let vocab = text.config().vocab_size;
+        if let Some(id) = [token_ids.image_start, token_ids.patch, token_ids.image_end]
+            .into_iter()
+            .find(|&id| id as usize >= vocab)
+        {
+            return Err(Error::Config {
+                field: "image token ids",
+                reason: format!("id {id} is outside the vocabulary of {vocab}"),
+            });
+        }
+        Ok(MultimodalModel {
+            text,
+            vision: mmproj.vision,
+            projector: mmproj.projector,
+            processor: ImageProcessor::new(mmproj.processor)?,
             token_ids,
         })
     }
