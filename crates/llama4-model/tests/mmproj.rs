@@ -93,3 +93,54 @@ fn a_projector_for_another_model_is_refused() {
         other => panic!("{:?}", other.map(|_| ())),
     }
 }
+
+/// `fixtures/gguf/mm-e2e` (tools/llamacpp/make_mmproj_e2e_fixture.py): a text GGUF and its
+/// projector GGUF, both written by llama.cpp's converter from one random multimodal Llama 4,
+/// and transformers' greedy generation on a prompt with two images. Loaded as
+/// `generate --model text-F32.gguf --mmproj mmproj-F32.gguf --image wide.png --image small.png`
+/// loads them.
+#[test]
+fn a_gguf_model_with_its_projector_generates_as_transformers() {
+    let dir = llama4_testkit::fixture("gguf/mm-e2e");
+    let g = llama4_model::GgufModel::load(dir.join("text-F32.gguf")).unwrap();
+    let tok = g.tokenizer.unwrap().tokenizer;
+    let token_ids = ImageTokenIds::from_tokenizer(&tok).unwrap();
+    let m = Mmproj::load(dir.join("mmproj-F32.gguf")).unwrap();
+    let model = MultimodalModel::from_parts(Arc::new(g.model), m, token_ids).unwrap();
+
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("prompt.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    // The GGUF tokenizer gives the Hugging Face tokenizer's ids.
+    let prompt = tok.encode(meta["prompt"].as_str().unwrap()).unwrap();
+    assert_eq!(prompt, ids(&st, "prompt_ids"));
+    let images: Vec<_> = meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let path = common::fixture_dir("multimodal").join(v.as_str().unwrap());
+            model.encode_image_file(path).unwrap()
+        })
+        .collect();
+    let prepared = model.prepare(&prompt, &images).unwrap();
+    assert_eq!(prepared.ids, ids(&st, "input_ids"));
+    let generated = ids(&st, "generated_ids");
+    let options = GenerateOptions {
+        max_new_tokens: generated.len(),
+        sampling: SamplingConfig::greedy(),
+        stop_ids: vec![],
+        keep_logits: true,
+    };
+    let mut session = Session::new(model.text(), DType::F32).unwrap();
+    let g = session
+        .generate_with_embeddings(&prepared.ids, prepared.embeddings, &options, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(g.generated_ids, generated);
+    let err = rel_err(g.logits.unwrap().view(), matrix(&st, "step_logits").view());
+    assert!(err < 1e-4, "vs transformers: logits off by {err:e}");
+    eprintln!("GGUF text + projector vs transformers: {err:.2e}");
+}
