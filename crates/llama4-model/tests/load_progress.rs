@@ -8,8 +8,11 @@ use llama4_core::gguf::GgufFile;
 use llama4_core::{QuantFormat, QuantScope, QuantSpec, SharedProgress};
 use llama4_model::{quant_policy, GgufModel, ImageTokenIds, LoadOptions, MultimodalModel, TextModel};
 
+/// Every `(done, total)` an observer heard.
+type Calls = Arc<Mutex<Vec<(u64, u64)>>>;
+
 /// An observer recording every call.
-fn recorder() -> (SharedProgress, Arc<Mutex<Vec<(u64, u64)>>>) {
+fn recorder() -> (SharedProgress, Calls) {
     let calls = Arc::new(Mutex::new(Vec::new()));
     let sink = calls.clone();
     let observer: SharedProgress = Arc::new(move |done, total| sink.lock().unwrap().push((done, total)));
