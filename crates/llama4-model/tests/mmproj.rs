@@ -19,6 +19,34 @@ fn mmproj() -> Mmproj {
     Mmproj::load(llama4_testkit::fixture("gguf/mmproj-multimodal-F32.gguf")).unwrap()
 }
 
+/// Greedy generation of `n` tokens after `prompt` with `images`: the expanded prompt ids, the
+/// generated ids and the logits that chose them.
+fn greedy(
+    model: &MultimodalModel,
+    prompt: &[u32],
+    images: &[std::path::PathBuf],
+    n: usize,
+) -> (Vec<u32>, Vec<u32>, ndarray::Array2<f32>) {
+    let encoded: Vec<_> = images
+        .iter()
+        .map(|f| model.encode_image_file(f).unwrap())
+        .collect();
+    let prepared = model.prepare(prompt, &encoded).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingConfig::greedy(),
+        stop_ids: vec![],
+        keep_logits: true,
+    };
+    let mut session = Session::new(model.text(), DType::F32).unwrap();
+    let g = session
+        .generate_with_embeddings(&prepared.ids, prepared.embeddings, &options, |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    (prepared.ids, g.generated_ids, g.logits.unwrap())
+}
+
 #[test]
 fn a_gguf_projector_generates_as_the_safetensors_tower_does() {
     let dir = common::fixture_dir("multimodal");
@@ -46,26 +74,7 @@ fn a_gguf_projector_generates_as_the_safetensors_tower_does() {
         .collect();
     let prompt = tok.encode(meta["prompt"].as_str().unwrap()).unwrap();
     let generated = ids(&st, "generated_ids");
-    let options = GenerateOptions {
-        max_new_tokens: generated.len(),
-        sampling: SamplingConfig::greedy(),
-        stop_ids: vec![],
-        keep_logits: true,
-    };
-    let run = |model: &MultimodalModel| {
-        let encoded: Vec<_> = images
-            .iter()
-            .map(|f| model.encode_image_file(f).unwrap())
-            .collect();
-        let prepared = model.prepare(&prompt, &encoded).unwrap();
-        let mut session = Session::new(model.text(), DType::F32).unwrap();
-        let g = session
-            .generate_with_embeddings(&prepared.ids, prepared.embeddings, &options, |_| {
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-        (prepared.ids, g.generated_ids, g.logits.unwrap())
-    };
+    let run = |model: &MultimodalModel| greedy(model, &prompt, &images, generated.len());
     let (gguf_ids, gguf_generated, gguf_logits) = run(&from_gguf);
     let (st_ids, st_generated, st_logits) = run(&from_safetensors);
     assert_eq!(gguf_ids, st_ids);
@@ -119,28 +128,13 @@ fn a_gguf_model_with_its_projector_generates_as_transformers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| {
-            let path = common::fixture_dir("multimodal").join(v.as_str().unwrap());
-            model.encode_image_file(path).unwrap()
-        })
+        .map(|v| common::fixture_dir("multimodal").join(v.as_str().unwrap()))
         .collect();
-    let prepared = model.prepare(&prompt, &images).unwrap();
-    assert_eq!(prepared.ids, ids(&st, "input_ids"));
     let generated = ids(&st, "generated_ids");
-    let options = GenerateOptions {
-        max_new_tokens: generated.len(),
-        sampling: SamplingConfig::greedy(),
-        stop_ids: vec![],
-        keep_logits: true,
-    };
-    let mut session = Session::new(model.text(), DType::F32).unwrap();
-    let g = session
-        .generate_with_embeddings(&prepared.ids, prepared.embeddings, &options, |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-    assert_eq!(g.generated_ids, generated);
-    let err = rel_err(g.logits.unwrap().view(), matrix(&st, "step_logits").view());
+    let (input_ids, got, logits) = greedy(&model, &prompt, &images, generated.len());
+    assert_eq!(input_ids, ids(&st, "input_ids"));
+    assert_eq!(got, generated);
+    let err = rel_err(logits.view(), matrix(&st, "step_logits").view());
     assert!(err < 1e-4, "vs transformers: logits off by {err:e}");
     eprintln!("GGUF text + projector vs transformers: {err:.2e}");
 }
