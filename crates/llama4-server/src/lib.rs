@@ -35,6 +35,7 @@ use llama4_model::{
     is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, LoadOptions, ModelConfig,
     MultimodalModel, SharedProgress, TerminalProgress, TextModel, Tokenizer,
 };
+use vision_encoder::Mmproj;
 
 pub use error::{Error, Result};
 
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     /// Checkpoint directory (config.json, safetensors, tokenizer.json), or a Llama 4 GGUF file
     /// (model, tokenizer, chat template and stop ids from the file).
     pub model_dir: PathBuf,
+    /// With a GGUF model: llama.cpp's multimodal projector GGUF for it, so requests may carry
+    /// images (the layout tokens' ids come from the model file's tokenizer).
+    pub mmproj: Option<PathBuf>,
     /// Name reported by `/v1/models` and in responses (default: the directory's name).
     pub model_name: Option<String>,
     /// Address to bind.
@@ -85,6 +89,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             model_dir: PathBuf::from(DEMO_MODEL_DIR),
+            mmproj: None,
             model_name: None,
             host: "127.0.0.1".into(),
             port: 8080,
@@ -123,11 +128,29 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             ));
         }
-        let g = GgufModel::load_with_progress(dir, progress)?;
+        let g = GgufModel::load_with_progress(dir, progress.clone())?;
         let template = g.chat_template()?;
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
-        let model = LoadedModel::Text(Arc::new(g.model));
+        let model = match &config.mmproj {
+            None => LoadedModel::Text(Arc::new(g.model)),
+            Some(path) => {
+                let tok = tokenizer.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "--mmproj needs the GGUF model's tokenizer (for the image tokens' ids)".into(),
+                    )
+                })?;
+                let ids = ImageTokenIds::from_tokenizer(tok)?;
+                let mmproj = Mmproj::load_with_progress(path, progress).map_err(llama4_model::Error::from)?;
+                LoadedModel::Multimodal(MultimodalModel::from_parts(Arc::new(g.model), mmproj, ids)?)
+            }
+        };
+        drop(bar);
         return start(config, metrics, model, tokenizer, g.stop_ids, template);
+    }
+    if config.mmproj.is_some() {
+        return Err(Error::Config(
+            "--mmproj goes with a GGUF --model; a checkpoint directory holds its own vision tower".into(),
+        ));
     }
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
