@@ -60,9 +60,10 @@ use llama4_core::input::{read_capped, Cap};
 use llama4_core::{KvDtype, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_examples::{check_output_dir, check_output_file, parse_kv_dtype, utf8_args};
 use llama4_model::{
-    check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint, stop_ids, ChatOptions,
-    ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, LoadOptions, ModelConfig, MultimodalModel,
-    SamplingConfig, Session, SharedProgress, StreamDecoder, TerminalProgress, TextModel, Tokenizer,
+    check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint_with_progress, stop_ids,
+    ChatOptions, ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, LoadOptions, ModelConfig,
+    MultimodalModel, SamplingConfig, Session, SharedProgress, StreamDecoder, TerminalProgress, TextModel,
+    Tokenizer,
 };
 use vision_encoder::Mmproj;
 
@@ -310,7 +311,10 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
     let mut policy = args.quant_policy();
     if let (Some(out), Some(p)) = (&args.save_quantized, &policy) {
         let started = Instant::now();
-        let summary = quantize_checkpoint(&dir, out, p).map_err(|e| quant_error(e, p))?;
+        let bar = Arc::new(TerminalProgress::new("quantising"));
+        let summary = quantize_checkpoint_with_progress(&dir, out, p, Some(bar.clone() as SharedProgress))
+            .map_err(|e| quant_error(e, p))?;
+        bar.finish();
         eprintln!(
             "saved {}: {} tensors quantised ({} {} {}, {} scales), {} copied, {:.2} MB → {:.2} MB in {:.1} s",
             summary.path.display(),

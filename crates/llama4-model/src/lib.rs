@@ -103,7 +103,10 @@ pub use multimodal::{
 };
 #[cfg(feature = "progress-bar")]
 pub use progress_bar::TerminalProgress;
-pub use quant::{quant_policy, quantize_checkpoint, tensor_role, QuantizeSummary, SCOPE_METADATA_KEY};
+pub use quant::{
+    quant_policy, quantize_checkpoint, quantize_checkpoint_with_progress, tensor_role, QuantizeSummary,
+    SCOPE_METADATA_KEY,
+};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};
 /// The component crates, re-exported so a caller needs only this crate to swap a part.

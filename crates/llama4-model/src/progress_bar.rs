@@ -38,9 +38,10 @@ impl TerminalProgress {
 
 impl LoadProgress for TerminalProgress {
     fn update(&self, done: u64, total: u64) {
-        if self.bar.length() != Some(total) {
-            // The first report: from now on the rate and ETA tick on even while one large
-            // tensor is being quantised.
+        if self.bar.length() != Some(total) || self.bar.is_finished() {
+            // The first report of a load (a second file, the projector, starts over): from now
+            // on the rate and ETA tick on even while one large tensor is being quantised.
+            self.bar.reset();
             self.bar.set_length(total);
             self.bar.set_position(done);
             self.bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(10));

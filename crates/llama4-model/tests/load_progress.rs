@@ -114,3 +114,31 @@ fn multimodal_progress_covers_the_vision_tower_too() {
     check(&calls, total, 20);
     assert_eq!(calls[calls.len() - 2].0, total);
 }
+
+#[test]
+fn saving_a_quantised_checkpoint_reports_every_source_byte() {
+    let dir = llama4_testkit::fixture("models/scout");
+    let total = safetensors_bytes(&dir.join("model.safetensors"));
+    let out = tempfile::tempdir().unwrap();
+    let (observer, calls) = recorder();
+    let policy = quant_policy(QuantSpec::new(QuantFormat::Q4, 32), QuantScope::Experts);
+    let summary =
+        llama4_model::quantize_checkpoint_with_progress(&dir, out.path(), &policy, Some(observer)).unwrap();
+    assert!(summary.quantized > 0);
+    assert_eq!(summary.bytes_in, total);
+    let calls = calls.lock().unwrap();
+    check(&calls, total, summary.quantized + summary.copied);
+}
+
+#[test]
+fn a_projector_gguf_reports_its_tensors() {
+    let path = llama4_testkit::fixture("gguf/mmproj-multimodal-F32.gguf");
+    let f = GgufFile::open(&path).unwrap();
+    let total: u64 = f.header().tensors.iter().map(|t| t.nbytes).sum();
+    let (observer, calls) = recorder();
+    llama4_model::vision_encoder::Mmproj::load_with_progress(&path, Some(observer)).unwrap();
+    let calls = calls.lock().unwrap();
+    // Every tensor of the file is the tower's or the projector's.
+    check(&calls, total, f.header().tensors.len());
+    assert_eq!(calls[calls.len() - 2].0, total);
+}
