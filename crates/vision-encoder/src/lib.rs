@@ -8,6 +8,7 @@
 //!   bf16 rescale + normalise, tiles plus the global tile → [`ProcessedImage`];
 //! - [`VisionModel`]: patch embedding, class token, positions, 2D RoPE encoder, pixel shuffle,
 //!   adapter; [`Projector`]: vision features → text hidden size;
+//! - [`Mmproj`]: the tower and projector from llama.cpp's multimodal projector GGUF;
 //! - [`image_tokens`]: the prompt layout that the projected tokens fill.
 //!
 //! ```no_run
