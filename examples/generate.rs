@@ -18,6 +18,9 @@
 //!                      messages ({"role": "system"|"user"|"assistant"|"tool", "content": ...});
 //!                      --prompt, if given, is appended as the last user turn
 //! --image FILE         repeatable; each <|image|> in the prompt takes the next
+//! --mmproj FILE        with a GGUF --model and --image: the vision tower and projector from
+//!                      llama.cpp's multimodal projector GGUF (`convert_hf_to_gguf.py --mmproj`);
+//!                      image tokens' ids from the model file's tokenizer
 //! --max-new-tokens N   --temperature T (0, or below 1e-5, = greedy)   --top-k K   --top-p P   --seed S
 //! --ignore-eos
 //! --cache f32|bf16|f16|q8  key/value cache storage (default f32; q8 is int8 with one scale per
@@ -57,10 +60,12 @@ use llama4_core::input::{read_capped, Cap};
 use llama4_core::{KvDtype, QuantFormat, QuantPolicy, QuantScope, QuantSpec, ScaleType};
 use llama4_examples::{check_output_dir, check_output_file, parse_kv_dtype, utf8_args};
 use llama4_model::{
-    check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint, stop_ids, ChatOptions,
-    ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, SamplingConfig,
-    Session, StreamDecoder, TextModel, Tokenizer,
+    check_chat_tokens, check_text_only_prompt, is_gguf_path, quantize_checkpoint_with_progress, stop_ids,
+    ChatOptions, ChatTemplate, GenerateOptions, GgufModel, ImageTokenIds, LoadOptions, ModelConfig,
+    MultimodalModel, SamplingConfig, Session, SharedProgress, StreamDecoder, TerminalProgress, TextModel,
+    Tokenizer,
 };
+use vision_encoder::Mmproj;
 
 /// `println!` that returns an error when stdout is closed (`generate | head`) instead of
 /// panicking.
@@ -92,6 +97,7 @@ struct Args {
     system: Option<String>,
     conversation: Option<PathBuf>,
     images: Vec<PathBuf>,
+    mmproj: Option<PathBuf>,
     max_new_tokens: Option<usize>,
     sampling: SamplingConfig,
     ignore_eos: bool,
@@ -158,6 +164,7 @@ fn parse_args() -> Result<Args, String> {
                 a.chat = true;
             }
             "--image" => a.images.push(value(&flag, it.next())?),
+            "--mmproj" => a.mmproj = Some(value(&flag, it.next())?),
             "--max-new-tokens" => a.max_new_tokens = Some(value(&flag, it.next())?),
             "--temperature" => a.sampling.temperature = value(&flag, it.next())?,
             "--top-k" => a.sampling.top_k = Some(value(&flag, it.next())?),
@@ -206,6 +213,14 @@ fn parse_args() -> Result<Args, String> {
     // Every rank parses the same arguments: what is refused here stops every rank alike.
     if a.expert_parallel && a.save_quantized.is_some() {
         return Err("--save-quantized does not combine with --expert-parallel".into());
+    }
+    if a.mmproj.is_some() && a.images.is_empty() {
+        return Err("--mmproj needs --image (without images only the text model runs)".into());
+    }
+    if a.mmproj.is_some() && a.expert_parallel {
+        return Err(
+            "--mmproj does not combine with --expert-parallel (a GGUF model runs on one process)".into(),
+        );
     }
     if a.prompt.is_some() && a.prompt_ids.is_some() {
         return Err("give --prompt or --prompt-ids, not both".into());
@@ -296,7 +311,10 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
     let mut policy = args.quant_policy();
     if let (Some(out), Some(p)) = (&args.save_quantized, &policy) {
         let started = Instant::now();
-        let summary = quantize_checkpoint(&dir, out, p).map_err(|e| quant_error(e, p))?;
+        let bar = Arc::new(TerminalProgress::new("quantising"));
+        let summary = quantize_checkpoint_with_progress(&dir, out, p, Some(bar.clone() as SharedProgress))
+            .map_err(|e| quant_error(e, p))?;
+        bar.finish();
         eprintln!(
             "saved {}: {} tensors quantised ({} {} {}, {} scales), {} copied, {:.2} MB → {:.2} MB in {:.1} s",
             summary.path.display(),
@@ -318,10 +336,26 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         policy = None;
     }
     let load_started = Instant::now();
+    // A bar on stderr while loading (and quantising); nothing is drawn unless stderr is a terminal.
+    let bar = Arc::new(TerminalProgress::new(match policy {
+        Some(_) => "loading + quantising",
+        None => "loading",
+    }));
+    let options = LoadOptions {
+        quantization: policy,
+        progress: Some(bar.clone() as SharedProgress),
+    };
+    if args.mmproj.is_some() && !is_gguf_path(&dir) {
+        return Err(
+            "--mmproj goes with a GGUF --model; a checkpoint directory holds its own vision tower".into(),
+        );
+    }
     // A GGUF file: the text model, tokenizer, chat template and stop ids all come from it.
     let gguf = if is_gguf_path(&dir) {
-        if !args.images.is_empty() {
-            return Err("--image needs a checkpoint directory with a vision tower, not a GGUF file".into());
+        if !args.images.is_empty() && args.mmproj.is_none() {
+            return Err(
+                "--image with a GGUF model needs --mmproj FILE (the vision tower's projector GGUF)".into(),
+            );
         }
         if policy.is_some() {
             return Err(
@@ -331,7 +365,7 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         if group.is_some() {
             return Err("--expert-parallel needs a safetensors checkpoint directory, not a GGUF file".into());
         }
-        let g = GgufModel::load(&dir)?;
+        let g = GgufModel::load_with_progress(&dir, options.progress.clone())?;
         let chat = if args.chat { Some(g.chat_template()?) } else { None };
         Some((g, chat))
     } else {
@@ -343,7 +377,19 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
     let (text_model, multimodal, tokenizer) = if let Some((g, chat)) = gguf {
         gguf_facts = Some((g.stop_ids, g.weight_bytes, chat));
-        (Some(g.model), None, g.tokenizer.map(|t| t.tokenizer))
+        let tokenizer = g.tokenizer.map(|t| t.tokenizer);
+        match &args.mmproj {
+            None => (Some(g.model), None, tokenizer),
+            Some(path) => {
+                let tok = tokenizer
+                    .as_ref()
+                    .ok_or("--mmproj needs the GGUF model's tokenizer (for the image tokens' ids)")?;
+                let ids = ImageTokenIds::from_tokenizer(tok)?;
+                let mmproj = Mmproj::load_with_progress(path, options.progress.clone())?;
+                let mm = MultimodalModel::from_parts(Arc::new(g.model), mmproj, ids)?;
+                (None, Some(mm), tokenizer)
+            }
+        }
     } else if args.images.is_empty() {
         let model = match group {
             Some(t) => {
@@ -351,7 +397,7 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
                 leader = Some(l);
                 model
             }
-            None => TextModel::load_with_quantization(&dir, policy).map_err(|e| match &policy {
+            None => TextModel::load_with_options(&dir, &options).map_err(|e| match &policy {
                 Some(p) => quant_error(e, p),
                 None => e.into(),
             })?,
@@ -376,15 +422,14 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
                 leader = Some(l);
                 mm
             }
-            None => {
-                MultimodalModel::load_with_quantization(&dir, ids, policy).map_err(|e| match &policy {
-                    Some(p) => quant_error(e, p),
-                    None => e.into(),
-                })?
-            }
+            None => MultimodalModel::load_with_options(&dir, ids, &options).map_err(|e| match &policy {
+                Some(p) => quant_error(e, p),
+                None => e.into(),
+            })?,
         };
         (None, Some(mm), tokenizer)
     };
+    bar.finish();
     let model: &TextModel = match (&text_model, &multimodal) {
         (Some(m), _) => m,
         (None, Some(mm)) => mm.text(),

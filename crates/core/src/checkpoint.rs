@@ -31,6 +31,7 @@ use ndarray::{Array1, ArrayD, IxDyn};
 use serde_json::Value;
 
 use crate::input::{probe, read_capped, Cap, Probe};
+use crate::progress::{ProgressCounter, SharedProgress};
 use crate::quant::{QuantData, QuantFormat, QuantPolicy, QuantSpec, QuantTarget, ScaleType, Scales};
 use crate::quant::{FP8_SCALE_SUFFIX, METADATA_KEY, QSCALE_SUFFIX, QWEIGHT_SUFFIX};
 use crate::safetensors::{SafetensorsFile, TensorInfo};
@@ -53,6 +54,8 @@ pub struct Checkpoint {
     weight_bytes: AtomicUsize,
     /// Weights handed out quantised (stored so, or quantised by the policy).
     quantized_weights: AtomicUsize,
+    /// Stored bytes of the tensors handed out, for a load-progress observer.
+    progress: ProgressCounter,
 }
 
 impl Checkpoint {
@@ -156,7 +159,58 @@ impl Checkpoint {
             quant: None,
             weight_bytes: AtomicUsize::new(0),
             quantized_weights: AtomicUsize::new(0),
+            progress: ProgressCounter::default(),
         }
+    }
+
+    /// Sets (or clears) the load-progress observer: every later look-up reports the stored
+    /// bytes of the tensors it used (see [`crate::progress`]), out of the bytes of every tensor
+    /// of every file. [`Checkpoint::finish_progress`] reports the load complete.
+    pub fn set_progress(&mut self, observer: Option<SharedProgress>) {
+        let total = self.stored_bytes_total();
+        self.progress = ProgressCounter::new(observer, total);
+    }
+
+    /// [`Checkpoint::set_progress`] by value.
+    pub fn with_progress(mut self, observer: Option<SharedProgress>) -> Self {
+        self.set_progress(observer);
+        self
+    }
+
+    /// Reports the load complete (`done == total`): the tensors no look-up asked for (another
+    /// modality's, or experts another process holds) count as done. Model loaders call it.
+    pub fn finish_progress(&self) {
+        self.progress.finish();
+    }
+
+    /// Bytes of tensor data of every file, as stored.
+    fn stored_bytes_total(&self) -> u64 {
+        self.files
+            .iter()
+            .flat_map(|f| f.header().tensors.values())
+            .map(|t| (t.data_offsets.1 - t.data_offsets.0) as u64)
+            .sum()
+    }
+
+    /// Reports tensor `full` loaded: the stored bytes of it or of the tensors it was made from
+    /// (`.qweight` and `.qscale`, an fp8 `_scale`), `part.0` of `part.1` matrices of them.
+    fn report_loaded(&self, full: &str, (part, of): (usize, usize)) {
+        let stored: u64 = [
+            full.to_string(),
+            format!("{full}{QWEIGHT_SUFFIX}"),
+            format!("{full}{QSCALE_SUFFIX}"),
+            format!("{full}{FP8_SCALE_SUFFIX}"),
+        ]
+        .iter()
+        .filter_map(|n| self.find(n).ok())
+        .map(|(_, t)| (t.data_offsets.1 - t.data_offsets.0) as u64)
+        .sum();
+        let bytes = if of == 0 {
+            stored
+        } else {
+            (stored as u128 * part as u128 / of as u128) as u64
+        };
+        self.progress.add(bytes);
     }
 
     /// Sets (or clears) the load-time quantisation of float weights: every later
@@ -565,11 +619,13 @@ impl<'a> Scope<'a> {
             let q = self.ckpt.stored_quant(&full, &[], out, inp)?;
             let w = Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?;
             self.ckpt.account(w.nbytes(), true);
+            self.ckpt.report_loaded(&full, (1, 1));
             return Ok(w);
         }
         if let Some(q) = self.ckpt.stored_fp8(&full, &[], out, inp, layout, 0..1)? {
             let w = Weight::new(WeightData::Quant(Box::new(q)), Layout::OutIn, out, inp)?;
             self.ckpt.account(w.nbytes(), true);
+            self.ckpt.report_loaded(&full, (1, 1));
             return Ok(w);
         }
         let w = Weight::new(self.ckpt.data(&full, &stored)?, layout, out, inp)?;
@@ -582,6 +638,7 @@ impl<'a> Scope<'a> {
             None => w,
         };
         self.ckpt.account(w.nbytes(), w.quant().is_some());
+        self.ckpt.report_loaded(&full, (1, 1));
         Ok(w)
     }
 
@@ -622,6 +679,7 @@ impl<'a> Scope<'a> {
             let data = WeightData::Quant(Box::new(q.slice(range.start * per, n * per)));
             let w = BatchedWeight::new(data, Layout::OutIn, n, out_features, in_features)?;
             self.ckpt.account(w.data().nbytes(), true);
+            self.ckpt.report_loaded(&full, (n, batch));
             return Ok(w);
         }
         let fp8 = self.ckpt.stored_fp8(
@@ -636,6 +694,7 @@ impl<'a> Scope<'a> {
             let data = WeightData::Quant(Box::new(q));
             let w = BatchedWeight::new(data, Layout::OutIn, n, out_features, in_features)?;
             self.ckpt.account(w.data().nbytes(), true);
+            self.ckpt.report_loaded(&full, (n, batch));
             return Ok(w);
         }
         let data = self.ckpt.data(&full, &[batch, in_features, out_features])?;
@@ -649,12 +708,14 @@ impl<'a> Scope<'a> {
             None => w,
         };
         self.ckpt.account(w.data().nbytes(), w.quant().is_some());
+        self.ckpt.report_loaded(&full, (n, batch));
         Ok(w)
     }
 
     /// A tensor of any shape converted to f32 (norm weights, embeddings of small models, …).
     pub fn array(&self, name: &str, shape: &[usize]) -> Result<ArrayD<f32>> {
         let data = self.ckpt.data(&self.name(name), shape)?;
+        self.ckpt.report_loaded(&self.name(name), (1, 1));
         // The header check makes this infallible; an error rather than a panic all the same.
         ArrayD::from_shape_vec(IxDyn(shape), data.to_f32_vec())
             .map_err(|e| Error::shape("Scope::array", format!("`{}`: {e}", self.name(name))))
@@ -663,6 +724,7 @@ impl<'a> Scope<'a> {
     /// A 1-D tensor converted to f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Array1<f32>> {
         let data = self.ckpt.data(&self.name(name), &[len])?;
+        self.ckpt.report_loaded(&self.name(name), (1, 1));
         Ok(Array1::from_vec(data.to_f32_vec()))
     }
 

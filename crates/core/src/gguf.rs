@@ -32,6 +32,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::ggml::{GgmlData, GgmlType};
+use crate::progress::{ProgressCounter, SharedProgress};
 use crate::{BatchedWeight, Buffer, Error, Layout, Result, Weight, WeightData};
 
 /// The file's first four bytes.
@@ -682,6 +683,8 @@ pub struct GgufFile {
     path: PathBuf,
     map: Arc<Mmap>,
     header: Header,
+    /// Stored bytes of the tensors handed out, for a load-progress observer.
+    progress: ProgressCounter,
 }
 
 impl GgufFile {
@@ -711,7 +714,28 @@ impl GgufFile {
             path,
             map: Arc::new(map),
             header,
+            progress: ProgressCounter::default(),
         })
+    }
+
+    /// Sets (or clears) the load-progress observer: every later [`GgufFile::weight`],
+    /// [`GgufFile::batched`] or [`GgufFile::to_f32`] reports the tensor's stored bytes, out of
+    /// the bytes of every tensor in the file (see [`crate::progress`]);
+    /// [`GgufFile::finish_progress`] reports the load complete.
+    pub fn set_progress(&mut self, observer: Option<SharedProgress>) {
+        let total = self.header.tensors.iter().map(|t| t.nbytes).sum();
+        self.progress = ProgressCounter::new(observer, total);
+    }
+
+    /// [`GgufFile::set_progress`] by value.
+    pub fn with_progress(mut self, observer: Option<SharedProgress>) -> Self {
+        self.set_progress(observer);
+        self
+    }
+
+    /// Reports the load complete (`done == total`): tensors nothing asked for count as done.
+    pub fn finish_progress(&self) {
+        self.progress.finish();
     }
 
     /// The file's path.
@@ -779,32 +803,38 @@ impl GgufFile {
     /// Matrix `name` of shape `[out, in]` (ggml `ne = [in, out]`) as a [`Weight`] read in place;
     /// multiplying by it treats the activations as llama.cpp does for its type.
     pub fn weight(&self, name: &str, [out, inp]: [usize; 2]) -> Result<Weight> {
-        self.check_shape(name, &[out, inp])?;
-        Weight::new(
+        let t = self.check_shape(name, &[out, inp])?;
+        let w = Weight::new(
             WeightData::Ggml(Box::new(self.data(name)?)),
             Layout::OutIn,
             out,
             inp,
-        )
+        )?;
+        self.progress.add(t.nbytes);
+        Ok(w)
     }
 
     /// A batch of matrices `[batch, out, in]` (ggml `ne = [in, out, batch]`: llama.cpp's
     /// `ffn_*_exps` expert tensors) as a [`BatchedWeight`] read in place.
     pub fn batched(&self, name: &str, [batch, out, inp]: [usize; 3]) -> Result<BatchedWeight> {
-        self.check_shape(name, &[batch, out, inp])?;
-        BatchedWeight::new(
+        let t = self.check_shape(name, &[batch, out, inp])?;
+        let w = BatchedWeight::new(
             WeightData::Ggml(Box::new(self.data(name)?)),
             Layout::OutIn,
             batch,
             out,
             inp,
-        )
+        )?;
+        self.progress.add(t.nbytes);
+        Ok(w)
     }
 
     /// Tensor `name` of `shape` dequantised to f32 (norm weights, biases, an embedding table to
     /// copy), bit for bit as llama.cpp dequantises it.
     pub fn to_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.check_shape(name, shape)?;
-        Ok(self.data(name)?.to_f32_vec())
+        let t = self.check_shape(name, shape)?;
+        let values = self.data(name)?.to_f32_vec();
+        self.progress.add(t.nbytes);
+        Ok(values)
     }
 }

@@ -16,6 +16,7 @@ mod kv;
 mod layer_kind;
 mod linear;
 pub mod pool;
+pub mod progress;
 pub mod quant;
 pub mod safetensors;
 pub mod scratch;
@@ -28,6 +29,7 @@ pub use error::{Error, Result};
 pub use kv::{quantize_q8, KvData, KvDtype, KvView};
 pub use layer_kind::{AttentionMask, LayerKind, Segments};
 pub use linear::Linear;
+pub use progress::{LoadProgress, SharedProgress};
 pub use quant::{
     QuantData, QuantFormat, QuantPolicy, QuantScope, QuantSpec, QuantTarget, ScaleType, Scales, TensorRole,
 };

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use irope_attn::{Attention, AttnConfig, PosEncoding, RopeConfig, RopeScaling};
 use llama4_core::gguf::{GgufFile, Value};
-use llama4_core::Linear;
+use llama4_core::{Linear, SharedProgress};
 use moe_router::{Experts, Llama4Router, Mlp, Moe, WeightPlacement};
 use ndarray::Array1;
 
@@ -203,8 +203,15 @@ impl GgufModel {
     /// Opens `path` and loads its model and tokenizer (see [`TextModel::from_gguf`] and
     /// [`GgufTokenizer::from_gguf`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let f = GgufFile::open(path.as_ref())?;
+        Self::load_with_progress(path, None)
+    }
+
+    /// [`GgufModel::load`] with `progress` told of every tensor loaded, in stored bytes of the
+    /// file (see [`llama4_core::progress`]); its last report has `done == total`.
+    pub fn load_with_progress(path: impl AsRef<Path>, progress: Option<SharedProgress>) -> Result<Self> {
+        let f = GgufFile::open(path.as_ref())?.with_progress(progress);
         let model = TextModel::from_gguf(&f)?;
+        f.finish_progress();
         let tokenizer = match f.get("tokenizer.ggml.model") {
             Some(_) => Some(GgufTokenizer::from_gguf(&f)?),
             None => None,

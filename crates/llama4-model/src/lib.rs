@@ -78,6 +78,8 @@ pub mod heldout;
 mod layer;
 mod model;
 mod multimodal;
+#[cfg(feature = "progress-bar")]
+mod progress_bar;
 mod quant;
 mod session;
 mod tokenizer;
@@ -93,13 +95,18 @@ pub use generate::{GenerateOptions, Generation, Sampler, SamplingConfig, MIN_TEM
 pub use gguf_model::{gguf_text_config, is_gguf_path, GgufModel};
 pub use gguf_tokenizer::{GgufTokenizer, LLAMA4_PATTERN};
 pub use layer::{AttentionLayer, DecoderLayer, FeedForwardLayer, Seq, Workspace};
-pub use llama4_core::{DType, KvDtype, LayerKind};
-pub use model::{MoeBuilder, TextModel};
+pub use llama4_core::{DType, KvDtype, LayerKind, LoadProgress, SharedProgress};
+pub use model::{LoadOptions, MoeBuilder, TextModel};
 pub use multimodal::{
     expand_image_placeholders, scatter_image_features, EncodedImage, ImageTokenIds, MultimodalModel,
     PreparedPrompt,
 };
-pub use quant::{quant_policy, quantize_checkpoint, tensor_role, QuantizeSummary, SCOPE_METADATA_KEY};
+#[cfg(feature = "progress-bar")]
+pub use progress_bar::TerminalProgress;
+pub use quant::{
+    quant_policy, quantize_checkpoint, quantize_checkpoint_with_progress, tensor_role, QuantizeSummary,
+    SCOPE_METADATA_KEY,
+};
 pub use session::{Logits, Session};
 pub use tokenizer::{chat_prompt, StreamDecoder, Tokenizer};
 /// The component crates, re-exported so a caller needs only this crate to swap a part.

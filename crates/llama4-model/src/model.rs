@@ -6,7 +6,7 @@ use irope_attn::{Attention, PosEncoding, SelfAttention};
 use kv_cache::{CacheSpec, KvCache};
 use llama4_core::kernels::{linear, linear_into, rms_norm_inplace};
 use llama4_core::scratch::reshape_reusing;
-use llama4_core::{Checkpoint, DType, KvDtype, LayerKind, QuantPolicy, Scope, Weight};
+use llama4_core::{Checkpoint, DType, KvDtype, LayerKind, QuantPolicy, Scope, SharedProgress, Weight};
 use moe_router::{Mlp, Moe, MoeConfig, Router};
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2, Axis};
 
@@ -59,10 +59,36 @@ impl TextModel {
         policy: Option<QuantPolicy>,
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            quantization: policy,
+            progress: None,
+        };
+        Self::load_with_options_and_moe(dir, &options, build)
+    }
+
+    /// [`TextModel::load_with_quantization`] with `options.progress` told of every tensor
+    /// loaded (and quantised), in stored bytes of the checkpoint's files; see
+    /// [`llama4_core::progress`].
+    pub fn load_with_options(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        Self::load_with_options_and_moe(dir, options, &mut load_moe)
+    }
+
+    /// [`TextModel::load_with_options`] with each MoE layer's feed-forward built by `build`
+    /// (see [`TextModel::load_with_moe`]).
+    pub fn load_with_options_and_moe(
+        dir: impl AsRef<Path>,
+        options: &LoadOptions,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
+        let ckpt = Checkpoint::open(dir)?
+            .with_quantization(options.quantization)
+            .with_progress(options.progress.clone());
         let model = Self::from_checkpoint_with_moe(ckpt, &config, build)?;
+        if let Some(ckpt) = &model.checkpoint {
+            ckpt.finish_progress();
+        }
         if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_some()) {
             // Quantising read every selected float weight once; without this their pages would
             // stay resident beside the quantised copies (2-4x the quantised bytes on bench-mid).
@@ -343,6 +369,26 @@ impl TextModel {
         let mut cache = self.new_cache(DType::F32)?;
         let hidden = self.forward_hidden(self.embed(tokens)?, &mut cache)?;
         self.logits(hidden.view())
+    }
+}
+
+/// How to load a safetensors checkpoint: the load-time quantisation and a progress observer.
+/// The default loads as stored, silently.
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Load-time quantisation of the weights it selects (see
+    /// [`TextModel::load_with_quantization`]).
+    pub quantization: Option<QuantPolicy>,
+    /// Told of every tensor loaded, in stored bytes; the library draws nothing itself.
+    pub progress: Option<SharedProgress>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOptions")
+            .field("quantization", &self.quantization)
+            .field("progress", &self.progress.is_some())
+            .finish()
     }
 }
 

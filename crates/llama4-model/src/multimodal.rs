@@ -10,11 +10,15 @@ use std::sync::Arc;
 use llama4_core::{Checkpoint, QuantPolicy};
 use ndarray::{Array2, ArrayView2, Axis};
 use vision_encoder::image::DynamicImage;
-use vision_encoder::{decode_image, image_tokens, ImageProcessor, ImageToken, Projector, VisionModel};
+use vision_encoder::{
+    decode_image, image_tokens, ImageProcessor, ImageToken, Mmproj, Projector, VisionModel,
+};
 
 use crate::model::load_moe;
 use crate::session::Session;
-use crate::{Error, GenerateOptions, Generation, ModelConfig, MoeBuilder, Result, TextModel, Tokenizer};
+use crate::{
+    Error, GenerateOptions, Generation, LoadOptions, ModelConfig, MoeBuilder, Result, TextModel, Tokenizer,
+};
 
 /// Ids of the special tokens that lay out an image in the prompt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -237,6 +241,31 @@ impl MultimodalModel {
         policy: Option<QuantPolicy>,
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
+        let options = LoadOptions {
+            quantization: policy,
+            progress: None,
+        };
+        Self::load_with_options_and_moe(dir, token_ids, &options, build)
+    }
+
+    /// [`MultimodalModel::load_with_quantization`] with `options.progress` told of every
+    /// tensor loaded (see [`TextModel::load_with_options`]).
+    pub fn load_with_options(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)
+    }
+
+    /// [`MultimodalModel::load_with_options`] with the text decoder's MoE layers built by
+    /// `build` (see [`TextModel::load_with_moe`]).
+    pub fn load_with_options_and_moe(
+        dir: impl AsRef<Path>,
+        token_ids: ImageTokenIds,
+        options: &LoadOptions,
+        build: &mut MoeBuilder<'_>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let multimodal = config.multimodal.as_ref().ok_or_else(|| Error::Config {
@@ -264,7 +293,9 @@ impl MultimodalModel {
                 ),
             });
         }
-        let ckpt = Checkpoint::open(dir)?.with_quantization(policy);
+        let ckpt = Checkpoint::open(dir)?
+            .with_quantization(options.quantization)
+            .with_progress(options.progress.clone());
         let vision = VisionModel::load(ckpt.scope("vision_model"), vision_cfg)?;
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),
@@ -272,11 +303,53 @@ impl MultimodalModel {
             config.text.hidden_size(),
         )?;
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
+        if let Some(ckpt) = text.checkpoint() {
+            ckpt.finish_progress();
+        }
         Ok(MultimodalModel {
             text: Arc::new(text),
             vision,
             projector,
             processor,
+            token_ids,
+        })
+    }
+
+    /// A model from a text decoder, a vision tower and projector with their image processor
+    /// (a llama.cpp projector GGUF: [`Mmproj`]) and the layout tokens' ids: what
+    /// `generate --model FILE.gguf --mmproj MMPROJ.gguf` runs, the decoder from
+    /// [`GgufModel::load`](crate::GgufModel::load) and the ids from its tokenizer.
+    ///
+    /// # Errors
+    /// [`Error::Config`] when the projector's output width is not the decoder's hidden size
+    /// (a projector made for another model) or `token_ids.patch` is not in its vocabulary.
+    pub fn from_parts(text: Arc<TextModel>, mmproj: Mmproj, token_ids: ImageTokenIds) -> Result<Self> {
+        let hidden = text.config().hidden_size;
+        if mmproj.projector.output_dim() != hidden {
+            return Err(Error::Config {
+                field: "mm.model.fc.weight",
+                reason: format!(
+                    "the projector outputs width {}, the text model's hidden size is {hidden}: \
+                     a projector for another model",
+                    mmproj.projector.output_dim()
+                ),
+            });
+        }
+        let vocab = text.config().vocab_size;
+        if let Some(id) = [token_ids.image_start, token_ids.patch, token_ids.image_end]
+            .into_iter()
+            .find(|&id| id as usize >= vocab)
+        {
+            return Err(Error::Config {
+                field: "image token ids",
+                reason: format!("id {id} is outside the vocabulary of {vocab}"),
+            });
+        }
+        Ok(MultimodalModel {
+            text,
+            vision: mmproj.vision,
+            projector: mmproj.projector,
+            processor: ImageProcessor::new(mmproj.processor)?,
             token_ids,
         })
     }

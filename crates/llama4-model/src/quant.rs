@@ -18,7 +18,7 @@ use llama4_core::{
     Checkpoint, QuantData, QuantPolicy, QuantScope, QuantSpec, Scales, TensorRole, WeightData,
 };
 
-use crate::{Error, Result};
+use crate::{Error, Result, SharedProgress};
 
 /// A load-time quantisation policy for Llama 4 checkpoints: `scope` of the tensors
 /// [`tensor_role`] names, quantised with `spec`.
@@ -113,6 +113,17 @@ pub fn quantize_checkpoint(
     dst: impl AsRef<Path>,
     policy: &QuantPolicy,
 ) -> Result<QuantizeSummary> {
+    quantize_checkpoint_with_progress(src, dst, policy, None)
+}
+
+/// [`quantize_checkpoint`] with `progress` told, after each tensor written, the source bytes
+/// done out of the source checkpoint's total (see [`llama4_core::progress`]).
+pub fn quantize_checkpoint_with_progress(
+    src: impl AsRef<Path>,
+    dst: impl AsRef<Path>,
+    policy: &QuantPolicy,
+    progress: Option<SharedProgress>,
+) -> Result<QuantizeSummary> {
     let (src, dst) = (src.as_ref(), dst.as_ref());
     let ckpt = Checkpoint::open(src)?.with_quantization(Some(*policy));
     let src_dir = if src.is_file() {
@@ -150,8 +161,16 @@ pub fn quantize_checkpoint(
             Source::Scales(n) => ((n.as_str(), 2), i),
         })
         .collect();
+    let total = names
+        .iter()
+        .map(|&n| ckpt.raw_bytes(n).map(|b| b.len() as u64))
+        .sum::<std::result::Result<u64, _>>()?;
     let mut bytes_in = 0u64;
     for &name in &names {
+        if let Some(p) = &progress {
+            // Reported before the tensor too, so a long quantisation shows where it is.
+            p.update(bytes_in, total);
+        }
         bytes_in += ckpt.raw_bytes(name)?.len() as u64;
         if let Some(&i) = at.get(&(name, 0)) {
             out.write(i, ckpt.raw_bytes(name)?)?;
@@ -163,6 +182,9 @@ pub fn quantize_checkpoint(
         };
         out.write(values, q.values())?;
         out.write(scales, &scale_bytes(q.scales()))?;
+    }
+    if let Some(p) = &progress {
+        p.update(total, total);
     }
     let bytes_out = out.data_len() as u64;
     let path = out.finish()?;

@@ -69,13 +69,7 @@ fn edited(src: &str, edit: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir, Pat
 
 /// Offset of the tensor-info entry of `name` just past its name (at `n_dims`).
 fn info_at(bytes: &[u8], name: &str) -> usize {
-    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
-    needle.extend(name.as_bytes());
-    let at = bytes
-        .windows(needle.len())
-        .rposition(|w| w == needle)
-        .unwrap_or_else(|| panic!("{name} not in the header"));
-    at + needle.len()
+    llama4_testkit::gguf_string_end(bytes, name)
 }
 
 fn load_err(path: &Path) -> Error {

@@ -32,9 +32,10 @@ use std::sync::{Arc, OnceLock};
 
 use llama4_core::{KvDtype, QuantPolicy};
 use llama4_model::{
-    is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, ModelConfig, MultimodalModel, TextModel,
-    Tokenizer,
+    is_gguf_path, stop_ids, ChatTemplate, GgufModel, ImageTokenIds, LoadOptions, ModelConfig,
+    MultimodalModel, SharedProgress, TerminalProgress, TextModel, Tokenizer,
 };
+use vision_encoder::Mmproj;
 
 pub use error::{Error, Result};
 
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     /// Checkpoint directory (config.json, safetensors, tokenizer.json), or a Llama 4 GGUF file
     /// (model, tokenizer, chat template and stop ids from the file).
     pub model_dir: PathBuf,
+    /// With a GGUF model: llama.cpp's multimodal projector GGUF for it, so requests may carry
+    /// images (the layout tokens' ids come from the model file's tokenizer).
+    pub mmproj: Option<PathBuf>,
     /// Name reported by `/v1/models` and in responses (default: the directory's name).
     pub model_name: Option<String>,
     /// Address to bind.
@@ -77,12 +81,15 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
+    /// Draw a loading progress bar on stderr (nothing is drawn when stderr is not a terminal).
+    pub load_progress: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             model_dir: PathBuf::from(DEMO_MODEL_DIR),
+            mmproj: None,
             model_name: None,
             host: "127.0.0.1".into(),
             port: 8080,
@@ -94,6 +101,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 16 << 20,
             kv_dtype: KvDtype::F32,
+            load_progress: false,
         }
     }
 }
@@ -101,17 +109,48 @@ impl Default for ServerConfig {
 /// Loads the checkpoint, tokenizer and chat template, and starts the engine.
 fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
     let dir = &config.model_dir;
+    let bar = config.load_progress.then(|| {
+        let label = if config.quantization.is_some() {
+            "loading + quantising"
+        } else {
+            "loading"
+        };
+        Arc::new(TerminalProgress::new(label))
+    });
+    let progress = bar.clone().map(|b| b as SharedProgress);
+    let options = LoadOptions {
+        quantization: config.quantization,
+        progress: progress.clone(),
+    };
     if is_gguf_path(dir) {
         if config.quantization.is_some() {
             return Err(Error::Config(
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             ));
         }
-        let g = GgufModel::load(dir)?;
+        let g = GgufModel::load_with_progress(dir, progress.clone())?;
         let template = g.chat_template()?;
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
-        let model = LoadedModel::Text(Arc::new(g.model));
+        let model = match &config.mmproj {
+            None => LoadedModel::Text(Arc::new(g.model)),
+            Some(path) => {
+                let tok = tokenizer.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "--mmproj needs the GGUF model's tokenizer (for the image tokens' ids)".into(),
+                    )
+                })?;
+                let ids = ImageTokenIds::from_tokenizer(tok)?;
+                let mmproj = Mmproj::load_with_progress(path, progress).map_err(llama4_model::Error::from)?;
+                LoadedModel::Multimodal(MultimodalModel::from_parts(Arc::new(g.model), mmproj, ids)?)
+            }
+        };
+        drop(bar);
         return start(config, metrics, model, tokenizer, g.stop_ids, template);
+    }
+    if config.mmproj.is_some() {
+        return Err(Error::Config(
+            "--mmproj goes with a GGUF --model; a checkpoint directory holds its own vision tower".into(),
+        ));
     }
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
@@ -124,17 +163,11 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             ))
         })?;
         let ids = ImageTokenIds::from_tokenizer(tok)?;
-        LoadedModel::Multimodal(MultimodalModel::load_with_quantization(
-            dir,
-            ids,
-            config.quantization,
-        )?)
+        LoadedModel::Multimodal(MultimodalModel::load_with_options(dir, ids, &options)?)
     } else {
-        LoadedModel::Text(Arc::new(TextModel::load_with_quantization(
-            dir,
-            config.quantization,
-        )?))
+        LoadedModel::Text(Arc::new(TextModel::load_with_options(dir, &options)?))
     };
+    drop(bar);
     let stops = stop_ids(dir, model.text().config())?;
     let template = ChatTemplate::from_dir(dir)?;
     start(config, metrics, model, tokenizer, stops, template)

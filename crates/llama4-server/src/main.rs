@@ -9,6 +9,8 @@
 //! ```text
 //! --model DIR|FILE.gguf  checkpoint directory (default: the embedded demo model, models/demo), or
 //!                        a Llama 4 GGUF file (tokenizer, chat template, stop ids from its metadata)
+//! --mmproj FILE          with a GGUF --model: llama.cpp's multimodal projector GGUF for it
+//!                        (`convert_hf_to_gguf.py --mmproj`), so requests may carry images
 //! --alias NAME           model name in /v1/models and in responses (default: the directory's
 //!                        name, or the GGUF file's without `.gguf`)
 //! --host ADDR            address to bind (default 127.0.0.1)
@@ -40,6 +42,8 @@ const API_KEY_ENV: &str = "LLAMA4_API_KEY";
 fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, String> {
     let mut c = ServerConfig {
         api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
+        // A bar on stderr while loading; indicatif draws nothing when stderr is not a terminal.
+        load_progress: true,
         ..ServerConfig::default()
     };
     let (mut format, mut all, mut group, mut scales) = (None, false, None, None);
@@ -50,6 +54,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, Stri
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--model" => c.model_dir = value::<PathBuf>(&flag, it.next())?,
+            "--mmproj" => c.mmproj = Some(value::<PathBuf>(&flag, it.next())?),
             "--alias" => c.model_name = Some(value(&flag, it.next())?),
             "--host" => c.host = value(&flag, it.next())?,
             "--port" => c.port = value(&flag, it.next())?,

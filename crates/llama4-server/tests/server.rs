@@ -668,3 +668,63 @@ fn a_gguf_file_refuses_load_time_quantisation() {
     };
     assert!(err.to_string().contains("GGUF"), "{err}");
 }
+
+#[test]
+fn a_gguf_file_with_its_projector_takes_images() {
+    let e2e = root().join("fixtures/gguf/mm-e2e");
+    let server = start(ServerConfig {
+        model_dir: e2e.join("text-F32.gguf"),
+        mmproj: Some(e2e.join("mmproj-F32.gguf")),
+        ..Default::default()
+    });
+    let (status, models) = get(&server, "/v1/models", None);
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["meta"]["multimodal"], true, "{models}");
+    // An image part passes the server's checks and reaches the model: the fixture's own chat
+    // template writes text only, so the image makes a `<|image|>`-less prompt, refused by
+    // name, where a server without a tower refuses the image itself.
+    use base64::Engine as _;
+    let png = std::fs::read(root().join("fixtures/models/multimodal/small.png")).unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    );
+    let body = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}], "max_tokens": 2});
+    let (status, got) = post_json(&server, "/v1/chat/completions", body);
+    assert_error(status, &got, 400, "an image with no placeholder in the prompt");
+    let message = got["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("0 <|image|> placeholder(s) but 1 image"),
+        "{message}"
+    );
+
+    // A projector is refused with a checkpoint directory, for another model, or with a model
+    // whose vocabulary has no image tokens.
+    let other = root().join("fixtures/gguf/mmproj-multimodal-F32.gguf");
+    for (model, mmproj, what) in [
+        (
+            root().join("fixtures/models/multimodal"),
+            e2e.join("mmproj-F32.gguf"),
+            "GGUF",
+        ),
+        (e2e.join("text-F32.gguf"), other, "another model"),
+        (
+            root().join("fixtures/gguf/tiny-F32.gguf"),
+            e2e.join("mmproj-F32.gguf"),
+            "<|image_start|>",
+        ),
+    ] {
+        let config = ServerConfig {
+            model_dir: model,
+            mmproj: Some(mmproj),
+            port: 0,
+            ..Default::default()
+        };
+        let Err(err) = RunningServer::start(config) else {
+            panic!("{what}: started")
+        };
+        assert!(err.to_string().contains(what), "{err}");
+    }
+}

@@ -74,6 +74,19 @@ pub fn model_dir(name: &str) -> PathBuf {
     workspace_root().join("models").join(name)
 }
 
+/// Offset just past the last GGUF string `s` (a u64 length, then the bytes) in `bytes`: for a
+/// tensor name, its info's `n_dims`; for a metadata key, its value type. Tests edit hostile
+/// copies of fixtures from there.
+pub fn gguf_string_end(bytes: &[u8], s: &str) -> usize {
+    let mut needle = (s.len() as u64).to_le_bytes().to_vec();
+    needle.extend(s.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .rposition(|w| w == needle)
+        .unwrap_or_else(|| panic!("{s} not in the header"));
+    at + needle.len()
+}
+
 /// max |a − b| / max |b| (NaN anywhere in `a` gives NaN).
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "rel_err of different lengths");

@@ -49,6 +49,15 @@ pub enum Error {
         /// The directory.
         dir: PathBuf,
     },
+    /// A GGUF file is not a Llama 4 vision projector this crate can run: another architecture
+    /// or projector type, or a `clip.*` key missing or of the wrong type.
+    #[error("{path}: not a Llama 4 multimodal projector: {reason}")]
+    Mmproj {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        reason: String,
+    },
     /// The bytes are not in a format this crate recognises (neither PNG nor JPEG signature).
     #[error("not a PNG or JPEG image (unrecognised signature)")]
     UnknownImageFormat,

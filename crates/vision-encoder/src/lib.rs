@@ -8,6 +8,7 @@
 //!   bf16 rescale + normalise, tiles plus the global tile → [`ProcessedImage`];
 //! - [`VisionModel`]: patch embedding, class token, positions, 2D RoPE encoder, pixel shuffle,
 //!   adapter; [`Projector`]: vision features → text hidden size;
+//! - [`Mmproj`]: the tower and projector from llama.cpp's multimodal projector GGUF;
 //! - [`image_tokens`]: the prompt layout that the projected tokens fill.
 //!
 //! ```no_run
@@ -31,6 +32,7 @@
 mod config;
 mod error;
 mod image_io;
+mod mmproj;
 mod model;
 mod processor;
 mod resize;
@@ -42,6 +44,7 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use image_io::{decode_image, load_image, to_rgb8, MAX_PIXELS};
+pub use mmproj::{mmproj_config, Mmproj, LLAMA4_PROJECTOR};
 pub use model::{Projector, VisionModel};
 pub use processor::{canvas_for, resized_size, ImageProcessor, ProcessedImage};
 pub use resize::resize_bilinear_aa;

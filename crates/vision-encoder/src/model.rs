@@ -7,13 +7,38 @@ use rayon::prelude::*;
 
 use crate::{Error, Result, VisionConfig, LAYER_NORM_EPS};
 
-/// `name.weight` (`[out, inp]`), with `name.bias` required when `bias`.
-fn load_linear(scope: &Scope, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    Ok(if bias {
-        Linear::load_with_bias(scope, name, [out, inp])?
-    } else {
-        Linear::new(scope.weight(&format!("{name}.weight"), [out, inp])?, None)?
-    })
+/// Where the tower's tensors come from, by their Hugging Face names under `vision_model.`
+/// (`model.layers.3.self_attn.q_proj.weight`): a safetensors [`Scope`], or a llama.cpp
+/// projector GGUF that renames them (see [`crate::mmproj`]). One loader serves both, so the
+/// two load the same tower.
+pub(crate) trait TowerSource {
+    /// Matrix `name` of `[out, in]`.
+    fn weight(&self, name: &str, shape: [usize; 2]) -> Result<Weight>;
+    /// Tensor `name` of `shape` as f32 values, row-major.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+}
+
+impl TowerSource for Scope<'_> {
+    fn weight(&self, name: &str, shape: [usize; 2]) -> Result<Weight> {
+        Ok(Scope::weight(self, name, shape)?)
+    }
+
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Ok(self.array(name, shape)?.into_iter().collect())
+    }
+}
+
+fn vector(src: &dyn TowerSource, name: &str, len: usize) -> Result<Array1<f32>> {
+    Ok(Array1::from_vec(src.values(name, &[len])?))
+}
+
+/// `name.weight` (`[out, inp]`) and `name.bias` (`[out]`).
+fn load_linear(src: &dyn TowerSource, name: &str, out: usize, inp: usize) -> Result<Linear> {
+    let weight = src.weight(&format!("{name}.weight"), [out, inp])?;
+    Ok(Linear::new(
+        weight,
+        Some(vector(src, &format!("{name}.bias"), out)?),
+    )?)
 }
 
 struct LayerNorm {
@@ -22,11 +47,10 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(scope: &Scope, name: &str, width: usize) -> Result<Self> {
-        let scope = scope.scope(name);
+    fn load(src: &dyn TowerSource, name: &str, width: usize) -> Result<Self> {
         Ok(LayerNorm {
-            weight: scope.vector("weight", width)?,
-            bias: scope.vector("bias", width)?,
+            weight: vector(src, &format!("{name}.weight"), width)?,
+            bias: vector(src, &format!("{name}.bias"), width)?,
         })
     }
 
@@ -51,19 +75,19 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(scope: &Scope, cfg: &VisionConfig) -> Result<Self> {
+    /// Layer `j`'s tensors, `model.layers.{j}.…`.
+    fn load(src: &dyn TowerSource, j: usize, cfg: &VisionConfig) -> Result<Self> {
         let d = cfg.hidden_size;
-        let attn = scope.scope("self_attn");
-        let mlp = scope.scope("mlp");
+        let n = |s: &str| format!("model.layers.{j}.{s}");
         Ok(EncoderLayer {
-            input_layernorm: LayerNorm::load(scope, "input_layernorm", d)?,
-            post_attention_layernorm: LayerNorm::load(scope, "post_attention_layernorm", d)?,
-            q_proj: load_linear(&attn, "q_proj", d, d, true)?,
-            k_proj: load_linear(&attn, "k_proj", d, d, true)?,
-            v_proj: load_linear(&attn, "v_proj", d, d, true)?,
-            o_proj: load_linear(&attn, "o_proj", d, d, true)?,
-            fc1: load_linear(&mlp, "fc1", cfg.intermediate_size, d, true)?,
-            fc2: load_linear(&mlp, "fc2", d, cfg.intermediate_size, true)?,
+            input_layernorm: LayerNorm::load(src, &n("input_layernorm"), d)?,
+            post_attention_layernorm: LayerNorm::load(src, &n("post_attention_layernorm"), d)?,
+            q_proj: load_linear(src, &n("self_attn.q_proj"), d, d)?,
+            k_proj: load_linear(src, &n("self_attn.k_proj"), d, d)?,
+            v_proj: load_linear(src, &n("self_attn.v_proj"), d, d)?,
+            o_proj: load_linear(src, &n("self_attn.o_proj"), d, d)?,
+            fc1: load_linear(src, &n("mlp.fc1"), cfg.intermediate_size, d)?,
+            fc2: load_linear(src, &n("mlp.fc2"), d, cfg.intermediate_size)?,
         })
     }
 
@@ -214,29 +238,36 @@ pub struct VisionModel {
 impl VisionModel {
     /// Loads the tower from a scope (normally `ckpt.scope("vision_model")`).
     pub fn load(scope: Scope, cfg: &VisionConfig) -> Result<Self> {
+        Self::load_from(&scope, cfg)
+    }
+
+    pub(crate) fn load_from(src: &dyn TowerSource, cfg: &VisionConfig) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.hidden_size;
         let p = cfg.patch_size;
         let tokens = cfg.grid() * cfg.grid() + 1;
-        let positional = scope.array("positional_embedding_vlm", &[tokens, d])?;
-        let positional = positional
-            .into_dimensionality()
-            .map_err(|e| Error::shape("VisionModel::load", e.to_string()))?;
+        let positional =
+            Array2::from_shape_vec((tokens, d), src.values("positional_embedding_vlm", &[tokens, d])?)
+                .map_err(|e| Error::shape("VisionModel::load", e.to_string()))?;
         let layers = (0..cfg.num_hidden_layers)
-            .map(|j| EncoderLayer::load(&scope.scope(&format!("model.layers.{j}")), cfg))
+            .map(|j| EncoderLayer::load(src, j, cfg))
             .collect::<Result<Vec<_>>>()?;
-        let adapter = scope.scope("vision_adapter.mlp");
         Ok(VisionModel {
             cfg: cfg.clone(),
-            patch_embedding: scope.weight("patch_embedding.linear.weight", [d, 3 * p * p])?,
-            class_embedding: scope.vector("class_embedding", d)?,
+            patch_embedding: src.weight("patch_embedding.linear.weight", [d, 3 * p * p])?,
+            class_embedding: vector(src, "class_embedding", d)?,
             positional_embedding: positional,
-            layernorm_pre: LayerNorm::load(&scope, "layernorm_pre", d)?,
-            layernorm_post: LayerNorm::load(&scope, "layernorm_post", d)?,
+            layernorm_pre: LayerNorm::load(src, "layernorm_pre", d)?,
+            layernorm_post: LayerNorm::load(src, "layernorm_post", d)?,
             layers,
-            adapter_fc1: adapter.weight("fc1.weight", [cfg.projector_input_dim, cfg.intermediate_size])?,
-            adapter_fc2: adapter
-                .weight("fc2.weight", [cfg.projector_output_dim, cfg.projector_output_dim])?,
+            adapter_fc1: src.weight(
+                "vision_adapter.mlp.fc1.weight",
+                [cfg.projector_input_dim, cfg.intermediate_size],
+            )?,
+            adapter_fc2: src.weight(
+                "vision_adapter.mlp.fc2.weight",
+                [cfg.projector_output_dim, cfg.projector_output_dim],
+            )?,
             rope: Rope::new(cfg),
         })
     }
@@ -364,8 +395,17 @@ impl Projector {
     /// Loads `linear_1.weight [text_hidden, vision_output_dim]` from a scope (normally
     /// `ckpt.scope("multi_modal_projector")`).
     pub fn load(scope: Scope, cfg: &VisionConfig, text_hidden_size: usize) -> Result<Self> {
+        Self::load_from(&scope, cfg, text_hidden_size)
+    }
+
+    /// From `linear_1.weight` of `src` (names under `multi_modal_projector.`).
+    pub(crate) fn load_from(
+        src: &dyn TowerSource,
+        cfg: &VisionConfig,
+        text_hidden_size: usize,
+    ) -> Result<Self> {
         Ok(Projector {
-            linear_1: scope.weight("linear_1.weight", [text_hidden_size, cfg.vision_output_dim])?,
+            linear_1: src.weight("linear_1.weight", [text_hidden_size, cfg.vision_output_dim])?,
         })
     }
 
