@@ -77,6 +77,12 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
+    /// Rank 0's transport of an expert-parallel group (`--expert-parallel` under `mpirun`): the
+    /// model is loaded with [`expert_parallel::load_leader`], keeping only rank 0's share of
+    /// every MoE layer's routed experts, and the other ranks run [`expert_parallel::run_worker`]
+    /// on the same checkpoint (and `quantization`). They return once the engine drops the model
+    /// at shutdown. Safetensors checkpoints only.
+    pub expert_group: Option<Arc<dyn expert_parallel::Transport>>,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +100,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 16 << 20,
             kv_dtype: KvDtype::F32,
+            expert_group: None,
         }
     }
 }
@@ -107,12 +114,24 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             ));
         }
+        if let Some(t) = &config.expert_group {
+            // The workers wait for rank 0's first message.
+            let _ = expert_parallel::stop_workers(t.as_ref());
+            return Err(Error::Config(
+                "--expert-parallel needs a safetensors checkpoint directory, not a GGUF file".into(),
+            ));
+        }
         let g = GgufModel::load(dir)?;
         let template = g.chat_template()?;
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
         let model = LoadedModel::Text(Arc::new(g.model));
         return start(config, metrics, model, tokenizer, g.stop_ids, template);
     }
+    // First, so that any failure below stops the workers (dropping the leader does).
+    let leader = match &config.expert_group {
+        Some(t) => Some(expert_parallel::new_leader(dir, t.clone())?),
+        None => None,
+    };
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
     let tokenizer = Tokenizer::from_dir(dir)?;
@@ -124,16 +143,23 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             ))
         })?;
         let ids = ImageTokenIds::from_tokenizer(tok)?;
-        LoadedModel::Multimodal(MultimodalModel::load_with_quantization(
-            dir,
-            ids,
-            config.quantization,
-        )?)
+        // With a group, the model's MoE layers hold the leader: the group stops when the
+        // engine drops the model.
+        LoadedModel::Multimodal(match &leader {
+            Some(l) => {
+                MultimodalModel::load_with_moe(dir, ids, config.quantization, &mut |i, scope, cfg| {
+                    l.build_moe(i, scope, cfg)
+                })?
+            }
+            None => MultimodalModel::load_with_quantization(dir, ids, config.quantization)?,
+        })
     } else {
-        LoadedModel::Text(Arc::new(TextModel::load_with_quantization(
-            dir,
-            config.quantization,
-        )?))
+        LoadedModel::Text(Arc::new(match &leader {
+            Some(l) => TextModel::load_with_moe(dir, config.quantization, &mut |i, scope, cfg| {
+                l.build_moe(i, scope, cfg)
+            })?,
+            None => TextModel::load_with_quantization(dir, config.quantization)?,
+        }))
     };
     let stops = stop_ids(dir, model.text().config())?;
     let template = ChatTemplate::from_dir(dir)?;
