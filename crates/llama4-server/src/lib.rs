@@ -132,6 +132,10 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
         Some(t) => Some(expert_parallel::new_leader(dir, t.clone())?),
         None => None,
     };
+    if let Some(l) = &leader {
+        // Set once: loading runs once.
+        let _ = metrics.expert_group.set(Arc::downgrade(l));
+    }
     let model_config = ModelConfig::from_dir(dir)?;
     // Without tokenizer.json the server takes token ids and answers with ids (benchmarks).
     let tokenizer = Tokenizer::from_dir(dir)?;

@@ -710,6 +710,9 @@ fn experts_shared_among_a_group_answer_as_one_process() {
         ..Default::default()
     });
     assert_eq!(id_completions(&server), want);
+    // The scout fixture has 5 MoE layers: the prefill and each decode step call each once.
+    assert!(metric(&server, "llama4_expert_parallel_layer_calls_total") >= 2.0 * 8.0 * 5.0);
+    assert!(metric(&server, "llama4_expert_parallel_reduced_bytes_total") > 0.0);
     // Shutting down drops the model, which stops the workers.
     drop(server);
     let served: Vec<_> = workers.into_iter().map(|w| w.join().unwrap().unwrap()).collect();
