@@ -5,7 +5,10 @@
 //! cargo run --release --example make_checkpoint -- --out /tmp/bench-mid [--preset bench-mid] [--dtype bf16|f32] [--seed 0]
 //! ```
 //! Presets: `bench-mid` (hidden 1024, 12 MoE layers of 16 experts + shared expert, 739M parameters,
-//! 140M read per decode token) and `tiny` (a few MB, for trying the tools).
+//! 140M read per decode token), `tiny` (a few MB, for trying the tools) and `ep-resident` (2 MoE
+//! layers of 16 experts of hidden 256, intermediate 1024: each expert 1.5 MiB in bf16, far larger
+//! than the kernel's 64 KiB fault-around, so that `tools/mpi_tests.sh` can measure that a rank of
+//! an expert-parallel run holds only its share; 48 MiB in bf16).
 
 use std::path::PathBuf;
 
@@ -40,7 +43,17 @@ fn preset(name: &str) -> Result<Value, Error> {
             "max_position_embeddings": 65536, "rope_parameters": rope, "bos_token_id": 1,
             "eos_token_id": 2
         }),
-        other => return Err(format!("unknown preset `{other}` (bench-mid, tiny)").into()),
+        "ep-resident" => json!({
+            "model_type": "llama4_text", "hidden_size": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+            "intermediate_size": 1024, "intermediate_size_mlp": 1024, "num_local_experts": 16,
+            "num_experts_per_tok": 1, "interleave_moe_layer_step": 1, "vocab_size": 1000,
+            "attention_chunk_size": 64, "use_qk_norm": true, "attn_temperature_tuning": true,
+            "floor_scale": 64, "attn_scale": 0.1, "rms_norm_eps": 1e-5, "tie_word_embeddings": false,
+            "max_position_embeddings": 65536, "rope_parameters": rope, "bos_token_id": 1,
+            "eos_token_id": 2
+        }),
+        other => return Err(format!("unknown preset `{other}` (bench-mid, tiny, ep-resident)").into()),
     })
 }
 

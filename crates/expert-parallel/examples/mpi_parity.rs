@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p expert-parallel --features mpi --example mpi_parity
-//! mpirun --oversubscribe -np 3 target/release/examples/mpi_parity [--model DIR] [--max-new-tokens N]
+//! mpirun --oversubscribe -np 3 target/release/examples/mpi_parity [--model DIR] [--max-new-tokens N] [--prompt-len N]
 //! ```
 //!
 //! Rank 0 loads the model with its share of the experts, runs an uncached pass, a prefill and
@@ -15,6 +15,17 @@
 //! step. The exit status is non-zero when a check fails on any rank.
 //!
 //! `--model DIR` defaults to the `scout` fixture (16 experts per layer: 3 ranks split it 5/5/6).
+//! Without the fixture's reference, the prompt is ids `1..=N` (`--prompt-len N`, default 8); a
+//! long one routes rows to every expert, so that each rank's resident bytes reach its share.
+//!
+//! The residency figure means something only when experts are larger than the fault-around
+//! window (the fixtures' are not: every rank then maps nearly every page), and when the
+//! checkpoint's pages were not brought into the page cache by another reader: Linux (6.18 with
+//! large folios on ext4) maps the whole cached folio around a fault, up to 2 MiB, so pages that
+//! the writer of the file or a reader of a neighbouring share cached as one folio show as
+//! resident here too. `tools/mpi_tests.sh` writes a checkpoint with MB-sized experts
+//! (`make_checkpoint --preset ep-resident`) and drops its cached pages before each run, as on
+//! hosts whose page cache only their own rank filled.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,6 +50,7 @@ const FAULT_AROUND: u64 = 64 << 10;
 struct Args {
     model: PathBuf,
     max_new_tokens: Option<usize>,
+    prompt_len: usize,
 }
 
 fn args() -> Result<Args, Error> {
@@ -46,6 +58,7 @@ fn args() -> Result<Args, Error> {
     let mut a = Args {
         model: root.join("fixtures/models/scout"),
         max_new_tokens: None,
+        prompt_len: 8,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +66,7 @@ fn args() -> Result<Args, Error> {
         match flag.as_str() {
             "--model" => a.model = PathBuf::from(value()?),
             "--max-new-tokens" => a.max_new_tokens = Some(value()?.parse()?),
+            "--prompt-len" => a.prompt_len = value()?.parse()?,
             other => return Err(format!("unknown option `{other}`").into()),
         }
     }
@@ -87,10 +101,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prompt and transformers' greedy ids of a fixture, or a fixed prompt.
-fn prompt(dir: &Path) -> Result<(Vec<u32>, Option<Vec<u32>>), Error> {
+/// Prompt and transformers' greedy ids of a fixture, or ids `1..=len` (wrapped into the
+/// vocabulary).
+fn prompt(dir: &Path, len: usize) -> Result<(Vec<u32>, Option<Vec<u32>>), Error> {
     let Ok(bytes) = std::fs::read(dir.join("reference.safetensors")) else {
-        return Ok(((1..=8).collect(), None));
+        let vocab = ModelConfig::from_dir(dir)?.text.vocab_size.max(2);
+        let ids = (1..=len.max(1))
+            .map(|i| (1 + (i - 1) % (vocab - 1)) as u32)
+            .collect();
+        return Ok((ids, None));
     };
     let st = SafeTensors::deserialize(&bytes)?;
     let ids = |name: &str| -> Result<Vec<u32>, Error> {
@@ -157,7 +176,7 @@ fn rel_err<'a>(a: impl IntoIterator<Item = &'a f32>, b: impl IntoIterator<Item =
 
 fn leader(a: &Args, transport: Arc<expert_parallel::MpiTransport>) -> Result<(), Error> {
     let ranks = transport.size();
-    let (prompt, reference) = prompt(&a.model)?;
+    let (prompt, reference) = prompt(&a.model, a.prompt_len)?;
     let n = a
         .max_new_tokens
         .or(reference.as_ref().map(Vec::len))
@@ -205,7 +224,7 @@ fn leader(a: &Args, transport: Arc<expert_parallel::MpiTransport>) -> Result<(),
         decode.bytes_reduced as f64 / steps,
         decode.calls as f64 / steps,
     );
-    print_residency(0, ranks, &experts, &residency);
+    print_residency(0, ranks, &experts, &residency, expert_tensors(&config));
     check_residency(&residency, expert_tensors(&config))?;
     if !(e_full <= TOL && e_prefill <= TOL && e_steps <= TOL) {
         return Err(format!("logits differ from one process's by more than {TOL:e}").into());
@@ -236,28 +255,46 @@ fn worker(a: &Args, transport: Arc<expert_parallel::MpiTransport>) -> Result<(),
             s.receive.as_secs_f64() * 1e3,
         );
     }
-    print_residency(rank, ranks, &worker.experts(), &residency);
+    print_residency(
+        rank,
+        ranks,
+        &worker.experts(),
+        &residency,
+        expert_tensors(worker.config()),
+    );
     check_residency(&residency, expert_tensors(worker.config()))
 }
 
-fn print_residency(rank: usize, ranks: usize, experts: &std::ops::Range<usize>, r: &ExpertResidency) {
+fn print_residency(
+    rank: usize,
+    ranks: usize,
+    experts: &std::ops::Range<usize>,
+    r: &ExpertResidency,
+    tensors: u64,
+) {
     println!(
         "rank {rank} of {ranks}: experts {experts:?}: {} of {} expert bytes resident ({:.3} of the total; \
-         its share is {:.3}): {} in its share, {} outside",
+         its share is {:.3}, allowed {:.3}): {} in its share, {} outside",
         r.resident(),
         r.total,
         r.resident() as f64 / r.total as f64,
         r.share as f64 / r.total as f64,
+        allowance(r, tensors) as f64 / r.total as f64,
         r.in_share,
         r.outside,
     );
 }
 
-/// No page of the other ranks' experts resident but what fault-around may map at the two
-/// edges of the share in each of the `tensors` expert tensors (pages are whole, so the share's
-/// own edge pages count in that allowance too).
+/// The share, and what fault-around may map at the two edges of the share in each of the
+/// `tensors` expert tensors (pages are whole, so the share's own edge pages count in that
+/// allowance too).
+fn allowance(r: &ExpertResidency, tensors: u64) -> u64 {
+    r.share + tensors * 2 * FAULT_AROUND
+}
+
+/// No page of the other ranks' experts resident but what [`allowance`] allows.
 fn check_residency(r: &ExpertResidency, tensors: u64) -> Result<(), Error> {
-    let allowed = r.share + tensors * 2 * FAULT_AROUND;
+    let allowed = allowance(r, tensors);
     if r.resident() > allowed {
         return Err(format!(
             "{} expert bytes resident: more than its share of {} and the fault-around allowance",

@@ -118,7 +118,17 @@ pub fn new_leader(dir: &Path, transport: Arc<dyn Transport>) -> Result<Arc<Leade
         .and_then(|config| Leader::new(transport.clone(), &config.text));
     if leader.is_err() && transport.rank() == 0 {
         // Best effort: the error to report is the one above.
-        let _ = transport.broadcast(&mut protocol::stop_header());
+        let _ = stop_workers(transport.as_ref());
     }
     leader
+}
+
+/// Rank 0, when it gives up before creating its [`Leader`] (a bad flag, a checkpoint it cannot
+/// use): tells the workers, which wait for rank 0's first message, to return. Not to be
+/// called once a leader exists (dropping it does this).
+///
+/// # Errors
+/// Transport errors.
+pub fn stop_workers(transport: &dyn Transport) -> Result<()> {
+    transport.broadcast(&mut protocol::stop_header())
 }

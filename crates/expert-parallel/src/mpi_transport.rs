@@ -1,6 +1,11 @@
-//! The [`Transport`] over MPI (rsmpi): `MPI_Bcast` and `MPI_Reduce` on `MPI_COMM_WORLD`.
+//! The [`Transport`] over MPI (rsmpi): `MPI_Ibcast` and `MPI_Reduce` on `MPI_COMM_WORLD`.
+//!
+//! Broadcasts are non-blocking so that a worker waiting for rank 0 can sleep. Open MPI
+//! busy-polls inside a blocking collective: an idle server's workers would each keep most of a
+//! core busy (about 70% here) for as long as no request comes.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
@@ -12,6 +17,15 @@ use crate::{Error, Result, Transport};
 
 /// Largest count of one MPI call (MPI counts are C `int`s); longer buffers go in pieces.
 const MAX_COUNT: usize = 1 << 30;
+
+/// How long a rank waiting for a broadcast polls without sleeping. It is longer than the gap
+/// between two MoE layers of a running request (rank 0's attention), so a request running
+/// waits no more than a blocking call would. Past it, the server is taken to be idle.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Longest sleep between two polls once idle: the delay the first layer of the next request
+/// may see.
+const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 /// MPI, initialised for this process: finalised when dropped. Keep it in `main` and drop it
 /// last, after every model and worker that uses its [`MpiTransport`] (MPI must be finalised
@@ -91,7 +105,29 @@ impl Transport for MpiTransport {
         let (_serial, world) = self.world()?;
         let root = world.process_at_rank(0);
         for piece in buf.chunks_mut(MAX_COUNT) {
-            root.broadcast_into(piece);
+            // Every rank calls the non-blocking form: MPI does not match a blocking collective
+            // with a non-blocking one.
+            mpi::request::scope(|scope| {
+                let mut request = root.immediate_broadcast_into(scope, piece);
+                if self.rank == 0 {
+                    request.wait();
+                    return;
+                }
+                let started = Instant::now();
+                let mut sleep = Duration::from_micros(10);
+                loop {
+                    match request.test() {
+                        Ok(_) => return,
+                        Err(pending) => request = pending,
+                    }
+                    if started.elapsed() < POLL {
+                        std::thread::yield_now();
+                    } else {
+                        std::thread::sleep(sleep);
+                        sleep = (sleep * 2).min(MAX_SLEEP);
+                    }
+                }
+            });
         }
         Ok(())
     }

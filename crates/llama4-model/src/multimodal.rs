@@ -324,7 +324,7 @@ impl MultimodalModel {
     /// [`Error::Config`] when the projector's output width is not the decoder's hidden size
     /// (a projector made for another model) or `token_ids.patch` is not in its vocabulary.
     pub fn from_parts(text: Arc<TextModel>, mmproj: Mmproj, token_ids: ImageTokenIds) -> Result<Self> {
-        let hidden = text.config().hidden_size;
+        let hidden = text.config().hidden_size();
         if mmproj.projector.output_dim() != hidden {
             return Err(Error::Config {
                 field: "mm.model.fc.weight",

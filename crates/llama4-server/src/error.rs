@@ -6,6 +6,9 @@ pub enum Error {
     /// Loading the model, tokenizer or chat template failed.
     #[error(transparent)]
     Model(#[from] llama4_model::Error),
+    /// Loading with the experts shared among a group failed, or another rank did.
+    #[error(transparent)]
+    ExpertParallel(#[from] expert_parallel::Error),
     /// Binding or serving the socket failed.
     #[error("{context}: {source}")]
     Io {

@@ -83,6 +83,12 @@ pub struct ServerConfig {
     pub kv_dtype: KvDtype,
     /// Draw a loading progress bar on stderr (nothing is drawn when stderr is not a terminal).
     pub load_progress: bool,
+    /// Rank 0's transport of an expert-parallel group (`--expert-parallel` under `mpirun`): the
+    /// model is loaded with [`expert_parallel::load_leader`], keeping only rank 0's share of
+    /// every MoE layer's routed experts, and the other ranks run [`expert_parallel::run_worker`]
+    /// on the same checkpoint (and `quantization`). They return once the engine drops the model
+    /// at shutdown. Safetensors checkpoints only.
+    pub expert_group: Option<Arc<dyn expert_parallel::Transport>>,
 }
 
 impl Default for ServerConfig {
@@ -102,6 +108,7 @@ impl Default for ServerConfig {
             max_body_bytes: 16 << 20,
             kv_dtype: KvDtype::F32,
             load_progress: false,
+            expert_group: None,
         }
     }
 }
@@ -128,6 +135,13 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
                 "--quantize applies to safetensors checkpoints; a GGUF file runs in its stored types".into(),
             ));
         }
+        if let Some(t) = &config.expert_group {
+            // The workers wait for rank 0's first message.
+            let _ = expert_parallel::stop_workers(t.as_ref());
+            return Err(Error::Config(
+                "--expert-parallel needs a safetensors checkpoint directory, not a GGUF file".into(),
+            ));
+        }
         let g = GgufModel::load_with_progress(dir, progress.clone())?;
         let template = g.chat_template()?;
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
@@ -147,6 +161,15 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
         drop(bar);
         return start(config, metrics, model, tokenizer, g.stop_ids, template);
     }
+    // First, so that any failure below stops the workers (dropping the leader does).
+    let leader = match &config.expert_group {
+        Some(t) => Some(expert_parallel::new_leader(dir, t.clone())?),
+        None => None,
+    };
+    if let Some(l) = &leader {
+        // Set once: loading runs once.
+        let _ = metrics.expert_group.set(Arc::downgrade(l));
+    }
     if config.mmproj.is_some() {
         return Err(Error::Config(
             "--mmproj goes with a GGUF --model; a checkpoint directory holds its own vision tower".into(),
@@ -163,9 +186,23 @@ fn load(config: &ServerConfig, metrics: Arc<Metrics>) -> Result<Ready> {
             ))
         })?;
         let ids = ImageTokenIds::from_tokenizer(tok)?;
-        LoadedModel::Multimodal(MultimodalModel::load_with_options(dir, ids, &options)?)
+        // With a group, the model's MoE layers hold the leader: the group stops when the
+        // engine drops the model.
+        LoadedModel::Multimodal(match &leader {
+            Some(l) => {
+                MultimodalModel::load_with_options_and_moe(dir, ids, &options, &mut |i, scope, cfg| {
+                    l.build_moe(i, scope, cfg)
+                })?
+            }
+            None => MultimodalModel::load_with_options(dir, ids, &options)?,
+        })
     } else {
-        LoadedModel::Text(Arc::new(TextModel::load_with_options(dir, &options)?))
+        LoadedModel::Text(Arc::new(match &leader {
+            Some(l) => TextModel::load_with_options_and_moe(dir, &options, &mut |i, scope, cfg| {
+                l.build_moe(i, scope, cfg)
+            })?,
+            None => TextModel::load_with_options(dir, &options)?,
+        }))
     };
     drop(bar);
     let stops = stop_ids(dir, model.text().config())?;

@@ -27,6 +27,10 @@
 //! --quant-scales f32|f16 storage of the scales (default f32)
 //! --api-key KEY          require `Authorization: Bearer KEY` (also from LLAMA4_API_KEY)
 //! --max-body-bytes N     request bodies beyond N bytes get 413 (default 16 MiB)
+//! --expert-parallel      share the routed experts of every MoE layer among the ranks of an MPI
+//!                        job (`mpirun -np N llama4-server --model DIR --expert-parallel`; needs a
+//!                        build with `--features mpi`): rank 0 serves HTTP, the others hold and
+//!                        run their experts, and exit when rank 0 shuts down
 //! ```
 
 use std::path::PathBuf;
@@ -38,14 +42,23 @@ use llama4_server::{serve, ServerConfig};
 /// The environment variable the API key may come from.
 const API_KEY_ENV: &str = "LLAMA4_API_KEY";
 
+/// What the command line asks for.
+#[derive(Debug)]
+struct Args {
+    config: ServerConfig,
+    /// `--expert-parallel`: run as one rank of an MPI job.
+    expert_parallel: bool,
+}
+
 /// The configuration from the arguments after the program name.
-fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, String> {
+fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut c = ServerConfig {
         api_key: std::env::var(API_KEY_ENV).ok().filter(|k| !k.is_empty()),
         // A bar on stderr while loading; indicatif draws nothing when stderr is not a terminal.
         load_progress: true,
         ..ServerConfig::default()
     };
+    let mut expert_parallel = false;
     let (mut format, mut all, mut group, mut scales) = (None, false, None, None);
     fn value<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Result<T, String> {
         let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
@@ -85,6 +98,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, Stri
             }
             "--api-key" => c.api_key = Some(value(&flag, it.next())?),
             "--max-body-bytes" => c.max_body_bytes = value(&flag, it.next())?,
+            "--expert-parallel" => expert_parallel = true,
             "-h" | "--help" => {
                 let help: Vec<&str> = include_str!("main.rs")
                     .lines()
@@ -128,23 +142,104 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<ServerConfig, Stri
             c.quantization = Some(llama4_model::quant_policy(spec, scope));
         }
     }
-    Ok(c)
+    Ok(Args {
+        config: c,
+        expert_parallel,
+    })
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> ExitCode {
-    let config = match parse_args(std::env::args().skip(1)) {
-        Ok(c) => c,
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if !args.expert_parallel {
+        return run_server(args.config);
+    }
+    expert_parallel(args.config)
+}
+
+/// `--expert-parallel`: rank 0 serves with its share of the experts, the other ranks serve
+/// theirs to it. MPI is initialised before anything runs and finalised after everything that
+/// uses it is dropped.
+#[cfg(feature = "mpi")]
+fn expert_parallel(mut config: ServerConfig) -> ExitCode {
+    use expert_parallel::Transport;
+
+    let mpi = match expert_parallel::Mpi::init() {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let transport = mpi.transport();
+    let (rank, size) = (transport.rank(), transport.size());
+    let code = if rank == 0 {
+        config.expert_group = Some(transport);
+        run_server(config)
+    } else {
+        eprintln!(
+            "llama4-server: rank {rank} of {size}: loading its share of the experts of {}",
+            config.model_dir.display()
+        );
+        match expert_parallel::run_worker(&config.model_dir, config.quantization, transport) {
+            Ok((worker, stats)) => {
+                let s = stats.unwrap_or_default();
+                eprintln!(
+                    "llama4-server: rank {rank}: rank 0 stopped; exiting (experts {:?}: {} layer calls, \
+                     {:.1} ms on its experts)",
+                    worker.experts(),
+                    s.calls,
+                    s.compute.as_secs_f64() * 1e3
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("llama4-server: rank {rank}: error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    };
+    drop(mpi);
+    code
+}
+
+#[cfg(not(feature = "mpi"))]
+fn expert_parallel(_: ServerConfig) -> ExitCode {
+    eprintln!("error: --expert-parallel needs a build with `--features mpi`, run under mpirun");
+    ExitCode::FAILURE
+}
+
+/// Serves HTTP until SIGINT or SIGTERM; returns once the engine (and the model) is dropped.
+fn run_server(config: ServerConfig) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve_http(config))
+}
+
+async fn serve_http(config: ServerConfig) -> ExitCode {
     let bind = format!("{}:{}", config.host, config.port);
     let listener = match tokio::net::TcpListener::bind(&bind).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: cannot bind {bind}: {e}");
+            if let Some(t) = &config.expert_group {
+                // The workers wait for rank 0's first message.
+                let _ = expert_parallel::stop_workers(t.as_ref());
+            }
             return ExitCode::FAILURE;
         }
     };
@@ -161,7 +256,7 @@ async fn main() -> ExitCode {
         }
     });
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         eprintln!("llama4-server: shutting down");
     };
     match serve(config, listener, shutdown, Some(ready_tx)).await {
@@ -173,12 +268,28 @@ async fn main() -> ExitCode {
     }
 }
 
+/// SIGINT (Ctrl-C), or SIGTERM (what service managers and `mpirun` send to stop a job).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<ServerConfig, String> {
-        parse_args(args.iter().map(|a| a.to_string()))
+        parse_args(args.iter().map(|a| a.to_string())).map(|a| a.config)
     }
 
     #[test]

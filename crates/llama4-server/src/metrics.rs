@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock, Weak};
+
+use expert_parallel::Leader;
 
 /// An `f64` gauge stored in an atomic.
 #[derive(Debug, Default)]
@@ -55,6 +57,9 @@ pub struct Metrics {
     pub active: Gauge,
     /// Decode tokens per second of the last forward pass that decoded.
     pub decode_tokens_per_s: Gauge,
+    /// Rank 0 of an expert-parallel group, for its communication counts. Weak: the model's MoE
+    /// layers own it, and the group stops when the model is dropped, not when `/metrics` is.
+    pub expert_group: OnceLock<Weak<Leader>>,
 }
 
 impl Metrics {
@@ -102,6 +107,34 @@ impl Metrics {
             "Time spent in forward passes.",
             get(&self.step_micros) / 1e6,
         );
+        if let Some(leader) = self.expert_group.get().and_then(Weak::upgrade) {
+            let c = leader.stats();
+            counter(
+                "llama4_expert_parallel_layer_calls_total",
+                "MoE layer calls exchanged with the other ranks of the expert-parallel group.",
+                c.calls as f64,
+            );
+            counter(
+                "llama4_expert_parallel_broadcast_seconds_total",
+                "Time rank 0 spent broadcasting rows and routing to the group.",
+                c.broadcast.as_secs_f64(),
+            );
+            counter(
+                "llama4_expert_parallel_reduce_seconds_total",
+                "Time rank 0 spent summing the ranks' contributions (waiting for the slowest included).",
+                c.reduce.as_secs_f64(),
+            );
+            counter(
+                "llama4_expert_parallel_sent_bytes_total",
+                "Bytes rank 0 broadcast to the group.",
+                c.bytes_sent as f64,
+            );
+            counter(
+                "llama4_expert_parallel_reduced_bytes_total",
+                "Bytes of the contributions summed into rank 0.",
+                c.bytes_reduced as f64,
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP llama4_requests_finished_total Requests that ended, by reason.\n\

@@ -728,3 +728,87 @@ fn a_gguf_file_with_its_projector_takes_images() {
         assert!(err.to_string().contains(what), "{err}");
     }
 }
+
+/// Greedy completions of two id prompts (the fixture has no tokenizer: the text is the ids).
+fn id_completions(server: &RunningServer) -> Vec<Value> {
+    [json!([1, 2, 3, 4, 5, 6, 7, 8]), json!([40, 7, 300, 12])]
+        .into_iter()
+        .map(|prompt| {
+            let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 8});
+            let (status, got) = post_json(server, "/v1/completions", body);
+            assert_eq!(status, 200, "{got}");
+            got["choices"].clone()
+        })
+        .collect()
+}
+
+#[test]
+fn experts_shared_among_a_group_answer_as_one_process() {
+    // Threads stand in for MPI ranks (`tools/mpi_tests.sh` runs the same under mpirun).
+    let dir = root().join("fixtures/models/scout");
+    let alone = start(ServerConfig {
+        model_dir: dir.clone(),
+        ..Default::default()
+    });
+    let want = id_completions(&alone);
+    drop(alone);
+
+    let mut group = expert_parallel::LocalGroup::new(3).into_iter();
+    let leader = group.next().unwrap();
+    let workers: Vec<_> = group
+        .map(|t| {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                expert_parallel::run_worker(&dir, None, t)
+                    .map(|(w, stats)| (w.experts(), stats.unwrap_or_default().calls))
+            })
+        })
+        .collect();
+    let server = start(ServerConfig {
+        model_dir: dir,
+        expert_group: Some(leader),
+        ..Default::default()
+    });
+    assert_eq!(id_completions(&server), want);
+    // The scout fixture has 5 MoE layers: the prefill and each decode step call each once.
+    assert!(metric(&server, "llama4_expert_parallel_layer_calls_total") >= 2.0 * 8.0 * 5.0);
+    assert!(metric(&server, "llama4_expert_parallel_reduced_bytes_total") > 0.0);
+    // Shutting down drops the model, which stops the workers.
+    drop(server);
+    let served: Vec<_> = workers.into_iter().map(|w| w.join().unwrap().unwrap()).collect();
+    assert_eq!(
+        served.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+        [5..10, 10..16]
+    );
+    assert!(served.iter().all(|s| s.1 > 0), "{served:?}");
+}
+
+#[test]
+fn a_group_given_a_gguf_file_stops_its_workers() {
+    let path = root().join("fixtures/gguf/tiny-Q8_0.gguf");
+    let mut group = expert_parallel::LocalGroup::new(2).into_iter();
+    let leader = group.next().unwrap();
+    let worker = group.next().unwrap();
+    let worker = {
+        let path = path.clone();
+        std::thread::spawn(move || expert_parallel::run_worker(&path, None, worker).map(|_| ()))
+    };
+    let Err(err) = RunningServer::start(ServerConfig {
+        model_dir: path,
+        port: 0,
+        expert_group: Some(leader),
+        ..Default::default()
+    }) else {
+        panic!("a GGUF file started with a group")
+    };
+    assert!(err.to_string().contains("GGUF"), "{err}");
+    // The worker, which could not load a GGUF file either, returns its own error instead of
+    // waiting for rank 0.
+    let Err(worker_err) = worker.join().unwrap() else {
+        panic!("the worker loaded a GGUF file")
+    };
+    assert!(
+        !matches!(worker_err, expert_parallel::Error::Transport(_)),
+        "{worker_err}"
+    );
+}
