@@ -2,6 +2,8 @@
 //! per second), prefill (T = 128, bound by FMA throughput, reported as flops per second), and a
 //! memory-read probe (1 GiB summed with 1 and 2 threads) to compare decode against.
 //!
+//! `batch_shapes`: the shapes of a batched decode step (bench-mid, 1 to 8 rows).
+//!
 //! `cargo bench --bench matmul` (add a filter such as `decode` to run one group);
 //! `LLAMA4_KERNEL=avx2|portable` measures another path.
 
@@ -119,5 +121,39 @@ fn memory_bandwidth(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, memory_bandwidth, decode, prefill);
+/// The calls of a batched decode step on bench-mid's shapes (bf16, a ring of 48 weights so each
+/// call streams from memory): 1024 × 1024 projections over 1 and 8 rows, and expert matrices
+/// (`[in, out]`) over the 1-2 rows a step routes to one expert. Bytes per second of weight: at
+/// bandwidth, more rows should cost little more than one.
+fn batch_shapes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("batch_shapes");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    const RING: usize = 48;
+    for (layout, n_out, n_in, t) in [
+        (Layout::OutIn, 1024, 1024, 1),
+        (Layout::OutIn, 1024, 1024, 8),
+        (Layout::InOut, 2048, 1024, 1),
+        (Layout::InOut, 2048, 1024, 2),
+        (Layout::InOut, 1024, 1024, 1),
+    ] {
+        let ring: Vec<Weight> = (0..RING)
+            .map(|_| weight(n_out, n_in, DType::BF16, layout))
+            .collect();
+        let x = Array2::from_shape_vec((t, n_in), values(t * n_in, 2)).unwrap();
+        let mut y = Array2::zeros((t, n_out));
+        g.throughput(Throughput::Bytes(ring[0].nbytes() as u64));
+        let mut next = 0;
+        g.bench_function(format!("{}_t{t}", name(DType::BF16, layout, n_out, n_in)), |b| {
+            b.iter(|| {
+                next = (next + 1) % RING;
+                kernels::linear_into(black_box(x.view()), &ring[next], y.view_mut()).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, batch_shapes, memory_bandwidth, decode, prefill);
 criterion_main!(benches);
