@@ -68,7 +68,9 @@ start_server() {
     URL=""
     tries=0
     while [ "$tries" -lt 600 ]; do
-        [ -n "$URL" ] || URL=$(sed -n 's|.*listening on \(http://[^ ]*\).*|\1|p' "$log" | head -n 1)
+        # The address alone, not the text around it: under mpirun another rank's output may
+        # share the line.
+        [ -n "$URL" ] || URL=$(grep -o 'listening on .*' "$log" | grep -o '[0-9]\{1,3\}\(\.[0-9]\{1,3\}\)\{3\}:[0-9]\{1,5\}' | head -n 1 | sed 's|^|http://|')
         if [ -n "$URL" ] && curl -sf "$URL/health" >/dev/null 2>&1; then
             return 0
         fi

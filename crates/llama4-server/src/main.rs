@@ -39,6 +39,18 @@ use std::process::ExitCode;
 use llama4_core::{KvDtype, QuantFormat, QuantScope, QuantSpec, ScaleType};
 use llama4_server::{serve, ServerConfig};
 
+/// Prints one line to stderr in a single write. `eprintln!` writes each formatted piece
+/// separately (stderr is unbuffered), so under `mpirun` the lines of two ranks could interleave
+/// mid-line and garble the address a script reads from the log.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }};
+}
+
 /// The environment variable the API key may come from.
 const API_KEY_ENV: &str = "LLAMA4_API_KEY";
 
@@ -152,7 +164,7 @@ fn main() -> ExitCode {
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -172,7 +184,7 @@ fn expert_parallel(mut config: ServerConfig) -> ExitCode {
     let mpi = match expert_parallel::Mpi::init() {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -182,14 +194,14 @@ fn expert_parallel(mut config: ServerConfig) -> ExitCode {
         config.expert_group = Some(transport);
         run_server(config)
     } else {
-        eprintln!(
+        say!(
             "llama4-server: rank {rank} of {size}: loading its share of the experts of {}",
             config.model_dir.display()
         );
         match expert_parallel::run_worker(&config.model_dir, config.quantization, transport) {
             Ok((worker, stats)) => {
                 let s = stats.unwrap_or_default();
-                eprintln!(
+                say!(
                     "llama4-server: rank {rank}: rank 0 stopped; exiting (experts {:?}: {} layer calls, \
                      {:.1} ms on its experts)",
                     worker.experts(),
@@ -199,7 +211,7 @@ fn expert_parallel(mut config: ServerConfig) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("llama4-server: rank {rank}: error: {e}");
+                say!("llama4-server: rank {rank}: error: {e}");
                 ExitCode::FAILURE
             }
         }
@@ -210,7 +222,7 @@ fn expert_parallel(mut config: ServerConfig) -> ExitCode {
 
 #[cfg(not(feature = "mpi"))]
 fn expert_parallel(_: ServerConfig) -> ExitCode {
-    eprintln!("error: --expert-parallel needs a build with `--features mpi`, run under mpirun");
+    say!("error: --expert-parallel needs a build with `--features mpi`, run under mpirun");
     ExitCode::FAILURE
 }
 
@@ -223,7 +235,7 @@ fn run_server(config: ServerConfig) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -235,7 +247,7 @@ async fn serve_http(config: ServerConfig) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(&bind).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: cannot bind {bind}: {e}");
+            say!("error: cannot bind {bind}: {e}");
             if let Some(t) = &config.expert_group {
                 // The workers wait for rank 0's first message.
                 let _ = expert_parallel::stop_workers(t.as_ref());
@@ -244,7 +256,7 @@ async fn serve_http(config: ServerConfig) -> ExitCode {
         }
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(bind);
-    eprintln!(
+    say!(
         "llama4-server: loading {} ({} slots); listening on http://{addr}",
         config.model_dir.display(),
         config.parallel
@@ -252,17 +264,17 @@ async fn serve_http(config: ServerConfig) -> ExitCode {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         if let Ok(Ok(())) = ready_rx.recv() {
-            eprintln!("llama4-server: model loaded; ready");
+            say!("llama4-server: model loaded; ready");
         }
     });
     let shutdown = async {
         shutdown_signal().await;
-        eprintln!("llama4-server: shutting down");
+        say!("llama4-server: shutting down");
     };
     match serve(config, listener, shutdown, Some(ready_tx)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            say!("error: {e}");
             ExitCode::FAILURE
         }
     }
