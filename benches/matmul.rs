@@ -2,7 +2,7 @@
 //! per second), prefill (T = 128, bound by FMA throughput, reported as flops per second), and a
 //! memory-read probe (1 GiB summed with 1 and 2 threads) to compare decode against.
 //!
-//! `batch_shapes`: the shapes of a batched decode step (bench-mid, 1 to 8 rows).
+//! `batch_shapes`: the shapes of a batched decode step (bench-mid, 1 to 32 rows).
 //!
 //! `cargo bench --bench matmul` (add a filter such as `decode` to run one group);
 //! `LLAMA4_KERNEL=avx2|portable` measures another path.
@@ -133,7 +133,11 @@ fn batch_shapes(c: &mut Criterion) {
     const RING: usize = 48;
     for (layout, n_out, n_in, t) in [
         (Layout::OutIn, 1024, 1024, 1),
+        (Layout::OutIn, 1024, 1024, 2),
+        (Layout::OutIn, 1024, 1024, 4),
         (Layout::OutIn, 1024, 1024, 8),
+        (Layout::OutIn, 1024, 1024, 16),
+        (Layout::OutIn, 1024, 1024, 32),
         (Layout::InOut, 2048, 1024, 1),
         (Layout::InOut, 2048, 1024, 2),
         (Layout::InOut, 1024, 1024, 1),

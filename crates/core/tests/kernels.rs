@@ -114,7 +114,7 @@ proptest! {
     /// Input widths past one packed panel depth (256) and several panels of output.
     #[test]
     fn linear_matches_scalar_deep(
-        t in prop_oneof![Just(1usize), Just(2), 4usize..=17],
+        t in prop_oneof![Just(1usize), Just(2), 3usize..=34],
         n_in in 250usize..=600,
         n_out in 30usize..=100,
         dtype in dtype_strategy(),
@@ -232,6 +232,27 @@ fn linear_accepts_strided_views() {
             kernels::linear_into(x, &w, y).unwrap();
             let got = big.slice(s![.., ..;2]).slice_move(s![.., ..37]).to_owned();
             check_linear(x, &w, got.view(), "strided").unwrap();
+        }
+    }
+}
+
+/// `[out, in]` calls of a few tokens take a register-tiled kernel while their activations fit
+/// in cache (`t · k` up to 128 Ki floats), the packed GEMM beyond: both sides of that boundary
+/// and of the 32-token one, in one task and in two.
+#[test]
+fn linear_out_in_batch_and_gemm_boundaries() {
+    let mut rng = Rng(17);
+    for (t, k) in [(27, 4608), (28, 4608), (29, 4608), (32, 1000), (33, 1000)] {
+        for dtype in [DType::BF16, DType::F32] {
+            let w = weight(&mut rng, 37, k, dtype, Layout::OutIn);
+            let x = rng.array(t, k, 1.0);
+            for isa in kernels::available_isas() {
+                for tasks in [1, 2] {
+                    let mut y = Array2::from_elem((t, 37), f32::NAN);
+                    forced::linear_into(isa, Some(tasks), x.view(), &w, y.view_mut()).unwrap();
+                    check_linear(x.view(), &w, y.view(), &format!("{isa:?} {dtype:?} t {t} k {k}")).unwrap();
+                }
+            }
         }
     }
 }
