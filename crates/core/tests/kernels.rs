@@ -236,13 +236,22 @@ fn linear_accepts_strided_views() {
     }
 }
 
-/// `[out, in]` calls of a few tokens take a register-tiled kernel while their activations fit
-/// in cache (`t · k` up to 128 Ki floats), the packed GEMM beyond: both sides of that boundary
-/// and of the 32-token one, in one task and in two.
+/// `[out, in]` calls of two or more tokens take a register-tiled kernel that runs tokens in
+/// groups of at most 128 Ki activations (and 32 tokens) over blocks of 256 KiB of weight rows;
+/// with 16 lanes, the packed GEMM beyond those sizes. Both sides of each boundary, groups and
+/// blocks with remainders, in one task and in two.
 #[test]
 fn linear_out_in_batch_and_gemm_boundaries() {
     let mut rng = Rng(17);
-    for (t, k) in [(27, 4608), (28, 4608), (29, 4608), (32, 1000), (33, 1000)] {
+    for (t, k) in [
+        (27, 4608),
+        (28, 4608),
+        (29, 4608),
+        (33, 4608),
+        (32, 1000),
+        (33, 1000),
+        (70, 300),
+    ] {
         for dtype in [DType::BF16, DType::F32] {
             let w = weight(&mut rng, 37, k, dtype, Layout::OutIn);
             let x = rng.array(t, k, 1.0);

@@ -6,10 +6,10 @@
 //!   element is read once and used for all tokens while it is in cache. `OutIn` takes 4 weight
 //!   rows at a time as dot products; `InOut` accumulates 4 weight rows at a time into the
 //!   (L1-resident) output rows of up to 3 tokens, widening each weight vector once per block.
-//! - a batched decode step (`OutIn`, 2 to 32 tokens whose activations fit in L2, see
-//!   [`BATCH_X`]): a register tile of 3 weight rows × 4 tokens reads the weights in place,
-//!   widening each vector once per 4 tokens.
-//! - more tokens (prefill): FMA-bound. A `KC × NR` weight panel is widened to f32 (and, for
+//! - `OutIn`, two or more tokens (with 16 lanes only batched-decode sizes, see [`BATCH_T`]):
+//!   register tiles of 3 weight rows × 4 tokens read the weights in place, widening each vector
+//!   once per 4 tokens; tokens run in groups that stay in cache over L2-sized blocks of rows.
+//! - otherwise (prefill): FMA-bound. A `KC × NR` weight panel is widened to f32 (and, for
 //!   `OutIn`, transposed 16×16 in registers) into a small aligned buffer, then a register-tiled
 //!   `MR × NR` microkernel (vectors along the output, activations broadcast) runs it against
 //!   every token, so each weight element is converted once per call.
@@ -25,14 +25,19 @@ use crate::Layout;
 
 /// Token counts up to this take the streaming (decode) path.
 pub(crate) const SMALL_T: usize = 3;
-/// `OutIn` calls of 2 to `BATCH_T` tokens whose activations (`t · k` f32) fit in `BATCH_X`
-/// floats (512 KiB, half of a Zen 3 / Sapphire Rapids L2) take [`batch_out_in`]: every block
-/// of weight rows re-reads all activations, so they must stay in cache. Measured on bf16
-/// 4096 × 4096, one thread (AMD EPYC Zen 3): 60-75 GFLOP/s from 4 to 32 tokens, where the
-/// packed GEMM gives 23-60 and the one-token kernel run per token 20-25.
+/// `OutIn` calls of 2 or more tokens take [`batch_out_in`], in groups of tokens whose
+/// activations (`t · k` f32) fit in this many floats (512 KiB): every block of weight rows
+/// re-reads all activations of its group, so they must stay in cache.
 pub(crate) const BATCH_X: usize = 128 * 1024;
-/// See [`BATCH_X`]. Prefill-sized calls keep the packed GEMM (the two were compared only up
-/// to 32 tokens).
+/// Bytes of weight rows a group of tokens runs over before the next group: the block stays in
+/// L2 (512 KiB on Zen 3) for the next group.
+const BATCH_BLOCK_BYTES: usize = 256 * 1024;
+/// With 16 lanes (AVX-512), whose GEMM tile is twice as wide, only calls of up to this many
+/// tokens with activations within [`BATCH_X`] take [`batch_out_in`]: there the two were not
+/// compared. With 8 lanes, measured on bf16 weights, one thread (AMD EPYC Zen 3), GFLOP/s:
+/// 4 096 × 4 096 at 2 / 4 / 8 / 16 / 32 tokens 39-49 / 61-69 / 68-75 / 60-76 / 72-75, where
+/// the one-token kernel run per token gives 20-25 and the packed GEMM 23-60; 4 096 × 1 024 and
+/// 4 096 × 4 096 at 48 to 512 tokens 62-76 against the GEMM's 57-76.
 pub(crate) const BATCH_T: usize = 32;
 /// `InOut` calls of up to this many tokens stream the weight rows once ([`decode_in_out`],
 /// tokens in blocks of 3) instead of packing. Measured on bf16 4096 × 4096, one thread (AMD
@@ -71,7 +76,8 @@ pub(crate) unsafe fn run_range<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: us
     if lo >= hi {
         return;
     }
-    if job.layout == Layout::OutIn && (2..=BATCH_T).contains(&job.t) && job.t * job.k <= BATCH_X {
+    let batch = S::LANES <= 8 || (job.t <= BATCH_T && job.t * job.k <= BATCH_X);
+    if job.layout == Layout::OutIn && job.t >= 2 && batch {
         batch_out_in::<S, E>(job, lo, hi);
     } else if job.t <= SMALL_T || (job.layout == Layout::InOut && job.t <= IN_OUT_T) {
         match job.layout {
@@ -176,20 +182,45 @@ unsafe fn decode_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
     }
 }
 
-/// `OutIn`, a handful of tokens: `y[r, o] = x[r] · W[o]` as a register tile of [`BATCH_J`]
-/// weight rows × up to [`BATCH_R`] tokens. Each weight vector is widened once per token block
-/// and feeds `R` multiply-adds; the rows stay in L1 for the next token block.
+/// `OutIn`, two or more tokens: `y[r, o] = x[r] · W[o]` as register tiles of [`BATCH_J`]
+/// weight rows × up to [`BATCH_R`] tokens, reading the weights in place: each weight vector is
+/// widened once per tile and feeds `R` multiply-adds. Tokens run in groups whose activations
+/// stay in cache ([`BATCH_X`]) over blocks of weight rows that stay in L2 for the next group.
 #[inline(always)]
 unsafe fn batch_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
-    let mut o = lo;
-    while o < hi {
-        let j = BATCH_J.min(hi - o);
-        // The next block's rows, prefetched while this block's first token block runs.
+    let k = job.k.max(1);
+    let group = (BATCH_X / k / BATCH_R * BATCH_R).clamp(BATCH_R, 32);
+    let block = (BATCH_BLOCK_BYTES / (k * std::mem::size_of::<E>()) / BATCH_J * BATCH_J).max(BATCH_J);
+    let mut o0 = lo;
+    while o0 < hi {
+        let o1 = (o0 + block).min(hi);
+        let mut g0 = 0;
+        while g0 < job.t {
+            let g1 = (g0 + group).min(job.t);
+            batch_rows::<S, E>(job, (o0, o1), (g0, g1), hi);
+            g0 = g1;
+        }
+        o0 = o1;
+    }
+}
+
+/// Rows `o0..o1` of `y` for tokens `g0..g1`; prefetches the rows after each block of
+/// [`BATCH_J`] (up to `hi`) while the first token tile runs.
+#[inline(always)]
+unsafe fn batch_rows<S: Simd, E: Elem>(
+    job: &Job<E>,
+    (o0, o1): (usize, usize),
+    (g0, g1): (usize, usize),
+    hi: usize,
+) {
+    let mut o = o0;
+    while o < o1 {
+        let j = BATCH_J.min(o1 - o);
         let next = if o + j < hi { o + j } else { o };
-        let mut r0 = 0;
-        while r0 < job.t {
-            let r = BATCH_R.min(job.t - r0);
-            let fetch = r0 == 0 && next != o;
+        let mut r0 = g0;
+        while r0 < g1 {
+            let r = BATCH_R.min(g1 - r0);
+            let fetch = r0 == g0 && next != o;
             match (r, j) {
                 (4, 3) => batch_tile::<S, E, 4, 3>(job, o, r0, next, fetch),
                 (3, 3) => batch_tile::<S, E, 3, 3>(job, o, r0, next, fetch),
