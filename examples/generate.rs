@@ -372,11 +372,20 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
         None
     };
     let mut gguf_facts = None;
+    // What a text prompt without a tokenizer is told.
+    let mut no_tokenizer = "this checkpoint has no tokenizer.json: use --prompt-ids".to_string();
     // With --expert-parallel, rank 0's share of the experts; the group stops when it is dropped.
     let mut leader = None;
     // Without --image only the text model is loaded (a multimodal checkpoint then runs as text).
     let (text_model, multimodal, tokenizer) = if let Some((g, chat)) = gguf {
         gguf_facts = Some((g.stop_ids, g.weight_bytes, chat));
+        if let Some(reason) = &g.tokenizer_unsupported {
+            eprintln!(
+                "warning: {}: {reason}; the model runs on --prompt-ids only",
+                dir.display()
+            );
+            no_tokenizer = format!("{}: {reason}: use --prompt-ids", dir.display());
+        }
         let tokenizer = g.tokenizer.map(|t| t.tokenizer);
         match &args.mmproj {
             None => (Some(g.model), None, tokenizer),
@@ -470,9 +479,7 @@ fn run(group: Option<Arc<dyn Transport>>) -> Result<(), Box<dyn std::error::Erro
     let prompt_ids = match (&prompt_text, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
-            let tok = tokenizer
-                .as_ref()
-                .ok_or("this checkpoint has no tokenizer.json: use --prompt-ids")?;
+            let tok = tokenizer.as_ref().ok_or(no_tokenizer.as_str())?;
             if args.chat {
                 // Refused when the tokenizer lacks a special token the chat format writes.
                 check_chat_tokens(tok)?;

@@ -185,8 +185,12 @@ pub(crate) fn check(cfg: &TextConfig) -> Result<()> {
 pub struct GgufModel {
     /// The text model, weights read in place from the file's map.
     pub model: TextModel,
-    /// The tokenizer of `tokenizer.ggml.*`, or `None` when the file has no `tokenizer.ggml.model`.
+    /// The tokenizer of `tokenizer.ggml.*`, or `None` when the file has no `tokenizer.ggml.model`
+    /// or names one that is not supported (see `tokenizer_unsupported`).
     pub tokenizer: Option<GgufTokenizer>,
+    /// Why the file's tokenizer was not built ([`GgufTokenizer::unsupported`]): the model still
+    /// runs on token ids. Callers that need text report this.
+    pub tokenizer_unsupported: Option<String>,
     /// Ids that end generation: `tokenizer.ggml.eos_token_id`, `tokenizer.ggml.eot_token_id`
     /// and `tokenizer.ggml.eom_token_id`, and the tokens llama.cpp also treats as end of
     /// generation by their text (`<|eot|>`, `<|eom|>`, `<|end_of_text|>`, `<|eot_id|>`).
@@ -201,7 +205,9 @@ const STOP_TEXTS: [&str; 4] = ["<|eot|>", "<|eom|>", "<|end_of_text|>", "<|eot_i
 
 impl GgufModel {
     /// Opens `path` and loads its model and tokenizer (see [`TextModel::from_gguf`] and
-    /// [`GgufTokenizer::from_gguf`]).
+    /// [`GgufTokenizer::from_gguf`]). A tokenizer of a kind not supported is left out (the
+    /// model runs on ids; `tokenizer_unsupported` says why); malformed tokenizer metadata is an
+    /// error.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         Self::load_with_progress(path, None)
     }
@@ -212,9 +218,10 @@ impl GgufModel {
         let f = GgufFile::open(path.as_ref())?.with_progress(progress);
         let model = TextModel::from_gguf(&f)?;
         f.finish_progress();
+        let tokenizer_unsupported = GgufTokenizer::unsupported(&f);
         let tokenizer = match f.get("tokenizer.ggml.model") {
-            Some(_) => Some(GgufTokenizer::from_gguf(&f)?),
-            None => None,
+            Some(_) if tokenizer_unsupported.is_none() => Some(GgufTokenizer::from_gguf(&f)?),
+            _ => None,
         };
         let mut stop_ids = model.config().eos_token_ids.clone();
         let id = |k: &str| f.get(k).and_then(Value::as_u64).map(|v| v as u32);
@@ -235,6 +242,7 @@ impl GgufModel {
         Ok(GgufModel {
             model,
             tokenizer,
+            tokenizer_unsupported,
             stop_ids,
             weight_bytes,
         })

@@ -84,27 +84,35 @@ fn token_id(f: &GgufFile, key: &str, n: usize) -> Result<Option<u32>> {
 }
 
 impl GgufTokenizer {
+    /// Why the tokenizer `f`'s metadata names cannot be built here, if it cannot: a tokenizer
+    /// model other than `gpt2` (byte-level BPE) or a pre-tokenizer other than `llama4` (the
+    /// split rules differ, so ids would silently differ from the model's own tokenizer).
+    /// `None` when both are supported or the keys are absent (then [`Self::from_gguf`] names
+    /// what is missing).
+    pub fn unsupported(f: &GgufFile) -> Option<String> {
+        let get = |key| f.get(key).and_then(Value::as_str);
+        match (get("tokenizer.ggml.model"), get("tokenizer.ggml.pre")) {
+            (Some(m), _) if m != "gpt2" => {
+                Some(format!("tokenizer model `{m}` is not supported (only gpt2 BPE)"))
+            }
+            (_, Some(p)) if p != "llama4" => {
+                Some(format!("pre-tokenizer `{p}` is not supported (only llama4)"))
+            }
+            _ => None,
+        }
+    }
+
     /// Builds the tokenizer of `f` (see the module doc). Errors name what is missing or
-    /// malformed; a tokenizer model or pre-tokenizer other than `gpt2` / `llama4` is refused.
+    /// malformed; a tokenizer model or pre-tokenizer other than `gpt2` / `llama4` is refused
+    /// (see [`Self::unsupported`]).
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let path = f.path();
-        let model = string(f, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(bad(
-                path,
-                format!("tokenizer model `{model}` is not supported (only gpt2 BPE)"),
-            ));
+        if let Some(reason) = Self::unsupported(f) {
+            return Err(bad(path, reason));
         }
-        let pre = string(f, "tokenizer.ggml.pre")?;
-        let pattern = match pre {
-            "llama4" => LLAMA4_PATTERN,
-            other => {
-                return Err(bad(
-                    path,
-                    format!("pre-tokenizer `{other}` is not supported (only llama4)"),
-                ))
-            }
-        };
+        string(f, "tokenizer.ggml.model")?;
+        string(f, "tokenizer.ggml.pre")?;
+        let pattern = LLAMA4_PATTERN;
         let tokens = f
             .get("tokenizer.ggml.tokens")
             .and_then(Value::as_array)

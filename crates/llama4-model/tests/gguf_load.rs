@@ -141,3 +141,31 @@ fn a_file_of_another_architecture_is_refused() {
     let e = load_err(&path).to_string();
     assert!(e.contains("llama5") && e.contains("general.architecture"), "{e}");
 }
+
+/// A GGUF whose tokenizer is of a kind not supported (here llama.cpp's `gpt-4o` pre-tokenizer,
+/// whose split rules differ) loads without a tokenizer, says why, and runs on ids; building
+/// that tokenizer directly is a named error.
+#[test]
+fn an_unsupported_tokenizer_is_left_out_and_named() {
+    let (_d, path) = edited("tiny-Q8_0.gguf", |b| {
+        let at = info_at(b, "tokenizer.ggml.pre") + 4 + 8;
+        assert_eq!(&b[at..at + 6], b"llama4");
+        b[at..at + 6].copy_from_slice(b"gpt-4o");
+    });
+    let g = GgufModel::load(&path).unwrap();
+    assert!(g.tokenizer.is_none());
+    let why = g.tokenizer_unsupported.as_deref().unwrap();
+    assert!(why.contains("gpt-4o") && why.contains("pre-tokenizer"), "{why}");
+    let logits = g.model.forward_uncached(&[1, 2, 3]).unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
+    let f = llama4_core::gguf::GgufFile::open(&path).unwrap();
+    let e = llama4_model::GgufTokenizer::from_gguf(&f)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gpt-4o"), "{e}");
+    // The original file has no such note.
+    assert!(GgufModel::load(fixture("tiny-Q8_0.gguf"))
+        .unwrap()
+        .tokenizer_unsupported
+        .is_none());
+}

@@ -102,7 +102,8 @@ impl Ready {
     fn tokenizer(&self) -> Result<&Tokenizer, ApiError> {
         self.tokenizer.as_deref().ok_or_else(|| {
             ApiError::bad_request(
-                "this checkpoint has no tokenizer.json: send the prompt as token ids to /v1/completions",
+                "this model has no tokenizer (no tokenizer.json, or a GGUF tokenizer of a kind not \
+                 supported): send the prompt as token ids to /v1/completions",
                 None,
             )
         })
