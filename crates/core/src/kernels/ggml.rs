@@ -23,6 +23,10 @@ use half::{bf16, f16};
 use super::linear::SMALL_T;
 use super::quant::{isa_path, Path, CHUNK_BYTES};
 use super::Isa;
+#[cfg(target_arch = "x86_64")]
+use x86::PANEL_ROWS;
+#[cfg(not(target_arch = "x86_64"))]
+const PANEL_ROWS: usize = 8;
 use crate::ggml::act::{quantize_q8_0, quantize_q8_1, quantize_q8_k, round_bf16, round_f16};
 use crate::ggml::dot::{decode_32, decode_k};
 use crate::ggml::{DotType, GgmlData, GgmlType, QK_K};
@@ -59,6 +63,9 @@ struct Scratch {
 }
 
 thread_local! {
+    /// Per-thread packed panel of the prefill kernels, reused across calls.
+    #[cfg(target_arch = "x86_64")]
+    static PANEL: Cell<Vec<x86::V32>> = const { Cell::new(Vec::new()) };
     static ACT: Cell<Scratch> = const {
         Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), f: Vec::new() })
     };
@@ -172,7 +179,11 @@ pub(super) fn linear(
                 ty: w.ty(),
             };
             let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
-            let per = n.div_ceil(tasks.max(1)).max(1);
+            let mut per = n.div_ceil(tasks.max(1)).max(1);
+            if t > SMALL_T {
+                // Prefill packs panels of eight rows: whole panels per task.
+                per = per.next_multiple_of(PANEL_ROWS);
+            }
             let count = n.div_ceil(per);
             let yp = SyncPtr(y.as_mut_ptr());
             let run = |i: usize| {
@@ -215,6 +226,21 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
     };
     if t <= SMALL_T {
         return kernel(m, a, 0, t, lo, hi, y);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Portable {
+        let panel = match path {
+            Path::Vnni => x86::panels_vnni,
+            _ => x86::panels_avx2,
+        };
+        let mut buf = PANEL.with(Cell::take);
+        let len = x86::panel_len(m.ty, a.k);
+        if buf.len() < len {
+            buf.resize(len, x86::V32([0; 32]));
+        }
+        panel(m, a, t, lo, hi, y, buf.as_mut_ptr());
+        PANEL.with(|c| c.set(buf));
+        return;
     }
     let chunk = (CHUNK_BYTES / m.row_bytes.max(1)).max(1);
     let kquant = m.ty.dot_type() == Some(DotType::Q8K);

@@ -32,6 +32,8 @@ trait Dot {
     unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// `acc` plus, per i32 lane, `Σ scale · (u·s pair sum)` over its two 16-bit pairs.
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i;
+    /// `acc` plus, per i32 lane, `Σ p · w` over its two 16-bit pairs.
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i;
 }
 
 /// `vpmaddubsw` then `vpmaddwd`.
@@ -47,6 +49,10 @@ impl Dot for Avx2 {
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale))
     }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, w))
+    }
 }
 
 /// `vpdpbusd`, and `vpmaddubsw` then `vpdpwssd` (EVEX encodings: AVX-512 VNNI with VL).
@@ -60,6 +66,10 @@ impl Dot for Vnni {
     #[inline(always)]
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
         _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), scale)
+    }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, p, w)
     }
 }
 
@@ -534,4 +544,388 @@ pub(super) unsafe fn rows_avx2(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usiz
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn rows_vnni(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     rows::<Vnni>(m, a, r0, tt, lo, hi, y)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: packed panels of eight rows.
+//
+// The row kernels above reduce each block's lanes horizontally and unpack every weight block
+// once per few tokens. For prefill each panel of eight output rows is instead unpacked once
+// per call into a small buffer laid out for the multiply: step `s` of a block (its values
+// `4s..4s + 4`) of the eight rows is one vector whose i32 lane `r` holds row `r`'s four bytes.
+// A token's four activations broadcast to every lane, so `maddubs` (+ `madd`) leaves in lane
+// `r` a partial dot product of row `r`: no horizontal sums, the unpacking is shared by every
+// token of the call, and a tile of tokens reuses each loaded weight vector.
+//
+// Products of small unsigned values (every type but Q8_0) are summed in 16-bit lanes over
+// several steps before one `madd` widens them (with the sub-block scale for the k-quants), so
+// most steps cost one `maddubs` and one 16-bit add per token.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of a packed panel (the eight i32 lanes of a vector).
+pub(super) const PANEL_ROWS: usize = 8;
+
+/// Tokens per tile of the panel kernel: the accumulators of four tokens (16-bit partial sums,
+/// the 32-bit sum of a super-block, the f32 output) and the operands fit the 16 registers.
+const TILE_T: usize = 4;
+
+/// How a type's values meet the panel kernel.
+#[derive(Clone, Copy)]
+struct Kind {
+    /// Values per super-block (the span of one f32 scale `d` per row): 32 or 256.
+    sb: usize,
+    /// Values per integer sub-block scale (32 or 16); `sb` when the type has none.
+    g: usize,
+    /// Steps (4 values) whose 16-bit products are summed before widening: the largest count
+    /// that cannot overflow an i16 lane (`n · 2 · max|w| · 127 ≤ 32767`).
+    acc16: usize,
+    /// Signed values (sign moved onto the activation); otherwise unsigned.
+    signed: bool,
+    /// Integer sub-block scales (k-quants).
+    int_scale: bool,
+    /// `Σ m · bsum` term with per-16 integer mins (k-quant mins, or the offset of Q3_K / Q6_K
+    /// as `o · sc`), times `dmin` (Q3_K / Q6_K: `d`).
+    int_mins: bool,
+    /// `m_w · s_x` term (Q4_1, Q5_1).
+    float_mins: bool,
+}
+
+impl Kind {
+    const fn k32(acc16: usize, signed: bool, float_mins: bool) -> Kind {
+        Kind {
+            sb: 32,
+            g: 32,
+            acc16,
+            signed,
+            int_scale: false,
+            int_mins: false,
+            float_mins,
+        }
+    }
+    const fn kq(g: usize, acc16: usize) -> Kind {
+        Kind {
+            sb: QK_K,
+            g,
+            acc16,
+            signed: false,
+            int_scale: true,
+            int_mins: true,
+            float_mins: false,
+        }
+    }
+    const fn of(ty: u32) -> Kind {
+        let (k32, kq) = (Kind::k32, Kind::kq);
+        match ty {
+            // Q8_0: |w| ≤ 128, one step per widening.
+            8 => k32(1, true, false),
+            // Q4_0 |w| ≤ 8, Q5_0 |w| ≤ 16 (8 · 2 · 16 · 127 = 32512), Q4_1 ≤ 15: eight steps.
+            2 | 6 => k32(8, true, false),
+            3 => k32(8, false, true),
+            // Q5_1 ≤ 31: four steps.
+            7 => k32(4, false, true),
+            // Q2_K ≤ 3, Q3_K ≤ 7 (offset 4): sub-blocks of 16 (four steps) at once.
+            10 | 11 => kq(16, 4),
+            // Q4_K ≤ 15: sub-blocks of 32 at once; Q5_K ≤ 31: half of one.
+            12 => kq(32, 8),
+            13 => kq(32, 4),
+            // Q6_K ≤ 63 (offset 32): two steps.
+            _ => kq(16, 2),
+        }
+    }
+    /// Steps (vectors of values) per super-block.
+    const fn steps(self) -> usize {
+        self.sb / 4
+    }
+    /// Integer scale vectors per super-block.
+    const fn scales(self) -> usize {
+        if self.int_scale {
+            self.sb / self.g
+        } else {
+            0
+        }
+    }
+    /// Vector offset of `d` (then `dmin` / `m`, then the eight min pairs).
+    const fn at_d(self) -> usize {
+        self.steps() + self.scales()
+    }
+    /// Vectors per super-block of a packed panel.
+    const fn stride(self) -> usize {
+        self.at_d() + 1 + (self.int_mins || self.float_mins) as usize + 8 * self.int_mins as usize
+    }
+}
+
+/// One 32-byte vector of a packed panel.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(super) struct V32(pub(super) [u8; 32]);
+
+/// Vectors a packed panel of a `k`-wide weight of `ty` takes.
+pub(super) fn panel_len(ty: GgmlType, k: usize) -> usize {
+    let kd = Kind::of(ty.id());
+    k / kd.sb * kd.stride()
+}
+
+/// `v[r]`'s i32 lane `j` to lane `r` of vector `j` (an 8 × 8 transpose of 32-bit lanes).
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // t[2p] holds rows 2p, 2p + 1 at lanes 0, 1 | 4, 5; t[2p + 1] at lanes 2, 3 | 6, 7.
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let (half, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * half + j / 2], t[4 * half + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    // u[4h + j] holds rows 4h..4h + 4 of lane j (low half) and lane j + 4 (high half).
+    std::array::from_fn(|j| {
+        let (a, b) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            _mm256_permute2x128_si256::<0x20>(a, b)
+        } else {
+            _mm256_permute2x128_si256::<0x31>(a, b)
+        }
+    })
+}
+
+/// Two i16 as one i32 lane (`lo` in the low half).
+#[inline(always)]
+fn pair16(lo: i16, hi: i16) -> i32 {
+    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
+}
+
+/// Packs rows `o0..o0 + rows` (`rows ≤ 8`; the rest of the panel is zero) of a `TY` weight
+/// into `out` (`panel_len` vectors) in the layout [`panel_tile`] reads.
+#[inline(always)]
+unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize, out: *mut V32) {
+    let kd = Kind::of(TY);
+    let ts = m.ty.type_size();
+    let zero = _mm256_setzero_si256();
+    let per_sb = kd.sb / m.ty.block_size();
+    for s in 0..nsb {
+        let base = out.add(s * kd.stride());
+        let st = |i: usize, v: __m256i| _mm256_store_si256(base.add(i).cast(), v);
+        let mut d = [0f32; 8];
+        let mut dmin = [0f32; 8];
+        let mut sc = [[0i16; 16]; 8];
+        let mut mins = [[0i16; 16]; 8];
+        if kd.sb == 32 {
+            let mut v = [zero; 8];
+            for r in 0..rows {
+                let bp = m.w.add((o0 + r) * m.row_bytes + s * per_sb * ts);
+                v[r] = unpack32::<TY>(bp);
+                d[r] = f16_at(bp);
+                if kd.float_mins {
+                    dmin[r] = f16_at(bp.add(2));
+                }
+            }
+            for (j, q) in transpose8(v).into_iter().enumerate() {
+                st(j, q);
+            }
+        } else {
+            let mut u = [[zero; 8]; 8];
+            for r in 0..rows {
+                let kb = unpack_k::<TY>(m.w.add((o0 + r) * m.row_bytes + s * ts));
+                u[r] = kb.u;
+                d[r] = kb.d;
+                dmin[r] = kb.dmin;
+                _mm256_storeu_si256(sc[r].as_mut_ptr().cast(), kb.sc);
+                _mm256_storeu_si256(mins[r].as_mut_ptr().cast(), kb.mins);
+                // Q3_K and Q6_K: the offset of every value, removed as `o · sc` mins with `d`.
+                let off = match TY {
+                    11 => 4,
+                    14 => 32,
+                    _ => 0,
+                };
+                if off != 0 {
+                    for j in 0..16 {
+                        mins[r][j] = off * sc[r][j];
+                    }
+                    dmin[r] = kb.d;
+                }
+            }
+            for c in 0..8 {
+                let t = transpose8(std::array::from_fn(|r| u[r][c]));
+                for (j, q) in t.into_iter().enumerate() {
+                    st(8 * c + j, q);
+                }
+            }
+            // Scale of sub-block g (sixteen 16-bit lanes hold one scale per 16 values).
+            let per = kd.g / 16;
+            for g in 0..kd.scales() {
+                let l: [i32; 8] = std::array::from_fn(|r| pair16(sc[r][per * g], sc[r][per * g]));
+                st(kd.steps() + g, _mm256_loadu_si256(l.as_ptr().cast()));
+            }
+            for p in 0..8 {
+                let l: [i32; 8] = std::array::from_fn(|r| pair16(mins[r][2 * p], mins[r][2 * p + 1]));
+                st(kd.at_d() + 2 + p, _mm256_loadu_si256(l.as_ptr().cast()));
+            }
+        }
+        _mm256_store_ps(base.add(kd.at_d()).cast(), _mm256_loadu_ps(d.as_ptr()));
+        if kd.int_mins || kd.float_mins {
+            _mm256_store_ps(base.add(kd.at_d() + 1).cast(), _mm256_loadu_ps(dmin.as_ptr()));
+        }
+    }
+}
+
+/// Tokens `r0..r0 + T` of a packed panel (`nsb` super-blocks from `p`): `y[r][o0 + j]` for the
+/// panel's first `rows` rows `j`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
+    p: *const V32,
+    nsb: usize,
+    a: &Acts,
+    r0: usize,
+    y: *mut f32,
+    n: usize,
+    o0: usize,
+    rows: usize,
+) {
+    let kd = Kind::of(TY);
+    let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for s in 0..nsb {
+        let base = p.add(s * kd.stride());
+        let vec = |i: usize| _mm256_load_si256(base.add(i).cast());
+        let mut isum = [_mm256_setzero_si256(); T];
+        let gsteps = kd.g / 4;
+        for g in 0..kd.steps() / gsteps {
+            let scale = if kd.int_scale { vec(kd.steps() + g) } else { ones };
+            for f in 0..gsteps / kd.acc16 {
+                let mut s16 = [_mm256_setzero_si256(); T];
+                for e in 0..kd.acc16 {
+                    let step = g * gsteps + f * kd.acc16 + e;
+                    let w = vec(step);
+                    let u = if kd.signed { _mm256_abs_epi8(w) } else { w };
+                    for i in 0..T {
+                        let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
+                        let x = _mm256_set1_epi32(x4);
+                        let x = if kd.signed { _mm256_sign_epi8(x, w) } else { x };
+                        if kd.acc16 == 1 && !kd.int_scale {
+                            isum[i] = D::dot4(isum[i], u, x);
+                        } else {
+                            let pr = _mm256_maddubs_epi16(u, x);
+                            s16[i] = if e == 0 { pr } else { _mm256_add_epi16(s16[i], pr) };
+                        }
+                    }
+                }
+                if !(kd.acc16 == 1 && !kd.int_scale) {
+                    for i in 0..T {
+                        isum[i] = D::wsum(isum[i], s16[i], scale);
+                    }
+                }
+            }
+        }
+        let d = _mm256_load_ps(base.add(kd.at_d()).cast());
+        for i in 0..T {
+            let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, dx), acc[i]);
+        }
+        if kd.int_mins {
+            let dmin = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            for i in 0..T {
+                let bs = a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s);
+                let mut msum = _mm256_setzero_si256();
+                for q in 0..8 {
+                    let pair = _mm256_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
+                    msum = D::wsum(msum, vec(kd.at_d() + 2 + q), pair);
+                }
+                let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[i]);
+            }
+        }
+        if kd.float_mins {
+            let mw = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            for i in 0..T {
+                let sx = _mm256_set1_ps(*a.s.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = _mm256_fmadd_ps(mw, sx, acc[i]);
+            }
+        }
+    }
+    for i in 0..T {
+        let out = y.add((r0 + i) * n + o0);
+        if rows == PANEL_ROWS {
+            _mm256_storeu_ps(out, acc[i]);
+        } else {
+            let mut v = [0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), acc[i]);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), out, rows);
+        }
+    }
+}
+
+/// Rows `lo..hi` of every token (`t`) through packed panels of eight rows; `buf` holds at
+/// least [`panel_len`] vectors.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels<D: Dot, const TY: u32>(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
+    let nsb = a.k / Kind::of(TY).sb;
+    let mut o0 = lo;
+    while o0 < hi {
+        let rows = (hi - o0).min(PANEL_ROWS);
+        pack_panel::<TY>(m, o0, rows, nsb, buf);
+        let mut r0 = 0;
+        while r0 + TILE_T <= t {
+            panel_tile::<D, TY, TILE_T>(buf, nsb, a, r0, y, m.n, o0, rows);
+            r0 += TILE_T;
+        }
+        match t - r0 {
+            0 => {}
+            1 => panel_tile::<D, TY, 1>(buf, nsb, a, r0, y, m.n, o0, rows),
+            2 => panel_tile::<D, TY, 2>(buf, nsb, a, r0, y, m.n, o0, rows),
+            _ => panel_tile::<D, TY, 3>(buf, nsb, a, r0, y, m.n, o0, rows),
+        }
+        o0 += rows;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_any<D: Dot>(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+    macro_rules! go {
+        ($($ty:literal),*) => {
+            match m.ty.id() {
+                $($ty => panels::<D, $ty>(m, a, t, lo, hi, y, buf),)*
+                _ => unreachable!("{}", m.ty),
+            }
+        };
+    }
+    go!(2, 3, 6, 7, 8, 10, 11, 12, 13, 14)
+}
+
+/// Rows `lo..hi` of `y` for all `t` tokens through packed panels, with AVX2.
+///
+/// # Safety
+/// As [`rows_avx2`]; `buf` is valid for [`panel_len`] vectors of writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panels_avx2(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+    panels_any::<Avx2>(m, a, t, lo, hi, y, buf)
+}
+
+/// [`panels_avx2`] with AVX-512 VNNI (256-bit EVEX forms).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; otherwise as [`panels_avx2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn panels_vnni(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+    panels_any::<Vnni>(m, a, t, lo, hi, y, buf)
 }
