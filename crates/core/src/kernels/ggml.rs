@@ -12,9 +12,10 @@
 //! (`vpdpbusd` for the 32-value blocks, `vpdpwssd` to apply the k-quants' sub-block scales),
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`), both from one generic body in `ggml_x86.rs`, and a
 //! portable path (scalar integer dots over the decoded blocks). Decode (`t ≤ 3`) streams each
-//! weight row once for all tokens; prefill streams an L2-sized chunk of rows and passes the
-//! tokens over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others), so each
-//! block of weights is unpacked once per block of tokens.
+//! weight row once for all tokens. Prefill on the x86 paths unpacks each panel of eight rows
+//! once per call into a per-thread buffer and runs every token over it in tiles of four (see
+//! `ggml_x86.rs`); the portable path streams an L2-sized chunk of rows and passes the tokens
+//! over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others).
 
 use std::cell::Cell;
 
@@ -37,14 +38,12 @@ use crate::Layout;
 #[path = "ggml_x86.rs"]
 mod x86;
 
-/// Tokens per pass of a k-quant prefill row kernel: each super-block is unpacked once for this
-/// many tokens. Unpacking a k-quant block costs about as much as three tokens' products, so 8
-/// beats 4 by about 10% (Q4_K, Q6_K); the 32-value types unpack in one or two instructions and
-/// lose about 5% at 8 (Q8_0: the accumulators no longer fit in registers), so they take 4.
+/// Tokens per pass of the portable k-quant prefill kernel: each super-block is decoded once
+/// for this many tokens.
 const PREFILL_T: usize = 8;
 
-/// How many tokens a row kernel takes next, `left` tokens remaining: [`PREFILL_T`] (k-quants)
-/// or 4 while there are that many, then the rest (`1..=4`; `1..=3` is decode).
+/// How many tokens the portable row kernel takes next, `left` tokens remaining: [`PREFILL_T`]
+/// (k-quants) or 4 while there are that many, then the rest.
 fn next_block(kquant: bool, left: usize) -> usize {
     match left {
         l if kquant && l >= PREFILL_T => PREFILL_T,
@@ -202,8 +201,8 @@ pub(super) fn linear(
     ACT.with(|c| c.set(sc));
 }
 
-/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=4`, or
-/// [`PREFILL_T`] for the k-quants.
+/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=3` (x86),
+/// or up to [`PREFILL_T`] (portable).
 type RowKernel = unsafe fn(&Mat, &Acts, usize, usize, usize, usize, *mut f32);
 
 /// Output rows `lo..hi` of every token on `path`.
@@ -242,6 +241,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
         PANEL.with(|c| c.set(buf));
         return;
     }
+    // Portable prefill.
     let chunk = (CHUNK_BYTES / m.row_bytes.max(1)).max(1);
     let kquant = m.ty.dot_type() == Some(DotType::Q8K);
     let mut c0 = lo;
@@ -250,7 +250,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
         let mut r0 = 0;
         while r0 < t {
             let tt = next_block(kquant, t - r0);
-            kernel(m, a, r0, tt, c0, c1, y);
+            rows_portable(m, a, r0, tt, c0, c1, y);
             r0 += tt;
         }
         c0 = c1;

@@ -1,8 +1,8 @@
 //! x86 row kernels of the ggml types: one generic body per block family, compiled for AVX2 and
 //! for AVX-512 VNNI (the [`Dot`] implementations are the only difference).
 //!
-//! Every weight block is unpacked in registers into 32-byte vectors of small integers, once per
-//! block of up to four tokens (eight for the k-quants):
+//! Decode (`t ≤ 3`, the row kernels): every weight block is unpacked in registers into 32-byte
+//! vectors of small integers, once for all tokens:
 //!
 //! - 32-value blocks (Q4_0, Q5_0, Q8_0: signed values; Q4_1, Q5_1: unsigned): one vector per
 //!   block. Signed values are multiplied with the sign moved onto the activation (`|w|` times
@@ -15,6 +15,9 @@
 //!   exactly as `o · Σ sc · bsum`; the mins as `Σ m · bsum` (Q8_K's sums of each 16 values).
 //!
 //! All integer sums are exact; each lane is converted to f32 once per block.
+//!
+//! Prefill (`t > 3`, the panel kernels at the end of this file): eight rows at a time are
+//! unpacked once per call into a buffer laid out so that no horizontal sums are needed.
 
 // Index loops state the block layouts most plainly.
 #![allow(clippy::needless_range_loop)]
@@ -505,29 +508,27 @@ unsafe fn rows_k<D: Dot, const TY: u32, const T: usize>(
     }
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants), body `D`.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`), body `D`.
 #[inline(always)]
 unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     macro_rules! go {
-        ($($ty:literal => $kind:ident),*; $($kty:literal),*) => {
+        ($($ty:literal => $kind:ident),*) => {
             match (m.ty.id(), tt) {
                 $(
                     ($ty, 1) => $kind::<D, $ty, 1>(m, a, r0, lo, hi, y),
                     ($ty, 2) => $kind::<D, $ty, 2>(m, a, r0, lo, hi, y),
                     ($ty, 3) => $kind::<D, $ty, 3>(m, a, r0, lo, hi, y),
-                    ($ty, 4) => $kind::<D, $ty, 4>(m, a, r0, lo, hi, y),
                 )*
-                $(($kty, 8) => rows_k::<D, $kty, 8>(m, a, r0, lo, hi, y),)*
                 _ => unreachable!("{} with {tt} tokens", m.ty),
             }
         };
     }
     debug_assert!(m.ty != GgmlType::F32);
     go!(2 => rows32, 3 => rows32, 6 => rows32, 7 => rows32, 8 => rows32,
-        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k; 10, 11, 12, 13, 14)
+        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k)
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants) with AVX2.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`) with AVX2.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C; `m` and `a` describe one call's weight and activations; `y` is
