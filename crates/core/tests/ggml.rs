@@ -178,7 +178,13 @@ fn prefill_panels_cover_partial_tiles_and_splits() {
         if ty.block_size() == 1 {
             continue;
         }
-        for (n, k) in [(9, 256), (16, 512), (29, 256)] {
+        // One and two blocks of the 32-value types as well.
+        let small: &[(usize, usize)] = if ty.block_size() == 32 {
+            &[(7, 32), (13, 64)]
+        } else {
+            &[]
+        };
+        for &(n, k) in [(9, 256), (16, 512), (29, 256)].iter().chain(small) {
             let w = weight(ty, random_blocks(ty, n * k, n as u64), n, k);
             for t in 4..12 {
                 let x = activations(t, k, t as u64, 2.0);

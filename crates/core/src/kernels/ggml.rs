@@ -12,7 +12,8 @@
 //! (`vpdpbusd` for the 32-value blocks, `vpdpwssd` to apply the k-quants' sub-block scales),
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`), both from one generic body in `ggml_x86.rs`, and a
 //! portable path (scalar integer dots over the decoded blocks). Decode (`t ≤ 3`) streams each
-//! weight row once for all tokens. Prefill on the x86 paths unpacks each panel of eight rows
+//! weight row once for all tokens. Prefill on the x86 paths (but Q4_1 / Q5_1, see
+//! `x86::has_panel`) unpacks each panel of eight rows
 //! once per call into a per-thread buffer and runs every token over it in tiles of four (see
 //! `ggml_x86.rs`); the portable path streams an L2-sized chunk of rows and passes the tokens
 //! over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others).
@@ -201,8 +202,8 @@ pub(super) fn linear(
     ACT.with(|c| c.set(sc));
 }
 
-/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=3` (x86),
-/// or up to [`PREFILL_T`] (portable).
+/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=3` (x86;
+/// 4 for the types without panels), or up to [`PREFILL_T`] (portable).
 type RowKernel = unsafe fn(&Mat, &Acts, usize, usize, usize, usize, *mut f32);
 
 /// Output rows `lo..hi` of every token on `path`.
@@ -227,7 +228,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
         return kernel(m, a, 0, t, lo, hi, y);
     }
     #[cfg(target_arch = "x86_64")]
-    if path != Path::Portable {
+    if path != Path::Portable && x86::has_panel(m.ty) {
         let panel = match path {
             Path::Vnni => x86::panels_vnni,
             _ => x86::panels_avx2,
@@ -241,7 +242,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
         PANEL.with(|c| c.set(buf));
         return;
     }
-    // Portable prefill.
+    // Portable prefill, and the types without panels.
     let chunk = (CHUNK_BYTES / m.row_bytes.max(1)).max(1);
     let kquant = m.ty.dot_type() == Some(DotType::Q8K);
     let mut c0 = lo;
@@ -250,7 +251,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
         let mut r0 = 0;
         while r0 < t {
             let tt = next_block(kquant, t - r0);
-            rows_portable(m, a, r0, tt, c0, c1, y);
+            kernel(m, a, r0, tt, c0, c1, y);
             r0 += tt;
         }
         c0 = c1;

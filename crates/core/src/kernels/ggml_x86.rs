@@ -508,7 +508,8 @@ unsafe fn rows_k<D: Dot, const TY: u32, const T: usize>(
     }
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`), body `D`.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`, or 4 for Q4_1 and Q5_1),
+/// body `D`.
 #[inline(always)]
 unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     macro_rules! go {
@@ -519,6 +520,8 @@ unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: u
                     ($ty, 2) => $kind::<D, $ty, 2>(m, a, r0, lo, hi, y),
                     ($ty, 3) => $kind::<D, $ty, 3>(m, a, r0, lo, hi, y),
                 )*
+                (3, 4) => rows32::<D, 3, 4>(m, a, r0, lo, hi, y),
+                (7, 4) => rows32::<D, 7, 4>(m, a, r0, lo, hi, y),
                 _ => unreachable!("{} with {tt} tokens", m.ty),
             }
         };
@@ -528,7 +531,8 @@ unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: u
         10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k)
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`) with AVX2.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`, or 4 for Q4_1 and Q5_1)
+/// with AVX2.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C; `m` and `a` describe one call's weight and activations; `y` is
@@ -565,6 +569,14 @@ pub(super) unsafe fn rows_vnni(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usiz
 
 /// Rows of a packed panel (the eight i32 lanes of a vector).
 pub(super) const PANEL_ROWS: usize = 8;
+
+/// Whether prefill of `ty` runs through packed panels. Q4_1 and Q5_1 keep the row kernels,
+/// which sum in ggml-cpu's order (each block's eight lane sums scaled, the `m_w · s_x` terms
+/// apart): their two sums nearly cancel, so a panel's order (exact block sums) moves results
+/// enough to flip a top-1 route of the Q5_1 fixture model against llama.cpp.
+pub(super) fn has_panel(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+}
 
 /// Tokens per tile of the panel kernel: the accumulators of four tokens (16-bit partial sums,
 /// the 32-bit sum of a super-block, the f32 output) and the operands fit the 16 registers.
@@ -918,7 +930,15 @@ unsafe fn panels_any<D: Dot>(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, 
 /// # Safety
 /// As [`rows_avx2`]; `buf` is valid for [`panel_len`] vectors of writes.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn panels_avx2(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+pub(super) unsafe fn panels_avx2(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
     panels_any::<Avx2>(m, a, t, lo, hi, y, buf)
 }
 
@@ -927,6 +947,14 @@ pub(super) unsafe fn panels_avx2(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usi
 /// # Safety
 /// The CPU has AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; otherwise as [`panels_avx2`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(super) unsafe fn panels_vnni(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+pub(super) unsafe fn panels_vnni(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
     panels_any::<Vnni>(m, a, t, lo, hi, y, buf)
 }
