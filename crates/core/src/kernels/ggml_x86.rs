@@ -807,6 +807,8 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
     let kd = Kind::of(TY);
     let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
     let ones = _mm256_set1_epi16(1);
+    // Q8_0's products go straight to 32 bits (`dot4`); the others sum in 16 bits first.
+    let direct = kd.acc16 == 1 && !kd.int_scale;
     let mut acc = [_mm256_setzero_ps(); T];
     for s in 0..nsb {
         let base = p.add(s * kd.stride());
@@ -825,7 +827,7 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
                         let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
                         let x = _mm256_set1_epi32(x4);
                         let x = if kd.signed { _mm256_sign_epi8(x, w) } else { x };
-                        if kd.acc16 == 1 && !kd.int_scale {
+                        if direct {
                             isum[i] = D::dot4(isum[i], u, x);
                         } else {
                             let pr = _mm256_maddubs_epi16(u, x);
@@ -833,7 +835,7 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
                         }
                     }
                 }
-                if !(kd.acc16 == 1 && !kd.int_scale) {
+                if !direct {
                     for i in 0..T {
                         isum[i] = D::wsum(isum[i], s16[i], scale);
                     }
