@@ -710,12 +710,6 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     })
 }
 
-/// Two i16 as one i32 lane (`lo` in the low half).
-#[inline(always)]
-fn pair16(lo: i16, hi: i16) -> i32 {
-    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
-}
-
 /// Packs rows `o0..o0 + rows` (`rows ≤ 8`; the rest of the panel is zero) of a `TY` weight
 /// into `out` (`panel_len` vectors) in the layout [`panel_tile`] reads.
 #[inline(always)]
@@ -729,8 +723,6 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
         let st = |i: usize, v: __m256i| _mm256_store_si256(base.add(i).cast(), v);
         let mut d = [0f32; 8];
         let mut dmin = [0f32; 8];
-        let mut sc = [[0i16; 16]; 8];
-        let mut mins = [[0i16; 16]; 8];
         if kd.sb == 32 {
             let mut v = [zero; 8];
             for r in 0..rows {
@@ -746,23 +738,20 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
             }
         } else {
             let mut u = [[zero; 8]; 8];
+            let (mut scs, mut mins) = ([zero; 8], [zero; 8]);
             for r in 0..rows {
                 let kb = unpack_k::<TY>(m.w.add((o0 + r) * m.row_bytes + s * ts));
                 u[r] = kb.u;
                 d[r] = kb.d;
                 dmin[r] = kb.dmin;
-                _mm256_storeu_si256(sc[r].as_mut_ptr().cast(), kb.sc);
-                _mm256_storeu_si256(mins[r].as_mut_ptr().cast(), kb.mins);
+                scs[r] = kb.sc;
                 // Q3_K and Q6_K: the offset of every value, removed as `o · sc` mins with `d`.
-                let off = match TY {
-                    11 => 4,
-                    14 => 32,
-                    _ => 0,
+                mins[r] = match TY {
+                    11 => _mm256_slli_epi16::<2>(kb.sc),
+                    14 => _mm256_slli_epi16::<5>(kb.sc),
+                    _ => kb.mins,
                 };
-                if off != 0 {
-                    for j in 0..16 {
-                        mins[r][j] = off * sc[r][j];
-                    }
+                if matches!(TY, 11 | 14) {
                     dmin[r] = kb.d;
                 }
             }
@@ -772,15 +761,25 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                     st(8 * c + j, q);
                 }
             }
-            // Scale of sub-block g (sixteen 16-bit lanes hold one scale per 16 values).
-            let per = kd.g / 16;
-            for g in 0..kd.scales() {
-                let l: [i32; 8] = std::array::from_fn(|r| pair16(sc[r][per * g], sc[r][per * g]));
-                st(kd.steps() + g, _mm256_loadu_si256(l.as_ptr().cast()));
+            // The sixteen 16-bit lanes of `sc` / `mins` hold one value per 16 values, so i32
+            // lane `p` of `mins` is min pair `p`, and (per-32 scales being repeated) lane `g`
+            // of `sc` is sub-block `g`'s scale pair: one transpose lays out eight rows of each.
+            for (p, q) in transpose8(mins).into_iter().enumerate() {
+                st(kd.at_d() + 2 + p, q);
             }
-            for p in 0..8 {
-                let l: [i32; 8] = std::array::from_fn(|r| pair16(mins[r][2 * p], mins[r][2 * p + 1]));
-                st(kd.at_d() + 2 + p, _mm256_loadu_si256(l.as_ptr().cast()));
+            if kd.g == 32 {
+                for (g, q) in transpose8(scs).into_iter().enumerate() {
+                    st(kd.steps() + g, q);
+                }
+            } else {
+                // Per-16 scales: each lane doubled, lanes 0..4 | 8..12 then 4..8 | 12..16.
+                let lo = transpose8(scs.map(|v| _mm256_unpacklo_epi16(v, v)));
+                let hi = transpose8(scs.map(|v| _mm256_unpackhi_epi16(v, v)));
+                for j in 0..8 {
+                    let g = if j < 4 { j } else { j + 4 };
+                    st(kd.steps() + g, lo[j]);
+                    st(kd.steps() + g + 4, hi[j]);
+                }
             }
         }
         _mm256_store_ps(base.add(kd.at_d()).cast(), _mm256_loadu_ps(d.as_ptr()));
