@@ -59,6 +59,7 @@ struct Scratch {
     d: Vec<f32>,
     s: Vec<f32>,
     bsums: Vec<i16>,
+    bsums32: Vec<i16>,
     f: Vec<f32>,
 }
 
@@ -67,7 +68,7 @@ thread_local! {
     #[cfg(target_arch = "x86_64")]
     static PANEL: Cell<Vec<x86::V32>> = const { Cell::new(Vec::new()) };
     static ACT: Cell<Scratch> = const {
-        Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), f: Vec::new() })
+        Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), bsums32: Vec::new(), f: Vec::new() })
     };
 }
 
@@ -81,6 +82,9 @@ pub(crate) struct Acts<'a> {
     s: &'a [f32],
     /// `[t, k / 16]` Q8_K sums of each 16 values; empty otherwise.
     bsums: &'a [i16],
+    /// `[t, k / 32]` Q8_K sums of each 32 values (the mins of Q4_K / Q5_K apply per 32); empty
+    /// otherwise.
+    bsums32: &'a [i16],
     /// Row stride of `q`.
     k: usize,
     /// Blocks per row.
@@ -123,11 +127,14 @@ fn prepare<'a>(dot: DotType, x: &[f32], t: usize, k: usize, sc: &'a mut Scratch)
             _ => quantize_q8_k(xr, qr, dr, &mut sc.bsums[r * k / 16..(r + 1) * k / 16]),
         }
     }
+    sc.bsums32.clear();
+    sc.bsums32.extend(sc.bsums.chunks_exact(2).map(|p| p[0] + p[1]));
     Acts {
         q: &sc.q,
         d: &sc.d,
         s: &sc.s,
         bsums: &sc.bsums,
+        bsums32: &sc.bsums32,
         k,
         nb,
     }

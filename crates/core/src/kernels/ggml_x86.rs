@@ -601,6 +601,9 @@ struct Kind {
     int_mins: bool,
     /// `m_w · s_x` term (Q4_1, Q5_1).
     float_mins: bool,
+    /// The integer mins apply per 32 values (Q4_K, Q5_K): four pairs against Q8_K's sums of
+    /// each 32, not eight against its sums of each 16.
+    mins32: bool,
 }
 
 impl Kind {
@@ -613,6 +616,7 @@ impl Kind {
             int_scale: false,
             int_mins: false,
             float_mins,
+            mins32: false,
         }
     }
     const fn kq(g: usize, acc16: usize) -> Kind {
@@ -624,6 +628,7 @@ impl Kind {
             int_scale: true,
             int_mins: true,
             float_mins: false,
+            mins32: g == 32,
         }
     }
     const fn of(ty: u32) -> Kind {
@@ -657,13 +662,21 @@ impl Kind {
             0
         }
     }
-    /// Vector offset of `d` (then `dmin` / `m`, then the eight min pairs).
+    /// Min pair vectors per super-block.
+    const fn min_pairs(self) -> usize {
+        match (self.int_mins, self.mins32) {
+            (false, _) => 0,
+            (true, true) => 4,
+            (true, false) => 8,
+        }
+    }
+    /// Vector offset of `d` (then `dmin` / `m`, then the min pairs).
     const fn at_d(self) -> usize {
         self.steps() + self.scales()
     }
     /// Vectors per super-block of a packed panel.
     const fn stride(self) -> usize {
-        self.at_d() + 1 + (self.int_mins || self.float_mins) as usize + 8 * self.int_mins as usize
+        self.at_d() + 1 + (self.int_mins || self.float_mins) as usize + self.min_pairs()
     }
 }
 
@@ -740,7 +753,8 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
             let mut u = [[zero; 8]; 8];
             let (mut scs, mut mins) = ([zero; 8], [zero; 8]);
             for r in 0..rows {
-                let kb = unpack_k::<TY>(m.w.add((o0 + r) * m.row_bytes + s * ts));
+                let bp = m.w.add((o0 + r) * m.row_bytes + s * ts);
+                let kb = unpack_k::<TY>(bp);
                 u[r] = kb.u;
                 d[r] = kb.d;
                 dmin[r] = kb.dmin;
@@ -749,6 +763,11 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                 mins[r] = match TY {
                     11 => _mm256_slli_epi16::<2>(kb.sc),
                     14 => _mm256_slli_epi16::<5>(kb.sc),
+                    // The eight per-32 mins as 16-bit lanes: i32 lanes 0..4 are pairs.
+                    12 | 13 => {
+                        let (_, mn) = scales_k4(&words3(bp.add(4)));
+                        _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)))
+                    }
                     _ => kb.mins,
                 };
                 if matches!(TY, 11 | 14) {
@@ -761,10 +780,10 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                     st(8 * c + j, q);
                 }
             }
-            // The sixteen 16-bit lanes of `sc` / `mins` hold one value per 16 values, so i32
-            // lane `p` of `mins` is min pair `p`, and (per-32 scales being repeated) lane `g`
-            // of `sc` is sub-block `g`'s scale pair: one transpose lays out eight rows of each.
-            for (p, q) in transpose8(mins).into_iter().enumerate() {
+            // The sixteen 16-bit lanes of `sc` hold one value per 16 values, so (per-32 scales
+            // being repeated) i32 lane `g` is sub-block `g`'s scale pair, and i32 lane `p` of
+            // `mins` is min pair `p`: one transpose lays out eight rows of each.
+            for (p, q) in transpose8(mins).into_iter().take(kd.min_pairs()).enumerate() {
                 st(kd.at_d() + 2 + p, q);
             }
             if kd.g == 32 {
@@ -849,9 +868,13 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
         if kd.int_mins {
             let dmin = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
             for i in 0..T {
-                let bs = a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s);
+                let bs = if kd.mins32 {
+                    a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
+                } else {
+                    a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
+                };
                 let mut msum = _mm256_setzero_si256();
-                for q in 0..8 {
+                for q in 0..kd.min_pairs() {
                     let pair = _mm256_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
                     msum = D::wsum(msum, vec(kd.at_d() + 2 + q), pair);
                 }
@@ -923,7 +946,8 @@ unsafe fn panels_any<D: Dot>(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, 
             }
         };
     }
-    go!(2, 3, 6, 7, 8, 10, 11, 12, 13, 14)
+    // Not Q4_1 (3) or Q5_1 (7): see [`has_panel`].
+    go!(2, 6, 8, 10, 11, 12, 13, 14)
 }
 
 /// Rows `lo..hi` of `y` for all `t` tokens through packed panels, with AVX2.
