@@ -670,9 +670,14 @@ impl Kind {
             (true, false) => 8,
         }
     }
+    /// Vectors of values per super-block: signed types store `|w|` after each `w` (`vpabsb`
+    /// runs on the multiply pipes of Zen 3, a load does not).
+    const fn vals(self) -> usize {
+        self.steps() * (1 + self.signed as usize)
+    }
     /// Vector offset of `d` (then `dmin` / `m`, then the min pairs).
     const fn at_d(self) -> usize {
-        self.steps() + self.scales()
+        self.vals() + self.scales()
     }
     /// Vectors per super-block of a packed panel.
     const fn stride(self) -> usize {
@@ -747,7 +752,12 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                 }
             }
             for (j, q) in transpose8(v).into_iter().enumerate() {
-                st(j, q);
+                if kd.signed {
+                    st(2 * j, q);
+                    st(2 * j + 1, _mm256_abs_epi8(q));
+                } else {
+                    st(j, q);
+                }
             }
         } else {
             let mut u = [[zero; 8]; 8];
@@ -788,7 +798,7 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
             }
             if kd.g == 32 {
                 for (g, q) in transpose8(scs).into_iter().enumerate() {
-                    st(kd.steps() + g, q);
+                    st(kd.vals() + g, q);
                 }
             } else {
                 // Per-16 scales: each lane doubled, lanes 0..4 | 8..12 then 4..8 | 12..16.
@@ -796,8 +806,8 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                 let hi = transpose8(scs.map(|v| _mm256_unpackhi_epi16(v, v)));
                 for j in 0..8 {
                     let g = if j < 4 { j } else { j + 4 };
-                    st(kd.steps() + g, lo[j]);
-                    st(kd.steps() + g + 4, hi[j]);
+                    st(kd.vals() + g, lo[j]);
+                    st(kd.vals() + g + 4, hi[j]);
                 }
             }
         }
@@ -834,13 +844,16 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
         let mut isum = [_mm256_setzero_si256(); T];
         let gsteps = kd.g / 4;
         for g in 0..kd.steps() / gsteps {
-            let scale = if kd.int_scale { vec(kd.steps() + g) } else { ones };
+            let scale = if kd.int_scale { vec(kd.vals() + g) } else { ones };
             for f in 0..gsteps / kd.acc16 {
                 let mut s16 = [_mm256_setzero_si256(); T];
                 for e in 0..kd.acc16 {
                     let step = g * gsteps + f * kd.acc16 + e;
-                    let w = vec(step);
-                    let u = if kd.signed { _mm256_abs_epi8(w) } else { w };
+                    let (w, u) = if kd.signed {
+                        (vec(2 * step), vec(2 * step + 1))
+                    } else {
+                        (vec(step), vec(step))
+                    };
                     for i in 0..T {
                         let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
                         let x = _mm256_set1_epi32(x4);
