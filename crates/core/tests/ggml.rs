@@ -39,7 +39,7 @@ fn weight(ty: GgmlType, bytes: Vec<u8>, n: usize, k: usize) -> Weight {
 fn check_paths(x: &Array2<f32>, w: &Weight, want: &[f32], abs: &[f32], blocks: usize, what: &str) {
     let (t, n) = (x.nrows(), w.out_features());
     for isa in available_isas() {
-        for tasks in [Some(1), Some(3), None] {
+        for tasks in [Some(1), Some(2), Some(3), None] {
             let mut y = Array2::zeros((t, n));
             kernels::forced::linear_into(isa, tasks, x.view(), w, y.view_mut()).unwrap();
             for (i, (&got, (&want, &abs))) in y.iter().zip(want.iter().zip(abs)).enumerate() {
@@ -166,6 +166,32 @@ proptest! {
         let x = activations(t, k, seed ^ 0x5555, scale);
         let (want, abs) = twin(x.view(), &w);
         check_paths(&x, &w, &want, &abs, k / ty.block_size(), ty.name());
+    }
+}
+
+#[test]
+fn prefill_panels_cover_partial_tiles_and_splits() {
+    // Prefill packs panels of eight rows and runs tiles of four tokens: token counts with every
+    // remainder (4..=11), row counts that leave a partial panel (1, 5, 9 rows past a multiple
+    // of eight) and task splits that cut rows into several ranges.
+    for ty in GgmlType::SUPPORTED {
+        if ty.block_size() == 1 {
+            continue;
+        }
+        // One and two blocks of the 32-value types as well.
+        let small: &[(usize, usize)] = if ty.block_size() == 32 {
+            &[(7, 32), (13, 64)]
+        } else {
+            &[]
+        };
+        for &(n, k) in [(9, 256), (16, 512), (29, 256)].iter().chain(small) {
+            let w = weight(ty, random_blocks(ty, n * k, n as u64), n, k);
+            for t in 4..12 {
+                let x = activations(t, k, t as u64, 2.0);
+                let (want, abs) = twin(x.view(), &w);
+                check_paths(&x, &w, &want, &abs, k / ty.block_size(), ty.name());
+            }
+        }
     }
 }
 

@@ -76,13 +76,16 @@ pub fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16])
         .zip(d.iter_mut())
         .zip(bsums.chunks_exact_mut(QK_K / 16))
     {
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
+        // The largest |v| (NaN never compares greater), kept per lane of eight so the loop
+        // vectorises; then the first value of that magnitude gives the sign, as ggml's scan.
+        let mut lanes = [0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (m, &v) in lanes.iter_mut().zip(c) {
+                *m = if v.abs() > *m { v.abs() } else { *m };
             }
         }
+        let amax = lanes.iter().fold(0f32, |m, &v| if v > m { v } else { m });
+        let max = xb.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
         if amax == 0.0 {
             *db = 0.0;
             qb.fill(0);
@@ -93,11 +96,8 @@ pub fn quantize_q8_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16])
         for (qi, &v) in qb.iter_mut().zip(xb) {
             let r = iscale * v;
             // `nearest_int` asserts |r| ≤ 2^22 − 1; only non-finite input exceeds it.
-            *qi = if r.abs() <= 4_194_303.0 {
-                nearest(r).min(127) as i8
-            } else {
-                0
-            };
+            let q = nearest(r).min(127);
+            *qi = if r.abs() <= 4_194_303.0 { q as i8 } else { 0 };
         }
         for (s, qs16) in bb.iter_mut().zip(qb.chunks_exact(16)) {
             *s = qs16.iter().map(|&q| q as i16).sum();

@@ -12,9 +12,11 @@
 //! (`vpdpbusd` for the 32-value blocks, `vpdpwssd` to apply the k-quants' sub-block scales),
 //! AVX2 (`vpmaddubsw` + `vpmaddwd`), both from one generic body in `ggml_x86.rs`, and a
 //! portable path (scalar integer dots over the decoded blocks). Decode (`t ≤ 3`) streams each
-//! weight row once for all tokens; prefill streams an L2-sized chunk of rows and passes the
-//! tokens over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others), so each
-//! block of weights is unpacked once per block of tokens.
+//! weight row once for all tokens. Prefill on the x86 paths (but Q4_1 / Q5_1, see
+//! `x86::has_panel`) unpacks each panel of eight rows
+//! once per call into a per-thread buffer and runs every token over it in tiles of four (see
+//! `ggml_x86.rs`); the portable path streams an L2-sized chunk of rows and passes the tokens
+//! over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others).
 
 use std::cell::Cell;
 
@@ -23,6 +25,10 @@ use half::{bf16, f16};
 use super::linear::SMALL_T;
 use super::quant::{isa_path, Path, CHUNK_BYTES};
 use super::Isa;
+#[cfg(target_arch = "x86_64")]
+use x86::PANEL_ROWS;
+#[cfg(not(target_arch = "x86_64"))]
+const PANEL_ROWS: usize = 8;
 use crate::ggml::act::{quantize_q8_0, quantize_q8_1, quantize_q8_k, round_bf16, round_f16};
 use crate::ggml::dot::{decode_32, decode_k};
 use crate::ggml::{DotType, GgmlData, GgmlType, QK_K};
@@ -33,14 +39,12 @@ use crate::Layout;
 #[path = "ggml_x86.rs"]
 mod x86;
 
-/// Tokens per pass of a k-quant prefill row kernel: each super-block is unpacked once for this
-/// many tokens. Unpacking a k-quant block costs about as much as three tokens' products, so 8
-/// beats 4 by about 10% (Q4_K, Q6_K); the 32-value types unpack in one or two instructions and
-/// lose about 5% at 8 (Q8_0: the accumulators no longer fit in registers), so they take 4.
+/// Tokens per pass of the portable k-quant prefill kernel: each super-block is decoded once
+/// for this many tokens.
 const PREFILL_T: usize = 8;
 
-/// How many tokens a row kernel takes next, `left` tokens remaining: [`PREFILL_T`] (k-quants)
-/// or 4 while there are that many, then the rest (`1..=4`; `1..=3` is decode).
+/// How many tokens the portable row kernel takes next, `left` tokens remaining: [`PREFILL_T`]
+/// (k-quants) or 4 while there are that many, then the rest.
 fn next_block(kquant: bool, left: usize) -> usize {
     match left {
         l if kquant && l >= PREFILL_T => PREFILL_T,
@@ -55,12 +59,16 @@ struct Scratch {
     d: Vec<f32>,
     s: Vec<f32>,
     bsums: Vec<i16>,
+    bsums32: Vec<i16>,
     f: Vec<f32>,
 }
 
 thread_local! {
+    /// Per-thread packed panel of the prefill kernels, reused across calls.
+    #[cfg(target_arch = "x86_64")]
+    static PANEL: Cell<Vec<x86::V32>> = const { Cell::new(Vec::new()) };
     static ACT: Cell<Scratch> = const {
-        Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), f: Vec::new() })
+        Cell::new(Scratch { q: Vec::new(), d: Vec::new(), s: Vec::new(), bsums: Vec::new(), bsums32: Vec::new(), f: Vec::new() })
     };
 }
 
@@ -74,6 +82,9 @@ pub(crate) struct Acts<'a> {
     s: &'a [f32],
     /// `[t, k / 16]` Q8_K sums of each 16 values; empty otherwise.
     bsums: &'a [i16],
+    /// `[t, k / 32]` Q8_K sums of each 32 values (the mins of Q4_K / Q5_K apply per 32); empty
+    /// otherwise.
+    bsums32: &'a [i16],
     /// Row stride of `q`.
     k: usize,
     /// Blocks per row.
@@ -116,11 +127,14 @@ fn prepare<'a>(dot: DotType, x: &[f32], t: usize, k: usize, sc: &'a mut Scratch)
             _ => quantize_q8_k(xr, qr, dr, &mut sc.bsums[r * k / 16..(r + 1) * k / 16]),
         }
     }
+    sc.bsums32.clear();
+    sc.bsums32.extend(sc.bsums.chunks_exact(2).map(|p| p[0] + p[1]));
     Acts {
         q: &sc.q,
         d: &sc.d,
         s: &sc.s,
         bsums: &sc.bsums,
+        bsums32: &sc.bsums32,
         k,
         nb,
     }
@@ -172,7 +186,11 @@ pub(super) fn linear(
                 ty: w.ty(),
             };
             let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
-            let per = n.div_ceil(tasks.max(1)).max(1);
+            let mut per = n.div_ceil(tasks.max(1)).max(1);
+            if t > SMALL_T {
+                // Prefill packs panels of eight rows: whole panels per task.
+                per = per.next_multiple_of(PANEL_ROWS);
+            }
             let count = n.div_ceil(per);
             let yp = SyncPtr(y.as_mut_ptr());
             let run = |i: usize| {
@@ -191,8 +209,8 @@ pub(super) fn linear(
     ACT.with(|c| c.set(sc));
 }
 
-/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=4`, or
-/// [`PREFILL_T`] for the k-quants.
+/// A row kernel: `(weight, activations, first token, tokens, lo, hi, y)`; tokens `1..=3` (x86;
+/// 4 for the types without panels), or up to [`PREFILL_T`] (portable).
 type RowKernel = unsafe fn(&Mat, &Acts, usize, usize, usize, usize, *mut f32);
 
 /// Output rows `lo..hi` of every token on `path`.
@@ -216,6 +234,22 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
     if t <= SMALL_T {
         return kernel(m, a, 0, t, lo, hi, y);
     }
+    #[cfg(target_arch = "x86_64")]
+    if path != Path::Portable && x86::has_panel(m.ty) {
+        let panel = match path {
+            Path::Vnni => x86::panels_vnni,
+            _ => x86::panels_avx2,
+        };
+        let mut buf = PANEL.with(Cell::take);
+        let len = x86::panel_len(m.ty, a.k);
+        if buf.len() < len {
+            buf.resize(len, x86::V32([0; 32]));
+        }
+        panel(m, a, t, lo, hi, y, buf.as_mut_ptr());
+        PANEL.with(|c| c.set(buf));
+        return;
+    }
+    // Portable prefill, and the types without panels.
     let chunk = (CHUNK_BYTES / m.row_bytes.max(1)).max(1);
     let kquant = m.ty.dot_type() == Some(DotType::Q8K);
     let mut c0 = lo;

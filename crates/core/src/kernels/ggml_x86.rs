@@ -1,8 +1,8 @@
 //! x86 row kernels of the ggml types: one generic body per block family, compiled for AVX2 and
 //! for AVX-512 VNNI (the [`Dot`] implementations are the only difference).
 //!
-//! Every weight block is unpacked in registers into 32-byte vectors of small integers, once per
-//! block of up to four tokens (eight for the k-quants):
+//! Decode (`t ≤ 3`, the row kernels): every weight block is unpacked in registers into 32-byte
+//! vectors of small integers, once for all tokens:
 //!
 //! - 32-value blocks (Q4_0, Q5_0, Q8_0: signed values; Q4_1, Q5_1: unsigned): one vector per
 //!   block. Signed values are multiplied with the sign moved onto the activation (`|w|` times
@@ -15,6 +15,9 @@
 //!   exactly as `o · Σ sc · bsum`; the mins as `Σ m · bsum` (Q8_K's sums of each 16 values).
 //!
 //! All integer sums are exact; each lane is converted to f32 once per block.
+//!
+//! Prefill (`t > 3`, the panel kernels at the end of this file): eight rows at a time are
+//! unpacked once per call into a buffer laid out so that no horizontal sums are needed.
 
 // Index loops state the block layouts most plainly.
 #![allow(clippy::needless_range_loop)]
@@ -32,6 +35,8 @@ trait Dot {
     unsafe fn dot4(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
     /// `acc` plus, per i32 lane, `Σ scale · (u·s pair sum)` over its two 16-bit pairs.
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i;
+    /// `acc` plus, per i32 lane, `Σ p · w` over its two 16-bit pairs.
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i;
 }
 
 /// `vpmaddubsw` then `vpmaddwd`.
@@ -47,6 +52,10 @@ impl Dot for Avx2 {
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
         _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), scale))
     }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(p, w))
+    }
 }
 
 /// `vpdpbusd`, and `vpmaddubsw` then `vpdpwssd` (EVEX encodings: AVX-512 VNNI with VL).
@@ -60,6 +69,10 @@ impl Dot for Vnni {
     #[inline(always)]
     unsafe fn dot_scaled(acc: __m256i, u: __m256i, s: __m256i, scale: __m256i) -> __m256i {
         _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(u, s), scale)
+    }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i {
+        _mm256_dpwssd_epi32(acc, p, w)
     }
 }
 
@@ -495,29 +508,31 @@ unsafe fn rows_k<D: Dot, const TY: u32, const T: usize>(
     }
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants), body `D`.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`, or 4 for Q4_1 and Q5_1),
+/// body `D`.
 #[inline(always)]
 unsafe fn rows<D: Dot>(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     macro_rules! go {
-        ($($ty:literal => $kind:ident),*; $($kty:literal),*) => {
+        ($($ty:literal => $kind:ident),*) => {
             match (m.ty.id(), tt) {
                 $(
                     ($ty, 1) => $kind::<D, $ty, 1>(m, a, r0, lo, hi, y),
                     ($ty, 2) => $kind::<D, $ty, 2>(m, a, r0, lo, hi, y),
                     ($ty, 3) => $kind::<D, $ty, 3>(m, a, r0, lo, hi, y),
-                    ($ty, 4) => $kind::<D, $ty, 4>(m, a, r0, lo, hi, y),
                 )*
-                $(($kty, 8) => rows_k::<D, $kty, 8>(m, a, r0, lo, hi, y),)*
+                (3, 4) => rows32::<D, 3, 4>(m, a, r0, lo, hi, y),
+                (7, 4) => rows32::<D, 7, 4>(m, a, r0, lo, hi, y),
                 _ => unreachable!("{} with {tt} tokens", m.ty),
             }
         };
     }
     debug_assert!(m.ty != GgmlType::F32);
     go!(2 => rows32, 3 => rows32, 6 => rows32, 7 => rows32, 8 => rows32,
-        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k; 10, 11, 12, 13, 14)
+        10 => rows_k, 11 => rows_k, 12 => rows_k, 13 => rows_k, 14 => rows_k)
 }
 
-/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=4`, or 8 for k-quants) with AVX2.
+/// Rows `lo..hi` of `y` for tokens `r0..r0 + tt` (`tt` in `1..=3`, or 4 for Q4_1 and Q5_1)
+/// with AVX2.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C; `m` and `a` describe one call's weight and activations; `y` is
@@ -534,4 +549,450 @@ pub(super) unsafe fn rows_avx2(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usiz
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 pub(super) unsafe fn rows_vnni(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     rows::<Vnni>(m, a, r0, tt, lo, hi, y)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: packed panels of eight rows.
+//
+// The row kernels above reduce each block's lanes horizontally and unpack every weight block
+// once per few tokens. For prefill each panel of eight output rows is instead unpacked once
+// per call into a small buffer laid out for the multiply: step `s` of a block (its values
+// `4s..4s + 4`) of the eight rows is one vector whose i32 lane `r` holds row `r`'s four bytes.
+// A token's four activations broadcast to every lane, so `maddubs` (+ `madd`) leaves in lane
+// `r` a partial dot product of row `r`: no horizontal sums, the unpacking is shared by every
+// token of the call, and a tile of tokens reuses each loaded weight vector.
+//
+// Products of small unsigned values (every type but Q8_0) are summed in 16-bit lanes over
+// several steps before one `madd` widens them (with the sub-block scale for the k-quants), so
+// most steps cost one `maddubs` and one 16-bit add per token.
+// ---------------------------------------------------------------------------------------------
+
+/// Rows of a packed panel (the eight i32 lanes of a vector).
+pub(super) const PANEL_ROWS: usize = 8;
+
+/// Whether prefill of `ty` runs through packed panels. Q4_1 and Q5_1 keep the row kernels,
+/// which sum in ggml-cpu's order (each block's eight lane sums scaled, the `m_w · s_x` terms
+/// apart): their two sums nearly cancel, so a panel's order (exact block sums) moves results
+/// enough to flip a top-1 route of the Q5_1 fixture model against llama.cpp.
+pub(super) fn has_panel(ty: GgmlType) -> bool {
+    !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1)
+}
+
+/// Tokens per tile of the panel kernel: the accumulators of four tokens (16-bit partial sums,
+/// the 32-bit sum of a super-block, the f32 output) and the operands fit the 16 registers.
+const TILE_T: usize = 4;
+
+/// How a type's values meet the panel kernel.
+#[derive(Clone, Copy)]
+struct Kind {
+    /// Values per super-block (the span of one f32 scale `d` per row): 32 or 256.
+    sb: usize,
+    /// Values per integer sub-block scale (32 or 16); `sb` when the type has none.
+    g: usize,
+    /// Steps (4 values) whose 16-bit products are summed before widening: the largest count
+    /// that cannot overflow an i16 lane (`n · 2 · max|w| · 127 ≤ 32767`).
+    acc16: usize,
+    /// Signed values (sign moved onto the activation); otherwise unsigned.
+    signed: bool,
+    /// Integer sub-block scales (k-quants).
+    int_scale: bool,
+    /// `Σ m · bsum` term with per-16 integer mins (k-quant mins, or the offset of Q3_K / Q6_K
+    /// as `o · sc`), times `dmin` (Q3_K / Q6_K: `d`).
+    int_mins: bool,
+    /// `m_w · s_x` term (Q4_1, Q5_1).
+    float_mins: bool,
+    /// The integer mins apply per 32 values (Q4_K, Q5_K): four pairs against Q8_K's sums of
+    /// each 32, not eight against its sums of each 16.
+    mins32: bool,
+}
+
+impl Kind {
+    const fn k32(acc16: usize, signed: bool, float_mins: bool) -> Kind {
+        Kind {
+            sb: 32,
+            g: 32,
+            acc16,
+            signed,
+            int_scale: false,
+            int_mins: false,
+            float_mins,
+            mins32: false,
+        }
+    }
+    const fn kq(g: usize, acc16: usize) -> Kind {
+        Kind {
+            sb: QK_K,
+            g,
+            acc16,
+            signed: false,
+            int_scale: true,
+            int_mins: true,
+            float_mins: false,
+            mins32: g == 32,
+        }
+    }
+    const fn of(ty: u32) -> Kind {
+        let (k32, kq) = (Kind::k32, Kind::kq);
+        match ty {
+            // Q8_0: |w| ≤ 128, one step per widening.
+            8 => k32(1, true, false),
+            // Q4_0 |w| ≤ 8, Q5_0 |w| ≤ 16 (8 · 2 · 16 · 127 = 32512), Q4_1 ≤ 15: eight steps.
+            2 | 6 => k32(8, true, false),
+            3 => k32(8, false, true),
+            // Q5_1 ≤ 31: four steps.
+            7 => k32(4, false, true),
+            // Q2_K ≤ 3, Q3_K ≤ 7 (offset 4): sub-blocks of 16 (four steps) at once.
+            10 | 11 => kq(16, 4),
+            // Q4_K ≤ 15: sub-blocks of 32 at once; Q5_K ≤ 31: half of one.
+            12 => kq(32, 8),
+            13 => kq(32, 4),
+            // Q6_K ≤ 63 (offset 32): two steps.
+            _ => kq(16, 2),
+        }
+    }
+    /// Steps (vectors of values) per super-block.
+    const fn steps(self) -> usize {
+        self.sb / 4
+    }
+    /// Integer scale vectors per super-block.
+    const fn scales(self) -> usize {
+        if self.int_scale {
+            self.sb / self.g
+        } else {
+            0
+        }
+    }
+    /// Min pair vectors per super-block.
+    const fn min_pairs(self) -> usize {
+        match (self.int_mins, self.mins32) {
+            (false, _) => 0,
+            (true, true) => 4,
+            (true, false) => 8,
+        }
+    }
+    /// Vectors of values per super-block: signed types store `|w|` after each `w` (`vpabsb`
+    /// runs on the multiply pipes of Zen 3, a load does not).
+    const fn vals(self) -> usize {
+        self.steps() * (1 + self.signed as usize)
+    }
+    /// Vector offset of `d` (then `dmin` / `m`, then the min pairs).
+    const fn at_d(self) -> usize {
+        self.vals() + self.scales()
+    }
+    /// Vectors per super-block of a packed panel.
+    const fn stride(self) -> usize {
+        self.at_d() + 1 + (self.int_mins || self.float_mins) as usize + self.min_pairs()
+    }
+}
+
+/// One 32-byte vector of a packed panel.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub(super) struct V32(pub(super) [u8; 32]);
+
+/// Vectors a packed panel of a `k`-wide weight of `ty` takes.
+pub(super) fn panel_len(ty: GgmlType, k: usize) -> usize {
+    let kd = Kind::of(ty.id());
+    k / kd.sb * kd.stride()
+}
+
+/// `v[r]`'s i32 lane `j` to lane `r` of vector `j` (an 8 × 8 transpose of 32-bit lanes).
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t: [__m256i; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_epi32(a, b)
+        } else {
+            _mm256_unpackhi_epi32(a, b)
+        }
+    });
+    // t[2p] holds rows 2p, 2p + 1 at lanes 0, 1 | 4, 5; t[2p + 1] at lanes 2, 3 | 6, 7.
+    let u: [__m256i; 8] = std::array::from_fn(|i| {
+        let (half, j) = (i / 4, i % 4);
+        let (a, b) = (t[4 * half + j / 2], t[4 * half + 2 + j / 2]);
+        if j % 2 == 0 {
+            _mm256_unpacklo_epi64(a, b)
+        } else {
+            _mm256_unpackhi_epi64(a, b)
+        }
+    });
+    // u[4h + j] holds rows 4h..4h + 4 of lane j (low half) and lane j + 4 (high half).
+    std::array::from_fn(|j| {
+        let (a, b) = (u[j % 4], u[4 + j % 4]);
+        if j < 4 {
+            _mm256_permute2x128_si256::<0x20>(a, b)
+        } else {
+            _mm256_permute2x128_si256::<0x31>(a, b)
+        }
+    })
+}
+
+/// Packs rows `o0..o0 + rows` (`rows ≤ 8`; the rest of the panel is zero) of a `TY` weight
+/// into `out` (`panel_len` vectors) in the layout [`panel_tile`] reads.
+#[inline(always)]
+unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize, out: *mut V32) {
+    let kd = Kind::of(TY);
+    let ts = m.ty.type_size();
+    let zero = _mm256_setzero_si256();
+    let per_sb = kd.sb / m.ty.block_size();
+    for s in 0..nsb {
+        let base = out.add(s * kd.stride());
+        let st = |i: usize, v: __m256i| _mm256_store_si256(base.add(i).cast(), v);
+        let mut d = [0f32; 8];
+        let mut dmin = [0f32; 8];
+        if kd.sb == 32 {
+            let mut v = [zero; 8];
+            for r in 0..rows {
+                let bp = m.w.add((o0 + r) * m.row_bytes + s * per_sb * ts);
+                v[r] = unpack32::<TY>(bp);
+                d[r] = f16_at(bp);
+                if kd.float_mins {
+                    dmin[r] = f16_at(bp.add(2));
+                }
+            }
+            for (j, q) in transpose8(v).into_iter().enumerate() {
+                if kd.signed {
+                    st(2 * j, q);
+                    st(2 * j + 1, _mm256_abs_epi8(q));
+                } else {
+                    st(j, q);
+                }
+            }
+        } else {
+            let mut u = [[zero; 8]; 8];
+            let (mut scs, mut mins) = ([zero; 8], [zero; 8]);
+            for r in 0..rows {
+                let bp = m.w.add((o0 + r) * m.row_bytes + s * ts);
+                let kb = unpack_k::<TY>(bp);
+                u[r] = kb.u;
+                d[r] = kb.d;
+                dmin[r] = kb.dmin;
+                scs[r] = kb.sc;
+                // Q3_K and Q6_K: the offset of every value, removed as `o · sc` mins with `d`.
+                mins[r] = match TY {
+                    11 => _mm256_slli_epi16::<2>(kb.sc),
+                    14 => _mm256_slli_epi16::<5>(kb.sc),
+                    // The eight per-32 mins as 16-bit lanes: i32 lanes 0..4 are pairs.
+                    12 | 13 => {
+                        let (_, mn) = scales_k4(&words3(bp.add(4)));
+                        _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)))
+                    }
+                    _ => kb.mins,
+                };
+                if matches!(TY, 11 | 14) {
+                    dmin[r] = kb.d;
+                }
+            }
+            for c in 0..8 {
+                let t = transpose8(std::array::from_fn(|r| u[r][c]));
+                for (j, q) in t.into_iter().enumerate() {
+                    st(8 * c + j, q);
+                }
+            }
+            // The sixteen 16-bit lanes of `sc` hold one value per 16 values, so (per-32 scales
+            // being repeated) i32 lane `g` is sub-block `g`'s scale pair, and i32 lane `p` of
+            // `mins` is min pair `p`: one transpose lays out eight rows of each.
+            for (p, q) in transpose8(mins).into_iter().take(kd.min_pairs()).enumerate() {
+                st(kd.at_d() + 2 + p, q);
+            }
+            if kd.g == 32 {
+                for (g, q) in transpose8(scs).into_iter().enumerate() {
+                    st(kd.vals() + g, q);
+                }
+            } else {
+                // Per-16 scales: each lane doubled, lanes 0..4 | 8..12 then 4..8 | 12..16.
+                let lo = transpose8(scs.map(|v| _mm256_unpacklo_epi16(v, v)));
+                let hi = transpose8(scs.map(|v| _mm256_unpackhi_epi16(v, v)));
+                for j in 0..8 {
+                    let g = if j < 4 { j } else { j + 4 };
+                    st(kd.vals() + g, lo[j]);
+                    st(kd.vals() + g + 4, hi[j]);
+                }
+            }
+        }
+        _mm256_store_ps(base.add(kd.at_d()).cast(), _mm256_loadu_ps(d.as_ptr()));
+        if kd.int_mins || kd.float_mins {
+            _mm256_store_ps(base.add(kd.at_d() + 1).cast(), _mm256_loadu_ps(dmin.as_ptr()));
+        }
+    }
+}
+
+/// Tokens `r0..r0 + T` of a packed panel (`nsb` super-blocks from `p`): `y[r][o0 + j]` for the
+/// panel's first `rows` rows `j`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
+    p: *const V32,
+    nsb: usize,
+    a: &Acts,
+    r0: usize,
+    y: *mut f32,
+    n: usize,
+    o0: usize,
+    rows: usize,
+) {
+    let kd = Kind::of(TY);
+    let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
+    let ones = _mm256_set1_epi16(1);
+    // Q8_0's products go straight to 32 bits (`dot4`); the others sum in 16 bits first.
+    let direct = kd.acc16 == 1 && !kd.int_scale;
+    let mut acc = [_mm256_setzero_ps(); T];
+    for s in 0..nsb {
+        let base = p.add(s * kd.stride());
+        let vec = |i: usize| _mm256_load_si256(base.add(i).cast());
+        let mut isum = [_mm256_setzero_si256(); T];
+        let gsteps = kd.g / 4;
+        for g in 0..kd.steps() / gsteps {
+            let scale = if kd.int_scale { vec(kd.vals() + g) } else { ones };
+            for f in 0..gsteps / kd.acc16 {
+                let mut s16 = [_mm256_setzero_si256(); T];
+                for e in 0..kd.acc16 {
+                    let step = g * gsteps + f * kd.acc16 + e;
+                    let (w, u) = if kd.signed {
+                        (vec(2 * step), vec(2 * step + 1))
+                    } else {
+                        (vec(step), vec(step))
+                    };
+                    for i in 0..T {
+                        let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
+                        let x = _mm256_set1_epi32(x4);
+                        let x = if kd.signed { _mm256_sign_epi8(x, w) } else { x };
+                        if direct {
+                            isum[i] = D::dot4(isum[i], u, x);
+                        } else {
+                            let pr = _mm256_maddubs_epi16(u, x);
+                            s16[i] = if e == 0 { pr } else { _mm256_add_epi16(s16[i], pr) };
+                        }
+                    }
+                }
+                if !direct {
+                    for i in 0..T {
+                        isum[i] = D::wsum(isum[i], s16[i], scale);
+                    }
+                }
+            }
+        }
+        let d = _mm256_load_ps(base.add(kd.at_d()).cast());
+        for i in 0..T {
+            let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, dx), acc[i]);
+        }
+        if kd.int_mins {
+            let dmin = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            for i in 0..T {
+                let bs = if kd.mins32 {
+                    a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
+                } else {
+                    a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
+                };
+                let mut msum = _mm256_setzero_si256();
+                for q in 0..kd.min_pairs() {
+                    let pair = _mm256_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
+                    msum = D::wsum(msum, vec(kd.at_d() + 2 + q), pair);
+                }
+                let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[i]);
+            }
+        }
+        if kd.float_mins {
+            let mw = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            for i in 0..T {
+                let sx = _mm256_set1_ps(*a.s.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = _mm256_fmadd_ps(mw, sx, acc[i]);
+            }
+        }
+    }
+    for i in 0..T {
+        let out = y.add((r0 + i) * n + o0);
+        if rows == PANEL_ROWS {
+            _mm256_storeu_ps(out, acc[i]);
+        } else {
+            let mut v = [0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), acc[i]);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), out, rows);
+        }
+    }
+}
+
+/// Rows `lo..hi` of every token (`t`) through packed panels of eight rows; `buf` holds at
+/// least [`panel_len`] vectors.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels<D: Dot, const TY: u32>(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
+    let nsb = a.k / Kind::of(TY).sb;
+    let mut o0 = lo;
+    while o0 < hi {
+        let rows = (hi - o0).min(PANEL_ROWS);
+        pack_panel::<TY>(m, o0, rows, nsb, buf);
+        let mut r0 = 0;
+        while r0 + TILE_T <= t {
+            panel_tile::<D, TY, TILE_T>(buf, nsb, a, r0, y, m.n, o0, rows);
+            r0 += TILE_T;
+        }
+        match t - r0 {
+            0 => {}
+            1 => panel_tile::<D, TY, 1>(buf, nsb, a, r0, y, m.n, o0, rows),
+            2 => panel_tile::<D, TY, 2>(buf, nsb, a, r0, y, m.n, o0, rows),
+            _ => panel_tile::<D, TY, 3>(buf, nsb, a, r0, y, m.n, o0, rows),
+        }
+        o0 += rows;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn panels_any<D: Dot>(m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize, y: *mut f32, buf: *mut V32) {
+    macro_rules! go {
+        ($($ty:literal),*) => {
+            match m.ty.id() {
+                $($ty => panels::<D, $ty>(m, a, t, lo, hi, y, buf),)*
+                _ => unreachable!("{}", m.ty),
+            }
+        };
+    }
+    // Not Q4_1 (3) or Q5_1 (7): see [`has_panel`].
+    go!(2, 6, 8, 10, 11, 12, 13, 14)
+}
+
+/// Rows `lo..hi` of `y` for all `t` tokens through packed panels, with AVX2.
+///
+/// # Safety
+/// As [`rows_avx2`]; `buf` is valid for [`panel_len`] vectors of writes.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn panels_avx2(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
+    panels_any::<Avx2>(m, a, t, lo, hi, y, buf)
+}
+
+/// [`panels_avx2`] with AVX-512 VNNI (256-bit EVEX forms).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VL/VNNI, AVX2, FMA, F16C; otherwise as [`panels_avx2`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(super) unsafe fn panels_vnni(
+    m: &Mat,
+    a: &Acts,
+    t: usize,
+    lo: usize,
+    hi: usize,
+    y: *mut f32,
+    buf: *mut V32,
+) {
+    panels_any::<Vnni>(m, a, t, lo, hi, y, buf)
 }
