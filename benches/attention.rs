@@ -191,6 +191,8 @@ fn decode_demo(c: &mut Criterion) {
     let q = Array3::from_shape_vec((1, hq, d), fill(hq * d, 3).iter().map(|x| x.to_f32()).collect())
         .expect("sized");
     for (dtype, len) in [
+        // 1 MiB of K/V in all, in the cores' caches: the kernel's arithmetic ceiling.
+        (KvDtype::BF16, 4 << 10),
         (KvDtype::BF16, 256 << 10),
         (KvDtype::Q8, 256 << 10),
         (KvDtype::F32, 256 << 10),
