@@ -180,7 +180,7 @@ unsafe fn scale_axpy_rows<S: Simd>(acc: &mut [f32], alpha: f32, p: &[f32], vals:
     let d = acc.len();
     debug_assert!(vals.len() >= p.len() * d);
     let (pa, pv) = (acc.as_mut_ptr(), vals.as_ptr());
-    if d % S::LANES == 0 {
+    if d.is_multiple_of(S::LANES) {
         match d / S::LANES {
             1 => return scale_axpy_short::<S, 1, 8>(pa, alpha, p, pv),
             2 => return scale_axpy_short::<S, 2, 4>(pa, alpha, p, pv),
