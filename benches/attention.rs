@@ -20,12 +20,18 @@
 //! - `mid`: `bench-mid`'s layout (16 query heads, 4 kv heads, head dim 64), a 512-token prompt
 //!   prefilled from position 0, as `examples/bench_generate.rs --prompt-len 512` does.
 //!
+//! `attention_decode_demo`: one decode step over the demo model's two global layers (4 query
+//! heads, 2 kv heads, head dim 16) at 256K and 1M keys, in each cache format, as
+//! `examples/long_context.rs` decodes; throughput is the K/V bytes of both layers (in the
+//! format, q8's scales included), each layer its own buffer so that a step reads beyond the
+//! last-level cache.
+//!
 //! Run: `cargo bench --bench attention` (`-- decode` or `-- prefill` for one part).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use irope_attn::{attention, AttnContext, LayerKind};
-use llama4_core::{KvData, KvView};
+use llama4_core::{pool, KvData, KvDtype, KvView};
 use ndarray::Array3;
 
 const HQ: usize = 40;
@@ -131,6 +137,108 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
+/// Elements of one layer's K (or V) in a cache format.
+enum Buf {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    Q8(Vec<i8>, Vec<f32>),
+}
+
+impl Buf {
+    fn new(dtype: KvDtype, n: usize, d: usize, seed: u64) -> Self {
+        let x = fill(n, seed);
+        match dtype {
+            KvDtype::F32 => Buf::F32(x.iter().map(|v| v.to_f32()).collect()),
+            KvDtype::Q8 => Buf::Q8(
+                x.iter().map(|v| (v.to_f32() * 127.0) as i8).collect(),
+                (0..n / d).map(|i| 0.01 + (i % 7) as f32 * 1e-3).collect(),
+            ),
+            _ => Buf::BF16(x),
+        }
+    }
+
+    fn data(&self) -> KvData<'_> {
+        match self {
+            Buf::F32(v) => KvData::F32(v),
+            Buf::BF16(v) => KvData::BF16(v),
+            Buf::Q8(q, scales) => KvData::Q8 { q, scales },
+        }
+    }
+}
+
+fn decode_demo(c: &mut Criterion) {
+    const LAYERS: usize = 2;
+    let (hq, hkv, d) = (4, 2, 16);
+    let mut group = c.benchmark_group("attention_decode_demo");
+    group.sample_size(20);
+    group.warm_up_time(std::time::Duration::from_secs(1));
+    group.measurement_time(std::time::Duration::from_secs(3));
+    // The reference: a 256 MiB array summed on all the pool's threads (as `long_context`
+    // measures its bandwidth), taken in the same run as the kernels it is compared with.
+    let words: Vec<u64> = (0..(32u64 << 20)).collect();
+    let threads = pool::threads();
+    let part = words.len().div_ceil(threads);
+    group.throughput(Throughput::Bytes((words.len() * 8) as u64));
+    group.bench_function(BenchmarkId::new("read_bandwidth", threads), |b| {
+        b.iter(|| {
+            pool::run(threads, &|i| {
+                let s = &words[(i * part).min(words.len())..((i + 1) * part).min(words.len())];
+                std::hint::black_box(s.iter().fold(0u64, |a, &x| a.wrapping_add(x)));
+            })
+        })
+    });
+    drop(words);
+    let q = Array3::from_shape_vec((1, hq, d), fill(hq * d, 3).iter().map(|x| x.to_f32()).collect())
+        .expect("sized");
+    for (dtype, len) in [
+        // 1 MiB of K/V in all, in the cores' caches: the kernel's arithmetic ceiling.
+        (KvDtype::BF16, 4 << 10),
+        (KvDtype::BF16, 256 << 10),
+        (KvDtype::Q8, 256 << 10),
+        (KvDtype::F32, 256 << 10),
+        (KvDtype::Q8, 1 << 20),
+    ] {
+        let bufs: Vec<(Buf, Buf)> = (0..LAYERS as u64)
+            .map(|l| {
+                (
+                    Buf::new(dtype, hkv * len * d, d, 10 + 2 * l),
+                    Buf::new(dtype, hkv * len * d, d, 11 + 2 * l),
+                )
+            })
+            .collect();
+        let positions = [len - 1];
+        let actx = AttnContext {
+            positions: &positions,
+            mask: &LayerKind::Global,
+            scale: 1.0 / (d as f32).sqrt(),
+        };
+        let views: Vec<(KvView, KvView)> = bufs
+            .iter()
+            .map(|(k, v)| {
+                let kv = KvView {
+                    data: k.data(),
+                    heads: hkv,
+                    len,
+                    head_dim: d,
+                    head_stride: len * d,
+                    first_pos: 0,
+                };
+                (kv, KvView { data: v.data(), ..kv })
+            })
+            .collect();
+        let bytes = LAYERS * 2 * hkv * len * dtype.vector_bytes(d);
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(BenchmarkId::new(dtype.to_string(), len), |b| {
+            b.iter(|| {
+                for (kv, vv) in &views {
+                    attention(q.view(), kv, vv, &actx).expect("valid shapes");
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 fn prefill(c: &mut Criterion) {
     let mut group = c.benchmark_group("attention_prefill_bf16");
     group.sample_size(10);
@@ -175,5 +283,5 @@ fn prefill(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode, prefill);
+criterion_group!(benches, decode, decode_demo, prefill);
 criterion_main!(benches);

@@ -31,6 +31,8 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn load_bf16(p: *const bf16) -> Self::V;
     /// `LANES` f16 widened exactly.
     unsafe fn load_f16(p: *const f16) -> Self::V;
+    /// `LANES` int8 widened exactly.
+    unsafe fn load_i8(p: *const i8) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
@@ -50,6 +52,19 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn abs(v: Self::V) -> Self::V;
     /// Transposes the `LANES × LANES` block held in `rows[..LANES]` in place.
     unsafe fn transpose(rows: &mut [Self::V; MAX_LANES]);
+    /// The vector whose lane `j` is the sum of the lanes of `rows[j]` (`j < LANES`): `LANES`
+    /// horizontal sums at once. By default a transpose and `LANES − 1` adds; an ISA may use a
+    /// cheaper shuffle-add tree (the order of the additions may differ).
+    #[inline(always)]
+    unsafe fn sum_each(rows: &[Self::V; MAX_LANES]) -> Self::V {
+        let mut t = *rows;
+        Self::transpose(&mut t);
+        let mut sum = t[0];
+        for a in &t[1..Self::LANES] {
+            sum = Self::add(sum, *a);
+        }
+        sum
+    }
 }
 
 /// Hints the cache line holding `p` into L1. Never faults, so `p` may point anywhere.
@@ -101,6 +116,17 @@ impl Elem for f16 {
     #[inline(always)]
     unsafe fn load<S: Simd>(p: *const Self) -> S::V {
         S::load_f16(p)
+    }
+}
+
+impl Elem for i8 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const Self) -> S::V {
+        S::load_i8(p)
     }
 }
 
@@ -223,6 +249,11 @@ impl Simd for Portable {
         v.map(f16::to_f32)
     }
     #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> Self::V {
+        let v = std::ptr::read_unaligned(p as *const [i8; PL]);
+        v.map(f32::from)
+    }
+    #[inline(always)]
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
         map2(a, b, |a, b| a + b)
     }
@@ -330,6 +361,10 @@ mod x86 {
             _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
         #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self::V {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        }
+        #[inline(always)]
         unsafe fn add(a: Self::V, b: Self::V) -> Self::V {
             _mm256_add_ps(a, b)
         }
@@ -408,6 +443,27 @@ mod x86 {
                 r[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
             }
         }
+        #[inline(always)]
+        unsafe fn sum_each(r: &[Self::V; MAX_LANES]) -> Self::V {
+            // Pairs of rows interleaved and added (lanes: a0+a2, b0+b2, a1+a3, b1+b3 per
+            // 128-bit half), then pairs of pairs, then the two halves: 14 shuffles and 7 adds
+            // where a full transpose takes 24 shuffles before its adds.
+            let pair =
+                |a: __m256, b: __m256| _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let quad = |a: __m256, b: __m256| {
+                let (a, b) = (_mm256_castps_pd(a), _mm256_castps_pd(b));
+                _mm256_add_ps(
+                    _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+                    _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+                )
+            };
+            let lo = quad(pair(r[0], r[1]), pair(r[2], r[3]));
+            let hi = quad(pair(r[4], r[5]), pair(r[6], r[7]));
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(lo, hi),
+                _mm256_permute2f128_ps::<0x31>(lo, hi),
+            )
+        }
     }
 
     /// AVX-512F (with BW/DQ/VL), 16 lanes.
@@ -440,6 +496,10 @@ mod x86 {
         #[inline(always)]
         unsafe fn load_f16(p: *const f16) -> Self::V {
             _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> Self::V {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
         }
         #[inline(always)]
         unsafe fn add(a: Self::V, b: Self::V) -> Self::V {

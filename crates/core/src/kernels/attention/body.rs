@@ -75,8 +75,8 @@ unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
 }
 
 /// `s[j] = q·k_j` for the `s.len()` keys `keys: [s.len(), d]`, `LANES` keys per pass: each
-/// loaded piece of `q` meets `LANES` keys in independent accumulators, which one transpose
-/// then sums into a vector of `LANES` scores (no horizontal sum per key). Fewer than `LANES`
+/// loaded piece of `q` meets `LANES` keys in independent accumulators, which one shuffle-add
+/// tree ([`Simd::sum_each`]) then sums into a vector of `LANES` scores (no horizontal sum per key). Fewer than `LANES`
 /// keys left over take one dot product each.
 #[inline(always)]
 unsafe fn scores<S: Simd>(q: &[f32], keys: &[f32], d: usize, s: &mut [f32]) {
@@ -97,12 +97,7 @@ unsafe fn scores<S: Simd>(q: &[f32], keys: &[f32], d: usize, s: &mut [f32]) {
             }
             i += w;
         }
-        S::transpose(&mut acc);
-        let mut sum = acc[0];
-        for a in &acc[1..S::LANES] {
-            sum = S::add(sum, *a);
-        }
-        S::store(s.as_mut_ptr().add(j), sum);
+        S::store(s.as_mut_ptr().add(j), S::sum_each(&acc));
         j += S::LANES;
     }
     for (jj, x) in s.iter_mut().enumerate().skip(j) {
@@ -136,13 +131,64 @@ unsafe fn scale_axpy_block<S: Simd, const B: usize>(
     }
 }
 
-/// `acc[i] = acc[i] · alpha + Σ_j p[j] · vals[j·d + i]` for `i < d = acc.len()`, in blocks of
-/// eight, four and one vectors (a single chain per vector would wait on FMA latency).
+/// [`scale_axpy_block`] for a whole row of `d = B · LANES` (a short head vector), the keys
+/// taken `U` at a time into `U` independent sets of accumulators that are summed at the end:
+/// with one chain per vector, `B < 8` chains would wait on FMA latency.
+#[inline(always)]
+unsafe fn scale_axpy_short<S: Simd, const B: usize, const U: usize>(
+    acc: *mut f32,
+    alpha: f32,
+    p: &[f32],
+    vals: *const f32,
+) {
+    let d = B * S::LANES;
+    let mut y = [[S::splat(0.0); B]; U];
+    for (b, y) in y[0].iter_mut().enumerate() {
+        *y = S::mul(S::load(acc.add(b * S::LANES)), S::splat(alpha));
+    }
+    let mut j = 0;
+    while j + U <= p.len() {
+        for (u, y) in y.iter_mut().enumerate() {
+            let pv = S::splat(*p.get_unchecked(j + u));
+            let row = vals.add((j + u) * d);
+            for (b, y) in y.iter_mut().enumerate() {
+                *y = S::fma(pv, S::load(row.add(b * S::LANES)), *y);
+            }
+        }
+        j += U;
+    }
+    for (jj, &pj) in p.iter().enumerate().skip(j) {
+        let (pv, row) = (S::splat(pj), vals.add(jj * d));
+        for (b, y) in y[0].iter_mut().enumerate() {
+            *y = S::fma(pv, S::load(row.add(b * S::LANES)), *y);
+        }
+    }
+    for b in 0..B {
+        let mut sum = y[0][b];
+        for set in &y[1..] {
+            sum = S::add(sum, set[b]);
+        }
+        S::store(acc.add(b * S::LANES), sum);
+    }
+}
+
+/// `acc[i] = acc[i] · alpha + Σ_j p[j] · vals[j·d + i]` for `i < d = acc.len()`: a short row
+/// (up to four whole vectors) in [`scale_axpy_short`], others in blocks of eight, four and one
+/// vectors (a single chain per vector would wait on FMA latency).
 #[inline(always)]
 unsafe fn scale_axpy_rows<S: Simd>(acc: &mut [f32], alpha: f32, p: &[f32], vals: &[f32]) {
     let d = acc.len();
     debug_assert!(vals.len() >= p.len() * d);
     let (pa, pv) = (acc.as_mut_ptr(), vals.as_ptr());
+    if d.is_multiple_of(S::LANES) {
+        match d / S::LANES {
+            1 => return scale_axpy_short::<S, 1, 8>(pa, alpha, p, pv),
+            2 => return scale_axpy_short::<S, 2, 4>(pa, alpha, p, pv),
+            3 => return scale_axpy_short::<S, 3, 4>(pa, alpha, p, pv),
+            4 => return scale_axpy_short::<S, 4, 2>(pa, alpha, p, pv),
+            _ => {}
+        }
+    }
     let mut i = 0;
     while i + 8 * S::LANES <= d {
         scale_axpy_block::<S, 8>(pa.add(i), alpha, p, pv.add(i), d);
@@ -164,6 +210,54 @@ unsafe fn scale_axpy_rows<S: Simd>(acc: &mut [f32], alpha: f32, p: &[f32], vals:
             store_partial::<S>(pa.add(i), c, y);
         }
         i += c;
+    }
+}
+
+/// Keys ahead of the tile being computed whose cache lines are requested
+/// ([`prefetch_range`]): two tiles, far enough for the lines to arrive from memory meanwhile.
+const PREFETCH_AHEAD: usize = 2 * KEY_TILE;
+
+/// Requests every cache line of `x` (a hint: never faults).
+#[inline(always)]
+fn prefetch_range<T>(x: &[T]) {
+    const LINE: usize = 64;
+    let (p, bytes) = (x.as_ptr().cast::<u8>(), std::mem::size_of_val(x));
+    let mut off = 0;
+    while off < bytes {
+        simd::prefetch(p.wrapping_add(off));
+        off += LINE;
+    }
+}
+
+/// `dst = src` widened to f32 (the same length), a vector at a time.
+#[inline(always)]
+unsafe fn widen<S: Simd, E: KvElem>(src: &[E], dst: &mut [f32]) {
+    let n = dst.len();
+    debug_assert_eq!(src.len(), n);
+    let (ps, pd) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i + S::LANES <= n {
+        S::store(pd.add(i), E::load::<S>(ps.add(i)));
+        i += S::LANES;
+    }
+    for (y, &x) in dst[i..].iter_mut().zip(&src[i..]) {
+        *y = x.to_f32();
+    }
+}
+
+/// `x[j] *= y[j]` (the same length).
+#[inline(always)]
+unsafe fn mul_each<S: Simd>(x: &mut [f32], y: &[f32]) {
+    let n = x.len();
+    debug_assert_eq!(y.len(), n);
+    let (px, py) = (x.as_mut_ptr(), y.as_ptr());
+    let mut i = 0;
+    while i + S::LANES <= n {
+        S::store(px.add(i), S::mul(S::load(px.add(i)), S::load(py.add(i))));
+        i += S::LANES;
+    }
+    for (a, &b) in x[i..].iter_mut().zip(&y[i..]) {
+        *a *= b;
     }
 }
 
@@ -256,12 +350,20 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
             args.scales(args.v_scales, it.g, j0, j1),
         );
         let (kt, vt) = (&kh[j0 * d..j1 * d], &vh[j0 * d..j1 * d]);
-        // f32 tiles are read in place; other formats are widened once per tile.
+        // Decoding spends little arithmetic per byte: ask for the keys and values (and scales)
+        // of a tile further on now, so that memory works while this tile is computed.
+        let (pa, pb) = ((j0 + PREFETCH_AHEAD).min(it.s1), (j1 + PREFETCH_AHEAD).min(it.s1));
+        prefetch_range(&kh[pa * d..pb * d]);
+        prefetch_range(&vh[pa * d..pb * d]);
+        prefetch_range(args.scales(args.k_scales, it.g, pa, pb));
+        prefetch_range(args.scales(args.v_scales, it.g, pa, pb));
+        // f32 tiles are read in place; other formats are widened once per tile (q8 without
+        // its scales, which apply to the scores and probabilities below).
         let (ktile, vtile) = match (E::as_f32(kt), E::as_f32(vt)) {
             (Some(k), Some(v)) => (k, v),
             _ => {
-                E::widen_scaled(kt, ks, d, &mut kbuf[..n * d]);
-                E::widen_scaled(vt, vs, d, &mut vbuf[..n * d]);
+                widen::<S, E>(kt, &mut kbuf[..n * d]);
+                widen::<S, E>(vt, &mut vbuf[..n * d]);
                 (&kbuf[..n * d], &vbuf[..n * d])
             }
         };
@@ -277,10 +379,18 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
                 let qr = &qbuf[row * d..(row + 1) * d];
                 let sc = &mut s[..b - a];
                 scores::<S>(qr, keys, d, sc);
+                if !ks.is_empty() {
+                    // q·(s_j k_j) = s_j (q·k_j).
+                    mul_each::<S>(sc, &ks[a - j0..b - j0]);
+                }
                 let m_new = m[row].max(max::<S>(sc));
                 // The rescale of what was accumulated before this tile; 0 on the first.
                 let alpha = (m[row] - m_new).exp();
                 l[row] = l[row] * alpha + exp_shifted_sum::<S>(sc, m_new);
+                if !vs.is_empty() {
+                    // p_j (s_j v_j) = (p_j s_j) v_j.
+                    mul_each::<S>(sc, &vs[a - j0..b - j0]);
+                }
                 scale_axpy_rows::<S>(&mut acc[row * d..(row + 1) * d], alpha, sc, vals);
                 m[row] = m_new;
             }

@@ -19,6 +19,7 @@
 use half::{bf16, f16};
 use ndarray::{Array3, ArrayView3, ArrayViewMut3};
 
+use super::simd::Elem;
 use super::Isa;
 use crate::layer_kind::AttentionMask;
 use crate::{Error, KvData, KvView, Result};
@@ -84,17 +85,9 @@ enum Path {
 }
 
 /// A stored key/value element.
-trait KvElem: Copy + Send + Sync {
+trait KvElem: Elem {
     /// `dst[i] = src[i]` as f32 (same lengths).
     fn widen(src: &[Self], dst: &mut [f32]);
-
-    /// Rows of `d` elements widened to f32, row `j` times `scales[j]` for a scaled format
-    /// (float formats have no scales and ignore them).
-    #[inline(always)]
-    fn widen_scaled(src: &[Self], scales: &[f32], d: usize, dst: &mut [f32]) {
-        let _ = (scales, d);
-        Self::widen(src, dst);
-    }
 
     /// The elements as f32 when they are f32 (read in place, not copied); `None` otherwise.
     #[inline(always)]
@@ -156,15 +149,6 @@ impl KvElem for i8 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d = s as f32;
-        }
-    }
-
-    #[inline(always)]
-    fn widen_scaled(src: &[Self], scales: &[f32], d: usize, dst: &mut [f32]) {
-        for ((o, x), &s) in dst.chunks_exact_mut(d).zip(src.chunks_exact(d)).zip(scales) {
-            for (y, &q) in o.iter_mut().zip(x) {
-                *y = q as f32 * s;
-            }
         }
     }
 }

@@ -12,6 +12,12 @@ use crate::pool::{self, SyncPtr};
 use crate::scratch::refill;
 use crate::KvView;
 
+/// Pieces per thread a decode call's keys are split into (each at least
+/// [`MIN_KEYS_PER_SPLIT`] keys): more than one, so that a thread the system preempts (other
+/// processes share the cores) leaves pieces that the others take, rather than the whole call
+/// waiting for its one piece.
+const PIECES_PER_THREAD: usize = 4;
+
 /// A checked call: everything but the key/value data.
 pub(super) struct Call<'a> {
     pub isa: Isa,
@@ -101,7 +107,7 @@ impl Call<'_> {
         let items = &mut scratch.items;
         items.clear();
         if base.len() < 2 * threads {
-            let splits = (2 * threads).div_ceil(base.len().max(1));
+            let splits = (PIECES_PER_THREAD * threads).div_ceil(base.len().max(1));
             // Room for the most pieces these items can give, so that decoding over a growing
             // cache does not allocate whenever one more split starts.
             reserve_total(items, base.len() * splits);
