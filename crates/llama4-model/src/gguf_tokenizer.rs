@@ -112,7 +112,6 @@ impl GgufTokenizer {
         }
         string(f, "tokenizer.ggml.model")?;
         string(f, "tokenizer.ggml.pre")?;
-        let pattern = LLAMA4_PATTERN;
         let tokens = f
             .get("tokenizer.ggml.tokens")
             .and_then(Value::as_array)
@@ -159,7 +158,7 @@ impl GgufTokenizer {
             .map_err(|e| bad(path, format!("BPE: {e}")))?;
         let mut tok = tokenizers::Tokenizer::new(bpe);
         let split = Split::new(
-            SplitPattern::Regex(pattern.into()),
+            SplitPattern::Regex(LLAMA4_PATTERN.into()),
             SplitDelimiterBehavior::Isolated,
             false,
         )

@@ -189,7 +189,7 @@ unsafe fn decode_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
 #[inline(always)]
 unsafe fn batch_out_in<S: Simd, E: Elem>(job: &Job<E>, lo: usize, hi: usize) {
     let k = job.k.max(1);
-    let group = (BATCH_X / k / BATCH_R * BATCH_R).clamp(BATCH_R, 32);
+    let group = (BATCH_X / k / BATCH_R * BATCH_R).clamp(BATCH_R, BATCH_GROUP);
     let block = (BATCH_BLOCK_BYTES / (k * std::mem::size_of::<E>()) / BATCH_J * BATCH_J).max(BATCH_J);
     let mut o0 = lo;
     while o0 < hi {
@@ -241,6 +241,8 @@ unsafe fn batch_rows<S: Simd, E: Elem>(
     }
 }
 
+/// Most tokens in one group of [`batch_out_in`], however short the rows.
+const BATCH_GROUP: usize = 32;
 /// Tokens per register tile of [`batch_out_in`].
 const BATCH_R: usize = 4;
 /// Weight rows per register tile of [`batch_out_in`]: `R·J` accumulators, `J` widened weight
