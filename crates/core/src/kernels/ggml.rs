@@ -273,9 +273,17 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
 unsafe fn rows_portable(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: usize, y: *mut f32) {
     let ts = m.ty.type_size();
     let kquant = m.ty.dot_type() == Some(DotType::Q8K);
+    // Q4_1 / Q5_1 (Q8_1 activations) sum as ggml-cpu's AVX2 `vec_dot` does, whose logits the
+    // GGUF fixtures hold: per block, eight lanes of four products each, multiplied by
+    // `d_w·d_x` and accumulated with one rounding (an FMA); the `m_w·s_x` terms apart; then
+    // the lanes reduced and the terms added. Summed block by block instead, the Q5_1 fixture's
+    // logits moved by 1.4e-2 (a routing decision near a tie flipped). (The AVX2 kernel sums
+    // in yet another order that agrees with llama.cpp on the fixtures.)
+    let with_min = !kquant && !a.s.is_empty();
     for o in lo..hi {
         let row = std::slice::from_raw_parts(m.w.add(o * m.row_bytes), m.row_bytes);
         let mut acc = [0f32; PREFILL_T];
+        let mut lanes = [[0f32; 8]; PREFILL_T];
         for b in 0..a.nb {
             let blk = &row[b * ts..(b + 1) * ts];
             if kquant {
@@ -293,21 +301,40 @@ unsafe fn rows_portable(m: &Mat, a: &Acts, r0: usize, tt: usize, lo: usize, hi: 
                     let dy = a.d[r * a.nb + b];
                     *acc += kb.d * dy * isum as f32 - kb.dmin * dy * msum as f32;
                 }
-            } else {
+            } else if with_min {
                 let (q, d, mw) = decode_32(m.ty, blk);
+                for i in 0..tt {
+                    let r = r0 + i;
+                    let xs = &a.q[r * a.k + b * 32..r * a.k + b * 32 + 32];
+                    let dd = d * a.d[r * a.nb + b];
+                    for (lane, (qw, qx)) in lanes[i].iter_mut().zip(q.chunks_exact(4).zip(xs.chunks_exact(4)))
+                    {
+                        let isum: i32 = qw.iter().zip(qx).map(|(&w, &x)| w as i32 * x as i32).sum();
+                        *lane = (isum as f32).mul_add(dd, *lane);
+                    }
+                    acc[i] += mw * a.s[r * a.nb + b];
+                }
+            } else {
+                let (q, d, _) = decode_32(m.ty, blk);
                 for (i, acc) in acc.iter_mut().enumerate().take(tt) {
                     let r = r0 + i;
                     let xs = &a.q[r * a.k + b * 32..r * a.k + b * 32 + 32];
                     let isum: i32 = q.iter().zip(xs).map(|(&w, &x)| w as i32 * x as i32).sum();
                     *acc += d * a.d[r * a.nb + b] * isum as f32;
-                    if !a.s.is_empty() {
-                        *acc += mw * a.s[r * a.nb + b];
-                    }
                 }
             }
         }
         for (i, &v) in acc.iter().enumerate().take(tt) {
+            // With mins, `acc` holds the sum of the m·s terms; the lanes come first.
+            let v = if with_min { reduce_8(&lanes[i]) + v } else { v };
             *y.add((r0 + i) * m.n + o) = v;
         }
     }
+}
+
+/// `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`: ggml-cpu's reduction of eight lanes on
+/// x86 (`hsum_float_8`), which the portable Q4_1 / Q5_1 path reproduces.
+fn reduce_8(l: &[f32; 8]) -> f32 {
+    let h = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    (h[0] + h[2]) + (h[1] + h[3])
 }
