@@ -3,7 +3,7 @@
 
 use ndarray::{Array1, Array2, ArrayView2, ArrayViewMut2};
 
-use crate::kernels::linear_into;
+use crate::kernels::{linear_into, linear_shared_into};
 use crate::{Error, Result, Scope, Weight};
 
 /// `y = x Wᵀ (+ b)`: a weight in its stored form (any dtype, quantised or not) and an optional
@@ -83,6 +83,26 @@ impl Linear {
         linear_into(x, &self.weight, y.view_mut())?;
         if let Some(b) = &self.bias {
             y += b;
+        }
+        Ok(())
+    }
+
+    /// `ys[j] = x W_jᵀ (+ b_j)` for several layers on one input, with the bits of
+    /// [`Linear::forward_into`] per layer: quantised ggml weights that take the same
+    /// activations quantise `x` once (see [`crate::kernels::linear_shared_into`]).
+    ///
+    /// # Shapes
+    /// `x: [T, in]`, `ys[j]: [T, out_j]`.
+    pub fn forward_shared_into<const N: usize>(
+        x: ArrayView2<f32>,
+        layers: [&Linear; N],
+        mut ys: [ArrayViewMut2<f32>; N],
+    ) -> Result<()> {
+        linear_shared_into(x, &layers.map(|l| &l.weight), &mut ys)?;
+        for (l, y) in layers.iter().zip(ys.iter_mut()) {
+            if let Some(b) = &l.bias {
+                *y += b;
+            }
         }
         Ok(())
     }

@@ -196,6 +196,70 @@ fn prefill_panels_cover_partial_tiles_and_splits() {
 }
 
 #[test]
+fn shared_input_calls_equal_one_call_per_weight() {
+    use GgmlType::*;
+    // Weights sharing one activation type (Q8_K: a Q4_K_M file's q, k and v; Q8_0; Q8_1), row
+    // counts that leave partial panels, more weights than one shared call takes (five), and
+    // sets that cannot share (mixed activation types, a float weight), which run one by one;
+    // 70 tokens quantise in parallel (the split starts at 64).
+    let sets: &[&[(GgmlType, usize)]] = &[
+        &[(Q4K, 24), (Q4K, 13), (Q6K, 8)],
+        &[(Q8_0, 16), (Q8_0, 40), (Q4_0, 9)],
+        &[(Q5_1, 11), (Q4_1, 16)],
+        &[(Q8_0, 8), (Q8_0, 3), (Q5_0, 17), (Q8_0, 8), (Q4_0, 25)],
+        &[(Q4K, 16), (Q8_0, 8)],
+        &[(BF16, 9), (Q8_0, 8), (Q8_0, 8)],
+    ];
+    let k = 512;
+    for (si, set) in sets.iter().enumerate() {
+        let ws: Vec<Weight> = set
+            .iter()
+            .enumerate()
+            .map(|(j, &(ty, n))| weight(ty, random_blocks(ty, n * k, (si * 8 + j) as u64), n, k))
+            .collect();
+        let refs: Vec<&Weight> = ws.iter().collect();
+        for t in [1, 2, 3, 4, 9, 17, 70] {
+            let x = activations(t, k, (si * 100 + t) as u64, 2.0);
+            for isa in available_isas() {
+                // Each weight alone, one task: the bits every shared call must give.
+                let want: Vec<Array2<f32>> = ws
+                    .iter()
+                    .map(|w| {
+                        let mut y = Array2::zeros((t, w.out_features()));
+                        kernels::forced::linear_into(isa, Some(1), x.view(), w, y.view_mut()).unwrap();
+                        y
+                    })
+                    .collect();
+                for tasks in [Some(1), Some(2), Some(3), None] {
+                    let mut ys: Vec<Array2<f32>> = ws
+                        .iter()
+                        .map(|w| Array2::from_elem((t, w.out_features()), f32::NAN))
+                        .collect();
+                    let mut views: Vec<_> = ys.iter_mut().map(|y| y.view_mut()).collect();
+                    kernels::forced::linear_shared_into(isa, tasks, x.view(), &refs, &mut views).unwrap();
+                    for (j, (got, want)) in ys.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            bits(got.as_slice().unwrap()),
+                            bits(want.as_slice().unwrap()),
+                            "set {si} weight {j} ({}) t {t} {isa:?} tasks {tasks:?}",
+                            set[j].0
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A shape that does not fit is the error of the one-weight call.
+    let w = weight(Q8_0, random_blocks(Q8_0, 8 * k, 1), 8, k);
+    let x = activations(2, k, 1, 1.0);
+    let (mut a, mut b) = (Array2::zeros((2, 8)), Array2::zeros((2, 7)));
+    let err = kernels::linear_shared_into(x.view(), &[&w, &w], &mut [a.view_mut(), b.view_mut()]);
+    assert!(err.is_err());
+    let err = kernels::linear_shared_into(x.view(), &[&w, &w], &mut [a.view_mut()]);
+    assert!(err.is_err());
+}
+
+#[test]
 fn legacy_types_take_rows_of_32() {
     for ty in [
         GgmlType::Q4_0,

@@ -226,9 +226,12 @@ impl SelfAttention for Attention {
         reshape_reusing(q, (t, hq, d));
         reshape_reusing(k, (t, hkv, d));
         reshape_reusing(v, (t, hkv, d));
-        self.q_proj.forward_into(x, flat_rows(q)?)?;
-        self.k_proj.forward_into(x, flat_rows(k)?)?;
-        self.v_proj.forward_into(x, flat_rows(v)?)?;
+        // One call for the three: quantised weights quantise `x` once.
+        Linear::forward_shared_into(
+            x,
+            [&self.q_proj, &self.k_proj, &self.v_proj],
+            [flat_rows(q)?, flat_rows(k)?, flat_rows(v)?],
+        )?;
         self.position_queries_and_keys(q, k, positions)
     }
 

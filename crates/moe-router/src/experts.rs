@@ -244,9 +244,13 @@ impl Experts {
             // Gate rows in the first n·I values, up rows in the next n·I.
             let (gate, up) = gate_up.split_at_mut(n * i);
             let g = ArrayViewMut2::from_shape((n, i), &mut *gate).map_err(shape_err)?;
-            kernels::linear_into(xv, self.gate_up_proj.matrix(expert), g)?;
             let u = ArrayViewMut2::from_shape((n, i), &mut *up).map_err(shape_err)?;
-            kernels::linear_into(xv, up_proj.matrix(expert), u)?;
+            // One call for both: quantised weights quantise `x` once.
+            kernels::linear_shared_into(
+                xv,
+                &[self.gate_up_proj.matrix(expert), up_proj.matrix(expert)],
+                &mut [g, u],
+            )?;
             kernels::silu_mul_inplace(gate, up)?;
         } else {
             self.gate_up_fused(expert, xv, n, i, gate_up)?;

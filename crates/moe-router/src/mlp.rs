@@ -125,9 +125,9 @@ impl Mlp {
         let gate = prefix(&mut work.gate, t * i);
         let up = prefix(&mut work.up, t * i);
         let gate_out = ArrayViewMut2::from_shape((t, i), &mut *gate).map_err(shape_err)?;
-        kernels::linear_into(x, &self.gate_proj, gate_out)?;
         let up_out = ArrayViewMut2::from_shape((t, i), &mut *up).map_err(shape_err)?;
-        kernels::linear_into(x, &self.up_proj, up_out)?;
+        // One call for both: quantised weights quantise `x` once.
+        kernels::linear_shared_into(x, &[&self.gate_proj, &self.up_proj], &mut [gate_out, up_out])?;
         kernels::silu_mul_inplace(gate, up)?;
         let act = ArrayView2::from_shape((t, i), &*gate).map_err(shape_err)?;
         let out = ArrayViewMut2::from_shape((t, h), out).map_err(shape_err)?;

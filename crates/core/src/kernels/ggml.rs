@@ -4,8 +4,10 @@
 //!   them to its `vec_dot_type`), then the float kernels of [`super::linear`] run on the
 //!   weight's elements.
 //! - Quantised types: each token's activations are quantised once per call to the weight
-//!   type's dot type (Q8_0, Q8_1 or Q8_K, bit for bit as ggml-cpu), then output rows are split
-//!   into one contiguous range per pool thread, as for the q8 / q4 kernels ([`super::quant`]).
+//!   type's dot type (Q8_0, Q8_1 or Q8_K, bit for bit as ggml-cpu; tokens split over the pool
+//!   for prefill), then output rows are split into one contiguous range per pool thread, as for
+//!   the q8 / q4 kernels ([`super::quant`]). [`linear_shared`] runs several weights of one dot
+//!   type on one input (q, k and v; gate and up) with one quantisation and one parallel section.
 //!
 //! # Paths
 //! The integer kernels share the q8 / q4 kernels' families ([`isa_path`]): AVX-512 VNNI
@@ -19,6 +21,7 @@
 //! over it in blocks ([`PREFILL_T`] tokens for the k-quants, 4 for the others).
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 
 use half::{bf16, f16};
 
@@ -102,42 +105,116 @@ pub(crate) struct Mat {
 // SAFETY: `Mat` only reads the weight, which outlives the call and is not mutated.
 unsafe impl Sync for Mat {}
 
-/// Fills `sc` with the activations of `x` (`[t, k]`) in `dot` (a quantised dot type).
-fn prepare<'a>(dot: DotType, x: &[f32], t: usize, k: usize, sc: &'a mut Scratch) -> Acts<'a> {
+/// Tokens below which activations are quantised on the calling thread alone.
+const QUANT_PAR_T: usize = 64;
+
+/// Tasks per pool thread of a prefill call (rows of the product, tokens of the quantisation):
+/// tasks are claimed as threads come, so finer tasks even out a thread that starts late.
+const PREFILL_SPLIT: usize = 4;
+
+/// Fills `sc` with the activations of `x` (`[t, k]`) in `dot` (a quantised dot type), tokens
+/// split over up to `tasks` pool threads (each token's row is quantised alone, so the split
+/// does not change a bit).
+fn prepare<'a>(dot: DotType, x: &[f32], t: usize, k: usize, tasks: usize, sc: &'a mut Scratch) -> Acts<'a> {
     let bs = if dot == DotType::Q8K { QK_K } else { 32 };
     let nb = k / bs;
-    let resize = |v: &mut Vec<f32>, n: usize| {
-        v.clear();
-        v.resize(n, 0.0)
-    };
-    sc.q.clear();
-    sc.q.resize(t * k, 0);
-    resize(&mut sc.d, t * nb);
-    resize(&mut sc.s, if dot == DotType::Q8_1 { t * nb } else { 0 });
-    sc.bsums.clear();
-    sc.bsums
-        .resize(if dot == DotType::Q8K { t * k / 16 } else { 0 }, 0);
-    for r in 0..t {
-        let xr = &x[r * k..(r + 1) * k];
-        let qr = &mut sc.q[r * k..(r + 1) * k];
-        let dr = &mut sc.d[r * nb..(r + 1) * nb];
-        match dot {
-            DotType::Q8_0 => quantize_q8_0(xr, qr, dr),
-            DotType::Q8_1 => quantize_q8_1(xr, qr, dr, &mut sc.s[r * nb..(r + 1) * nb]),
-            _ => quantize_q8_k(xr, qr, dr, &mut sc.bsums[r * k / 16..(r + 1) * k / 16]),
+    // Every value is written below: the buffers only grow, and are not cleared.
+    fn grow<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+        if v.len() < n {
+            v.resize(n, T::default());
         }
     }
-    sc.bsums32.clear();
-    sc.bsums32.extend(sc.bsums.chunks_exact(2).map(|p| p[0] + p[1]));
+    let k16 = if dot == DotType::Q8K { k / 16 } else { 0 };
+    let ns = if dot == DotType::Q8_1 { t * nb } else { 0 };
+    grow(&mut sc.q, t * k);
+    grow(&mut sc.d, t * nb);
+    grow(&mut sc.s, ns);
+    grow(&mut sc.bsums, t * k16);
+    grow(&mut sc.bsums32, t * k16 / 2);
+    let (q, d, s) = (
+        SyncPtr(sc.q.as_mut_ptr()),
+        SyncPtr(sc.d.as_mut_ptr()),
+        SyncPtr(sc.s.as_mut_ptr()),
+    );
+    let (b16, b32) = (SyncPtr(sc.bsums.as_mut_ptr()), SyncPtr(sc.bsums32.as_mut_ptr()));
+    let rows = |r0: usize, r1: usize| {
+        for r in r0..r1 {
+            let xr = &x[r * k..(r + 1) * k];
+            // SAFETY: the buffers hold at least `t` rows (grown above); each task writes only the
+            // rows `r0..r1` of its own token range.
+            let (qr, dr) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(q.get().add(r * k), k),
+                    std::slice::from_raw_parts_mut(d.get().add(r * nb), nb),
+                )
+            };
+            match dot {
+                DotType::Q8_0 => quantize_q8_0(xr, qr, dr),
+                DotType::Q8_1 => {
+                    // SAFETY: as above (`s` holds `t · nb` values for Q8_1).
+                    let sr = unsafe { std::slice::from_raw_parts_mut(s.get().add(r * nb), nb) };
+                    quantize_q8_1(xr, qr, dr, sr)
+                }
+                _ => {
+                    // SAFETY: as above (`k16` sums of 16 and `k16 / 2` of 32 per row for Q8_K).
+                    let (br, br32) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(b16.get().add(r * k16), k16),
+                            std::slice::from_raw_parts_mut(b32.get().add(r * k16 / 2), k16 / 2),
+                        )
+                    };
+                    quantize_q8_k(xr, qr, dr, br);
+                    for (s32, p) in br32.iter_mut().zip(br.chunks_exact(2)) {
+                        *s32 = p[0] + p[1];
+                    }
+                }
+            }
+        }
+    };
+    if tasks > 1 && t >= QUANT_PAR_T {
+        let per = t.div_ceil(tasks * PREFILL_SPLIT);
+        crate::pool::run(t.div_ceil(per), &|i| rows(i * per, ((i + 1) * per).min(t)));
+    } else {
+        rows(0, t);
+    }
     Acts {
-        q: &sc.q,
-        d: &sc.d,
-        s: &sc.s,
-        bsums: &sc.bsums,
-        bsums32: &sc.bsums32,
+        q: &sc.q[..t * k],
+        d: &sc.d[..t * nb],
+        s: &sc.s[..ns],
+        bsums: &sc.bsums[..t * k16],
+        bsums32: &sc.bsums32[..t * k16 / 2],
         k,
         nb,
     }
+}
+
+/// One weight of a [`linear_shared`] call and its output.
+pub(super) struct Part<'a> {
+    /// `[n, k]`, of the call's quantised dot type.
+    w: &'a GgmlData,
+    /// `[t, n]`, overwritten: `len` values from `y`, exclusively borrowed for `'a`.
+    y: SyncPtr<f32>,
+    len: usize,
+    _y: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> Part<'a> {
+    /// `w` (`[n, k]`) and its output `y` (`[t, n]`).
+    pub(super) fn new(w: &'a GgmlData, y: &'a mut [f32]) -> Self {
+        Part {
+            w,
+            y: SyncPtr(y.as_mut_ptr()),
+            len: y.len(),
+            _y: PhantomData,
+        }
+    }
+}
+
+/// Whether weights of `a` and `b` take the same quantised activations, so that one
+/// [`linear_shared`] call can run both.
+pub(super) fn same_acts(a: GgmlType, b: GgmlType) -> bool {
+    let (da, db) = (a.dot_type(), b.dot_type());
+    da == db && matches!(da, Some(DotType::Q8_0 | DotType::Q8_1 | DotType::Q8K))
 }
 
 /// `y[t, n] = x[t, k] · Wᵀ` for ggml `w` (`[n, k]`).
@@ -157,13 +234,13 @@ pub(super) fn linear(
         "ggml linear: shapes checked by the caller"
     );
     let dot = w.ty().dot_type().expect("GgmlData holds supported types");
-    let mut sc = ACT.with(Cell::take);
     match dot {
         DotType::F32 => {
             let wf: &[f32] = bytemuck::cast_slice(w.bytes());
             super::run_linear(isa, tasks, x, t, k, n, wf, Layout::OutIn, y);
         }
         DotType::F16 | DotType::BF16 => {
+            let mut sc = ACT.with(Cell::take);
             sc.f.clear();
             sc.f.extend_from_slice(x);
             if dot == DotType::F16 {
@@ -175,36 +252,75 @@ pub(super) fn linear(
                 let wf: &[bf16] = bytemuck::cast_slice(w.bytes());
                 super::run_linear(isa, tasks, &sc.f, t, k, n, wf, Layout::OutIn, y);
             }
+            ACT.with(|c| c.set(sc));
         }
-        _ => {
-            let path = isa_path(isa);
-            let acts = prepare(dot, x, t, k, &mut sc);
+        _ => linear_shared(isa, tasks, x, t, k, &[Part::new(w, y)]),
+    }
+}
+
+/// `part.y = x[t, k] · part.wᵀ` for every part: weights of one quantised dot type
+/// ([`same_acts`]) on one input, whose activations are quantised once for all of them. Each
+/// weight's rows are split as a call of its own would split them, and all those ranges are the
+/// tasks of one parallel section, so every output has the bits of [`linear`] on its weight.
+pub(super) fn linear_shared(isa: Isa, tasks: Option<usize>, x: &[f32], t: usize, k: usize, parts: &[Part]) {
+    let Some(first) = parts.first() else { return };
+    let dot = first.w.ty().dot_type().expect("GgmlData holds supported types");
+    assert!(
+        x.len() == t * k
+            && parts.iter().all(|p| {
+                let n = p.len / t.max(1);
+                p.w.len() == n * k && p.len == t * n && same_acts(p.w.ty(), first.w.ty())
+            }),
+        "ggml linear: shapes and types checked by the caller"
+    );
+    let total: usize = parts.iter().map(|p| p.len / t.max(1)).sum();
+    if t == 0 || total == 0 {
+        return;
+    }
+    let path = isa_path(isa);
+    let tasks = tasks
+        .unwrap_or_else(|| super::default_tasks(t * k * total))
+        .max(1);
+    let mut sc = ACT.with(Cell::take);
+    let acts = prepare(dot, x, t, k, tasks, &mut sc);
+    // Each part's rows in ranges of `per`, as a call of its own.
+    let split = |n: usize| {
+        let per = if t > SMALL_T && tasks > 1 {
+            // Prefill: whole panels of eight rows per task, and several tasks per thread, so
+            // that a thread that starts late (woken late, or preempted) still takes its share.
+            n.div_ceil(tasks * PREFILL_SPLIT).next_multiple_of(PANEL_ROWS)
+        } else {
+            n.div_ceil(tasks).max(1)
+        };
+        (per, n.div_ceil(per))
+    };
+    let count: usize = parts.iter().map(|p| split(p.len / t).1).sum();
+    let run = |mut i: usize| {
+        for p in parts {
+            let n = p.len / t;
+            let (per, c) = split(n);
+            if i >= c {
+                i -= c;
+                continue;
+            }
             let mat = Mat {
-                w: w.bytes().as_ptr(),
-                row_bytes: w.ty().bytes_for(k).expect("rows are whole blocks"),
+                w: p.w.bytes().as_ptr(),
+                row_bytes: p.w.ty().bytes_for(k).expect("rows are whole blocks"),
                 n,
-                ty: w.ty(),
+                ty: p.w.ty(),
             };
-            let tasks = tasks.unwrap_or_else(|| super::default_tasks(t * k * n));
-            let mut per = n.div_ceil(tasks.max(1)).max(1);
-            if t > SMALL_T {
-                // Prefill packs panels of eight rows: whole panels per task.
-                per = per.next_multiple_of(PANEL_ROWS);
-            }
-            let count = n.div_ceil(per);
-            let yp = SyncPtr(y.as_mut_ptr());
-            let run = |i: usize| {
-                let (lo, hi) = (i * per, ((i + 1) * per).min(n));
-                // SAFETY: `path` is available (from the available `isa`); `mat` and `acts`
-                // describe `w` and `x` (shapes asserted above); tasks write disjoint rows.
-                unsafe { run_rows(path, &mat, &acts, t, lo, hi, yp.get()) };
-            };
-            if count <= 1 {
-                run(0);
-            } else {
-                crate::pool::run(count, &run);
-            }
+            let (lo, hi) = (i * per, ((i + 1) * per).min(n));
+            // SAFETY: `path` is available (from the available `isa`); `mat` and `acts`
+            // describe `p.w` and `x` (shapes asserted above); tasks write disjoint rows of
+            // `p.y`, which is exclusively borrowed for the call.
+            unsafe { run_rows(path, &mat, &acts, t, lo, hi, p.y.get()) };
+            return;
         }
+    };
+    if count <= 1 {
+        run(0);
+    } else {
+        crate::pool::run(count, &run);
     }
     ACT.with(|c| c.set(sc));
 }

@@ -28,6 +28,7 @@ use std::sync::OnceLock;
 
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 
+use crate::ggml::GgmlData;
 use crate::pool::SyncPtr;
 use crate::{Error, Layout, QuantFormat, Result, Weight, WeightData};
 use linear::Job;
@@ -208,6 +209,83 @@ pub fn linear(x: ArrayView2<f32>, w: &Weight) -> Result<Array2<f32>> {
 /// `x: [T, in]`, `y: [T, out]`.
 pub fn linear_into(x: ArrayView2<f32>, w: &Weight, y: ArrayViewMut2<f32>) -> Result<()> {
     linear_with(active_isa(), None, x, w, y)
+}
+
+/// `ys[j] = x · W_jᵀ` for several weights on one input (each `ys[j]` overwritten), with the
+/// bits of [`linear_into`] once per weight. Quantised ggml weights that take the same
+/// activations (the q, k and v projections of a GGUF file; gate and up) quantise `x` once for
+/// all of them and run in one parallel section; other weights run one call each.
+///
+/// # Shapes
+/// `x: [T, in]`, `ws[j]: [out_j, in]`, `ys[j]: [T, out_j]`.
+pub fn linear_shared_into(x: ArrayView2<f32>, ws: &[&Weight], ys: &mut [ArrayViewMut2<f32>]) -> Result<()> {
+    linear_shared_with(active_isa(), None, x, ws, ys)
+}
+
+/// Weights one [`ggml::linear_shared`] call takes at most (a stack array of its parts).
+const MAX_SHARED: usize = 4;
+
+fn linear_shared_with(
+    isa: Isa,
+    tasks: Option<usize>,
+    x: ArrayView2<f32>,
+    ws: &[&Weight],
+    ys: &mut [ArrayViewMut2<f32>],
+) -> Result<()> {
+    let (t, k) = x.dim();
+    if ws.len() != ys.len() {
+        return Err(Error::shape(
+            "linear_shared",
+            format!("{} weights, {} outputs", ws.len(), ys.len()),
+        ));
+    }
+    // One quantisation for all only when every weight is a quantised ggml weight of the first
+    // one's activation type and every output is contiguous.
+    let ggml = |w: &Weight| match w.data() {
+        WeightData::Ggml(g) => Some(g.ty()),
+        _ => None,
+    };
+    let first = ws.first().and_then(|w| ggml(w));
+    let shared = ws.len() > 1
+        && t > 0
+        && k > 0
+        && ws.iter().zip(ys.iter()).all(|(w, y)| {
+            w.in_features() == k
+                && y.dim() == (t, w.out_features())
+                && y.is_standard_layout()
+                && matches!((ggml(w), first), (Some(a), Some(b)) if ggml::same_acts(a, b))
+        });
+    if !shared {
+        for (w, y) in ws.iter().zip(ys.iter_mut()) {
+            linear_with(isa, tasks, x, w, y.view_mut())?;
+        }
+        return Ok(());
+    }
+    assert!(
+        isa.is_available(),
+        "kernel path {isa:?} is not available on this CPU"
+    );
+    let x = x.as_standard_layout();
+    let x = x.as_slice().expect("a standard-layout array is contiguous");
+    fn data(w: &Weight) -> &GgmlData {
+        match w.data() {
+            WeightData::Ggml(g) => g,
+            _ => unreachable!("checked above"),
+        }
+    }
+    let first = data(ws[0]);
+    for (wc, yc) in ws.chunks(MAX_SHARED).zip(ys.chunks_mut(MAX_SHARED)) {
+        let (mut wi, mut yi) = (wc.iter(), yc.iter_mut());
+        // Slots past the chunk's weights stay empty (no rows) and are not passed on.
+        let parts: [ggml::Part; MAX_SHARED] = std::array::from_fn(|_| match (wi.next(), yi.next()) {
+            (Some(w), Some(y)) => {
+                ggml::Part::new(data(w), y.as_slice_mut().expect("checked standard layout"))
+            }
+            _ => ggml::Part::new(first, &mut []),
+        });
+        ggml::linear_shared(isa, tasks, x, t, k, &parts[..wc.len()]);
+    }
+    Ok(())
 }
 
 /// Splits `n` output columns into at most `tasks` ranges, each a multiple of the panel width.
@@ -504,6 +582,18 @@ pub mod forced {
         y: ArrayViewMut2<f32>,
     ) -> Result<()> {
         linear_with(isa, tasks, x, w, y)
+    }
+
+    /// [`linear_shared_into`](super::linear_shared_into) on `isa`, each weight's rows split
+    /// into at most `tasks` parallel tasks (`None`: the automatic choice).
+    pub fn linear_shared_into(
+        isa: Isa,
+        tasks: Option<usize>,
+        x: ArrayView2<f32>,
+        ws: &[&Weight],
+        ys: &mut [ArrayViewMut2<f32>],
+    ) -> Result<()> {
+        linear_shared_with(isa, tasks, x, ws, ys)
     }
 
     /// [`rms_norm_inplace`](super::rms_norm_inplace) on `isa`.
