@@ -52,6 +52,12 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     unsafe fn abs(v: Self::V) -> Self::V;
     /// Transposes the `LANES × LANES` block held in `rows[..LANES]` in place.
     unsafe fn transpose(rows: &mut [Self::V; MAX_LANES]);
+    /// Whether `a > b` in any lane (false for NaN). By default through [`Simd::hmax`]; an ISA
+    /// may use a compare and a lane mask.
+    #[inline(always)]
+    unsafe fn any_gt(a: Self::V, b: Self::V) -> bool {
+        Self::hmax(Self::select_lt(b, a, Self::splat(1.0), Self::splat(0.0))) > 0.0
+    }
     /// The vector whose lane `j` is the sum of the lanes of `rows[j]` (`j < LANES`): `LANES`
     /// horizontal sums at once. By default a transpose and `LANES − 1` adds; an ISA may use a
     /// cheaper shuffle-add tree (the order of the additions may differ).
@@ -442,6 +448,10 @@ mod x86 {
                 r[c] = _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]);
                 r[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
             }
+        }
+        #[inline(always)]
+        unsafe fn any_gt(a: Self::V, b: Self::V) -> bool {
+            _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(a, b)) != 0
         }
         #[inline(always)]
         unsafe fn sum_each(r: &[Self::V; MAX_LANES]) -> Self::V {

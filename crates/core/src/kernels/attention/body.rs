@@ -1,6 +1,12 @@
-//! The item kernel of the AVX2 and portable paths, generic over the crate's vector vocabulary:
-//! a tile of keys and values is widened to f32, then each query row scores it, updates its
-//! online softmax and accumulates the tile's values.
+//! The item kernels of the AVX2 and portable paths, generic over the crate's vector vocabulary.
+//!
+//! - [`decode`]: one query token at a short head dim (`D = 8, 16, 24, 32`), the decode step at
+//!   long context. Keys and values are widened straight from the cache a block of [`BLOCK`]
+//!   keys at a time; each query row of the group scores the block into one vector (a key per
+//!   lane, no horizontal sum per key), and its softmax update (max, exp, rescale) happens once
+//!   per block.
+//! - the tiled body (others, e.g. prefill): a tile of keys and values is widened to f32, then
+//!   each query row scores it, updates its online softmax and accumulates the tile's values.
 
 use super::{visible_slots, Args, Dims, Item, KvElem, Partial, KEY_TILE};
 use crate::kernels::simd::{self, load_partial, store_partial, Simd, MAX_LANES};
@@ -17,6 +23,8 @@ pub(super) struct Work {
     /// A tile of keys and of values, widened: `[KEY_TILE, D]`.
     pub(super) k: Vec<f32>,
     pub(super) v: Vec<f32>,
+    /// [`decode`]'s running sums of probabilities, one vector per row: `[rows, MAX_LANES]`.
+    pub(super) l: Vec<f32>,
 }
 
 impl Work {
@@ -30,6 +38,7 @@ impl Work {
         self.vis.reserve(rows);
         refill(&mut self.k, KEY_TILE * d, 0f32);
         refill(&mut self.v, KEY_TILE * d, 0f32);
+        refill(&mut self.l, rows * MAX_LANES, 0f32);
     }
 }
 
@@ -313,6 +322,15 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
     let ctx = args.ctx;
     let nt = it.t1 - it.t0;
     let rows = nt * rep;
+    if takes_decode::<S>(nt, d) {
+        match d / S::LANES {
+            1 => return decode::<E, S, 1>(args, it, work, out),
+            2 => return decode::<E, S, 2>(args, it, work, out),
+            3 => return decode::<E, S, 3>(args, it, work, out),
+            4 => return decode::<E, S, 4>(args, it, work, out),
+            _ => unreachable!("takes_decode admits 1 to 4 vectors"),
+        }
+    }
 
     work.prepare(d, rows);
     let Work {
@@ -320,6 +338,7 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
         vis,
         k: kbuf,
         v: vbuf,
+        ..
     } = work;
     for ti in 0..nt {
         let t = it.t0 + ti;
@@ -395,5 +414,376 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
                 m[row] = m_new;
             }
         }
+    }
+}
+
+/// Keys per block of [`decode`]: one score per lane of an 8-lane vector.
+pub(super) const BLOCK: usize = 8;
+
+/// Keys ahead of the block being computed whose cache lines [`decode`] requests: 8 KiB of bf16
+/// keys at `D = 16`, far enough ahead for memory latency, and across page boundaries where the
+/// hardware prefetcher stops.
+const DECODE_AHEAD: usize = 256;
+
+/// Whether [`decode`] runs an item of `nt` query tokens at head dim `d` on `S`: one token (a
+/// decode step; more tokens would each read the keys again) and `d` one to four whole vectors.
+#[inline(always)]
+pub(super) fn takes_decode<S: Simd>(nt: usize, d: usize) -> bool {
+    S::LANES == BLOCK && nt == 1 && d.is_multiple_of(BLOCK) && (1..=4).contains(&(d / BLOCK))
+}
+
+/// Requests the cache lines of `bytes` bytes from `p` (a hint: `p` may point anywhere).
+#[inline(always)]
+fn prefetch_bytes(p: *const u8, bytes: usize) {
+    const LINE: usize = 64;
+    let mut off = 0;
+    while off < bytes {
+        simd::prefetch(p.wrapping_add(off));
+        off += LINE;
+    }
+}
+
+/// The query rows of a [`decode`] item and their softmax state in memory, all `[g, ..]`.
+struct Rows {
+    /// Scaled queries, `[g, D]`.
+    q: *const f32,
+    /// Unnormalised outputs, `[g, D]`.
+    acc: *mut f32,
+    /// Running maxima, `[g]`.
+    m: *mut f32,
+    /// Running sums, one vector of lane-wise partial sums per row, `[g, MAX_LANES]`.
+    l: *mut f32,
+}
+
+/// The online-softmax state of `R` query rows of dim `B · LANES`, held in registers while
+/// blocks of keys stream by.
+struct State<S: Simd, const R: usize, const B: usize> {
+    /// Unnormalised outputs.
+    acc: [[S::V; B]; R],
+    /// Running sums of probabilities, lane-wise (summed once at the end).
+    l: [S::V; R],
+    /// Running maxima, as scalars and broadcast.
+    m: [f32; R],
+    mv: [S::V; R],
+}
+
+impl<S: Simd, const R: usize, const B: usize> State<S, R, B> {
+    /// Rows `r0..r0 + R` of `rows`.
+    #[inline(always)]
+    unsafe fn load(rows: &Rows, r0: usize) -> Self {
+        let lanes = S::LANES;
+        let d = B * lanes;
+        let mut st = State {
+            acc: [[S::splat(0.0); B]; R],
+            l: [S::splat(0.0); R],
+            m: [0.0; R],
+            mv: [S::splat(0.0); R],
+        };
+        for r in 0..R {
+            for bb in 0..B {
+                st.acc[r][bb] = S::load(rows.acc.add((r0 + r) * d + bb * lanes));
+            }
+            st.l[r] = S::load(rows.l.add((r0 + r) * MAX_LANES));
+            st.m[r] = *rows.m.add(r0 + r);
+            st.mv[r] = S::splat(st.m[r]);
+        }
+        st
+    }
+
+    /// Back into rows `r0..r0 + R` of `rows`.
+    #[inline(always)]
+    unsafe fn store(&self, rows: &Rows, r0: usize) {
+        let lanes = S::LANES;
+        let d = B * lanes;
+        for r in 0..R {
+            for bb in 0..B {
+                S::store(rows.acc.add((r0 + r) * d + bb * lanes), self.acc[r][bb]);
+            }
+            S::store(rows.l.add((r0 + r) * MAX_LANES), self.l[r]);
+            *rows.m.add(r0 + r) = self.m[r];
+        }
+    }
+}
+
+/// One block of `n <= BLOCK` keys (and values) at `k` and `v` (with their scales `ks`, `vs` for
+/// q8, else null) for the `R` rows of `st`, whose scaled queries are at `q` (`[R, D]`).
+///
+/// Each key is widened once, straight from the cache into registers, and meets every row: a
+/// row's `BLOCK` dot products are independent accumulators that [`Simd::sum_each`] turns into
+/// one vector of scores, a key per lane. The row's maximum moves (and what it accumulated is
+/// rescaled) only when a score of the block exceeds it, so the common block costs one vector
+/// exp per row and no scalar exp. Then each value is widened once and added to every row.
+///
+/// # Safety
+/// `k`, `v` (and `ks`, `vs` when not null) are valid for `n` keys of `B · LANES` elements (or
+/// `n` scales); `q` for `R` rows; `S::LANES == BLOCK`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // keys × rows × vectors index several arrays at once
+unsafe fn block<E: KvElem, S: Simd, const B: usize, const R: usize>(
+    st: &mut State<S, R, B>,
+    q: *const f32,
+    k: *const E,
+    v: *const E,
+    (ks, vs): (*const f32, *const f32),
+    n: usize,
+) {
+    let lanes = S::LANES;
+    let d = B * lanes;
+    let zero = S::splat(0.0);
+    let mut qv = [[zero; B]; R];
+    for (r, qr) in qv.iter_mut().enumerate() {
+        for (bb, x) in qr.iter_mut().enumerate() {
+            *x = S::load(q.add(r * d + bb * lanes));
+        }
+    }
+    // Scores: the dot products of every row with each key.
+    let mut dots = [[zero; MAX_LANES]; R];
+    for jj in 0..BLOCK {
+        if jj < n {
+            let mut kj = [zero; B];
+            for (bb, x) in kj.iter_mut().enumerate() {
+                *x = E::load::<S>(k.add(jj * d + bb * lanes));
+            }
+            for r in 0..R {
+                let mut y = S::mul(qv[r][0], kj[0]);
+                for bb in 1..B {
+                    y = S::fma(qv[r][bb], kj[bb], y);
+                }
+                dots[r][jj] = y;
+            }
+        }
+    }
+    let scaled = !ks.is_null();
+    let (ksv, vsv) = match (scaled, n == BLOCK) {
+        (false, _) => (zero, zero),
+        (true, true) => (S::load(ks), S::load(vs)),
+        (true, false) => (load_partial::<S>(ks, n, 0.0), load_partial::<S>(vs, n, 0.0)),
+    };
+    // Lanes past the block's keys score -inf: probability 0.
+    let pad = if n == BLOCK {
+        zero
+    } else {
+        let mut buf = [f32::NEG_INFINITY; MAX_LANES];
+        buf[..n].fill(0.0);
+        S::load(buf.as_ptr())
+    };
+    let mut probs = [[0f32; MAX_LANES]; R];
+    for r in 0..R {
+        let mut s = S::sum_each(&dots[r]);
+        if scaled {
+            // q·(s_j k_j) = s_j (q·k_j).
+            s = S::mul(s, ksv);
+        }
+        if n < BLOCK {
+            s = S::add(s, pad);
+        }
+        if S::any_gt(s, st.mv[r]) {
+            let top = S::hmax(s);
+            // The rescale of what was accumulated before; 0 on the first block.
+            let alpha = S::splat((st.m[r] - top).exp());
+            for y in &mut st.acc[r] {
+                *y = S::mul(*y, alpha);
+            }
+            st.l[r] = S::mul(st.l[r], alpha);
+            st.m[r] = top;
+            st.mv[r] = S::splat(top);
+        }
+        let mut p = simd::exp::<S>(S::sub(s, st.mv[r]));
+        st.l[r] = S::add(st.l[r], p);
+        if scaled {
+            // p_j (s_j v_j) = (p_j s_j) v_j.
+            p = S::mul(p, vsv);
+        }
+        S::store(probs[r].as_mut_ptr(), p);
+    }
+    // Values: each widened once, added to every row.
+    for jj in 0..BLOCK {
+        if jj < n {
+            let mut vj = [zero; B];
+            for (bb, x) in vj.iter_mut().enumerate() {
+                *x = E::load::<S>(v.add(jj * d + bb * lanes));
+            }
+            for r in 0..R {
+                let pj = S::splat(probs[r][jj]);
+                for bb in 0..B {
+                    st.acc[r][bb] = S::fma(pj, vj[bb], st.acc[r][bb]);
+                }
+            }
+        }
+    }
+}
+
+/// The keys and values of one [`decode`] item: kv head pointers at its first visible slot,
+/// their q8 scales (null for float formats), and how many keys.
+struct Span<E> {
+    k: *const E,
+    v: *const E,
+    ks: *const f32,
+    vs: *const f32,
+    n: usize,
+}
+
+impl<E: KvElem> Span<E> {
+    /// Pointers to key `j` of `d` elements: keys, values, and scales (null stays null).
+    #[inline(always)]
+    unsafe fn at(&self, j: usize, d: usize) -> (*const E, *const E, (*const f32, *const f32)) {
+        let sc = |p: *const f32| if p.is_null() { p } else { p.add(j) };
+        (self.k.add(j * d), self.v.add(j * d), (sc(self.ks), sc(self.vs)))
+    }
+
+    /// Requests the lines of the block `DECODE_AHEAD` keys after key `j` (a hint).
+    #[inline(always)]
+    fn prefetch(&self, j: usize, d: usize) {
+        let bytes = BLOCK * d * std::mem::size_of::<E>();
+        let ahead = (j + DECODE_AHEAD) * d;
+        prefetch_bytes(self.k.wrapping_add(ahead).cast(), bytes);
+        prefetch_bytes(self.v.wrapping_add(ahead).cast(), bytes);
+        if !self.ks.is_null() {
+            simd::prefetch(self.ks.wrapping_add(j + DECODE_AHEAD));
+            simd::prefetch(self.vs.wrapping_add(j + DECODE_AHEAD));
+        }
+    }
+}
+
+/// All keys of `span` for a group of exactly `R` rows, their state in registers throughout.
+#[inline(always)]
+unsafe fn rows_in_registers<E: KvElem, S: Simd, const B: usize, const R: usize>(rows: &Rows, span: &Span<E>) {
+    let d = B * S::LANES;
+    let mut st = State::<S, R, B>::load(rows, 0);
+    let mut j = 0;
+    while j + BLOCK <= span.n {
+        // Decoding spends little arithmetic per byte: ask for keys and values further on
+        // now, so that memory works while this block is computed.
+        span.prefetch(j, d);
+        let (k, v, sc) = span.at(j, d);
+        block::<E, S, B, R>(&mut st, rows.q, k, v, sc, BLOCK);
+        j += BLOCK;
+    }
+    if j < span.n {
+        let (k, v, sc) = span.at(j, d);
+        block::<E, S, B, R>(&mut st, rows.q, k, v, sc, span.n - j);
+    }
+    st.store(rows, 0);
+}
+
+/// Rows `r0..r0 + R` of `rows` over one block of `n` keys, their state loaded and stored.
+#[inline(always)]
+unsafe fn rows_chunk<E: KvElem, S: Simd, const B: usize, const R: usize>(
+    rows: &Rows,
+    r0: usize,
+    k: *const E,
+    v: *const E,
+    sc: (*const f32, *const f32),
+    n: usize,
+) {
+    let mut st = State::<S, R, B>::load(rows, r0);
+    block::<E, S, B, R>(&mut st, rows.q.add(r0 * B * S::LANES), k, v, sc, n);
+    st.store(rows, r0);
+}
+
+/// Rows `0..g` of `rows` over one block of `n` keys, four rows at a time.
+#[inline(always)]
+unsafe fn rows_in_chunks<E: KvElem, S: Simd, const B: usize>(
+    rows: &Rows,
+    g: usize,
+    k: *const E,
+    v: *const E,
+    sc: (*const f32, *const f32),
+    n: usize,
+) {
+    let mut r0 = 0;
+    while r0 < g {
+        match g - r0 {
+            1 => rows_chunk::<E, S, B, 1>(rows, r0, k, v, sc, n),
+            2 => rows_chunk::<E, S, B, 2>(rows, r0, k, v, sc, n),
+            3 => rows_chunk::<E, S, B, 3>(rows, r0, k, v, sc, n),
+            _ => rows_chunk::<E, S, B, 4>(rows, r0, k, v, sc, n),
+        }
+        r0 += 4;
+    }
+}
+
+/// The decode kernel: item `it` of one query token, head dim `D = B · LANES`, every query row
+/// of the group over the item's keys in blocks of [`BLOCK`] ([`block`]): groups of up to four
+/// rows keep their state in registers over all keys; larger groups go four rows at a time
+/// through each block (the block's keys then come from L1 after the first four). `out`
+/// receives the unnormalised accumulators and their softmax state.
+///
+/// # Safety
+/// The CPU supports `S`; [`takes_decode`] holds for the item.
+#[inline(always)]
+unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
+    args: &Args<E>,
+    it: Item,
+    work: &mut Work,
+    out: Partial,
+) {
+    let Dims {
+        hq,
+        d,
+        len,
+        first_pos,
+        ..
+    } = args.dims;
+    debug_assert!(d == B * S::LANES && it.t1 == it.t0 + 1 && S::LANES == BLOCK);
+    let g = args.dims.group();
+    let ctx = args.ctx;
+    let t = it.t0;
+    // Only the buffers this kernel uses (their room was made by `prepare`).
+    refill(&mut work.q, g * d, 0f32);
+    refill(&mut work.l, g * MAX_LANES, 0f32);
+    for (dst, &x) in work.q.iter_mut().zip(&args.q[(t * hq + it.g * g) * d..][..g * d]) {
+        *dst = x * ctx.scale;
+    }
+    let Partial { acc, m, l } = out;
+    m.fill(f32::NEG_INFINITY);
+    acc.fill(0.0);
+    let (lo, hi) = visible_slots(ctx.mask, ctx.positions[t], first_pos, len);
+    let (a, b) = (lo.max(it.s0), hi.min(it.s1));
+    if a < b {
+        let rows = Rows {
+            q: work.q.as_ptr(),
+            acc: acc.as_mut_ptr(),
+            m: m.as_mut_ptr(),
+            l: work.l.as_mut_ptr(),
+        };
+        // Slot `a` of kv head `it.g` and its scales (checked slices; raw pointers from here).
+        let (ks, vs) = if args.k_scales.is_empty() {
+            (std::ptr::null(), std::ptr::null())
+        } else {
+            (
+                args.scales(args.k_scales, it.g, a, b).as_ptr(),
+                args.scales(args.v_scales, it.g, a, b).as_ptr(),
+            )
+        };
+        let span = Span {
+            k: args.k[it.g * args.k_stride + a * d..][..(b - a) * d].as_ptr(),
+            v: args.v[it.g * args.v_stride + a * d..][..(b - a) * d].as_ptr(),
+            ks,
+            vs,
+            n: b - a,
+        };
+        match g {
+            1 => rows_in_registers::<E, S, B, 1>(&rows, &span),
+            2 => rows_in_registers::<E, S, B, 2>(&rows, &span),
+            3 => rows_in_registers::<E, S, B, 3>(&rows, &span),
+            4 => rows_in_registers::<E, S, B, 4>(&rows, &span),
+            _ => {
+                let mut j = 0;
+                while j + BLOCK <= span.n {
+                    span.prefetch(j, d);
+                    let (k, v, sc) = span.at(j, d);
+                    rows_in_chunks::<E, S, B>(&rows, g, k, v, sc, BLOCK);
+                    j += BLOCK;
+                }
+                if j < span.n {
+                    let (k, v, sc) = span.at(j, d);
+                    rows_in_chunks::<E, S, B>(&rows, g, k, v, sc, span.n - j);
+                }
+            }
+        }
+    }
+    for (r, l) in l.iter_mut().enumerate() {
+        *l = S::hsum(S::load(work.l.as_ptr().add(r * MAX_LANES)));
     }
 }

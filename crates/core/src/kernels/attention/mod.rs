@@ -25,6 +25,8 @@ use crate::layer_kind::AttentionMask;
 use crate::{Error, KvData, KvView, Result};
 
 mod body;
+#[cfg(test)]
+mod decode_tests;
 #[cfg(target_arch = "x86_64")]
 mod keys_avx512;
 mod naive;

@@ -60,6 +60,7 @@ impl AttentionScratch {
             w.body.vis.fill((usize::MAX, 0));
             w.body.k.fill(f32::NAN);
             w.body.v.fill(f32::NAN);
+            w.body.l.fill(f32::NAN);
             #[cfg(target_arch = "x86_64")]
             {
                 w.keys.poison();
