@@ -193,6 +193,9 @@ fn decode_demo(c: &mut Criterion) {
     for (dtype, len) in [
         // 1 MiB of K/V in all, in the cores' caches: the kernel's arithmetic ceiling.
         (KvDtype::BF16, 4 << 10),
+        // 5 MiB, in the last-level cache: the same ceiling for q8, whose bytes per key are
+        // fewer and whose work per key is not.
+        (KvDtype::Q8, 32 << 10),
         (KvDtype::BF16, 256 << 10),
         (KvDtype::Q8, 256 << 10),
         (KvDtype::F32, 256 << 10),
