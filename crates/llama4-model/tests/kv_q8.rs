@@ -4,22 +4,26 @@
 //! with the bf16 cache measured beside it for scale.
 //!
 //! Measured (x86-64 AVX2, 32 positions = 21 prefill + 11 decode per checkpoint; error of a row =
-//! max |Δ logit| / max |f32 logit| of that position):
+//! max |Δ logit| / max |f32 logit| of that position). Decode steps with the q8 cache round the
+//! query to int8 too, as llama.cpp does against a q8_0 key cache (the score is then an exact
+//! integer dot product times two scales):
 //!
 //! | checkpoint | q8 median row | q8 max row | bf16 median row | bf16 max row |
 //! |---|---|---|---|---|
-//! | scout     | 6.6e-3 | 0.26 (1 row > 5e-2, next 1.2e-2) | 2.3e-3 | 3.8e-3 |
-//! | maverick  | 6.0e-3 | 1.3e-2                          | 2.5e-3 | 0.51 (6 rows > 5e-2) |
+//! | scout     | 7.4e-3 | 0.26 (1 row > 5e-2, next 1.2e-2) | 2.3e-3 | 3.8e-3 |
+//! | maverick  | 6.5e-3 | 0.51 (6 rows > 2.5e-2)           | 2.5e-3 | 0.51 (7 rows > 2.5e-2) |
 //! | top2_tied | 3.4e-3 | 8.5e-3                          | 1.4e-3 | 3.3e-3 |
 //!
 //! Most rows move smoothly with the cache's rounding (q8 about 2.5× bf16: its step, `max|x| / 254`
 //! per vector, is coarser than bf16's relative `2⁻⁹` for all but the largest elements). A few
 //! rows jump by two orders of magnitude, with either format, which is what a top-k router does
 //! when a perturbation crosses a near-tie between two experts' scores: another expert's output
-//! replaces the first one's (maverick's bf16 jump persists over the decode steps after it, as
-//! the keys and values computed from it stay in the cache). The bounds: the median row within
-//! about 2.5× of the largest measured median; for q8 at most 2 rows per checkpoint (measured 1)
-//! beyond 2.5e-2, about twice the largest smooth row.
+//! replaces the first one's, and the jump persists over the decode steps after it, as the keys
+//! and values computed from it stay in the cache. On maverick both caches cross the same tie
+//! (the same largest error, 0.51); with a float query the q8 cache had stayed on the f32 side
+//! of it (max 1.3e-2). The bounds: the median row within about 2.5× of the largest measured
+//! median; q8 rows beyond 2.5e-2 (about twice the largest smooth row) at most 2 per checkpoint
+//! or, where the bf16 cache crosses a tie too, no more than the bf16 cache's.
 
 use llama4_core::{DType, KvDtype};
 use llama4_model::{Logits, Session, TextModel};
@@ -28,13 +32,14 @@ use ndarray::{concatenate, s, Array2, Axis};
 mod common;
 use common::{rel_err, text_reference};
 
-/// Median row error allowed for the q8 cache (largest measured: 6.9e-3).
+/// Median row error allowed for the q8 cache (largest measured: 7.4e-3).
 const Q8_MEDIAN_BOUND: f32 = 1.8e-2;
 /// Median row error allowed for the bf16 cache (largest measured: 2.2e-3).
 const BF16_MEDIAN_BOUND: f32 = 6e-3;
 /// Beyond this a row is counted as a jump (largest measured smooth q8 row: 1.3e-2).
 const JUMP: f32 = 2.5e-2;
-/// q8 rows allowed beyond [`JUMP`] per checkpoint (measured: at most 1).
+/// q8 rows allowed beyond [`JUMP`] per checkpoint where the bf16 cache has none (measured: at
+/// most 1).
 const Q8_JUMPS: usize = 2;
 
 /// Logits of every prompt position (one prefill) and of each decode step fed the reference's
@@ -111,9 +116,10 @@ fn check(name: &str) {
         q8.median
     );
     assert!(
-        q8.jumps <= Q8_JUMPS,
-        "{name}: {} q8 rows beyond {JUMP:e}",
-        q8.jumps
+        q8.jumps <= Q8_JUMPS.max(bf16.jumps),
+        "{name}: {} q8 rows beyond {JUMP:e} (bf16: {})",
+        q8.jumps,
+        bf16.jumps
     );
     assert!(
         bf16.median < BF16_MEDIAN_BOUND,

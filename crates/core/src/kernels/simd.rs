@@ -71,6 +71,55 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
         }
         sum
     }
+    /// The integer dot products of query `q` with each of `n <= LANES` int8 keys of `d`
+    /// elements at `k` (key `j` at `k + j·d`; `d` divides 32), one key per lane as f32 (exact:
+    /// at most 32 · 127² in magnitude), lanes from `n` on 0. By default scalar; an ISA may
+    /// multiply 32 bytes at a time.
+    #[inline(always)]
+    unsafe fn dots_i8(q: &QueryI8, k: *const i8, n: usize, d: usize) -> Self::V {
+        let mut out = [0f32; MAX_LANES];
+        for (j, o) in out.iter_mut().enumerate().take(n) {
+            let key = std::slice::from_raw_parts(k.add(j * d), d);
+            *o = key
+                .iter()
+                .zip(&q.val)
+                .map(|(&a, &b)| a as i32 * b as i32)
+                .sum::<i32>() as f32;
+        }
+        Self::load(out.as_ptr())
+    }
+}
+
+/// A query row quantised for integer dot products with int8 keys of a head dim that divides
+/// 32: `q ≈ scale · v`, `v` in `-127..=127` (as [`crate::quantize_q8`] rounds), repeated to fill
+/// 32 bytes. Kept twice, as `|v|` and as `v`: x86's byte multiply wants one operand unsigned,
+/// and `|v_i| · (sign(v_i) · k_i) = v_i · k_i`.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(32))]
+pub(crate) struct QueryI8 {
+    /// `|v|`, repeated.
+    pub(crate) abs: [u8; 32],
+    /// `v`, repeated.
+    pub(crate) val: [i8; 32],
+    /// The scale of `v`.
+    pub(crate) scale: f32,
+}
+
+impl QueryI8 {
+    /// `x` (`[d]`, `d` dividing 32) quantised.
+    pub(crate) fn new(x: &[f32]) -> Self {
+        let d = x.len();
+        debug_assert!(d > 0 && 32 % d == 0);
+        let mut q = QueryI8::default();
+        q.scale = crate::quantize_q8(x, &mut q.val[..d]);
+        for i in d..32 {
+            q.val[i] = q.val[i - d];
+        }
+        for (a, &v) in q.abs.iter_mut().zip(&q.val) {
+            *a = v.unsigned_abs();
+        }
+        q
+    }
 }
 
 /// Hints the cache line holding `p` into L1. Never faults, so `p` may point anywhere.
@@ -331,7 +380,7 @@ pub(crate) use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Simd, MAX_LANES};
+    use super::{QueryI8, Simd, MAX_LANES};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -474,6 +523,55 @@ mod x86 {
                 _mm256_permute2f128_ps::<0x31>(lo, hi),
             )
         }
+        #[inline(always)]
+        unsafe fn dots_i8(q: &QueryI8, k: *const i8, n: usize, d: usize) -> Self::V {
+            if n != 8 || !matches!(d, 8 | 16 | 32) {
+                let mut out = [0f32; MAX_LANES];
+                for (j, o) in out.iter_mut().enumerate().take(n) {
+                    let key = std::slice::from_raw_parts(k.add(j * d), d);
+                    *o = key
+                        .iter()
+                        .zip(&q.val)
+                        .map(|(&a, &b)| a as i32 * b as i32)
+                        .sum::<i32>() as f32;
+                }
+                return Self::load(out.as_ptr());
+            }
+            // The block's 8·d bytes are contiguous and `q` repeats every d bytes: 32 bytes at
+            // a time, products of byte pairs (at most 2 · 127², no saturation), then sums of
+            // four. Each i32 holds four elements of one key.
+            let abs = _mm256_load_si256(q.abs.as_ptr().cast());
+            let val = _mm256_load_si256(q.val.as_ptr().cast());
+            let ones = _mm256_set1_epi16(1);
+            let w = |m: usize| {
+                let kk = _mm256_loadu_si256(k.add(32 * m).cast());
+                _mm256_madd_epi16(_mm256_maddubs_epi16(abs, _mm256_sign_epi8(kk, val)), ones)
+            };
+            // Pairwise sums within 128-bit halves until one i32 per key remains; the lanes
+            // come out permuted and are put back in key order.
+            let sums = match d {
+                8 => {
+                    // [k0 k1 k4 k5 | k2 k3 k6 k7]
+                    let h = _mm256_hadd_epi32(w(0), w(1));
+                    _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7))
+                }
+                16 => {
+                    // [k0 k2 k4 k6 | k1 k3 k5 k7]
+                    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(w(0), w(1)), _mm256_hadd_epi32(w(2), w(3)));
+                    _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+                }
+                _ => {
+                    // Keys 0-3 as [first halves | second halves], then 4-7.
+                    let a = _mm256_hadd_epi32(_mm256_hadd_epi32(w(0), w(1)), _mm256_hadd_epi32(w(2), w(3)));
+                    let b = _mm256_hadd_epi32(_mm256_hadd_epi32(w(4), w(5)), _mm256_hadd_epi32(w(6), w(7)));
+                    _mm256_add_epi32(
+                        _mm256_permute2x128_si256::<0x20>(a, b),
+                        _mm256_permute2x128_si256::<0x31>(a, b),
+                    )
+                }
+            };
+            _mm256_cvtepi32_ps(sums)
+        }
     }
 
     /// AVX-512F (with BW/DQ/VL), 16 lanes.
@@ -591,6 +689,58 @@ mod x86 {
                 r[8 + c] = _mm512_shuffle_f32x4::<0x88>(wb, xb);
                 r[12 + c] = _mm512_shuffle_f32x4::<0xDD>(wb, xb);
             }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// AVX2's byte-multiply dots against the scalar twin, at every head dim the decode kernel
+    /// takes and every block fill, with the extremes `±127` reachable on both sides.
+    fn check(d: usize, n: usize, q: &[f32], k: &[i8]) {
+        let qi = QueryI8::new(&q[..d]);
+        let mut want = [0f32; MAX_LANES];
+        let mut got = [0f32; MAX_LANES];
+        // SAFETY: the portable vocabulary needs no CPU feature; `k` holds 8 keys of `d`.
+        unsafe { Portable::store(want.as_mut_ptr(), Portable::dots_i8(&qi, k.as_ptr(), n, d)) };
+        // The scalar twin's meaning: lane j is v · k_j exactly.
+        for (j, &w) in want.iter().enumerate().take(n) {
+            let exact: i32 = (0..d).map(|i| qi.val[i] as i32 * k[j * d + i] as i32).sum();
+            assert_eq!(w, exact as f32, "d {d} n {n} lane {j}");
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(qi: &QueryI8, k: *const i8, n: usize, d: usize, out: *mut f32) {
+                Avx2::store(out, Avx2::dots_i8(qi, k, n, d))
+            }
+            // SAFETY: AVX2 and FMA were detected just above.
+            unsafe { avx2(&qi, k.as_ptr(), n, d, got.as_mut_ptr()) };
+            assert_eq!(&got[..8], &want[..8], "d {d} n {n}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn avx2_int8_dots_equal_the_scalar_twin(
+            d in prop::sample::select(vec![8usize, 16, 24, 32]),
+            n in 1usize..=8,
+            q in prop::collection::vec(-2.0f32..2.0, 32),
+            k in prop::collection::vec(-127i8..=127, 256),
+        ) {
+            check(d, n, &q, &k);
+        }
+    }
+
+    #[test]
+    fn int8_dots_hold_the_largest_products() {
+        // |v| = 127 against keys of ±127: each byte pair sums to ±32258, within i16.
+        for d in [8, 16, 24, 32] {
+            let q: Vec<f32> = (0..d).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+            let k: Vec<i8> = (0..8 * d).map(|i| if i % 5 == 0 { -127 } else { 127 }).collect();
+            check(d, 8, &q, &k);
         }
     }
 }

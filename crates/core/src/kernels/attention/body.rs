@@ -3,13 +3,14 @@
 //! - [`decode`]: one query token at a short head dim (`D = 8, 16, 24, 32`), the decode step at
 //!   long context. Keys and values are widened straight from the cache a block of [`BLOCK`]
 //!   keys at a time; each query row of the group scores the block into one vector (a key per
-//!   lane, no horizontal sum per key), and its softmax update (max, exp, rescale) happens once
-//!   per block.
+//!   lane, no horizontal sum per key), and its softmax moves (max, exp, rescale) once per tile
+//!   of blocks. Against int8 keys a decode step rounds its query to int8 too and scores in
+//!   integers ([`Simd::dots_i8`]), as llama.cpp does for a q8_0 key cache.
 //! - the tiled body (others, e.g. prefill): a tile of keys and values is widened to f32, then
 //!   each query row scores it, updates its online softmax and accumulates the tile's values.
 
 use super::{visible_slots, Args, Dims, Item, KvElem, Partial, KEY_TILE};
-use crate::kernels::simd::{self, load_partial, store_partial, Simd, MAX_LANES};
+use crate::kernels::simd::{self, load_partial, store_partial, QueryI8, Simd, MAX_LANES};
 use crate::kernels::Isa;
 use crate::scratch::refill;
 
@@ -25,6 +26,8 @@ pub(super) struct Work {
     pub(super) v: Vec<f32>,
     /// [`decode`]'s running sums of probabilities, one vector per row: `[rows, MAX_LANES]`.
     pub(super) l: Vec<f32>,
+    /// [`decode`]'s quantised query rows, for int8 keys ([`KvElem::INT_DOT`]): `[rows]`.
+    pub(super) qi: Vec<QueryI8>,
 }
 
 impl Work {
@@ -39,6 +42,7 @@ impl Work {
         refill(&mut self.k, KEY_TILE * d, 0f32);
         refill(&mut self.v, KEY_TILE * d, 0f32);
         refill(&mut self.l, rows * MAX_LANES, 0f32);
+        refill(&mut self.qi, rows, QueryI8::default());
     }
 }
 
@@ -447,6 +451,8 @@ fn prefetch_bytes(p: *const u8, bytes: usize) {
 struct Rows {
     /// Scaled queries, `[g, D]`.
     q: *const f32,
+    /// The same quantised, `[g]`, when the keys are scored in integers; else null.
+    qi: *const QueryI8,
     /// Unnormalised outputs, `[g, D]`.
     acc: *mut f32,
     /// Running maxima, `[g]`.
@@ -521,7 +527,7 @@ impl<S: Simd, const R: usize, const B: usize> State<S, R, B> {
 #[allow(clippy::needless_range_loop)] // keys × rows × vectors index several arrays at once
 unsafe fn block<E: KvElem, S: Simd, const B: usize, const R: usize>(
     st: &mut State<S, R, B>,
-    q: *const f32,
+    (q, qi): (*const f32, *const QueryI8),
     k: *const E,
     v: *const E,
     (ks, vs): (*const f32, *const f32),
@@ -536,47 +542,15 @@ unsafe fn block<E: KvElem, S: Simd, const B: usize, const R: usize>(
             *x = S::load(q.add(r * d + bb * lanes));
         }
     }
-    // Scores: the dot products of every row with each key.
-    let mut dots = [[zero; MAX_LANES]; R];
-    for jj in 0..BLOCK {
-        if jj < n {
-            let mut kj = [zero; B];
-            for (bb, x) in kj.iter_mut().enumerate() {
-                *x = E::load::<S>(k.add(jj * d + bb * lanes));
-            }
-            for r in 0..R {
-                let mut y = S::mul(qv[r][0], kj[0]);
-                for bb in 1..B {
-                    y = S::fma(qv[r][bb], kj[bb], y);
-                }
-                dots[r][jj] = y;
-            }
-        }
-    }
-    let scaled = !ks.is_null();
-    let (ksv, vsv) = match (scaled, n == BLOCK) {
-        (false, _) => (zero, zero),
-        (true, true) => (S::load(ks), S::load(vs)),
-        (true, false) => (load_partial::<S>(ks, n, 0.0), load_partial::<S>(vs, n, 0.0)),
-    };
-    // Lanes past the block's keys score -inf: probability 0.
-    let pad = if n == BLOCK {
-        zero
-    } else {
-        let mut buf = [f32::NEG_INFINITY; MAX_LANES];
-        buf[..n].fill(0.0);
-        S::load(buf.as_ptr())
+    let scores = score_block::<E, S, B, R>(&qv, qi, k, ks, n);
+    let vsv = match (vs.is_null(), n == BLOCK) {
+        (true, _) => zero,
+        (false, true) => S::load(vs),
+        (false, false) => load_partial::<S>(vs, n, 0.0),
     };
     let mut probs = [[0f32; MAX_LANES]; R];
     for r in 0..R {
-        let mut s = S::sum_each(&dots[r]);
-        if scaled {
-            // q·(s_j k_j) = s_j (q·k_j).
-            s = S::mul(s, ksv);
-        }
-        if n < BLOCK {
-            s = S::add(s, pad);
-        }
+        let s = scores[r];
         if S::any_gt(s, st.mv[r]) {
             let top = S::hmax(s);
             // The rescale of what was accumulated before; 0 on the first block.
@@ -588,9 +562,9 @@ unsafe fn block<E: KvElem, S: Simd, const B: usize, const R: usize>(
             st.m[r] = top;
             st.mv[r] = S::splat(top);
         }
-        let mut p = simd::exp::<S>(S::sub(s, st.mv[r]));
+        let mut p = exp_nonpos::<S>(S::sub(s, st.mv[r]));
         st.l[r] = S::add(st.l[r], p);
-        if scaled {
+        if !vs.is_null() {
             // p_j (s_j v_j) = (p_j s_j) v_j.
             p = S::mul(p, vsv);
         }
@@ -645,25 +619,237 @@ impl<E: KvElem> Span<E> {
     }
 }
 
+/// Keys per tile of [`rows_in_registers`]: the scores of a tile (`R × DECODE_TILE` floats, at
+/// most 1 KiB) stay in L1 between its three passes.
+const DECODE_TILE: usize = 64;
+
 /// All keys of `span` for a group of exactly `R` rows, their state in registers throughout.
+///
+/// Tiles of [`DECODE_TILE`] keys go through three passes: every block of the tile is scored
+/// ([`score_block`]), then each row's softmax moves once for the whole tile (one max, then the
+/// exps), then the values are added. The blocks of a pass do not depend on each other, so the
+/// core overlaps them; one block through all three steps at once would be a single chain of
+/// dependent instructions (scores, exp, then the value sums), too long for the core to run two
+/// blocks side by side. When few accumulators are live (`R · B ≤ 4`), even and odd keys add
+/// into separate accumulators to halve the chain of additions.
+///
+/// # Safety
+/// As [`decode`]: `span` is valid for `span.n` keys, `rows` for `R` rows; `S::LANES == BLOCK`.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // keys × rows × vectors index several arrays at once
 unsafe fn rows_in_registers<E: KvElem, S: Simd, const B: usize, const R: usize>(rows: &Rows, span: &Span<E>) {
     let d = B * S::LANES;
+    let two = R * B <= 4;
     let mut st = State::<S, R, B>::load(rows, 0);
-    let mut j = 0;
-    while j + BLOCK <= span.n {
-        // Decoding spends little arithmetic per byte: ask for keys and values further on
-        // now, so that memory works while this block is computed.
-        span.prefetch(j, d);
-        let (k, v, sc) = span.at(j, d);
-        block::<E, S, B, R>(&mut st, rows.q, k, v, sc, BLOCK);
-        j += BLOCK;
+    let zero = S::splat(0.0);
+    let mut odd = [[zero; B]; R];
+    let mut qv = [[zero; B]; R];
+    for (r, qr) in qv.iter_mut().enumerate() {
+        for (bb, x) in qr.iter_mut().enumerate() {
+            *x = S::load(rows.q.add(r * d + bb * S::LANES));
+        }
     }
-    if j < span.n {
-        let (k, v, sc) = span.at(j, d);
-        block::<E, S, B, R>(&mut st, rows.q, k, v, sc, span.n - j);
+    // Scores, then probabilities (times the value scales for q8), of the tile: `[R, TILE]`.
+    let mut p = [[0f32; DECODE_TILE]; R];
+    let mut j0 = 0;
+    while j0 < span.n {
+        let n = (span.n - j0).min(DECODE_TILE);
+        let blocks = n.div_ceil(BLOCK);
+        for blk in 0..blocks {
+            let j = j0 + blk * BLOCK;
+            // Decoding spends little arithmetic per byte: ask for keys and values further on
+            // now, so that memory works while this tile is computed.
+            span.prefetch(j, d);
+            let (k, _, (ks, _)) = span.at(j, d);
+            let s = score_block::<E, S, B, R>(&qv, rows.qi, k, ks, (n - blk * BLOCK).min(BLOCK));
+            for r in 0..R {
+                S::store(p[r].as_mut_ptr().add(blk * BLOCK), s[r]);
+            }
+        }
+        // The tile's maximum of each row; the accumulated state is rescaled only when it grows.
+        for r in 0..R {
+            let pr = p[r].as_ptr();
+            let mut top = S::load(pr);
+            for blk in 1..blocks {
+                top = S::max(top, S::load(pr.add(blk * BLOCK)));
+            }
+            if S::any_gt(top, st.mv[r]) {
+                let top = S::hmax(top);
+                // The rescale of what was accumulated before; 0 on the first tile.
+                let alpha = S::splat((st.m[r] - top).exp());
+                for bb in 0..B {
+                    st.acc[r][bb] = S::mul(st.acc[r][bb], alpha);
+                    odd[r][bb] = S::mul(odd[r][bb], alpha);
+                }
+                st.l[r] = S::mul(st.l[r], alpha);
+                st.m[r] = top;
+                st.mv[r] = S::splat(top);
+            }
+        }
+        // Probabilities, all rows of a block side by side (independent exps), their sums in
+        // registers for the tile.
+        let mut sum = [zero; R];
+        for blk in 0..blocks {
+            let j = j0 + blk * BLOCK;
+            let vs = if span.vs.is_null() {
+                None
+            } else {
+                // p_j (s_j v_j) = (p_j s_j) v_j; lanes past the keys have p = 0.
+                let m = (span.n - j).min(BLOCK);
+                Some(if m == BLOCK {
+                    S::load(span.vs.add(j))
+                } else {
+                    load_partial::<S>(span.vs.add(j), m, 0.0)
+                })
+            };
+            for r in 0..R {
+                let pr = p[r].as_mut_ptr().add(blk * BLOCK);
+                let x = exp_nonpos::<S>(S::sub(S::load(pr), st.mv[r]));
+                sum[r] = S::add(sum[r], x);
+                S::store(pr, if let Some(vs) = vs { S::mul(x, vs) } else { x });
+            }
+        }
+        for r in 0..R {
+            st.l[r] = S::add(st.l[r], sum[r]);
+        }
+        let (_, v, _) = span.at(j0, d);
+        let load_v = |jj: usize| {
+            let mut vj = [zero; B];
+            for (bb, x) in vj.iter_mut().enumerate() {
+                *x = E::load::<S>(v.add(jj * d + bb * S::LANES));
+            }
+            vj
+        };
+        let mut jj = 0;
+        while jj + 2 <= n {
+            let (va, vb) = (load_v(jj), load_v(jj + 1));
+            for r in 0..R {
+                let (pa, pb) = (S::splat(p[r][jj]), S::splat(p[r][jj + 1]));
+                for bb in 0..B {
+                    st.acc[r][bb] = S::fma(pa, va[bb], st.acc[r][bb]);
+                    if two {
+                        odd[r][bb] = S::fma(pb, vb[bb], odd[r][bb]);
+                    } else {
+                        st.acc[r][bb] = S::fma(pb, vb[bb], st.acc[r][bb]);
+                    }
+                }
+            }
+            jj += 2;
+        }
+        if jj < n {
+            let va = load_v(jj);
+            for r in 0..R {
+                let pa = S::splat(p[r][jj]);
+                for bb in 0..B {
+                    st.acc[r][bb] = S::fma(pa, va[bb], st.acc[r][bb]);
+                }
+            }
+        }
+        j0 += n;
+    }
+    if two {
+        for r in 0..R {
+            for bb in 0..B {
+                st.acc[r][bb] = S::add(st.acc[r][bb], odd[r][bb]);
+            }
+        }
     }
     st.store(rows, 0);
+}
+
+/// `e^x` for `x <= 0` (-inf and anything below -87 give 0), within 3e-7 relative.
+///
+/// Built for the decode kernel's softmax, where every score minus its running maximum is at
+/// most 0, so no clamp from above is needed: `e^x = 2^n · e^r` with `n = round(x log2 e)`,
+/// `r = x − n ln 2` (ln 2 in two parts, so `r` is exact enough) and `e^r` by its Taylor
+/// polynomial of degree 6 on `|r| <= ln 2 / 2` (truncation below 1.3e-7), evaluated by Estrin's
+/// scheme so that the chain of dependent operations is short: the exps of a tile then overlap
+/// instead of waiting on each other.
+#[inline(always)]
+pub(super) unsafe fn exp_nonpos<S: Simd>(x: S::V) -> S::V {
+    // 1 / k!.
+    const C: [f32; 7] = [1.0, 1.0, 0.5, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0, 1.0 / 720.0];
+    let lo = S::splat(-87.0);
+    let xc = S::max(x, lo);
+    let n = S::round(S::mul(xc, S::splat(std::f32::consts::LOG2_E)));
+    // ln 2 split in a part exact in f32 products and the remainder.
+    let r = S::fma(n, S::splat(-0.693_359_4), xc);
+    let r = S::fma(n, S::splat(2.121_944_4e-4), r);
+    let r2 = S::mul(r, r);
+    let p01 = S::fma(S::splat(C[1]), r, S::splat(C[0]));
+    let p23 = S::fma(S::splat(C[3]), r, S::splat(C[2]));
+    let p45 = S::fma(S::splat(C[5]), r, S::splat(C[4]));
+    let p46 = S::fma(S::splat(C[6]), r2, p45);
+    let p03 = S::fma(p23, r2, p01);
+    let p = S::fma(p46, S::mul(r2, r2), p03);
+    S::select_lt(x, lo, S::splat(0.0), S::mul(p, S::pow2(n)))
+}
+
+/// The scores of `R` rows (scaled queries `qv`) against a block of `n <= BLOCK` keys at `k`
+/// (times their q8 scales `ks` when not null): one vector per row, a key per lane, lanes past
+/// `n` at -inf.
+///
+/// # Safety
+/// `k` (and `ks` when not null) are valid for `n` keys of `B · LANES` elements (or scales).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // keys × rows × vectors index several arrays at once
+unsafe fn score_block<E: KvElem, S: Simd, const B: usize, const R: usize>(
+    qv: &[[S::V; B]; R],
+    qi: *const QueryI8,
+    k: *const E,
+    ks: *const f32,
+    n: usize,
+) -> [S::V; R] {
+    let lanes = S::LANES;
+    let d = B * lanes;
+    let zero = S::splat(0.0);
+    let ksv = match (ks.is_null(), n == BLOCK) {
+        (true, _) => zero,
+        (false, true) => S::load(ks),
+        (false, false) => load_partial::<S>(ks, n, 0.0),
+    };
+    let pad = if n == BLOCK {
+        zero
+    } else {
+        // Lanes past the block's keys score -inf: probability 0.
+        let mut buf = [f32::NEG_INFINITY; MAX_LANES];
+        buf[..n].fill(0.0);
+        S::load(buf.as_ptr())
+    };
+    if !qi.is_null() {
+        // (s_q v)·(s_j k_j) = s_q s_j (v·k_j), the dot product exact in integers.
+        let mut out = [zero; R];
+        for (r, o) in out.iter_mut().enumerate() {
+            let qr = &*qi.add(r);
+            let dots = S::dots_i8(qr, k.cast::<i8>(), n, d);
+            *o = S::add(S::mul(dots, S::mul(S::splat(qr.scale), ksv)), pad);
+        }
+        return out;
+    }
+    let mut dots = [[zero; MAX_LANES]; R];
+    for jj in 0..n {
+        let mut kj = [zero; B];
+        for (bb, x) in kj.iter_mut().enumerate() {
+            *x = E::load::<S>(k.add(jj * d + bb * lanes));
+        }
+        for r in 0..R {
+            let mut y = S::mul(qv[r][0], kj[0]);
+            for bb in 1..B {
+                y = S::fma(qv[r][bb], kj[bb], y);
+            }
+            dots[r][jj] = y;
+        }
+    }
+    let mut out = [zero; R];
+    for r in 0..R {
+        let mut s = S::sum_each(&dots[r]);
+        if !ks.is_null() {
+            // q·(s_j k_j) = s_j (q·k_j).
+            s = S::mul(s, ksv);
+        }
+        out[r] = S::add(s, pad);
+    }
+    out
 }
 
 /// Rows `r0..r0 + R` of `rows` over one block of `n` keys, their state loaded and stored.
@@ -677,7 +863,12 @@ unsafe fn rows_chunk<E: KvElem, S: Simd, const B: usize, const R: usize>(
     n: usize,
 ) {
     let mut st = State::<S, R, B>::load(rows, r0);
-    block::<E, S, B, R>(&mut st, rows.q.add(r0 * B * S::LANES), k, v, sc, n);
+    let qi = if rows.qi.is_null() {
+        rows.qi
+    } else {
+        rows.qi.add(r0)
+    };
+    block::<E, S, B, R>(&mut st, (rows.q.add(r0 * B * S::LANES), qi), k, v, sc, n);
     st.store(rows, r0);
 }
 
@@ -735,6 +926,15 @@ unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
     for (dst, &x) in work.q.iter_mut().zip(&args.q[(t * hq + it.g * g) * d..][..g * d]) {
         *dst = x * ctx.scale;
     }
+    // Only a call of one query token (a decode step) rounds its query: the tokens of a
+    // prefill keep one arithmetic, whichever kernel each item of them runs.
+    let int_dot = E::INT_DOT && args.dims.t == 1 && 32 % d == 0;
+    if int_dot {
+        refill(&mut work.qi, g, QueryI8::default());
+        for (qi, row) in work.qi.iter_mut().zip(work.q.chunks_exact(d)) {
+            *qi = QueryI8::new(row);
+        }
+    }
     let Partial { acc, m, l } = out;
     m.fill(f32::NEG_INFINITY);
     acc.fill(0.0);
@@ -743,6 +943,11 @@ unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
     if a < b {
         let rows = Rows {
             q: work.q.as_ptr(),
+            qi: if int_dot {
+                work.qi.as_ptr()
+            } else {
+                std::ptr::null()
+            },
             acc: acc.as_mut_ptr(),
             m: m.as_mut_ptr(),
             l: work.l.as_mut_ptr(),

@@ -98,6 +98,11 @@ trait KvElem: Elem {
         None
     }
 
+    /// Whether a decode step (a call of one query token) scores these keys with integer dot
+    /// products against its query rounded to int8 ([`crate::kernels::simd::QueryI8`]), where
+    /// the decode kernel runs and the head dim divides 32.
+    const INT_DOT: bool = false;
+
     /// The AVX-512 key-blocked item kernel for this dtype.
     ///
     /// # Safety
@@ -142,6 +147,10 @@ impl KvElem for bf16 {
 /// [`KvData::Q8`]: int8 elements, each vector times its scale. Runs the AVX2/portable body
 /// only (an AVX-512 call is sent to AVX2 in [`attention_path_into`]).
 impl KvElem for i8 {
+    /// As llama.cpp scores a q8_0 key cache: the query rounded to int8 like the keys, the dot
+    /// products exact in integers, both scales applied after.
+    const INT_DOT: bool = true;
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(_: &Args<Self>, _: Item, _: &mut keys_avx512::Work, _: Partial) {
         unreachable!("q8 attention never runs the AVX-512 kernels")
