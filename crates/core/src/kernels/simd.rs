@@ -77,17 +77,26 @@ pub(crate) trait Simd: Copy + Send + Sync + 'static {
     /// multiply 32 bytes at a time.
     #[inline(always)]
     unsafe fn dots_i8(q: &QueryI8, k: *const i8, n: usize, d: usize) -> Self::V {
-        let mut out = [0f32; MAX_LANES];
-        for (j, o) in out.iter_mut().enumerate().take(n) {
-            let key = std::slice::from_raw_parts(k.add(j * d), d);
-            *o = key
-                .iter()
-                .zip(&q.val)
-                .map(|(&a, &b)| a as i32 * b as i32)
-                .sum::<i32>() as f32;
-        }
-        Self::load(out.as_ptr())
+        dots_i8_scalar::<Self>(q, k, n, d)
     }
+}
+
+/// [`Simd::dots_i8`] one key and one element at a time: the scalar twin.
+///
+/// # Safety
+/// As [`Simd::dots_i8`].
+#[inline(always)]
+pub(crate) unsafe fn dots_i8_scalar<S: Simd>(q: &QueryI8, k: *const i8, n: usize, d: usize) -> S::V {
+    let mut out = [0f32; MAX_LANES];
+    for (j, o) in out.iter_mut().enumerate().take(n) {
+        let key = std::slice::from_raw_parts(k.add(j * d), d);
+        *o = key
+            .iter()
+            .zip(&q.val)
+            .map(|(&a, &b)| a as i32 * b as i32)
+            .sum::<i32>() as f32;
+    }
+    S::load(out.as_ptr())
 }
 
 /// A query row quantised for integer dot products with int8 keys of a head dim that divides
@@ -526,16 +535,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn dots_i8(q: &QueryI8, k: *const i8, n: usize, d: usize) -> Self::V {
             if n != 8 || !matches!(d, 8 | 16 | 32) {
-                let mut out = [0f32; MAX_LANES];
-                for (j, o) in out.iter_mut().enumerate().take(n) {
-                    let key = std::slice::from_raw_parts(k.add(j * d), d);
-                    *o = key
-                        .iter()
-                        .zip(&q.val)
-                        .map(|(&a, &b)| a as i32 * b as i32)
-                        .sum::<i32>() as f32;
-                }
-                return Self::load(out.as_ptr());
+                // A block's tail (or a dim whose keys do not tile 32 bytes).
+                return super::dots_i8_scalar::<Self>(q, k, n, d);
             }
             // The block's 8·d bytes are contiguous and `q` repeats every d bytes: 32 bytes at
             // a time, products of byte pairs (at most 2 · 127², no saturation), then sums of
