@@ -24,7 +24,8 @@
 //! heads, 2 kv heads, head dim 16) at 256K and 1M keys, in each cache format, as
 //! `examples/long_context.rs` decodes; throughput is the K/V bytes of both layers (in the
 //! format, q8's scales included), each layer its own buffer so that a step reads beyond the
-//! last-level cache.
+//! last-level cache. At 256K and beyond, the same again from a `LayerCache`'s pages
+//! (`{format}_pages_of_{N}`).
 //!
 //! Run: `cargo bench --bench attention` (`-- decode` or `-- prefill` for one part).
 
@@ -32,6 +33,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use half::bf16;
 use irope_attn::{attention, AttnContext, LayerKind};
 use llama4_core::{pool, KvData, KvDtype, KvView};
+use llama4_model::kv_cache::{CacheSpec, LayerCache};
 use ndarray::Array3;
 
 const HQ: usize = 40;
@@ -75,18 +77,8 @@ fn decode(c: &mut Criterion) {
             // A chunked cache holds keys C·floor(p/C) ..= p, stored from slot 0.
             let vis = mask.visible(pos);
             let (first_pos, len) = (vis.start, vis.len());
-            let kv = KvView {
-                data: KvData::BF16(&k),
-                heads: HKV,
-                len,
-                head_dim: D,
-                head_stride: MAX_CTX * D,
-                first_pos,
-            };
-            let vv = KvView {
-                data: KvData::BF16(&v),
-                ..kv
-            };
+            let kv = KvView::contiguous(KvData::BF16(&k), HKV, len, D, MAX_CTX * D, first_pos);
+            let vv = KvView::contiguous(KvData::BF16(&v), HKV, len, D, MAX_CTX * D, first_pos);
             let positions = [pos];
             let actx = AttnContext {
                 positions: &positions,
@@ -110,18 +102,8 @@ fn decode(c: &mut Criterion) {
     group.warm_up_time(std::time::Duration::from_secs(1));
     group.measurement_time(std::time::Duration::from_secs(2));
     let len = 512;
-    let kv = KvView {
-        data: KvData::BF16(&k),
-        heads: HKV,
-        len,
-        head_dim: D,
-        head_stride: len * D,
-        first_pos: 0,
-    };
-    let vv = KvView {
-        data: KvData::BF16(&v),
-        ..kv
-    };
+    let kv = KvView::contiguous(KvData::BF16(&k), HKV, len, D, len * D, 0);
+    let vv = KvView::contiguous(KvData::BF16(&v), HKV, len, D, len * D, 0);
     let positions = [len - 1];
     let actx = AttnContext {
         positions: &positions,
@@ -218,15 +200,8 @@ fn decode_demo(c: &mut Criterion) {
         let views: Vec<(KvView, KvView)> = bufs
             .iter()
             .map(|(k, v)| {
-                let kv = KvView {
-                    data: k.data(),
-                    heads: hkv,
-                    len,
-                    head_dim: d,
-                    head_stride: len * d,
-                    first_pos: 0,
-                };
-                (kv, KvView { data: v.data(), ..kv })
+                let kv = KvView::contiguous(k.data(), hkv, len, d, len * d, 0);
+                (kv, KvView::contiguous(v.data(), hkv, len, d, len * d, 0))
             })
             .collect();
         let bytes = LAYERS * 2 * hkv * len * dtype.vector_bytes(d);
@@ -238,6 +213,40 @@ fn decode_demo(c: &mut Criterion) {
                 }
             })
         });
+        drop(views);
+        drop(bufs);
+        if len < 256 << 10 {
+            continue;
+        }
+        // The same read from the cache's own pages (the automatic page length).
+        let layers: Vec<LayerCache> = (0..LAYERS as u64)
+            .map(|l| {
+                let mut cache =
+                    LayerCache::new(LayerKind::Global, CacheSpec::new(hkv, d, dtype)).expect("spec");
+                cache.reserve(len).expect("memory");
+                const PIECE: usize = 4096;
+                for (i, start) in (0..len).step_by(PIECE).enumerate() {
+                    let x = fill(PIECE * hkv * d, 100 + 2 * l + i as u64);
+                    let x = Array3::from_shape_vec((PIECE, hkv, d), x.iter().map(|v| v.to_f32()).collect())
+                        .expect("sized");
+                    debug_assert_eq!(cache.next_pos(), start);
+                    cache.append(x.view(), x.view()).expect("append");
+                }
+                cache
+            })
+            .collect();
+        let page_len = layers[0].page_len();
+        group.bench_function(
+            BenchmarkId::new(format!("{dtype}_pages_of_{page_len}"), len),
+            |b| {
+                b.iter(|| {
+                    for layer in &layers {
+                        let view = layer.view();
+                        attention(q.view(), &view.k, &view.v, &actx).expect("valid shapes");
+                    }
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -259,18 +268,8 @@ fn prefill(c: &mut Criterion) {
             fill(t * hq * d, 6).iter().map(|x| x.to_f32()).collect(),
         )
         .expect("sized");
-        let kv = KvView {
-            data: KvData::BF16(&k),
-            heads: hkv,
-            len: ctx_len,
-            head_dim: d,
-            head_stride: ctx_len * d,
-            first_pos: 0,
-        };
-        let vv = KvView {
-            data: KvData::BF16(&v),
-            ..kv
-        };
+        let kv = KvView::contiguous(KvData::BF16(&k), hkv, ctx_len, d, ctx_len * d, 0);
+        let vv = KvView::contiguous(KvData::BF16(&v), hkv, ctx_len, d, ctx_len * d, 0);
         let positions: Vec<usize> = (ctx_len - t..ctx_len).collect();
         let actx = AttnContext {
             positions: &positions,

@@ -85,59 +85,200 @@ pub enum KvData<'a> {
     },
 }
 
-/// Keys (or values) of one layer, laid out `[heads, len, head_dim]`: head `h`, position slot `j`
-/// starts at element `h · head_stride + j · head_dim`. `head_stride ≥ len · head_dim` lets a
-/// cache hand out a prefix of a larger allocation without copying.
+/// Pages of a paged cache's keys (or values): page `i` holds slots
+/// `i · page_len .. (i + 1) · page_len` of every head, laid out `[heads, page_len, head_dim]`
+/// (and, for [`KvDtype::Q8`], scales `[heads, page_len]`). A cache implements it over whatever
+/// owns its pages, so that attention reads them in place.
+pub trait KvPageTable: Sync {
+    /// Number of pages.
+    fn pages(&self) -> usize;
+
+    /// Page `i` (`i < pages()`).
+    fn page(&self, i: usize) -> KvData<'_>;
+}
+
+/// Where a [`KvView`]'s elements are.
+#[derive(Clone, Copy)]
+pub enum KvStore<'a> {
+    /// One buffer: head `h`, slot `j` starts at element `h · head_stride + j · head_dim`.
+    /// `head_stride ≥ len · head_dim` lets a cache hand out a prefix of a larger allocation.
+    Contiguous {
+        /// The elements.
+        data: KvData<'a>,
+        /// Elements between the starts of consecutive heads.
+        head_stride: usize,
+    },
+    /// Fixed-size pages ([`KvPageTable`]): slot `j` is slot `j % page_len` of page
+    /// `j / page_len`, so growing a cache adds a page and copies nothing.
+    Paged {
+        /// The pages.
+        table: &'a dyn KvPageTable,
+        /// Positions per page (every page has room for this many).
+        page_len: usize,
+    },
+}
+
+impl std::fmt::Debug for KvStore<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvStore::Contiguous { data, head_stride } => f
+                .debug_struct("Contiguous")
+                .field("data", data)
+                .field("head_stride", head_stride)
+                .finish(),
+            KvStore::Paged { table, page_len } => f
+                .debug_struct("Paged")
+                .field("pages", &table.pages())
+                .field("page_len", page_len)
+                .finish(),
+        }
+    }
+}
+
+/// Keys (or values) of one layer: `heads` heads of `len` position slots of `head_dim`
+/// elements, in one buffer or in pages ([`KvStore`]).
 #[derive(Clone, Copy, Debug)]
 pub struct KvView<'a> {
     /// The elements.
-    pub data: KvData<'a>,
+    pub store: KvStore<'a>,
     /// Number of key/value heads.
     pub heads: usize,
     /// Number of positions held.
     pub len: usize,
     /// Elements per head vector.
     pub head_dim: usize,
-    /// Elements between the starts of consecutive heads.
-    pub head_stride: usize,
     /// Absolute position of slot 0 (a chunked cache restarts at chunk boundaries).
     pub first_pos: usize,
 }
 
 impl<'a> KvView<'a> {
-    /// True when every slot the view claims lies inside `data`.
-    pub fn is_consistent(&self) -> bool {
-        let n = match self.data {
-            KvData::F32(d) => d.len(),
-            KvData::BF16(d) => d.len(),
-            KvData::F16(d) => d.len(),
-            KvData::Q8 { q, .. } => q.len(),
-        };
-        let Some(row) = self.len.checked_mul(self.head_dim) else {
-            return false;
-        };
-        if self.heads == 0 || row == 0 {
-            return true;
+    /// A view of one buffer; see [`KvStore::Contiguous`].
+    pub fn contiguous(
+        data: KvData<'a>,
+        heads: usize,
+        len: usize,
+        head_dim: usize,
+        head_stride: usize,
+        first_pos: usize,
+    ) -> Self {
+        Self {
+            store: KvStore::Contiguous { data, head_stride },
+            heads,
+            len,
+            head_dim,
+            first_pos,
         }
-        if let KvData::Q8 { scales, .. } = self.data {
-            // One scale per vector, heads `head_stride / D` scales apart.
-            if !self.head_stride.is_multiple_of(self.head_dim) {
-                return false;
-            }
-            let fits = (self.heads - 1)
-                .checked_mul(self.head_stride / self.head_dim)
-                .and_then(|s| s.checked_add(self.len))
-                .is_some_and(|end| end <= scales.len());
-            if !fits {
-                return false;
-            }
-        }
-        self.head_stride >= row
-            && (self.heads - 1)
-                .checked_mul(self.head_stride)
-                .and_then(|s| s.checked_add(row))
-                .is_some_and(|end| end <= n)
     }
+
+    /// Slots per segment: the view is segments `0, 1, …` of this many slots each (the last
+    /// one possibly partly used). One segment when contiguous, a page when paged.
+    pub fn segment_len(&self) -> usize {
+        match self.store {
+            KvStore::Contiguous { .. } => self.len.max(1),
+            KvStore::Paged { page_len, .. } => page_len,
+        }
+    }
+
+    /// Segment `i`'s elements and head stride (`None` beyond the last segment): head `h`,
+    /// slot `j` of the segment starts at element `h · head_stride + j · head_dim`.
+    pub fn segment(&self, i: usize) -> Option<(KvData<'a>, usize)> {
+        match self.store {
+            KvStore::Contiguous { data, head_stride } => (i == 0).then_some((data, head_stride)),
+            KvStore::Paged { table, page_len } => {
+                (i < table.pages()).then(|| (table.page(i), page_len * self.head_dim))
+            }
+        }
+    }
+
+    /// Number of segments the held slots occupy.
+    pub fn segments(&self) -> usize {
+        self.len.div_ceil(self.segment_len().max(1))
+    }
+
+    /// Element `i` of slot `j` of head `h` as f32 (for tests and references; `None` outside
+    /// the view).
+    pub fn get(&self, h: usize, j: usize, i: usize) -> Option<f32> {
+        if h >= self.heads || j >= self.len || i >= self.head_dim {
+            return None;
+        }
+        let seg = self.segment_len();
+        let (data, stride) = self.segment(j / seg)?;
+        let at = h * stride + (j % seg) * self.head_dim + i;
+        match data {
+            KvData::F32(x) => x.get(at).copied(),
+            KvData::BF16(x) => x.get(at).map(|v| v.to_f32()),
+            KvData::F16(x) => x.get(at).map(|v| v.to_f32()),
+            KvData::Q8 { q, scales } => Some(*q.get(at)? as f32 * scales.get(at / self.head_dim)?),
+        }
+    }
+
+    /// True when every slot the view claims lies inside its data, and every page has one dtype.
+    pub fn is_consistent(&self) -> bool {
+        match self.store {
+            KvStore::Contiguous { data, head_stride } => {
+                segment_fits(data, self.heads, self.len, self.head_dim, head_stride)
+            }
+            KvStore::Paged { table, page_len } => {
+                if self.len == 0 || self.heads == 0 || self.head_dim == 0 {
+                    return true;
+                }
+                if page_len == 0 || table.pages() < self.segments() {
+                    return false;
+                }
+                let Some(stride) = page_len.checked_mul(self.head_dim) else {
+                    return false;
+                };
+                let first = std::mem::discriminant(&table.page(0));
+                (0..self.segments()).all(|i| {
+                    let data = table.page(i);
+                    std::mem::discriminant(&data) == first
+                        && segment_fits(data, self.heads, page_len, self.head_dim, stride)
+                })
+            }
+        }
+    }
+
+    /// True when both views store the same dtype (an empty paged view has none, and matches).
+    pub fn same_dtype(&self, other: &KvView) -> bool {
+        match (self.segment(0), other.segment(0)) {
+            (Some((a, _)), Some((b, _))) => std::mem::discriminant(&a) == std::mem::discriminant(&b),
+            _ => true,
+        }
+    }
+}
+
+/// Whether `len` slots of `heads` heads, `head_stride` elements apart, lie inside `data`.
+fn segment_fits(data: KvData, heads: usize, len: usize, head_dim: usize, head_stride: usize) -> bool {
+    let n = match data {
+        KvData::F32(d) => d.len(),
+        KvData::BF16(d) => d.len(),
+        KvData::F16(d) => d.len(),
+        KvData::Q8 { q, .. } => q.len(),
+    };
+    let Some(row) = len.checked_mul(head_dim) else {
+        return false;
+    };
+    if heads == 0 || row == 0 {
+        return true;
+    }
+    if let KvData::Q8 { scales, .. } = data {
+        // One scale per vector, heads `head_stride / D` scales apart.
+        if !head_stride.is_multiple_of(head_dim) {
+            return false;
+        }
+        let fits = (heads - 1)
+            .checked_mul(head_stride / head_dim)
+            .and_then(|s| s.checked_add(len))
+            .is_some_and(|end| end <= scales.len());
+        if !fits {
+            return false;
+        }
+    }
+    head_stride >= row
+        && (heads - 1)
+            .checked_mul(head_stride)
+            .and_then(|s| s.checked_add(row))
+            .is_some_and(|end| end <= n)
 }
 
 /// Quantises one head vector to [`KvDtype::Q8`]: writes `q` and returns the scale
@@ -188,13 +329,8 @@ mod tests {
 
     #[test]
     fn q8_views_check_their_scales() {
-        let view = |scales: &'static [f32], stride| KvView {
-            data: KvData::Q8 { q: &[0; 24], scales },
-            heads: 2,
-            len: 3,
-            head_dim: 4,
-            head_stride: stride,
-            first_pos: 0,
+        let view = |scales: &'static [f32], stride| {
+            KvView::contiguous(KvData::Q8 { q: &[0; 24], scales }, 2, 3, 4, stride, 0)
         };
         assert!(view(&[1.0; 6], 12).is_consistent());
         assert!(!view(&[1.0; 5], 12).is_consistent());

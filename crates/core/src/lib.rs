@@ -26,7 +26,7 @@ pub use buffer::Buffer;
 pub use checkpoint::{Checkpoint, Scope};
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use kv::{quantize_q8, KvData, KvDtype, KvView};
+pub use kv::{quantize_q8, KvData, KvDtype, KvPageTable, KvStore, KvView};
 pub use layer_kind::{AttentionMask, LayerKind, Segments};
 pub use linear::Linear;
 pub use progress::{LoadProgress, SharedProgress};

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use llama4_core::kernels::attention::{attention_naive, attention_with, AttnContext};
 use llama4_core::kernels::available_isas;
-use llama4_core::{quantize_q8, KvData, KvView, LayerKind};
+use llama4_core::{quantize_q8, KvData, KvPageTable, KvStore, KvView, LayerKind};
 use ndarray::Array3;
 use proptest::prelude::*;
 
@@ -26,6 +26,82 @@ fn q8_rows(x: &[f32], d: usize) -> (Vec<i8>, Vec<f32>) {
     (q, s)
 }
 
+/// Pages owned by a test, in one dtype.
+enum Page {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    Q8(Vec<i8>, Vec<f32>),
+}
+
+struct Table(Vec<Page>);
+
+impl KvPageTable for Table {
+    fn pages(&self) -> usize {
+        self.0.len()
+    }
+
+    fn page(&self, i: usize) -> KvData<'_> {
+        match &self.0[i] {
+            Page::F32(x) => KvData::F32(x),
+            Page::BF16(x) => KvData::BF16(x),
+            Page::F16(x) => KvData::F16(x),
+            Page::Q8(q, scales) => KvData::Q8 { q, scales },
+        }
+    }
+}
+
+/// Slots of `heads` heads (`stride` elements apart, `row` elements per slot) cut into pages of
+/// `page` slots, each `[heads, page, row]`; slots past `len` are zero.
+fn split<T: Copy + Default>(
+    x: &[T],
+    heads: usize,
+    len: usize,
+    row: usize,
+    stride: usize,
+    page: usize,
+) -> Vec<Vec<T>> {
+    (0..len.div_ceil(page))
+        .map(|p| {
+            let mut out = vec![T::default(); heads * page * row];
+            for h in 0..heads {
+                for j in 0..page.min(len - p * page) {
+                    let src = h * stride + (p * page + j) * row;
+                    out[(h * page + j) * row..][..row].copy_from_slice(&x[src..src + row]);
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// The view's slots copied into pages of `page` slots.
+fn paginate(view: &KvView, page: usize) -> Table {
+    let Some((data, stride)) = view.segment(0) else {
+        return Table(Vec::new());
+    };
+    let (h, n, d) = (view.heads, view.len, view.head_dim);
+    Table(match data {
+        KvData::F32(x) => split(x, h, n, d, stride, page)
+            .into_iter()
+            .map(Page::F32)
+            .collect(),
+        KvData::BF16(x) => split(x, h, n, d, stride, page)
+            .into_iter()
+            .map(Page::BF16)
+            .collect(),
+        KvData::F16(x) => split(x, h, n, d, stride, page)
+            .into_iter()
+            .map(Page::F16)
+            .collect(),
+        KvData::Q8 { q, scales } => split(q, h, n, d, stride, page)
+            .into_iter()
+            .zip(split(scales, h, n, 1, stride / d, page))
+            .map(|(q, s)| Page::Q8(q, s))
+            .collect(),
+    })
+}
+
 #[derive(Debug, Clone)]
 struct Case {
     t: usize,
@@ -41,6 +117,8 @@ struct Case {
     scale: f32,
     q: Vec<f32>,
     kv: Vec<f32>,
+    /// Slots per page for a second, paged run of the same keys (0: none).
+    page: usize,
 }
 
 fn case(max_len: usize, max_t: usize, reps: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Case> {
@@ -59,35 +137,38 @@ fn case(max_len: usize, max_t: usize, reps: std::ops::RangeInclusive<usize>) -> 
         ],
         prop_oneof![Just(Dt::F32), Just(Dt::BF16), Just(Dt::F16), Just(Dt::Q8)],
         0.05f32..2.0,
-        any::<u64>(),
+        prop_oneof![Just(0usize), 1usize..=40, Just(64usize), 65usize..=700],
     )
-        .prop_flat_map(move |(t, hkv, rep, d, len, pad, first_pos, mask, dt, scale, _)| {
-            let nq = t * hkv * rep * d;
-            let nkv = 2 * hkv * (len + pad) * d;
-            // Queries mostly inside the cached range (some before it or past it: those see few
-            // or no keys).
-            let pos = proptest::collection::vec(first_pos.saturating_sub(3)..=first_pos + len + 3, t);
-            (
-                pos,
-                proptest::collection::vec(-2f32..2.0, nq),
-                proptest::collection::vec(-1f32..1.0, nkv),
-            )
-                .prop_map(move |(positions, q, kv)| Case {
-                    t,
-                    hkv,
-                    rep,
-                    d,
-                    len,
-                    pad,
-                    first_pos,
-                    positions,
-                    mask,
-                    dt,
-                    scale,
-                    q,
-                    kv,
-                })
-        })
+        .prop_flat_map(
+            move |(t, hkv, rep, d, len, pad, first_pos, mask, dt, scale, page)| {
+                let nq = t * hkv * rep * d;
+                let nkv = 2 * hkv * (len + pad) * d;
+                // Queries mostly inside the cached range (some before it or past it: those see few
+                // or no keys).
+                let pos = proptest::collection::vec(first_pos.saturating_sub(3)..=first_pos + len + 3, t);
+                (
+                    pos,
+                    proptest::collection::vec(-2f32..2.0, nq),
+                    proptest::collection::vec(-1f32..1.0, nkv),
+                )
+                    .prop_map(move |(positions, q, kv)| Case {
+                        t,
+                        hkv,
+                        rep,
+                        d,
+                        len,
+                        pad,
+                        first_pos,
+                        positions,
+                        mask,
+                        dt,
+                        scale,
+                        q,
+                        kv,
+                        page,
+                    })
+            },
+        )
 }
 
 fn check(c: &Case) -> Result<(), TestCaseError> {
@@ -109,15 +190,8 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
             KvData::Q8 { q: &vq, scales: &vs },
         ),
     };
-    let k = KvView {
-        data: kd,
-        heads: c.hkv,
-        len: c.len,
-        head_dim: c.d,
-        head_stride: stride,
-        first_pos: c.first_pos,
-    };
-    let v = KvView { data: vd, ..k };
+    let k = KvView::contiguous(kd, c.hkv, c.len, c.d, stride, c.first_pos);
+    let v = KvView::contiguous(vd, k.heads, k.len, k.head_dim, stride, k.first_pos);
     let ctx = AttnContext {
         positions: &c.positions,
         mask: &c.mask,
@@ -139,16 +213,40 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
     }
     let want = attention_naive(q_ref.view(), &k, &v, &ctx).unwrap();
     let scale = want.iter().fold(0f32, |m, &x| m.max(x.abs())).max(1e-3);
-    for isa in available_isas() {
-        let got = attention_with(isa, q.view(), &k, &v, &ctx).unwrap();
-        let diff = got
-            .iter()
-            .zip(&want)
-            .fold(0f32, |m, (&a, &b)| m.max((a - b).abs()));
-        prop_assert!(
-            diff <= 2e-5 * scale + 1e-6,
-            "{isa:?}: max diff {diff:e} (scale {scale})"
+    // Every path on views `k`, `v` against the contiguous reference.
+    let every_isa = |k: &KvView, v: &KvView, what: &str| -> Result<(), TestCaseError> {
+        for isa in available_isas() {
+            let got = attention_with(isa, q.view(), k, v, &ctx).unwrap();
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (&a, &b)| m.max((a - b).abs()));
+            prop_assert!(
+                diff <= 2e-5 * scale + 1e-6,
+                "{isa:?}, {what}: max diff {diff:e} (scale {scale})"
+            );
+        }
+        Ok(())
+    };
+    every_isa(&k, &v, "contiguous")?;
+    if c.page > 0 {
+        // The same slots in pages: the reference reads them alike, the kernel folds the
+        // pieces an item covers, and both agree with the contiguous reference.
+        let (kt, vt) = (paginate(&k, c.page), paginate(&v, c.page));
+        let paged = |view: &KvView, table| KvView {
+            store: KvStore::Paged {
+                table,
+                page_len: c.page,
+            },
+            ..*view
+        };
+        let (kp, vp) = (
+            paged(&k, &kt as &dyn KvPageTable),
+            paged(&v, &vt as &dyn KvPageTable),
         );
+        prop_assert!(kp.is_consistent() && vp.is_consistent());
+        prop_assert_eq!(&attention_naive(q_ref.view(), &kp, &vp, &ctx).unwrap(), &want);
+        every_isa(&kp, &vp, &format!("pages of {}", c.page))?;
     }
     Ok(())
 }

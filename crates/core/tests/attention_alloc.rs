@@ -27,14 +27,7 @@ fn steady_state_calls_allocate_nothing() {
     let vf = values(hkv * len * d, 5);
     let kb: Vec<bf16> = kf.iter().map(|&x| bf16::from_f32(x)).collect();
     let vb: Vec<bf16> = vf.iter().map(|&x| bf16::from_f32(x)).collect();
-    let view = |data| KvView {
-        data,
-        heads: hkv,
-        len,
-        head_dim: d,
-        head_stride: len * d,
-        first_pos: 0,
-    };
+    let view = |data| KvView::contiguous(data, hkv, len, d, len * d, 0);
     let (kb, vb, kf, vf) = (
         view(KvData::BF16(&kb)),
         view(KvData::BF16(&vb)),
@@ -78,18 +71,8 @@ fn steady_state_calls_allocate_nothing() {
             for ((q, k, v, ctx), out) in calls.iter().zip(&mut outs) {
                 attention_with_into(isa, q.view(), k, v, ctx, out.view_mut(), scratch).unwrap();
             }
-            let k = KvView {
-                data: KvData::BF16(&kg),
-                heads: 1,
-                len: grown(r),
-                head_dim: d,
-                head_stride: cap * d,
-                first_pos: 0,
-            };
-            let v = KvView {
-                data: KvData::BF16(&vg),
-                ..k
-            };
+            let k = KvView::contiguous(KvData::BF16(&kg), 1, grown(r), d, cap * d, 0);
+            let v = KvView::contiguous(KvData::BF16(&vg), 1, grown(r), d, cap * d, 0);
             let ctx = ctx(&positions[r][..], &global);
             attention_with_into(isa, q1.view(), &k, &v, &ctx, out_g.view_mut(), &mut scratch_g).unwrap();
         }

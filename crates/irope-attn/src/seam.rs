@@ -148,18 +148,22 @@ pub trait SelfAttention: Send + Sync + Debug {
             // What a cache of this kind holds once the segment is appended: the chunk of the
             // segment up to its end, for a chunked layer; everything so far, for a global one.
             let first = kind.first_visible(start_pos + seg.end - 1).max(start_pos) - start_pos;
-            let k_view = KvView {
-                data: KvData::F32(&kd[first * d..]),
-                heads: shape.num_kv_heads,
-                len: seg.end - first,
-                head_dim: d,
-                head_stride: t * d,
-                first_pos: start_pos + first,
-            };
-            let v_view = KvView {
-                data: KvData::F32(&vd[first * d..]),
-                ..k_view
-            };
+            let k_view = KvView::contiguous(
+                KvData::F32(&kd[first * d..]),
+                shape.num_kv_heads,
+                seg.end - first,
+                d,
+                t * d,
+                start_pos + first,
+            );
+            let v_view = KvView::contiguous(
+                KvData::F32(&vd[first * d..]),
+                k_view.heads,
+                k_view.len,
+                d,
+                t * d,
+                k_view.first_pos,
+            );
             self.attend_into(
                 p.q.slice(s![seg.clone(), .., ..]),
                 &positions[seg.clone()],

@@ -54,15 +54,11 @@ impl<E: Copy + Default> TestCache<E> {
 }
 
 fn views<'a>(c: &TestCache<impl Copy>, data: (KvData<'a>, KvData<'a>)) -> (KvView<'a>, KvView<'a>) {
-    let k = KvView {
-        data: data.0,
-        heads: c.heads,
-        len: c.len,
-        head_dim: c.dim,
-        head_stride: c.cap * c.dim,
-        first_pos: c.first_pos,
-    };
-    (k, KvView { data: data.1, ..k })
+    let k = KvView::contiguous(data.0, c.heads, c.len, c.dim, c.cap * c.dim, c.first_pos);
+    (
+        k,
+        KvView::contiguous(data.1, c.heads, c.len, c.dim, c.cap * c.dim, c.first_pos),
+    )
 }
 
 fn load(name: &str) -> (Attention, Array2<f32>) {

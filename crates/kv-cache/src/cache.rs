@@ -108,13 +108,13 @@ impl KvCache {
         self.layers.iter_mut().for_each(LayerCache::reset);
     }
 
-    /// Pre-sizes every layer for a context of `n_tokens` positions in total; afterwards, filling
-    /// `n_tokens` holds exactly [`CacheSpec::estimate_minimal`].
+    /// Pre-allocates every layer's pages for a context of `n_tokens` positions in total
+    /// ([`CacheSpec::estimate`]); filling them afterwards allocates nothing.
     pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
         self.layers.iter_mut().try_for_each(|l| l.reserve(n_tokens))
     }
 
-    /// Frees capacity beyond what each layer holds.
+    /// Frees the pages beyond what each layer holds.
     pub fn shrink_to_fit(&mut self) {
         self.layers.iter_mut().for_each(LayerCache::shrink_to_fit);
     }
@@ -156,19 +156,19 @@ mod tests {
             LayerKind::Global,
             LayerKind::chunked(8).unwrap(),
         ];
-        let spec = CacheSpec::new(2, 4, DType::F16);
+        let spec = CacheSpec::new(2, 4, DType::F16).with_page_len(16);
         let mut c = KvCache::new(&kinds, spec).unwrap();
         assert!(c.is_empty());
         assert_eq!(c.memory_bytes(), MemoryBytes::default());
         fill(&mut c, 20);
         assert_eq!(c.len(), 20);
-        // Chunked: capacity 8 each (ladder 16 capped at the chunk); global: ladder(20) = 24.
+        // Chunked: one page of 8 (pages never exceed the chunk); global: two pages of 16.
         let per_pos = 2 * 2 * 4 * 2;
         assert_eq!(
             c.memory_bytes(),
             MemoryBytes {
                 chunked: 2 * 8 * per_pos,
-                global: 24 * per_pos
+                global: 32 * per_pos
             }
         );
         assert_eq!(c.memory_bytes(), spec.estimate(&kinds, 20).unwrap());
@@ -176,42 +176,43 @@ mod tests {
         assert_eq!(c.view(1).unwrap().k.len, 20);
         c.reset();
         assert!(c.is_empty());
-        assert_eq!(c.memory_bytes().global, 24 * per_pos);
+        assert_eq!(c.memory_bytes().global, 32 * per_pos);
     }
 
-    /// Over contexts far beyond the chunk, in every format: the chunked layers hold one chunk's
-    /// bytes whatever the context, the global layers' bytes are exactly linear in it when
-    /// reserved (and follow the capacity ladder when grown), and what is allocated is the
-    /// estimate.
+    /// Over contexts far beyond the chunk, in every format and with pages that do and do not
+    /// divide the chunk: the chunked layers hold one chunk's pages whatever the context, the
+    /// global layers' bytes grow linearly (whole pages), and what is allocated is the estimate,
+    /// whether the cache was grown or reserved first.
     #[test]
     fn chunked_memory_is_flat_global_is_linear_and_the_estimate_is_allocated() {
         let c8 = LayerKind::chunked(8).unwrap();
         let kinds = [c8, LayerKind::Global, c8, LayerKind::Global];
         for dtype in [KvDtype::F32, KvDtype::BF16, KvDtype::F16, KvDtype::Q8] {
-            let spec = CacheSpec::new(2, 16, dtype);
-            // K and V of one position of one layer: 2 · Hkv · (D · bytes, or D + 4 for q8).
-            let per_pos = spec.layer_bytes(1).unwrap();
-            assert_eq!(per_pos, 2 * 2 * dtype.vector_bytes(16) as u64);
-            for n in [8, 64, 300, 1000] {
-                let mut grown = KvCache::new(&kinds, spec).unwrap();
-                fill(&mut grown, n);
-                let m = grown.memory_bytes();
-                assert_eq!(m, spec.estimate(&kinds, n).unwrap(), "{dtype} n={n}");
-                assert_eq!(m.chunked, 2 * 8 * per_pos, "{dtype} n={n}: chunked is flat");
-                let ladder = crate::capacity_ladder(n).unwrap() as u64;
-                assert_eq!(m.global, 2 * ladder * per_pos, "{dtype} n={n}");
-
-                let mut reserved = KvCache::new(&kinds, spec).unwrap();
-                reserved.reserve(n).unwrap();
-                fill(&mut reserved, n);
-                let m = reserved.memory_bytes();
-                assert_eq!(m, spec.estimate_minimal(&kinds, n).unwrap(), "{dtype} n={n}");
-                assert_eq!(m.chunked, 2 * 8 * per_pos, "{dtype} n={n}: chunked is flat");
-                assert_eq!(
-                    m.global,
-                    2 * n as u64 * per_pos,
-                    "{dtype} n={n}: global is linear"
-                );
+            for page in [3, 8, 64] {
+                let spec = CacheSpec::new(2, 16, dtype).with_page_len(page);
+                // K and V of one position of one layer: 2 · Hkv · (D · bytes, or D + 4 for q8).
+                let per_pos = spec.layer_bytes(1).unwrap();
+                assert_eq!(per_pos, 2 * 2 * dtype.vector_bytes(16) as u64);
+                let chunk_pages = 8usize.div_ceil(page.min(8)) * page.min(8);
+                for n in [8, 64, 300, 1000] {
+                    for reserved in [false, true] {
+                        let mut c = KvCache::new(&kinds, spec).unwrap();
+                        if reserved {
+                            c.reserve(n).unwrap();
+                        }
+                        let before = c.memory_bytes();
+                        fill(&mut c, n);
+                        let m = c.memory_bytes();
+                        let what = format!("{dtype} page {page} n={n} reserved {reserved}");
+                        assert_eq!(m, spec.estimate(&kinds, n).unwrap(), "{what}");
+                        if reserved {
+                            assert_eq!(m, before, "{what}: filling a reserved cache allocates");
+                        }
+                        assert_eq!(m.chunked, 2 * chunk_pages as u64 * per_pos, "{what}: flat");
+                        let global = n.div_ceil(page) * page;
+                        assert_eq!(m.global, 2 * global as u64 * per_pos, "{what}: linear");
+                    }
+                }
             }
         }
     }

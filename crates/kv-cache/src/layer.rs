@@ -1,9 +1,11 @@
-//! The cache of one attention layer.
+//! The cache of one attention layer, in pages.
 
-use llama4_core::KvView;
+use std::sync::Arc;
+
+use llama4_core::{KvData, KvPageTable, KvStore, KvView};
 use ndarray::{Array3, ArrayView3, Axis};
 
-use crate::kind::grown_capacity;
+use crate::kind::paged_capacity;
 use crate::storage::Storage;
 use crate::{CacheSpec, KvError, LayerKind, Result, Segments};
 
@@ -16,21 +18,40 @@ pub struct LayerView<'a> {
     pub v: KvView<'a>,
 }
 
-/// Keys and values of one layer, stored head-major `[Hkv, capacity, D]` so that each head's
-/// positions are contiguous for the attention dot products.
+/// The pages of a layer's keys (or values), each `[Hkv, page_len, D]`. A page is shared
+/// between clones of the cache until one of them writes to it (copy on write).
+#[derive(Clone, Debug, Default)]
+struct Pages(Vec<Arc<Storage>>);
+
+impl KvPageTable for Pages {
+    fn pages(&self) -> usize {
+        self.0.len()
+    }
+
+    fn page(&self, i: usize) -> KvData<'_> {
+        self.0[i].data()
+    }
+}
+
+/// Keys and values of one layer in fixed-size pages of `page_len` positions, each page stored
+/// head-major `[Hkv, page_len, D]` so that a head's positions within a page are contiguous for
+/// the attention dot products. Growing adds pages and never copies what is held.
 ///
 /// It holds the absolute positions `first_pos .. first_pos + len`. A global layer holds every
 /// position appended (`first_pos = 0`). A chunked layer with chunk `C`, after the token at `p`
-/// was appended, holds exactly `C·floor(p/C) ..= p`: it restarts (without freeing) when an append
-/// begins a new chunk, so it never holds more than `C` positions.
+/// was appended, holds exactly `C·floor(p/C) ..= p`: it restarts at slot 0 of the pages it
+/// has when an append begins a new chunk, so it never holds more than `C` positions.
+///
+/// Cloning shares the pages: a clone (a fork of the sequence, or a conversation prefix kept for
+/// reuse) costs no copy of the keys, and the first append of either side copies only the page
+/// it writes to.
 #[derive(Clone, Debug)]
 pub struct LayerCache {
     kind: LayerKind,
     spec: CacheSpec,
-    k: Storage,
-    v: Storage,
-    /// Positions per head allocated.
-    capacity: usize,
+    page_len: usize,
+    k: Pages,
+    v: Pages,
     /// Absolute position of slot 0.
     first_pos: usize,
     /// Positions held (slots `0..len`).
@@ -44,9 +65,9 @@ impl LayerCache {
         Ok(Self {
             kind,
             spec,
-            k: Storage::zeros(spec.dtype, spec.head_dim, 0),
-            v: Storage::zeros(spec.dtype, spec.head_dim, 0),
-            capacity: 0,
+            page_len: spec.page_len_for(kind),
+            k: Pages::default(),
+            v: Pages::default(),
             first_pos: 0,
             len: 0,
         })
@@ -77,16 +98,32 @@ impl LayerCache {
         self.len
     }
 
-    /// Positions per head allocated.
+    /// Positions per page.
+    pub fn page_len(&self) -> usize {
+        self.page_len
+    }
+
+    /// Pages allocated (for keys; as many for values).
+    pub fn pages(&self) -> usize {
+        self.k.0.len()
+    }
+
+    /// Pages shared with another clone of this cache (for keys and values together).
+    pub fn shared_pages(&self) -> usize {
+        let shared = |p: &Pages| p.0.iter().filter(|x| Arc::strong_count(x) > 1).count();
+        shared(&self.k) + shared(&self.v)
+    }
+
+    /// Positions per head allocated: whole pages.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.pages() * self.page_len
     }
 
     /// Bytes allocated for keys and values (capacity, not positions held: that is what the
-    /// memory costs).
+    /// memory costs; pages shared with a clone are counted by each holder).
     pub fn memory_bytes(&self) -> u64 {
         // Cannot overflow: the same product was allocated.
-        2 * (self.capacity * self.spec.kv_heads * self.spec.dtype.vector_bytes(self.spec.head_dim)) as u64
+        2 * (self.capacity() * self.spec.kv_heads * self.spec.dtype.vector_bytes(self.spec.head_dim)) as u64
     }
 
     /// How to split `t` tokens appended next so that no piece crosses a chunk boundary: see
@@ -104,8 +141,8 @@ impl LayerCache {
     ///
     /// # Errors
     /// [`KvError::Shape`] for other shapes, [`KvError::CrossesChunk`] when the tokens of a
-    /// chunked layer span a chunk boundary (split them with [`LayerCache::segments`]). The cache
-    /// is unchanged on error.
+    /// chunked layer span a chunk boundary (split them with [`LayerCache::segments`]),
+    /// [`KvError::Alloc`] when the system refuses a page. The cache is unchanged on error.
     pub fn append(&mut self, k: ArrayView3<f32>, v: ArrayView3<f32>) -> Result<()> {
         let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
         let t = k.dim().0;
@@ -121,45 +158,56 @@ impl LayerCache {
         }
         let start = self.next_pos();
         start.checked_add(t).ok_or(KvError::Overflow("positions"))?;
+        let mut slot0 = self.len;
         if let Some(chunk) = self.kind.chunk() {
             if start / chunk != (start + t - 1) / chunk {
                 return Err(KvError::CrossesChunk { start, len: t, chunk });
             }
             if start.is_multiple_of(chunk) {
-                // A new chunk: no later query can see what is held.
-                self.first_pos = start;
-                self.len = 0;
+                // A new chunk: no later query can see what is held; its pages are reused.
+                slot0 = 0;
             }
         }
-        let needed = self.len + t;
-        if needed > self.capacity {
-            self.grow_to(grown_capacity(self.kind, needed)?)?;
+        let needed = slot0 + t;
+        self.grow_to(needed)?;
+        if slot0 == 0 {
+            self.first_pos = start;
         }
-        let stride = self.capacity * d;
+        let (p, stride) = (self.page_len, self.page_len * d);
         for (i, (kt, vt)) in k.outer_iter().zip(v.outer_iter()).enumerate() {
-            let slot = (self.len + i) * d;
+            let slot = slot0 + i;
+            let (page, at) = (slot / p, (slot % p) * d);
+            // A page shared with a clone is copied before its first write here.
+            let kp = Arc::make_mut(&mut self.k.0[page]);
+            let vp = Arc::make_mut(&mut self.v.0[page]);
             for (h, (kh, vh)) in kt.outer_iter().zip(vt.outer_iter()).enumerate() {
-                self.k.write(h * stride + slot, kh);
-                self.v.write(h * stride + slot, vh);
+                kp.write(h * stride + at, kh);
+                vp.write(h * stride + at, vh);
             }
         }
         self.len = needed;
         Ok(())
     }
 
-    /// What attention reads: keys and values of the held positions, slot 0 at `first_pos()`.
+    /// What attention reads: keys and values of the held positions, slot 0 at `first_pos()`,
+    /// in pages ([`KvStore::Paged`]).
     pub fn view(&self) -> LayerView<'_> {
-        let make = |data| KvView {
-            data,
+        LayerView {
+            k: self.view_of(&self.k),
+            v: self.view_of(&self.v),
+        }
+    }
+
+    fn view_of<'a>(&'a self, table: &'a Pages) -> KvView<'a> {
+        KvView {
+            store: KvStore::Paged {
+                table,
+                page_len: self.page_len,
+            },
             heads: self.spec.kv_heads,
             len: self.len,
             head_dim: self.spec.head_dim,
-            head_stride: self.capacity * self.spec.head_dim,
             first_pos: self.first_pos,
-        };
-        LayerView {
-            k: make(self.k.data()),
-            v: make(self.v.data()),
         }
     }
 
@@ -179,12 +227,15 @@ impl LayerCache {
         self.widen(&self.v)
     }
 
-    fn widen(&self, s: &Storage) -> Array3<f32> {
-        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
+    fn widen(&self, pages: &Pages) -> Array3<f32> {
+        let (hkv, d, p) = (self.spec.kv_heads, self.spec.head_dim, self.page_len);
         let mut out = Array3::zeros((hkv, self.len, d));
         for (h, mut head) in out.axis_iter_mut(Axis(0)).enumerate() {
-            if let Some(dst) = head.as_slice_mut() {
-                s.read(h * self.capacity * d, dst);
+            let Some(dst) = head.as_slice_mut() else {
+                continue;
+            };
+            for (page, dst) in pages.0.iter().zip(dst.chunks_mut(p * d)) {
+                page.read(h * p * d, dst);
             }
         }
         out
@@ -210,7 +261,7 @@ impl LayerCache {
     }
 
     /// Keeps the first `len` positions, so that the next append is position `len` (to regenerate
-    /// from a shorter prefix). Capacity is kept.
+    /// from a shorter prefix). Pages are kept.
     ///
     /// A global layer can truncate to any `len ≤ next_pos()`. A chunked layer can truncate inside
     /// the chunk it holds, or to any multiple of its chunk size: the next token then starts a new
@@ -230,49 +281,65 @@ impl LayerCache {
         Ok(())
     }
 
-    /// Forgets every position; capacity is kept for the next sequence.
+    /// Forgets every position; pages are kept for the next sequence.
     pub fn reset(&mut self) {
         self.first_pos = 0;
         self.len = 0;
     }
 
-    /// Pre-sizes for a context of `n_tokens` positions in total (`min(n_tokens, C)` for a chunked
-    /// layer), so that filling it never grows. Never shrinks.
+    /// Pre-allocates the pages of a context of `n_tokens` positions in total (`min(n_tokens, C)`
+    /// for a chunked layer), so that filling it allocates nothing. Never frees.
     pub fn reserve(&mut self, n_tokens: usize) -> Result<()> {
-        let target = self.kind.max_held(n_tokens);
-        if target > self.capacity {
-            self.grow_to(target)?;
-        }
-        Ok(())
+        self.grow_to(self.kind.max_held(n_tokens))
     }
 
-    /// Frees the capacity beyond the positions held.
+    /// Frees the pages beyond the positions held.
     pub fn shrink_to_fit(&mut self) {
-        if self.capacity > self.len {
-            self.relayout(self.len);
-        }
+        let keep = self.len.div_ceil(self.page_len);
+        self.k.0.truncate(keep);
+        self.v.0.truncate(keep);
+        self.k.0.shrink_to_fit();
+        self.v.0.shrink_to_fit();
     }
 
-    fn grow_to(&mut self, capacity: usize) -> Result<()> {
+    /// Adds pages until `slots` positions fit.
+    fn grow_to(&mut self, slots: usize) -> Result<()> {
+        let capacity = paged_capacity(self.page_len, slots)?;
+        if capacity <= self.capacity() {
+            return Ok(());
+        }
         // Refuse sizes whose byte count does not fit in memory arithmetic before allocating.
         let bytes = self.spec.layer_bytes(capacity)?;
         usize::try_from(bytes).map_err(|_| KvError::Overflow("capacity"))?;
-        // Room for both keys and values first: an allocation the system refuses is an error,
-        // not an abort, and leaves the layer as it was.
         let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
-        let additional = hkv * d * (capacity - self.capacity);
-        for s in [&mut self.k, &mut self.v] {
-            s.try_reserve(additional).map_err(|_| KvError::Alloc { bytes })?;
+        let elems = hkv * self.page_len * d;
+        let pages = capacity / self.page_len;
+        let alloc = |_| KvError::Alloc { bytes };
+        let adding = pages - self.pages();
+        if adding > 1 {
+            // Pages are small, so a system that cannot hold them all would grant each one and
+            // fail only when they are touched. Ask once for the whole growth as one block (and
+            // free it): a size the system can never grant is refused here, as an error.
+            let whole = self.spec.layer_bytes(adding * self.page_len)?;
+            let whole = usize::try_from(whole).map_err(|_| KvError::Overflow("capacity"))?;
+            Vec::<u8>::new().try_reserve_exact(whole).map_err(alloc)?;
         }
-        self.relayout(capacity);
+        // Every page first, then the tables: a refused allocation leaves the layer as it was.
+        let mut fresh = Vec::new();
+        fresh.try_reserve_exact(2 * adding).map_err(alloc)?;
+        for _ in 0..2 * adding {
+            fresh.push(Arc::new(
+                Storage::try_zeros(self.spec.dtype, d, elems).map_err(alloc)?,
+            ));
+        }
+        for table in [&mut self.k.0, &mut self.v.0] {
+            table.try_reserve_exact(pages - table.len()).map_err(alloc)?;
+        }
+        let half = fresh.len() / 2;
+        let mut fresh = fresh.into_iter();
+        self.k.0.extend(fresh.by_ref().take(half));
+        self.v.0.extend(fresh);
         Ok(())
-    }
-
-    fn relayout(&mut self, capacity: usize) {
-        let (hkv, d) = (self.spec.kv_heads, self.spec.head_dim);
-        self.k.relayout(hkv, d, self.capacity, capacity, self.len);
-        self.v.relayout(hkv, d, self.capacity, capacity, self.len);
-        self.capacity = capacity;
     }
 }
 
@@ -358,8 +425,8 @@ mod tests {
     }
 
     #[test]
-    fn global_layer_grows_along_the_ladder_and_keeps_its_contents() {
-        let mut c = LayerCache::new(LayerKind::Global, spec()).unwrap();
+    fn global_layer_grows_by_pages_and_keeps_its_contents() {
+        let mut c = LayerCache::new(LayerKind::Global, spec().with_page_len(16)).unwrap();
         let mut caps = Vec::new();
         for _ in 0..100 {
             push(&mut c, 1).unwrap();
@@ -367,32 +434,60 @@ mod tests {
                 caps.push(c.capacity());
             }
         }
-        assert_eq!(caps, vec![16, 24, 32, 48, 64, 96, 128]);
+        assert_eq!(caps, vec![16, 32, 48, 64, 80, 96, 112]);
         assert_eq!(c.keys_f32(), tokens(0, 100, 2, 3).permuted_axes([1, 0, 2]));
+        assert_eq!(c.values_f32(), c.keys_f32().mapv(|x| -x));
     }
 
     #[test]
-    fn view_is_head_major_with_a_capacity_stride() {
-        let mut c = LayerCache::new(LayerKind::Global, spec()).unwrap();
-        push(&mut c, 5).unwrap();
+    fn view_is_paged_head_major() {
+        let mut c = LayerCache::new(LayerKind::Global, spec().with_page_len(4)).unwrap();
+        push(&mut c, 10).unwrap();
         let view = c.view();
         assert!(view.k.is_consistent() && view.v.is_consistent());
         assert_eq!(
             (view.k.heads, view.k.len, view.k.head_dim, view.k.first_pos),
-            (2, 5, 3, 0)
+            (2, 10, 3, 0)
         );
-        assert_eq!(view.k.head_stride, 16 * 3);
-        let KvData::F32(data) = view.k.data else {
-            panic!("f32 storage expected")
-        };
-        for p in 0..5 {
+        assert_eq!((view.k.segment_len(), view.k.segments()), (4, 3));
+        for p in 0..10 {
+            let (KvData::F32(data), stride) = view.k.segment(p / 4).unwrap() else {
+                panic!("f32 storage expected")
+            };
+            assert_eq!(stride, 4 * 3);
             for h in 0..2 {
                 for j in 0..3 {
-                    let at = h * view.k.head_stride + p * 3 + j;
+                    let at = h * stride + (p % 4) * 3 + j;
                     assert_eq!(data[at], (1000 * p + 10 * h + j) as f32);
+                    assert_eq!(view.v.get(h, p, j), Some(-data[at]));
                 }
             }
         }
+    }
+
+    /// A clone shares every page; each side's next append copies only the page it writes,
+    /// and neither sees the other's new keys.
+    #[test]
+    fn clones_share_pages_until_written() {
+        let mut a = LayerCache::new(LayerKind::Global, spec().with_page_len(4)).unwrap();
+        push(&mut a, 10).unwrap(); // pages 0, 1 full; page 2 holds 8, 9
+        let mut b = a.clone();
+        assert_eq!((a.shared_pages(), b.shared_pages()), (6, 6));
+        push(&mut b, 1).unwrap();
+        // b wrote into page 2 (keys and values): a copy; pages 0 and 1 still shared.
+        assert_eq!((a.shared_pages(), b.shared_pages()), (4, 4));
+        b.truncate(9).unwrap();
+        push(&mut b, 1).unwrap();
+        assert_eq!(a.keys_f32(), tokens(0, 10, 2, 3).permuted_axes([1, 0, 2]));
+        assert_eq!(b.keys_f32(), tokens(0, 10, 2, 3).permuted_axes([1, 0, 2]));
+        // Regenerating from a shared prefix: truncate into page 1 and write over it.
+        let mut c = a.clone();
+        c.truncate(5).unwrap();
+        let k = Array3::from_elem((1, 2, 3), 7.0f32);
+        c.append(k.view(), k.view()).unwrap();
+        assert_eq!(c.keys_f32()[[1, 5, 2]], 7.0);
+        assert_eq!(a.keys_f32(), tokens(0, 10, 2, 3).permuted_axes([1, 0, 2]));
+        assert_eq!(c.memory_bytes(), a.memory_bytes());
     }
 
     #[test]
@@ -408,7 +503,7 @@ mod tests {
         );
         c.truncate(10).unwrap();
         c.truncate(3).unwrap();
-        assert_eq!((c.next_pos(), c.held(), c.capacity()), (3, 3, 16));
+        assert_eq!((c.next_pos(), c.held(), c.capacity()), (3, 3, c.page_len()));
         push(&mut c, 2).unwrap();
         assert_eq!(c.keys_f32(), tokens(0, 5, 2, 3).permuted_axes([1, 0, 2]));
     }
@@ -441,18 +536,18 @@ mod tests {
     }
 
     #[test]
-    fn reserve_presizes_exactly_and_shrink_frees() {
-        let mut g = LayerCache::new(LayerKind::Global, spec()).unwrap();
-        let mut ch = LayerCache::new(LayerKind::chunked(8).unwrap(), spec()).unwrap();
+    fn reserve_presizes_pages_and_shrink_frees() {
+        let mut g = LayerCache::new(LayerKind::Global, spec().with_page_len(8)).unwrap();
+        let mut ch = LayerCache::new(LayerKind::chunked(8).unwrap(), spec().with_page_len(16)).unwrap();
         g.reserve(37).unwrap();
         ch.reserve(37).unwrap();
-        assert_eq!((g.capacity(), ch.capacity()), (37, 8));
-        assert_eq!(g.memory_bytes(), 2 * 37 * 2 * 3 * 4);
+        assert_eq!((g.capacity(), ch.capacity(), ch.page_len()), (40, 8, 8));
+        assert_eq!(g.memory_bytes(), 2 * 40 * 2 * 3 * 4);
         push(&mut g, 37).unwrap();
-        assert_eq!(g.capacity(), 37);
+        assert_eq!(g.capacity(), 40);
         g.truncate(5).unwrap();
         g.shrink_to_fit();
-        assert_eq!(g.capacity(), 5);
+        assert_eq!(g.capacity(), 8);
         assert_eq!(g.keys_f32(), tokens(0, 5, 2, 3).permuted_axes([1, 0, 2]));
         g.reset();
         g.shrink_to_fit();

@@ -10,7 +10,7 @@ mod storage;
 
 pub use cache::KvCache;
 pub use error::{KvError, Result};
-pub use kind::{capacity_ladder, MIN_CAPACITY};
+pub use kind::{MIN_PAGE_LEN, PAGE_BYTES};
 pub use layer::{LayerCache, LayerView};
 pub use spec::{CacheSpec, MemoryBytes};
 

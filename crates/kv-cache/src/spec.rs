@@ -2,7 +2,7 @@
 
 use llama4_core::KvDtype;
 
-use crate::kind::grown_capacity;
+use crate::kind::{auto_page_len, paged_capacity};
 use crate::{KvError, LayerKind, Result};
 
 /// Shape and storage dtype of every layer's cache: keys and values are `[kv_heads, ·, head_dim]`.
@@ -15,6 +15,9 @@ pub struct CacheSpec {
     /// Storage format; appended f32 values are rounded to it (nearest, ties to even; q8
     /// vectors to their own scale, see [`KvDtype::Q8`]).
     pub dtype: KvDtype,
+    /// Positions per page; 0 chooses one from the vector size ([`crate::PAGE_BYTES`] of one
+    /// head's keys). A chunked layer's pages are never longer than its chunk.
+    pub page_len: usize,
 }
 
 /// Bytes held by a cache, split by layer kind.
@@ -50,7 +53,22 @@ impl CacheSpec {
             kv_heads,
             head_dim,
             dtype: dtype.into(),
+            page_len: 0,
         }
+    }
+
+    /// The same spec with pages of `page_len` positions (0: automatic).
+    pub fn with_page_len(self, page_len: usize) -> Self {
+        Self { page_len, ..self }
+    }
+
+    /// Positions per page of a layer of `kind`.
+    pub fn page_len_for(&self, kind: LayerKind) -> usize {
+        let p = match self.page_len {
+            0 => auto_page_len(self.dtype.vector_bytes(self.head_dim)),
+            p => p,
+        };
+        kind.chunk().map_or(p, |c| p.min(c))
     }
 
     /// Rejects zero heads or a zero head dim.
@@ -77,19 +95,14 @@ impl CacheSpec {
             .ok_or(KvError::Overflow("layer bytes"))
     }
 
-    /// Bytes a fresh [`crate::KvCache`] over `kinds` holds after `n_tokens` positions were
-    /// appended, however the appends were split, without [`crate::KvCache::reserve`]: each
-    /// layer's capacity is the [`crate::capacity_ladder`] step for the most positions it held
-    /// (capped at the chunk size for chunked layers). Allocates nothing.
+    /// Bytes a [`crate::KvCache`] over `kinds` holds after `n_tokens` positions were
+    /// appended, however the appends were split (or after [`crate::KvCache::reserve`]`(n)`):
+    /// each layer holds whole pages for the most positions it held (`min(n, C)` for a chunked
+    /// layer, `n` for a global one). Allocates nothing.
     pub fn estimate(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
-        self.estimate_with(kinds, n_tokens, grown_capacity)
-    }
-
-    /// The least memory `n_tokens` positions need: exactly `min(n, C)` positions per chunked
-    /// layer and `n` per global layer, no growth slack. A cache reaches it with
-    /// [`crate::KvCache::reserve`]`(n_tokens)` before filling. Allocates nothing.
-    pub fn estimate_minimal(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
-        self.estimate_with(kinds, n_tokens, |_, held| Ok(held))
+        self.estimate_with(kinds, n_tokens, |kind, held| {
+            paged_capacity(self.page_len_for(kind), held)
+        })
     }
 
     fn estimate_with(

@@ -5,8 +5,10 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use llama4_core::{quantize_q8, KvData, KvDtype};
 use ndarray::ArrayView1;
+use std::collections::TryReserveError;
 
-/// One layer's keys (or values), `[heads, capacity, head_dim]` row-major in the storage dtype.
+/// One page of a layer's keys (or values), `[heads, page_len, head_dim]` row-major in the
+/// storage dtype.
 #[derive(Clone, Debug)]
 pub(crate) enum Storage {
     F32(Vec<f32>),
@@ -20,31 +22,20 @@ pub(crate) enum Storage {
     },
 }
 
-/// Runs `$body` with `$v` bound to the inner `Vec` whatever the dtype.
-macro_rules! each {
-    ($s:expr, $v:ident => $body:expr) => {
-        match $s {
-            Storage::F32($v) => $body,
-            Storage::BF16($v) => $body,
-            Storage::F16($v) => $body,
-            Storage::Q8 { q: $v, .. } => $body,
-        }
-    };
-}
-
 impl Storage {
-    /// `n` zero elements (whole vectors of `d`: `n` is a multiple of `d`).
-    pub(crate) fn zeros(dtype: KvDtype, d: usize, n: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => Storage::F32(vec![0.0; n]),
-            KvDtype::BF16 => Storage::BF16(vec![bf16::ZERO; n]),
-            KvDtype::F16 => Storage::F16(vec![f16::ZERO; n]),
+    /// `n` zero elements (whole vectors of `d`: `n` is a multiple of `d`), or an error when
+    /// the system refuses the memory (rather than an abort).
+    pub(crate) fn try_zeros(dtype: KvDtype, d: usize, n: usize) -> Result<Self, TryReserveError> {
+        Ok(match dtype {
+            KvDtype::F32 => Storage::F32(zeros(n, 0.0)?),
+            KvDtype::BF16 => Storage::BF16(zeros(n, bf16::ZERO)?),
+            KvDtype::F16 => Storage::F16(zeros(n, f16::ZERO)?),
             KvDtype::Q8 => Storage::Q8 {
-                q: vec![0; n],
-                scales: vec![0.0; n / d.max(1)],
+                q: zeros(n, 0)?,
+                scales: zeros(n / d.max(1), 0.0)?,
                 d,
             },
-        }
+        })
     }
 
     /// Converts `src` into elements `offset .. offset + src.len()`. For q8, `src` is one whole
@@ -100,32 +91,6 @@ impl Storage {
         }
     }
 
-    /// Makes room for `additional` more elements without changing the contents, so that a
-    /// following [`Storage::relayout`] to that size allocates nothing.
-    pub(crate) fn try_reserve(&mut self, additional: usize) -> Result<(), std::collections::TryReserveError> {
-        if let Storage::Q8 { scales, d, .. } = self {
-            scales.try_reserve_exact(additional / (*d).max(1))?;
-        }
-        each!(self, v => v.try_reserve_exact(additional))
-    }
-
-    /// Moves the first `len` rows of each of `heads` blocks of `old_rows` rows into `heads`
-    /// blocks of `new_rows` rows (rows of `row` elements); the other rows are zero. Growing
-    /// happens in place (in room made by [`Storage::try_reserve`], or allocated here).
-    pub(crate) fn relayout(
-        &mut self,
-        heads: usize,
-        row: usize,
-        old_rows: usize,
-        new_rows: usize,
-        len: usize,
-    ) {
-        if let Storage::Q8 { scales, .. } = self {
-            relayout_vec(scales, heads, 1, old_rows, new_rows, len);
-        }
-        each!(self, v => relayout_vec(v, heads, row, old_rows, new_rows, len))
-    }
-
     /// The elements as the borrowed form attention reads.
     pub(crate) fn data(&self) -> KvData<'_> {
         match self {
@@ -137,29 +102,10 @@ impl Storage {
     }
 }
 
-/// [`Storage::relayout`] of one vector.
-fn relayout_vec<T: Copy + Default>(
-    v: &mut Vec<T>,
-    heads: usize,
-    row: usize,
-    old_rows: usize,
-    new_rows: usize,
-    len: usize,
-) {
-    if new_rows >= old_rows {
-        v.resize(heads * new_rows * row, Default::default());
-        // Last head first: each block moves up, never onto a block not yet moved.
-        for h in (0..heads).rev() {
-            let (src, dst) = (h * old_rows * row, h * new_rows * row);
-            v.copy_within(src..src + len * row, dst);
-            v[dst + len * row..dst + new_rows * row].fill(Default::default());
-        }
-    } else {
-        let mut fresh = vec![Default::default(); heads * new_rows * row];
-        for h in 0..heads {
-            let (src, dst) = (h * old_rows * row, h * new_rows * row);
-            fresh[dst..dst + len * row].copy_from_slice(&v[src..src + len * row]);
-        }
-        *v = fresh;
-    }
+/// `n` copies of `x`, the allocation checked.
+fn zeros<T: Clone>(n: usize, x: T) -> Result<Vec<T>, TryReserveError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)?;
+    v.resize(n, x);
+    Ok(v)
 }

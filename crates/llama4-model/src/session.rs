@@ -83,6 +83,25 @@ impl<M: Borrow<TextModel>> Session<M> {
         Ok(())
     }
 
+    /// Pages of `page_len` positions for this session's cache (0: the automatic length; see
+    /// [`kv_cache::CacheSpec::page_len`]). Short pages cost speed, not results: tests use them
+    /// to cross page boundaries in short sequences.
+    ///
+    /// # Errors
+    /// [`kv_cache::KvError::InvalidSpec`] once the session holds tokens.
+    pub fn with_page_len(mut self, page_len: usize) -> Result<Self> {
+        if !self.cache.is_empty() {
+            return Err(kv_cache::KvError::InvalidSpec(format!(
+                "the page length is set before the first token (the session holds {})",
+                self.cache.len()
+            ))
+            .into());
+        }
+        let kinds: Vec<_> = self.cache.kinds().collect();
+        self.cache = KvCache::new(&kinds, self.cache.spec().with_page_len(page_len))?;
+        Ok(self)
+    }
+
     /// Lowers (or raises) the context limit this session enforces.
     pub fn with_max_len(mut self, max_len: usize) -> Self {
         self.max_len = max_len;

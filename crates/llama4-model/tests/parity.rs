@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
-use llama4_core::DType;
+use llama4_core::{DType, LayerKind};
 use llama4_model::{GenerateOptions, Logits, SamplingConfig, Session, TextModel};
 
 mod common;
@@ -48,6 +48,27 @@ fn check(name: &str) {
     assert_eq!(g.generated_ids, r.generated, "{name}: greedy ids differ");
     let e_steps = rel_err(g.logits.as_ref().unwrap().view(), r.step_logits.view());
     assert!(e_steps < TOL, "{name}: per-step logits off by {e_steps:e}");
+
+    // The same with pages of a few positions, so that prefill and decode cross page
+    // boundaries in every layer (a chunked layer's pages are no longer than its chunk).
+    for page in [3, 5] {
+        let mut session = Session::new(&model, DType::F32)
+            .unwrap()
+            .with_page_len(page)
+            .unwrap();
+        let g = session
+            .generate(&r.prompt, &opts, |_| ControlFlow::Continue(()))
+            .unwrap();
+        assert_eq!(
+            g.generated_ids, r.generated,
+            "{name}, pages of {page}: greedy ids differ"
+        );
+        let e = rel_err(g.logits.as_ref().unwrap().view(), r.step_logits.view());
+        assert!(e < TOL, "{name}, pages of {page}: per-step logits off by {e:e}");
+        let cache = session.cache();
+        let global = cache.kinds().position(|k| k == LayerKind::Global).unwrap();
+        assert!(cache.layer(global).unwrap().pages() > 2, "{name}: few pages");
+    }
     println!("{name}: uncached {e_full:.2e}, prefill {e_prefill:.2e}, decode steps {e_steps:.2e} (max |Δ| / max |ref|)");
 }
 

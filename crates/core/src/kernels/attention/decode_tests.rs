@@ -61,15 +61,8 @@ fn diff(c: &Case, seed: u64) -> (f32, f32) {
             KvData::Q8 { q: &vq, scales: &vs },
         ),
     };
-    let k = KvView {
-        data: kd,
-        heads: c.hkv,
-        len: c.len,
-        head_dim: c.d,
-        head_stride: stride,
-        first_pos: c.first_pos,
-    };
-    let v = KvView { data: vd, ..k };
+    let k = KvView::contiguous(kd, c.hkv, c.len, c.d, stride, c.first_pos);
+    let v = KvView::contiguous(vd, k.heads, k.len, k.head_dim, stride, k.first_pos);
     let positions = [c.pos];
     let ctx = AttnContext {
         positions: &positions,

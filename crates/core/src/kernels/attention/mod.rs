@@ -88,6 +88,9 @@ enum Path {
 
 /// A stored key/value element.
 trait KvElem: Elem {
+    /// The elements (and scales, empty for float formats) of `data` when it holds this dtype.
+    fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])>;
+
     /// `dst[i] = src[i]` as f32 (same lengths).
     fn widen(src: &[Self], dst: &mut [f32]);
 
@@ -112,6 +115,13 @@ trait KvElem: Elem {
 }
 
 impl KvElem for f32 {
+    fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
+        match data {
+            KvData::F32(x) => Some((x, &[])),
+            _ => None,
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut keys_avx512::Work, out: Partial) {
         keys_avx512::item(args, it, work, out)
@@ -129,6 +139,13 @@ impl KvElem for f32 {
 }
 
 impl KvElem for bf16 {
+    fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
+        match data {
+            KvData::BF16(x) => Some((x, &[])),
+            _ => None,
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut keys_avx512::Work, out: Partial) {
         keys_avx512::item(args, it, work, out)
@@ -147,6 +164,13 @@ impl KvElem for bf16 {
 /// [`KvData::Q8`]: int8 elements, each vector times its scale. Runs the AVX2/portable body
 /// only (an AVX-512 call is sent to AVX2 in [`attention_path_into`]).
 impl KvElem for i8 {
+    fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
+        match data {
+            KvData::Q8 { q, scales } => Some((q, scales)),
+            _ => None,
+        }
+    }
+
     /// As llama.cpp scores a q8_0 key cache: the query rounded to int8 like the keys, the dot
     /// products exact in integers, both scales applied after.
     const INT_DOT: bool = true;
@@ -165,6 +189,13 @@ impl KvElem for i8 {
 }
 
 impl KvElem for f16 {
+    fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
+        match data {
+            KvData::F16(x) => Some((x, &[])),
+            _ => None,
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(args: &Args<Self>, it: Item, work: &mut keys_avx512::Work, out: Partial) {
         keys_avx512::item(args, it, work, out)
@@ -201,7 +232,12 @@ fn check(q: &ArrayView3<f32>, k: &KvView, v: &KvView, ctx: &AttnContext) -> Resu
     if ctx.positions.len() != t {
         return bad(format!("{} positions for {t} query rows", ctx.positions.len()));
     }
-    if k.heads != v.heads || k.len != v.len || k.head_dim != v.head_dim || k.first_pos != v.first_pos {
+    if k.heads != v.heads
+        || k.len != v.len
+        || k.head_dim != v.head_dim
+        || k.first_pos != v.first_pos
+        || k.segment_len() != v.segment_len()
+    {
         return bad(format!(
             "keys ({} heads, {} slots, dim {}, first {}) and values ({}, {}, {}, {}) differ",
             k.heads, k.len, k.head_dim, k.first_pos, v.heads, v.len, v.head_dim, v.first_pos
@@ -216,7 +252,7 @@ fn check(q: &ArrayView3<f32>, k: &KvView, v: &KvView, ctx: &AttnContext) -> Resu
     if k.head_dim != d {
         return bad(format!("query head dim {d}, key head dim {}", k.head_dim));
     }
-    if std::mem::discriminant(&k.data) != std::mem::discriminant(&v.data) {
+    if !k.same_dtype(v) {
         return bad("keys and values in different dtypes".into());
     }
     Ok(Dims {
@@ -342,7 +378,8 @@ fn attention_path_into(
         ));
     };
     let mut isa = if isa.is_available() { isa } else { Isa::Portable };
-    if matches!(k.data, KvData::Q8 { .. }) && isa == Isa::Avx512 {
+    let first = k.segment(0).map(|(data, _)| data);
+    if matches!(first, Some(KvData::Q8 { .. })) && isa == Isa::Avx512 {
         // The AVX-512 item kernels read float formats only; AVX-512 CPUs have AVX2.
         isa = if Isa::Avx2.is_available() {
             Isa::Avx2
@@ -367,16 +404,15 @@ fn attention_path_into(
         q: qs,
         dims,
         ctx,
+        seg: k.segment_len(),
     };
-    let none: &[f32] = &[];
-    match (k.data, v.data) {
-        (KvData::F32(kd), KvData::F32(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
-        (KvData::BF16(kd), KvData::BF16(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
-        (KvData::F16(kd), KvData::F16(vd)) => call.run((kd, none), (vd, none), k, v, o, scratch),
-        (KvData::Q8 { q: kq, scales: ks }, KvData::Q8 { q: vq, scales: vs }) => {
-            call.run((kq, ks), (vq, vs), k, v, o, scratch)
-        }
-        _ => unreachable!("dtypes checked equal"),
+    match first {
+        // Nothing held (a paged view without pages): every row sees no key.
+        None => o.fill(0.0),
+        Some(KvData::F32(_)) => call.run::<f32>(k, v, o, scratch),
+        Some(KvData::BF16(_)) => call.run::<bf16>(k, v, o, scratch),
+        Some(KvData::F16(_)) => call.run::<f16>(k, v, o, scratch),
+        Some(KvData::Q8 { .. }) => call.run::<i8>(k, v, o, scratch),
     }
     scratch.q = q_copy;
     Ok(())
@@ -428,6 +464,27 @@ struct Work {
     keys: keys_avx512::Work,
     #[cfg(target_arch = "x86_64")]
     rows: rows_avx512::Work,
+    /// An item's partial result over a later page, before it is folded into the first's.
+    spill: Spill,
+}
+
+/// Room for one item's [`Partial`] result.
+#[derive(Debug, Default)]
+struct Spill {
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+impl Spill {
+    /// Room for items of up to `rows` query rows of dim `d` (never shrinks).
+    fn prepare(&mut self, d: usize, rows: usize) {
+        if self.m.len() < rows || self.acc.len() < rows * d {
+            self.acc.resize(self.acc.len().max(rows * d), 0.0);
+            self.m.resize(self.m.len().max(rows), 0.0);
+            self.l.resize(self.l.len().max(rows), 0.0);
+        }
+    }
 }
 
 impl Work {

@@ -3,17 +3,11 @@
 use ndarray::{Array3, ArrayView3};
 
 use super::{check, AttnContext, Dims};
-use crate::{KvData, KvView, Result};
+use crate::{KvView, Result};
 
-/// Element `(h, j, i)` of a view as f32.
+/// Element `(h, j, i)` of a view as f32 (inside the view: checked by the caller).
 fn kv_at(view: &KvView, h: usize, j: usize, i: usize) -> f32 {
-    let at = h * view.head_stride + j * view.head_dim + i;
-    match view.data {
-        KvData::F32(x) => x[at],
-        KvData::BF16(x) => x[at].to_f32(),
-        KvData::F16(x) => x[at].to_f32(),
-        KvData::Q8 { q, scales } => q[at] as f32 * scales[at / view.head_dim],
-    }
+    view.get(h, j, i).unwrap_or(f32::NAN)
 }
 
 /// The plain formula, for tests: for each query row and head, scores over every slot the mask

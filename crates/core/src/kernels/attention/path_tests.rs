@@ -113,15 +113,8 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
         Dt::BF16 => (KvData::BF16(&kb), KvData::BF16(&vb)),
         Dt::F16 => (KvData::F16(&kh), KvData::F16(&vh)),
     };
-    let k = KvView {
-        data: kd,
-        heads: c.hkv,
-        len: c.len,
-        head_dim: c.d,
-        head_stride: stride,
-        first_pos: c.first_pos,
-    };
-    let v = KvView { data: vd, ..k };
+    let k = KvView::contiguous(kd, c.hkv, c.len, c.d, stride, c.first_pos);
+    let v = KvView::contiguous(vd, k.heads, k.len, k.head_dim, stride, k.first_pos);
     let ctx = AttnContext {
         positions: &c.positions,
         mask: &c.mask,

@@ -26,40 +26,53 @@ pub(super) struct Call<'a> {
     pub q: &'a [f32],
     pub dims: Dims,
     pub ctx: &'a AttnContext<'a>,
+    /// Slots per segment of the key/value views ([`KvView::segment_len`]).
+    pub seg: usize,
 }
 
-impl Call<'_> {
-    /// Attention into `out` (`[T, Hq, D]`, overwritten).
-    pub fn run<E: KvElem>(
-        &self,
-        (kd, k_scales): (&[E], &[f32]),
-        (vd, v_scales): (&[E], &[f32]),
-        k: &KvView,
-        v: &KvView,
-        out: &mut [f32],
-        scratch: &mut AttentionScratch,
-    ) {
+impl<'c> Call<'c> {
+    /// Attention into `out` (`[T, Hq, D]`, overwritten) over keys and values of element type
+    /// `E` (checked by the caller, as every segment's layout).
+    pub fn run<E: KvElem>(&self, k: &KvView, v: &KvView, out: &mut [f32], scratch: &mut AttentionScratch) {
         // Zero: rows that see no key stay so, and the merge below accumulates here.
         out.fill(0.0);
         if self.dims.t == 0 || self.dims.len == 0 {
             return;
         }
-        let args = Args {
-            q: self.q,
-            k: kd,
-            v: vd,
-            k_stride: k.head_stride,
-            v_stride: v.head_stride,
-            k_scales,
-            v_scales,
-            scale_stride: k.head_stride / self.dims.d.max(1),
-            dims: self.dims,
-            ctx: self.ctx,
-        };
         self.plan_items(scratch);
         self.prepare_work(scratch);
-        self.execute(&args, scratch);
+        self.execute::<E>(k, v, scratch);
         self.merge(scratch, out);
+    }
+
+    /// The inputs of the items' kernels over segment `p` of the views (one buffer, or one
+    /// page): its elements, and the slots it holds as if they were the whole view.
+    fn segment_args<'a, E: KvElem>(
+        &'a self,
+        k: &KvView<'a>,
+        v: &KvView<'a>,
+        p: usize,
+    ) -> Option<Args<'a, E>> {
+        let ((kd, k_stride), (vd, v_stride)) = (k.segment(p)?, v.segment(p)?);
+        let ((k, k_scales), (v, v_scales)) = (E::typed(kd)?, E::typed(vd)?);
+        let seg = self.seg;
+        let base = p * seg;
+        Some(Args {
+            q: self.q,
+            k,
+            v,
+            k_stride,
+            v_stride,
+            k_scales,
+            v_scales,
+            scale_stride: k_stride / self.dims.d.max(1),
+            dims: Dims {
+                len: self.dims.len.checked_sub(base)?.min(seg),
+                first_pos: self.dims.first_pos + base,
+                ..self.dims
+            },
+            ctx: self.ctx,
+        })
     }
 
     /// Items: kv heads × query blocks; when that leaves threads idle (decoding with few kv
@@ -154,17 +167,19 @@ impl Call<'_> {
             let slot = &mut largest[k as usize];
             *slot = (k, slot.1.max(rows));
         }
+        let most = largest.iter().map(|&(_, rows)| rows).max().unwrap_or(0);
         for w in &mut scratch.work {
             for &(k, rows) in &largest {
                 if rows > 0 {
                     w.prepare(k, self.dims.d, rows);
                 }
             }
+            w.spill.prepare(self.dims.d, most);
         }
     }
 
     /// One task per thread, each claiming items until none is left.
-    fn execute<E: KvElem>(&self, args: &Args<E>, scratch: &mut AttentionScratch) {
+    fn execute<E: KvElem>(&self, k: &KvView, v: &KvView, scratch: &mut AttentionScratch) {
         let (d, rep) = (self.dims.d, self.dims.group());
         let items = &scratch.items[..];
         let workers = pool::threads().min(items.len());
@@ -175,7 +190,6 @@ impl Call<'_> {
             SyncPtr(scratch.m.as_mut_ptr()),
             SyncPtr(scratch.l.as_mut_ptr()),
         );
-        let (isa, path) = (self.isa, self.path);
         pool::run(workers, &|w| {
             // SAFETY: `w < workers <= work.len()`, and the pool runs task `w` once: no other
             // reference to `work[w]` exists while it runs; the vector is not resized meanwhile.
@@ -193,9 +207,59 @@ impl Call<'_> {
                         l: std::slice::from_raw_parts_mut(l.get().add(it.row0), rows),
                     }
                 };
-                run_item(isa, path, args, it, work, out);
+                self.run_segments::<E>(k, v, it, work, out);
             }
         });
+    }
+
+    /// One item over the segments its key slots cover: the first writes `out`, each later one
+    /// is computed aside and folded in (log-sum-exp), so a page boundary costs one merge of
+    /// the item's rows.
+    fn run_segments<E: KvElem>(&self, k: &KvView, v: &KvView, it: Item, work: &mut Work, out: Partial) {
+        let (first, last) = (it.s0 / self.seg, (it.s1 - 1) / self.seg);
+        let Partial { acc, m, l } = out;
+        // Nothing seen yet: what a segment that cannot be read (never, after `check`) leaves.
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
+        acc.fill(0.0);
+        let mut spill = std::mem::take(&mut work.spill);
+        for p in first..=last {
+            let Some(args) = self.segment_args::<E>(k, v, p) else {
+                continue;
+            };
+            let base = p * self.seg;
+            let sub = Item {
+                s0: it.s0.max(base) - base,
+                s1: it.s1.min(base + self.seg) - base,
+                ..it
+            };
+            if p == first {
+                let out = Partial {
+                    acc: &mut *acc,
+                    m: &mut *m,
+                    l: &mut *l,
+                };
+                run_item(self.isa, self.path, &args, sub, work, out);
+            } else {
+                let rows = m.len();
+                let d = self.dims.d;
+                let piece = Partial {
+                    acc: &mut spill.acc[..rows * d],
+                    m: &mut spill.m[..rows],
+                    l: &mut spill.l[..rows],
+                };
+                run_item(self.isa, self.path, &args, sub, work, piece);
+                for r in 0..rows {
+                    fold(
+                        &mut acc[r * d..(r + 1) * d],
+                        (&mut m[r], &mut l[r]),
+                        &spill.acc[r * d..(r + 1) * d],
+                        (spill.m[r], spill.l[r]),
+                    );
+                }
+            }
+        }
+        work.spill = spill;
     }
 
     /// Merges pieces of the same (head, token) rows with the log-sum-exp rule into `out`, then
@@ -211,18 +275,12 @@ impl Call<'_> {
                 for r in 0..rep {
                     let row = it.row0 + ti * rep + r;
                     let dst = (it.t0 + ti) * hq + it.g * rep + r;
-                    let (m1, m2) = (m_all[dst], p_m[row]);
-                    if m2 == f32::NEG_INFINITY {
-                        continue;
-                    }
-                    let m = m1.max(m2);
-                    let (a1, a2) = ((m1 - m).exp(), (m2 - m).exp());
-                    l_all[dst] = l_all[dst] * a1 + p_l[row] * a2;
-                    let acc = &mut out[dst * d..(dst + 1) * d];
-                    for (x, &y) in acc.iter_mut().zip(&p_acc[row * d..(row + 1) * d]) {
-                        *x = *x * a1 + y * a2;
-                    }
-                    m_all[dst] = m;
+                    fold(
+                        &mut out[dst * d..(dst + 1) * d],
+                        (&mut m_all[dst], &mut l_all[dst]),
+                        &p_acc[row * d..(row + 1) * d],
+                        (p_m[row], p_l[row]),
+                    );
                 }
             }
         }
@@ -239,6 +297,22 @@ impl Call<'_> {
             }
         }
     }
+}
+
+/// Folds a partial row (unnormalised `acc2` with running max `m2` and sum `l2`) computed over
+/// other keys into `acc` with its `(m, l)`, exactly: both are rescaled to the larger max.
+#[inline]
+fn fold(acc: &mut [f32], (m, l): (&mut f32, &mut f32), acc2: &[f32], (m2, l2): (f32, f32)) {
+    if m2 == f32::NEG_INFINITY {
+        return;
+    }
+    let mx = m.max(m2);
+    let (a1, a2) = ((*m - mx).exp(), (m2 - mx).exp());
+    *l = *l * a1 + l2 * a2;
+    for (x, &y) in acc.iter_mut().zip(acc2) {
+        *x = *x * a1 + y * a2;
+    }
+    *m = mx;
 }
 
 /// `v` with room for `n` elements in all (`Vec::reserve` counts from the length).

@@ -105,15 +105,8 @@ fn into_matches_fresh(sh: &Shape, seed: u64, scratch: &mut AttentionScratch) {
         ),
         _ => (KvData::F16(&kh), KvData::F16(&vh)),
     };
-    let k = KvView {
-        data: kd,
-        heads: sh.hkv,
-        len: sh.len,
-        head_dim: sh.d,
-        head_stride: stride,
-        first_pos: sh.first_pos,
-    };
-    let v = KvView { data: vd, ..k };
+    let k = KvView::contiguous(kd, sh.hkv, sh.len, sh.d, stride, sh.first_pos);
+    let v = KvView::contiguous(vd, k.heads, k.len, k.head_dim, stride, k.first_pos);
     let last = sh.first_pos + sh.len - 1;
     let positions: Vec<usize> = (last + 1 - sh.t..=last).collect();
     let ctx = AttnContext {
@@ -185,14 +178,7 @@ fn into_rejects_bad_outputs() {
     let (t, hq, d) = (2, 4, 8);
     let q = Array3::from_shape_vec((t, hq, d), values(t * hq * d, 1)).unwrap();
     let kv = values(2 * 5 * d, 2);
-    let k = KvView {
-        data: KvData::F32(&kv),
-        heads: 2,
-        len: 5,
-        head_dim: d,
-        head_stride: 5 * d,
-        first_pos: 0,
-    };
+    let k = KvView::contiguous(KvData::F32(&kv), 2, 5, d, 5 * d, 0);
     let ctx = AttnContext {
         positions: &[3, 4],
         mask: &LayerKind::Global,
@@ -224,14 +210,7 @@ fn into_takes_queries_in_any_layout() {
     let qt = Array3::from_shape_vec((d, hq, t), values(t * hq * d, 5)).unwrap();
     let q = qt.view().reversed_axes();
     let kv = values(2 * 9 * d, 6);
-    let k = KvView {
-        data: KvData::F32(&kv),
-        heads: 2,
-        len: 9,
-        head_dim: d,
-        head_stride: 9 * d,
-        first_pos: 0,
-    };
+    let k = KvView::contiguous(KvData::F32(&kv), 2, 9, d, 9 * d, 0);
     let ctx = AttnContext {
         positions: &[6, 7, 8],
         mask: &LayerKind::Global,
