@@ -25,7 +25,7 @@
 //! `examples/long_context.rs` decodes; throughput is the K/V bytes of both layers (in the
 //! format, q8's scales included), each layer its own buffer so that a step reads beyond the
 //! last-level cache. At 256K and beyond, the same again from a `LayerCache`'s pages
-//! (`{format}_pages_of_{N}`).
+//! (`{format}_pages_of_{N}`: the automatic page length, and one page of the whole context).
 //!
 //! Run: `cargo bench --bench attention` (`-- decode` or `-- prefill` for one part).
 
@@ -218,37 +218,49 @@ fn decode_demo(c: &mut Criterion) {
         if len < 256 << 10 {
             continue;
         }
-        // The same read from the cache's own pages (the automatic page length).
-        let layers: Vec<LayerCache> = (0..LAYERS as u64)
-            .map(|l| {
-                let mut cache =
-                    LayerCache::new(LayerKind::Global, CacheSpec::new(hkv, d, dtype)).expect("spec");
-                cache.reserve(len).expect("memory");
-                const PIECE: usize = 4096;
-                for (i, start) in (0..len).step_by(PIECE).enumerate() {
-                    let x = fill(PIECE * hkv * d, 100 + 2 * l + i as u64);
-                    let x = Array3::from_shape_vec((PIECE, hkv, d), x.iter().map(|v| v.to_f32()).collect())
-                        .expect("sized");
-                    debug_assert_eq!(cache.next_pos(), start);
-                    cache.append(x.view(), x.view()).expect("append");
-                }
-                cache
-            })
-            .collect();
-        let page_len = layers[0].page_len();
-        group.bench_function(
-            BenchmarkId::new(format!("{dtype}_pages_of_{page_len}"), len),
-            |b| {
-                b.iter(|| {
-                    for layer in &layers {
-                        let view = layer.view();
-                        attention(q.view(), &view.k, &view.v, &actx).expect("valid shapes");
-                    }
+        // The same read from a cache's pages: the automatic page length, and one page of
+        // the whole context (the same values in one buffer per head), to separate what the
+        // pages cost from what the data does.
+        for page in [0, len] {
+            let layers: Vec<LayerCache> = (0..LAYERS as u64)
+                .map(|l| {
+                    filled_cache(
+                        CacheSpec::new(hkv, d, dtype).with_page_len(page),
+                        len,
+                        100 + 64 * l,
+                    )
                 })
-            },
-        );
+                .collect();
+            let page_len = layers[0].page_len();
+            group.bench_function(
+                BenchmarkId::new(format!("{dtype}_pages_of_{page_len}"), len),
+                |b| {
+                    b.iter(|| {
+                        for layer in &layers {
+                            let view = layer.view();
+                            attention(q.view(), &view.k, &view.v, &actx).expect("valid shapes");
+                        }
+                    })
+                },
+            );
+        }
     }
     group.finish();
+}
+
+/// A global layer's cache of `len` positions of pseudo-random keys (values the same).
+fn filled_cache(spec: CacheSpec, len: usize, seed: u64) -> LayerCache {
+    const PIECE: usize = 4096;
+    let (hkv, d) = (spec.kv_heads, spec.head_dim);
+    let mut cache = LayerCache::new(LayerKind::Global, spec).expect("spec");
+    cache.reserve(len).expect("memory");
+    for (i, start) in (0..len).step_by(PIECE).enumerate() {
+        let n = PIECE.min(len - start);
+        let x = fill(n * hkv * d, seed + i as u64);
+        let x = Array3::from_shape_vec((n, hkv, d), x.iter().map(|v| v.to_f32()).collect()).expect("sized");
+        cache.append(x.view(), x.view()).expect("append");
+    }
+    cache
 }
 
 fn prefill(c: &mut Criterion) {

@@ -31,8 +31,8 @@ fn scout_bounded_vs_all_full() {
         let b = spec.estimate(&kinds, n).unwrap();
         let f = spec.estimate(&full, n).unwrap();
         // The formula: 12 global layers hold N positions, 36 chunked ones min(N, 8192) (whole
-        // pages of 256 positions, which divide all of these).
-        assert_eq!(spec.page_len_for(LayerKind::Global), 256);
+        // pages of 1024 positions, which divide all of these).
+        assert_eq!(spec.page_len_for(LayerKind::Global), 1024);
         assert_eq!(b.global, 12 * n as u64 * per_pos);
         assert_eq!(b.chunked, 36 * n.min(8192) as u64 * per_pos);
         assert_eq!(f.total(), 48 * n as u64 * per_pos);
