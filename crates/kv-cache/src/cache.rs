@@ -2,7 +2,7 @@
 
 use ndarray::ArrayView3;
 
-use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, Result, Segments};
+use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, PagePool, Result, Segments};
 
 /// One cache per decoder layer, built from the layers' kinds.
 ///
@@ -12,18 +12,37 @@ use crate::{CacheSpec, KvError, LayerCache, LayerKind, LayerView, MemoryBytes, R
 #[derive(Clone, Debug)]
 pub struct KvCache {
     spec: CacheSpec,
+    pool: Option<PagePool>,
     layers: Vec<LayerCache>,
 }
 
 impl KvCache {
     /// An empty cache with one layer per entry of `kinds`; nothing is allocated yet.
     pub fn new(kinds: &[LayerKind], spec: CacheSpec) -> Result<Self> {
+        Self::build(kinds, spec, None)
+    }
+
+    /// [`KvCache::new`] whose pages count against `pool`'s byte budget (shared with every
+    /// other cache of the pool: an engine's sessions).
+    pub fn with_pool(kinds: &[LayerKind], spec: CacheSpec, pool: PagePool) -> Result<Self> {
+        Self::build(kinds, spec, Some(pool))
+    }
+
+    fn build(kinds: &[LayerKind], spec: CacheSpec, pool: Option<PagePool>) -> Result<Self> {
         let layers = kinds
             .iter()
-            .map(|&kind| LayerCache::new(kind, spec))
+            .map(|&kind| match &pool {
+                Some(p) => LayerCache::with_pool(kind, spec, p.clone()),
+                None => LayerCache::new(kind, spec),
+            })
             .collect::<Result<Vec<_>>>()?;
         spec.validate()?;
-        Ok(Self { spec, layers })
+        Ok(Self { spec, pool, layers })
+    }
+
+    /// The budget this cache's pages count against, if any.
+    pub fn pool(&self) -> Option<&PagePool> {
+        self.pool.as_ref()
     }
 
     /// The shapes and dtype shared by every layer.
@@ -101,6 +120,21 @@ impl KvCache {
             l.truncate(len)?;
         }
         Ok(())
+    }
+
+    /// The largest `l ≤ len` (and `≤` [`KvCache::len`]) that [`KvCache::truncate`] accepts:
+    /// `len` itself, or lower where a chunked layer no longer holds the keys `len` needs (the
+    /// start of that chunk, where nothing before is needed). Changes nothing.
+    pub fn truncatable(&self, len: usize) -> usize {
+        let mut l = len.min(self.len());
+        loop {
+            match self.layers.iter().find_map(|x| x.check_truncate(l).err()) {
+                None => return l,
+                // A chunked layer accepts any multiple of its chunk, and `l` only decreases.
+                Some(KvError::Evicted { chunk, .. }) => l = l / chunk * chunk,
+                Some(_) => return 0,
+            }
+        }
     }
 
     /// Forgets every position in every layer; capacity is kept.
@@ -250,6 +284,68 @@ mod tests {
         c.truncate(8).unwrap();
         assert_eq!(c.len(), 8);
         assert_eq!(c.view(0).unwrap().k.len, 8);
+    }
+
+    #[test]
+    fn truncatable_lowers_to_where_every_layer_can_restart() {
+        let kinds = [LayerKind::Global, LayerKind::chunked(4).unwrap()];
+        let mut c = KvCache::new(&kinds, CacheSpec::new(1, 2, DType::F32)).unwrap();
+        fill(&mut c, 10); // chunked holds 8, 9
+        assert_eq!(c.truncatable(10), 10);
+        assert_eq!(c.truncatable(12), 10);
+        assert_eq!(c.truncatable(9), 9);
+        assert_eq!(c.truncatable(7), 4);
+        assert_eq!(c.truncatable(3), 0);
+        for l in 0..=10 {
+            let t = c.truncatable(l);
+            assert!(t <= l && c.clone().truncate(t).is_ok(), "{l} -> {t}");
+            assert!((t + 1..=l).all(|m| c.clone().truncate(m).is_err()), "{l} -> {t}");
+        }
+    }
+
+    /// Caches of one pool stay within its budget together: a page that does not fit is an
+    /// error that changes nothing, a clone's shared pages count once, a copy on write counts,
+    /// and a dropped cache gives its pages back.
+    #[test]
+    fn caches_of_a_pool_share_its_budget() {
+        let kinds = [LayerKind::Global, LayerKind::chunked(4).unwrap()];
+        let spec = CacheSpec::new(1, 2, DType::F32).with_page_len(4);
+        // One page of keys or values: 1 head × 4 positions × 2 × 4 bytes.
+        let page = 32u64;
+        let pool = PagePool::new(14 * page);
+        let mut a = KvCache::with_pool(&kinds, spec, pool.clone()).unwrap();
+        fill(&mut a, 8); // global: 2 pages, chunked: 1, each for K and V
+        assert_eq!(pool.used(), 6 * page);
+        assert_eq!(pool.used(), a.memory_bytes().total());
+        let mut b = a.clone();
+        assert_eq!(pool.used(), 6 * page, "shared pages count once");
+        b.truncate(6).unwrap();
+        // Position 6 goes into the global layer's second page and the chunked layer's page
+        // (which holds 4..8): both copied, for K and V.
+        fill(&mut b, 1);
+        assert_eq!(pool.used(), 10 * page);
+        let mut c = KvCache::with_pool(&kinds, spec, pool.clone()).unwrap();
+        fill(&mut c, 4); // 4 pages
+        assert_eq!(pool.used(), 14 * page);
+        let before = (c.len(), c.memory_bytes());
+        let k = ndarray::Array3::<f32>::zeros((1, 1, 2));
+        assert_eq!(
+            c.append(0, k.view(), k.view()),
+            Err(KvError::Budget {
+                requested: page,
+                used: 14 * page,
+                budget: 14 * page
+            })
+        );
+        assert_eq!((c.len(), c.memory_bytes()), before);
+        drop(a);
+        // b still holds the global layer's first page, which it shared with a.
+        assert_eq!(pool.used(), 10 * page);
+        drop(b);
+        assert_eq!(pool.used(), 4 * page);
+        fill(&mut c, 4);
+        drop(c);
+        assert_eq!(pool.used(), 0);
     }
 
     #[test]

@@ -39,6 +39,16 @@ pub enum KvError {
         /// The layer's chunk size.
         chunk: usize,
     },
+    /// A page would take the caches of a [`crate::PagePool`] beyond its byte budget.
+    #[error("the key/value cache budget of {budget} bytes is spent ({used} in use, {requested} more asked)")]
+    Budget {
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes the pool's caches held then.
+        used: u64,
+        /// The pool's budget.
+        budget: u64,
+    },
     /// `truncate` to more positions than the layer has seen.
     #[error("cannot truncate to {requested} positions: only {len} were appended")]
     TruncateBeyond {

@@ -6,8 +6,9 @@ use llama4_core::{KvData, KvPageTable, KvStore, KvView};
 use ndarray::{Array3, ArrayView3, Axis};
 
 use crate::kind::paged_capacity;
+use crate::pool::Lease;
 use crate::storage::Storage;
-use crate::{CacheSpec, KvError, LayerKind, Result, Segments};
+use crate::{CacheSpec, KvError, LayerKind, PagePool, Result, Segments};
 
 /// Keys and values of one layer as attention reads them.
 #[derive(Clone, Copy, Debug)]
@@ -18,10 +19,17 @@ pub struct LayerView<'a> {
     pub v: KvView<'a>,
 }
 
+/// One page of keys (or values), counted against the cache's [`PagePool`] while it lives.
+#[derive(Debug)]
+struct Page {
+    data: Storage,
+    _lease: Option<Lease>,
+}
+
 /// The pages of a layer's keys (or values), each `[Hkv, page_len, D]`. A page is shared
 /// between clones of the cache until one of them writes to it (copy on write).
 #[derive(Clone, Debug, Default)]
-struct Pages(Vec<Arc<Storage>>);
+struct Pages(Vec<Arc<Page>>);
 
 impl KvPageTable for Pages {
     fn pages(&self) -> usize {
@@ -29,7 +37,7 @@ impl KvPageTable for Pages {
     }
 
     fn page(&self, i: usize) -> KvData<'_> {
-        self.0[i].data()
+        self.0[i].data.data()
     }
 }
 
@@ -49,6 +57,8 @@ impl KvPageTable for Pages {
 pub struct LayerCache {
     kind: LayerKind,
     spec: CacheSpec,
+    /// The budget pages count against (none: only the system's memory).
+    pool: Option<PagePool>,
     page_len: usize,
     k: Pages,
     v: Pages,
@@ -61,10 +71,20 @@ pub struct LayerCache {
 impl LayerCache {
     /// An empty cache; nothing is allocated until the first append or [`LayerCache::reserve`].
     pub fn new(kind: LayerKind, spec: CacheSpec) -> Result<Self> {
+        Self::build(kind, spec, None)
+    }
+
+    /// [`LayerCache::new`] whose pages count against `pool`'s budget.
+    pub fn with_pool(kind: LayerKind, spec: CacheSpec, pool: PagePool) -> Result<Self> {
+        Self::build(kind, spec, Some(pool))
+    }
+
+    fn build(kind: LayerKind, spec: CacheSpec, pool: Option<PagePool>) -> Result<Self> {
         spec.validate()?;
         Ok(Self {
             kind,
             spec,
+            pool,
             page_len: spec.page_len_for(kind),
             k: Pages::default(),
             v: Pages::default(),
@@ -96,6 +116,11 @@ impl LayerCache {
     /// Positions held now.
     pub fn held(&self) -> usize {
         self.len
+    }
+
+    /// The budget this cache's pages count against, if any.
+    pub fn pool(&self) -> Option<&PagePool> {
+        self.pool.as_ref()
     }
 
     /// Positions per page.
@@ -170,22 +195,43 @@ impl LayerCache {
         }
         let needed = slot0 + t;
         self.grow_to(needed)?;
+        let p = self.page_len;
+        // A page shared with a clone is copied before it is written (and the copy counted
+        // against the pool), all of them before any write: a refused copy changes nothing.
+        for page in slot0 / p..needed.div_ceil(p) {
+            self.own(page)?;
+        }
         if slot0 == 0 {
             self.first_pos = start;
         }
-        let (p, stride) = (self.page_len, self.page_len * d);
+        let stride = p * d;
         for (i, (kt, vt)) in k.outer_iter().zip(v.outer_iter()).enumerate() {
             let slot = slot0 + i;
             let (page, at) = (slot / p, (slot % p) * d);
-            // A page shared with a clone is copied before its first write here.
-            let kp = Arc::make_mut(&mut self.k.0[page]);
-            let vp = Arc::make_mut(&mut self.v.0[page]);
+            let (Some(kp), Some(vp)) = (
+                Arc::get_mut(&mut self.k.0[page]),
+                Arc::get_mut(&mut self.v.0[page]),
+            ) else {
+                unreachable!("pages to write were made unique above")
+            };
             for (h, (kh, vh)) in kt.outer_iter().zip(vt.outer_iter()).enumerate() {
-                kp.write(h * stride + at, kh);
-                vp.write(h * stride + at, vh);
+                kp.data.write(h * stride + at, kh);
+                vp.data.write(h * stride + at, vh);
             }
         }
         self.len = needed;
+        Ok(())
+    }
+
+    /// Makes page `i` of keys and of values this cache's alone, copying a shared one.
+    fn own(&mut self, i: usize) -> Result<()> {
+        for table in [&mut self.k.0, &mut self.v.0] {
+            if Arc::get_mut(&mut table[i]).is_none() {
+                let data = table[i].data.clone();
+                let lease = lease(self.pool.as_ref(), &data)?;
+                table[i] = Arc::new(Page { data, _lease: lease });
+            }
+        }
         Ok(())
     }
 
@@ -235,7 +281,7 @@ impl LayerCache {
                 continue;
             };
             for (page, dst) in pages.0.iter().zip(dst.chunks_mut(p * d)) {
-                page.read(h * p * d, dst);
+                page.data.read(h * p * d, dst);
             }
         }
         out
@@ -328,9 +374,9 @@ impl LayerCache {
         let mut fresh = Vec::new();
         fresh.try_reserve_exact(2 * adding).map_err(alloc)?;
         for _ in 0..2 * adding {
-            fresh.push(Arc::new(
-                Storage::try_zeros(self.spec.dtype, d, elems).map_err(alloc)?,
-            ));
+            let data = Storage::try_zeros(self.spec.dtype, d, elems).map_err(alloc)?;
+            let lease = lease(self.pool.as_ref(), &data)?;
+            fresh.push(Arc::new(Page { data, _lease: lease }));
         }
         for table in [&mut self.k.0, &mut self.v.0] {
             table.try_reserve_exact(pages - table.len()).map_err(alloc)?;
@@ -341,6 +387,11 @@ impl LayerCache {
         self.v.0.extend(fresh);
         Ok(())
     }
+}
+
+/// A lease of `pool`'s budget for the bytes of `data` (none without a pool).
+fn lease(pool: Option<&PagePool>, data: &Storage) -> Result<Option<Lease>> {
+    pool.map(|p| p.lease(data.bytes())).transpose()
 }
 
 #[cfg(test)]

@@ -91,6 +91,16 @@ impl Storage {
         }
     }
 
+    /// Bytes held (elements, and scales for q8).
+    pub(crate) fn bytes(&self) -> u64 {
+        (match self {
+            Storage::F32(v) => 4 * v.len(),
+            Storage::BF16(v) => 2 * v.len(),
+            Storage::F16(v) => 2 * v.len(),
+            Storage::Q8 { q, scales, .. } => q.len() + 4 * scales.len(),
+        }) as u64
+    }
+
     /// The elements as the borrowed form attention reads.
     pub(crate) fn data(&self) -> KvData<'_> {
         match self {

@@ -2,7 +2,7 @@
 
 use std::borrow::Borrow;
 
-use kv_cache::{KvCache, MemoryBytes};
+use kv_cache::{KvCache, MemoryBytes, PagePool};
 use llama4_core::scratch::reshape_reusing;
 use llama4_core::KvDtype;
 use ndarray::{s, Array1, Array2, ArrayViewMut2};
@@ -97,9 +97,41 @@ impl<M: Borrow<TextModel>> Session<M> {
             ))
             .into());
         }
-        let kinds: Vec<_> = self.cache.kinds().collect();
-        self.cache = KvCache::new(&kinds, self.cache.spec().with_page_len(page_len))?;
+        let spec = self.cache.spec().with_page_len(page_len);
+        self.cache = self.fresh_cache(spec, self.cache.pool().cloned())?;
         Ok(self)
+    }
+
+    /// Counts this session's cache pages against `pool`'s byte budget, shared with every other
+    /// cache of the pool (an engine's sessions): an append beyond it is
+    /// [`kv_cache::KvError::Budget`].
+    ///
+    /// # Errors
+    /// [`kv_cache::KvError::InvalidSpec`] once the session holds tokens.
+    pub fn with_pool(mut self, pool: PagePool) -> Result<Self> {
+        if !self.cache.is_empty() {
+            return Err(kv_cache::KvError::InvalidSpec(format!(
+                "the page pool is set before the first token (the session holds {})",
+                self.cache.len()
+            ))
+            .into());
+        }
+        self.cache = self.fresh_cache(self.cache.spec(), Some(pool))?;
+        Ok(self)
+    }
+
+    /// An empty cache for this session's layers.
+    fn fresh_cache(&self, spec: kv_cache::CacheSpec, pool: Option<PagePool>) -> Result<KvCache> {
+        let kinds: Vec<_> = self.cache.kinds().collect();
+        Ok(match pool {
+            Some(pool) => KvCache::with_pool(&kinds, spec, pool)?,
+            None => KvCache::new(&kinds, spec)?,
+        })
+    }
+
+    /// Frees the cache pages beyond the positions held (see [`KvCache::shrink_to_fit`]).
+    pub fn shrink_to_fit(&mut self) {
+        self.cache.shrink_to_fit();
     }
 
     /// Lowers (or raises) the context limit this session enforces.
@@ -305,6 +337,34 @@ impl<M: Borrow<TextModel>> Session<M> {
             self.ws = Workspace::new();
             self.hidden = Array2::zeros((0, 0));
         }
+    }
+
+    /// Makes this session hold the first `len` tokens of `other`, a session of the same model,
+    /// by sharing `other`'s cache pages rather than running those tokens again: a prefix that
+    /// several sequences have in common (a system prompt, the earlier turns of a conversation)
+    /// is computed and stored once. A page is copied only when one of the two writes to it.
+    ///
+    /// `len` is lowered to what `other`'s cache can restart from ([`KvCache::truncatable`]: a
+    /// chunked layer holds only its current chunk). Returns the tokens now held; what this
+    /// session held before is dropped.
+    ///
+    /// # Errors
+    /// [`kv_cache::KvError::InvalidSpec`] when `other` runs another model or stores its cache
+    /// in another format; nothing changes then.
+    pub fn share_prefix<N: Borrow<TextModel>>(&mut self, other: &Session<N>, len: usize) -> Result<usize> {
+        if !std::ptr::eq(self.model(), other.model()) || self.cache.spec() != other.cache.spec() {
+            return Err(kv_cache::KvError::InvalidSpec(
+                "a prefix is shared between sessions of one model and cache format".into(),
+            )
+            .into());
+        }
+        let len = other.cache.truncatable(len.min(other.tokens.len()));
+        let mut cache = other.cache.clone();
+        cache.truncate(len)?;
+        self.cache = cache;
+        self.tokens.clear();
+        self.tokens.extend_from_slice(&other.tokens[..len]);
+        Ok(len)
     }
 
     /// Forgets everything after the first `len` positions (to regenerate from there).

@@ -11,7 +11,10 @@
 //! pass refuses fails its own request only; the others run again without it.
 //!
 //! A finished request leaves its tokens in its slot's cache; a new prompt that begins with them
-//! goes to that slot and only its new tokens are prefilled (a chat's next turn).
+//! goes to that slot and only its new tokens are prefilled (a chat's next turn). When another
+//! slot, running or not, holds a longer prefix of the prompt (a system prompt many clients
+//! send), the new slot takes that slot's cache pages, shared until either writes to one
+//! ([`Session::share_prefix`]), and prefills only the rest.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
@@ -21,6 +24,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use llama4_core::KvDtype;
+use llama4_model::kv_cache::PagePool;
 use llama4_model::{
     forward_batch, BatchEntry, MultimodalModel, Sampler, SamplingConfig, Session, StreamDecoder, TextModel,
     Tokenizer, Workspace,
@@ -170,11 +174,18 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
+    /// Bytes every slot's key/value cache may hold together (`None`: as much as memory
+    /// allows). A request is admitted when its whole sequence (prompt and `max_tokens`) fits
+    /// beside what the running requests may grow to; otherwise it waits, and caches that idle
+    /// slots keep for reuse are dropped first.
+    pub kv_budget: Option<u64>,
 }
 
 struct Queued {
     request: Request,
     events: UnboundedSender<Event>,
+    /// It has waited for room in the cache budget (counted once).
+    waited: bool,
 }
 
 /// Handle to the engine thread; dropping it stops the thread once the running requests end.
@@ -241,7 +252,11 @@ impl Engine {
         let (events, rx) = unbounded_channel();
         let queue = self.queue.as_ref().ok_or(SubmitError::Stopped)?;
         self.metrics.queue_depth.fetch_add(1, Relaxed);
-        match queue.try_send(Queued { request, events }) {
+        match queue.try_send(Queued {
+            request,
+            events,
+            waited: false,
+        }) {
             Ok(()) => Ok(rx),
             Err(e) => {
                 self.metrics.queue_depth.fetch_sub(1, Relaxed);
@@ -263,6 +278,14 @@ impl Drop for Engine {
     }
 }
 
+/// What admitting a request came to, when it was not refused.
+enum Admission {
+    /// It holds a slot.
+    Admitted,
+    /// Its sequence does not fit in the cache budget beside the running ones: it waits.
+    Wait,
+}
+
 /// A request holding a slot.
 struct Job {
     events: UnboundedSender<Event>,
@@ -280,6 +303,8 @@ struct Job {
     stop: StopStrings,
     /// Admission order: earlier prompts prefill first.
     seq: u64,
+    /// Cache bytes the whole sequence may take (its share of the budget), 0 without one.
+    reserved: u64,
 }
 
 impl Job {
@@ -306,8 +331,16 @@ enum Piece {
 /// The session of one slot, made once when the engine starts and kept (with its cache) across
 /// the requests the slot serves. This is the one place slot caches are made: caches drawn from
 /// a shared page pool plug in here.
-fn new_slot_session(text: &Arc<TextModel>, config: &EngineConfig) -> Result<Session<Arc<TextModel>>> {
-    Ok(Session::new(text.clone(), config.kv_dtype)?.with_max_len(config.ctx_size))
+fn new_slot_session(
+    text: &Arc<TextModel>,
+    config: &EngineConfig,
+    pool: Option<&PagePool>,
+) -> Result<Session<Arc<TextModel>>> {
+    let session = Session::new(text.clone(), config.kv_dtype)?.with_max_len(config.ctx_size);
+    Ok(match pool {
+        Some(pool) => session.with_pool(pool.clone())?,
+        None => session,
+    })
 }
 
 /// Runs the pieces `plan` gives the slots `rows` (ascending) in one batched pass; on success
@@ -372,6 +405,10 @@ struct Scheduler {
     /// The batched pass's buffers (activations, scratch, logits), reused across steps.
     ws: Workspace,
     admitted: u64,
+    /// The byte budget of every slot's cache, when the engine has one.
+    pool: Option<PagePool>,
+    /// A request taken from the queue that waits for room in the budget; admitted first.
+    waiting: Option<Queued>,
 }
 
 impl Scheduler {
@@ -383,10 +420,11 @@ impl Scheduler {
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let text = model.shared_text().clone();
+        let pool = config.kv_budget.map(PagePool::new);
         let slots = (0..config.parallel.max(1))
             .map(|_| {
                 Ok(Slot {
-                    session: new_slot_session(&text, &config)?,
+                    session: new_slot_session(&text, &config, pool.as_ref())?,
                     job: None,
                     has_images: false,
                     last_used: 0,
@@ -403,58 +441,86 @@ impl Scheduler {
             slots,
             ws: Workspace::new(),
             admitted: 0,
+            pool,
+            waiting: None,
         })
     }
 
     fn run(&mut self, rx: Receiver<Queued>) {
         loop {
             if !self.slots.iter().any(|s| s.job.is_some()) {
-                // Idle: wait for work; the queue closing ends the thread.
-                match rx.recv() {
-                    Ok(q) => self.admit(q),
-                    Err(_) => return,
-                }
+                // Idle: admit what waits (with nothing running, it fits), or wait for work;
+                // the queue closing ends the thread.
+                let next = match self.waiting.take() {
+                    Some(q) => q,
+                    None => match rx.recv() {
+                        Ok(q) => q,
+                        Err(_) => return,
+                    },
+                };
+                self.waiting = self.admit(next);
             }
-            while self.slots.iter().any(|s| s.job.is_none()) {
+            while self.waiting.is_none() && self.slots.iter().any(|s| s.job.is_none()) {
                 match rx.try_recv() {
-                    Ok(q) => self.admit(q),
+                    Ok(q) => self.waiting = self.admit(q),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
             self.drop_cancelled();
             self.step();
+            if let Some(q) = self.waiting.take() {
+                // Requests may have finished: try again (in order; the queue waits behind it).
+                self.waiting = self.admit(q);
+            }
             self.metrics
                 .active
                 .set(self.slots.iter().filter(|s| s.job.is_some()).count() as f64);
+            let cache_bytes = match &self.pool {
+                Some(pool) => pool.used(),
+                None => self.slots.iter().map(|s| s.session.cache_memory().total()).sum(),
+            };
+            self.metrics.kv_cache_bytes.set(cache_bytes as f64);
         }
     }
 
     /// Gives `q` a slot: the free slot whose cache shares the longest prefix with the prompt.
-    fn admit(&mut self, q: Queued) {
-        self.metrics.queue_depth.fetch_sub(1, Relaxed);
+    /// Returns `q` when it must wait for room in the cache budget (nothing changed then).
+    fn admit(&mut self, mut q: Queued) -> Option<Queued> {
         if q.events.is_closed() {
+            self.metrics.queue_depth.fetch_sub(1, Relaxed);
             self.metrics.cancelled.fetch_add(1, Relaxed);
-            return;
+            return None;
         }
-        match self.try_admit(q.request, &q.events) {
-            Ok(()) => {}
+        let outcome = self.try_admit(&q.request, &q.events);
+        if matches!(outcome, Ok(Admission::Wait)) {
+            if !q.waited {
+                q.waited = true;
+                self.metrics.budget_waits.fetch_add(1, Relaxed);
+            }
+            return Some(q);
+        }
+        self.metrics.queue_depth.fetch_sub(1, Relaxed);
+        match outcome {
+            Ok(_) => None,
             Err(e) => {
                 self.metrics.failed.fetch_add(1, Relaxed);
                 let _ = q.events.send(Event::Failed(e));
+                None
             }
         }
     }
 
     fn try_admit(
         &mut self,
-        request: Request,
+        request: &Request,
         events: &UnboundedSender<Event>,
-    ) -> std::result::Result<(), EngineError> {
+    ) -> std::result::Result<Admission, EngineError> {
         let Request {
-            mut prompt,
+            prompt,
             images,
             params,
         } = request;
+        let (mut prompt, params) = (prompt.clone(), params.clone());
         let mut embeddings = None;
         if !images.is_empty() {
             let mm = self
@@ -485,6 +551,10 @@ impl Scheduler {
             )));
         }
         let sampler = Sampler::new(params.sampling).map_err(|e| EngineError::Rejected(e.to_string()))?;
+        let reserved = match self.budget_for(total)? {
+            Some(bytes) => bytes,
+            None => return Ok(Admission::Wait),
+        };
         let with_images = embeddings.is_some();
         let (index, shared) = self
             .slots
@@ -504,17 +574,28 @@ impl Scheduler {
             .map(|(i, shared, _)| (i, shared))
             .ok_or_else(|| EngineError::Internal("no free slot".into()))?;
         self.admitted += 1;
-        let slot = &mut self.slots[index];
         // At least one prompt token runs: its logits choose the first generated token.
-        let mut reused = shared.min(prompt.len() - 1);
+        let most = prompt.len() - 1;
+        // Where a chunked layer no longer holds the keys a position needs, the slot restarts
+        // at the start of that chunk.
+        let mut reused = self.slots[index].session.cache().truncatable(shared.min(most));
+        if !with_images {
+            reused = self.share_from_another_slot(index, &prompt, most, reused);
+        }
+        let slot = &mut self.slots[index];
         if reused == 0 {
             slot.session.reset();
         } else if reused < slot.session.len() && slot.session.truncate(reused).is_err() {
-            // A chunked layer no longer holds the keys that position needs: start over.
             slot.session.reset();
             reused = 0;
         }
         slot.has_images = with_images;
+        if self.pool.is_some() {
+            // Only the pages of what is kept: the rest of the sequence is in `reserved`.
+            slot.session.shrink_to_fit();
+            self.release_idle_caches(index, reserved);
+        }
+        let slot = &mut self.slots[index];
         slot.last_used = self.admitted;
         self.metrics.requests_admitted.fetch_add(1, Relaxed);
         self.metrics.prompt_tokens.fetch_add(prompt.len() as u64, Relaxed);
@@ -537,8 +618,112 @@ impl Scheduler {
             generated: 0,
             decoder: StreamDecoder::new(),
             seq: self.admitted,
+            reserved,
         });
-        Ok(())
+        Ok(Admission::Admitted)
+    }
+
+    /// The cache bytes a sequence of `total` tokens may take, when they fit in the budget
+    /// beside what the running requests may grow to (`Some(0)` without a budget); `None` when
+    /// it must wait for running requests to finish.
+    ///
+    /// # Errors
+    /// [`EngineError::Rejected`] when the sequence alone exceeds the budget.
+    fn budget_for(&self, total: usize) -> std::result::Result<Option<u64>, EngineError> {
+        let Some(pool) = &self.pool else {
+            return Ok(Some(0));
+        };
+        let cache = self.slots[0].session.cache();
+        let kinds: Vec<_> = cache.kinds().collect();
+        let need = cache
+            .spec()
+            .estimate(&kinds, total)
+            .map_err(|e| EngineError::Rejected(e.to_string()))?
+            .total();
+        if need > pool.budget() {
+            return Err(EngineError::Rejected(format!(
+                "the prompt and max_tokens ({total} tokens) need {need} bytes of key/value cache; \
+                 the server's budget is {}",
+                pool.budget()
+            )));
+        }
+        let running = self.reserved_by_running();
+        Ok((running + need <= pool.budget()).then_some(need))
+    }
+
+    /// Cache bytes the running requests may grow to.
+    fn reserved_by_running(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.job.as_ref())
+            .map(|j| j.reserved)
+            .sum()
+    }
+
+    /// Drops the caches that idle slots keep for reuse, least recently used first, until the
+    /// running requests' reservations, `reserved` for slot `index`, and what idle slots still
+    /// hold fit in the budget: then no append can exceed it.
+    fn release_idle_caches(&mut self, index: usize, reserved: u64) {
+        let Some(budget) = self.pool.as_ref().map(PagePool::budget) else {
+            return;
+        };
+        let running = self.reserved_by_running();
+        let mut idle: Vec<(u64, usize)> = (0..self.slots.len())
+            .filter(|&i| i != index && self.slots[i].job.is_none())
+            .map(|i| (self.slots[i].last_used, i))
+            .collect();
+        idle.sort_unstable();
+        let held = |s: &Slot| s.session.cache_memory().total();
+        let mut kept: u64 = idle.iter().map(|&(_, i)| held(&self.slots[i])).sum();
+        for (_, i) in idle {
+            if running + reserved + kept <= budget {
+                break;
+            }
+            let slot = &mut self.slots[i];
+            kept -= held(slot);
+            slot.session.reset();
+            slot.session.shrink_to_fit();
+            slot.has_images = false;
+        }
+    }
+
+    /// When another slot, running or not, holds a longer prefix of `prompt` (up to `most`
+    /// tokens) than the `own` tokens slot `index` can keep, shares that slot's cache pages
+    /// into slot `index` (no copy, no prefill; see [`Session::share_prefix`]). Returns the
+    /// prompt tokens slot `index` then holds.
+    fn share_from_another_slot(&mut self, index: usize, prompt: &[u32], most: usize, own: usize) -> usize {
+        let donor = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| i != index && !s.has_images)
+            .map(|(i, s)| {
+                (
+                    i,
+                    s.session
+                        .cache()
+                        .truncatable(common_prefix(s.session.tokens(), prompt).min(most)),
+                )
+            })
+            .max_by_key(|&(_, n)| n);
+        let Some((donor, n)) = donor.filter(|&(_, n)| n > own) else {
+            return own;
+        };
+        let (target, source) = if donor < index {
+            let (lo, hi) = self.slots.split_at_mut(index);
+            (&mut hi[0], &lo[donor])
+        } else {
+            let (lo, hi) = self.slots.split_at_mut(donor);
+            (&mut lo[index], &hi[0])
+        };
+        match target.session.share_prefix(&source.session, n) {
+            Ok(held) => {
+                self.metrics.prompt_tokens_shared.fetch_add(held as u64, Relaxed);
+                held
+            }
+            // Sessions of one engine share model and format: not expected; prefill instead.
+            Err(_) => own,
+        }
     }
 
     fn drop_cancelled(&mut self) {

@@ -3,8 +3,10 @@
 //!
 //! One engine thread owns the model and runs up to `parallel` sequences at once, each in its own
 //! slot (a session with its key/value cache): requests join and leave between steps, long prompts
-//! are prefilled in pieces so running streams keep decoding, and a finished request's cache is
-//! reused when the next prompt extends it ([`engine`]). The HTTP handlers ([`api`]) parse, render
+//! are prefilled in pieces so running streams keep decoding, a finished request's cache is
+//! reused when the next prompt extends it, and a prompt prefix that another slot holds (running
+//! or not) is taken from its cache pages, shared rather than copied or prefilled again
+//! ([`engine`]). The HTTP handlers ([`api`]) parse, render
 //! the chat template, tokenize, queue, and stream back what the engine sends.
 //!
 //! Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`,
@@ -81,6 +83,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
+    /// Bytes all slots' key/value caches may hold together (see
+    /// [`engine::EngineConfig::kv_budget`]); `None`: no budget.
+    pub kv_budget: Option<u64>,
     /// Draw a loading progress bar on stderr (nothing is drawn when stderr is not a terminal).
     pub load_progress: bool,
     /// Rank 0's transport of an expert-parallel group (`--expert-parallel` under `mpirun`): the
@@ -107,6 +112,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_body_bytes: 16 << 20,
             kv_dtype: KvDtype::F32,
+            kv_budget: None,
             load_progress: false,
             expert_group: None,
         }
@@ -250,6 +256,7 @@ fn start(
             queue_size: config.queue_size,
             prefill_chunk: config.prefill_chunk.max(1),
             kv_dtype: config.kv_dtype,
+            kv_budget: config.kv_budget,
         },
         metrics,
     )?;

@@ -21,6 +21,9 @@
 //! --prefill-chunk N      prompt tokens prefilled per engine step (default 512)
 //! --kv-cache f32|bf16|f16|q8  key/value cache storage (default f32; q8: int8, one scale per
 //!                      token and head); `--kv-dtype` is the same flag
+//! --kv-budget-mib N      MiB of key/value cache all sequences may hold together; a request
+//!                        whose prompt and max_tokens do not fit beside the running ones waits
+//!                        (default: no budget)
 //! --quantize q8|q4|fp8   quantise weights at load time, as examples/generate.rs does
 //! --quantize-all         with --quantize: every projection of the text decoder, not only the experts
 //! --quant-group N        input features per scale (default 32)
@@ -91,6 +94,13 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 let name: String = value(&flag, it.next())?;
                 c.kv_dtype = KvDtype::parse(&name)
                     .ok_or_else(|| format!("{flag} takes {}, not `{name}`", KvDtype::SPELLINGS))?;
+            }
+            "--kv-budget-mib" => {
+                let mib: u64 = value(&flag, it.next())?;
+                c.kv_budget = Some(
+                    mib.checked_mul(1 << 20)
+                        .ok_or_else(|| format!("{flag} {mib} overflows"))?,
+                );
             }
             "--quantize" => {
                 let name: String = value(&flag, it.next())?;
@@ -325,5 +335,9 @@ mod tests {
             "--kv-dtype takes f32, bf16, f16 or q8, not `int8`"
         );
         assert_eq!(parse(&["--kv-cache"]).err().unwrap(), "--kv-cache needs a value");
+        assert_eq!(parse(&[]).unwrap().kv_budget, None);
+        assert_eq!(parse(&["--kv-budget-mib", "3"]).unwrap().kv_budget, Some(3 << 20));
+        assert!(parse(&["--kv-budget-mib", "-1"]).is_err());
+        assert!(parse(&["--kv-budget-mib", &u64::MAX.to_string()]).is_err());
     }
 }

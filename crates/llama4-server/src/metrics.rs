@@ -41,8 +41,13 @@ pub struct Metrics {
     pub failed: AtomicU64,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: AtomicU64,
-    /// Prompt tokens found in a slot's cache and not prefilled again.
+    /// Prompt tokens found in a cache (the slot's own, or shared from another slot) and not
+    /// prefilled again.
     pub prompt_tokens_reused: AtomicU64,
+    /// Of those, the tokens whose cache pages another slot holds and now shares.
+    pub prompt_tokens_shared: AtomicU64,
+    /// Requests that waited for room in the key/value cache budget before admission.
+    pub budget_waits: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Forward passes run.
@@ -57,6 +62,8 @@ pub struct Metrics {
     pub active: Gauge,
     /// Decode tokens per second of the last forward pass that decoded.
     pub decode_tokens_per_s: Gauge,
+    /// Bytes of key/value cache the slots hold (shared pages once, with a budget).
+    pub kv_cache_bytes: Gauge,
     /// Rank 0 of an expert-parallel group, for its communication counts. Weak: the model's MoE
     /// layers own it, and the group stops when the model is dropped, not when `/metrics` is.
     pub expert_group: OnceLock<Weak<Leader>>,
@@ -91,6 +98,16 @@ impl Metrics {
             "llama4_prompt_tokens_reused_total",
             "Prompt tokens taken from a slot's cache instead of prefilled.",
             get(&self.prompt_tokens_reused),
+        );
+        counter(
+            "llama4_prompt_tokens_shared_total",
+            "Prompt tokens whose cache pages were shared from another slot (part of the reused).",
+            get(&self.prompt_tokens_shared),
+        );
+        counter(
+            "llama4_requests_waited_for_cache_budget_total",
+            "Requests that waited for room in the key/value cache budget.",
+            get(&self.budget_waits),
         );
         counter(
             "llama4_generated_tokens_total",
@@ -174,6 +191,11 @@ impl Metrics {
             "llama4_decode_tokens_per_second",
             "Decode tokens per second of the last forward pass that decoded.",
             self.decode_tokens_per_s.get(),
+        );
+        gauge(
+            "llama4_kv_cache_bytes",
+            "Bytes of key/value cache the slots hold.",
+            self.kv_cache_bytes.get(),
         );
         let _ = writeln!(
             out,

@@ -80,6 +80,15 @@ fn stream(server: &RunningServer, path: &str, body: Value) -> Vec<Value> {
         .collect()
 }
 
+/// The lines of a streamed completion, as they arrive.
+fn open_stream(server: &RunningServer, body: &Value) -> std::io::Lines<BufReader<impl std::io::Read>> {
+    let resp = agent()
+        .post(format!("{}/v1/completions", server.url()))
+        .send(body.to_string())
+        .unwrap();
+    BufReader::new(resp.into_body().into_reader()).lines()
+}
+
 /// The demo's held-out prompts and answers.
 fn heldout() -> Vec<(String, String)> {
     llama4_model::heldout::cases(root().join("models/demo"))
@@ -281,11 +290,7 @@ fn an_abandoned_stream_frees_its_slot() {
     let (prompt, answer) = &heldout()[0];
     let body =
         json!({"prompt": prompt, "max_tokens": 50_000, "ignore_eos": true, "stream": true, "temperature": 0});
-    let resp = agent()
-        .post(format!("{}/v1/completions", server.url()))
-        .send(body.to_string())
-        .unwrap();
-    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let mut lines = open_stream(&server, &body);
     let mut data = 0;
     while data < 3 {
         if lines.next().unwrap().unwrap().starts_with("data: ") {
@@ -401,11 +406,7 @@ fn a_full_queue_answers_503() {
     let (prompt, answer) = &heldout()[2];
     // Hold the one slot with a long stream.
     let body = json!({"prompt": prompt, "max_tokens": 50_000, "ignore_eos": true, "stream": true});
-    let resp = agent()
-        .post(format!("{}/v1/completions", server.url()))
-        .send(body.to_string())
-        .unwrap();
-    let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+    let mut lines = open_stream(&server, &body);
     while !lines.next().unwrap().unwrap().starts_with("data: ") {}
     std::thread::scope(|s| {
         // One request waits in the queue...
@@ -535,6 +536,111 @@ fn a_prompt_that_extends_a_finished_one_reuses_its_cache() {
     assert_eq!(metric(&fresh, "llama4_prompt_tokens_reused_total"), 0.0);
     assert_eq!(second["choices"][0]["text"], want["choices"][0]["text"]);
     assert_eq!(second["usage"], want["usage"]);
+}
+
+/// A request whose prompt another slot holds while it is still generating shares that slot's
+/// cache pages rather than prefilling them; both answer as they would alone.
+#[test]
+fn a_prompt_held_by_a_running_slot_shares_its_pages() {
+    let server = start(ServerConfig {
+        parallel: 2,
+        ctx_size: Some(60_000),
+        ..Default::default()
+    });
+    let (prompt, answer) = &heldout()[3];
+    let body =
+        json!({"prompt": prompt, "max_tokens": 50_000, "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut lines = open_stream(&server, &body);
+    let mut text = String::new();
+    let mut next_text = |text: &mut String| loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(d).unwrap();
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or(""));
+            return;
+        }
+    };
+    for _ in 0..3 {
+        next_text(&mut text);
+    }
+    // The first request is running: its slot holds the prompt and what it generated so far.
+    let (status, second) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["choices"][0]["text"].as_str().unwrap(), answer);
+    let shared = metric(&server, "llama4_prompt_tokens_shared_total");
+    let prompt_tokens = second["usage"]["prompt_tokens"].as_f64().unwrap();
+    // Up to the start of the demo's chunk of 8 that holds the last prompt token but one.
+    assert!(
+        shared >= prompt_tokens - 9.0 && shared > 0.0,
+        "{shared} of {prompt_tokens}"
+    );
+    assert_eq!(metric(&server, "llama4_prompt_tokens_reused_total"), shared);
+    // The first request, whose pages were shared while it ran, still generates its answer.
+    while text.len() < answer.len() {
+        next_text(&mut text);
+    }
+    assert!(text.starts_with(answer.as_str()), "{text:?} vs {answer:?}");
+}
+
+/// Cache bytes the demo's sequence of `tokens` takes in the server's default (f32) cache.
+fn demo_cache_bytes(tokens: usize) -> u64 {
+    let model = llama4_model::TextModel::load(root().join("models/demo")).unwrap();
+    let cache = model.new_cache(llama4_model::llama4_core::DType::F32).unwrap();
+    let kinds: Vec<_> = cache.kinds().collect();
+    cache.spec().estimate(&kinds, tokens).unwrap().total()
+}
+
+/// With a cache budget for one sequence, a second request waits until the first has finished,
+/// then answers; a request that could never fit is refused; the caches stay within the budget.
+#[test]
+fn a_request_beyond_the_cache_budget_waits_for_room() {
+    // Sequences below a page of the global layers all take the same bytes.
+    let one = demo_cache_bytes(400);
+    let budget = one + one / 2;
+    assert!(demo_cache_bytes(6000) > budget);
+    let server = start(ServerConfig {
+        parallel: 2,
+        ctx_size: Some(8000),
+        kv_budget: Some(budget),
+        ..Default::default()
+    });
+    let (prompt, answer) = &heldout()[1];
+    let body =
+        json!({"prompt": prompt, "max_tokens": 300, "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut lines = open_stream(&server, &body);
+    while !lines.next().unwrap().unwrap().starts_with("data: ") {}
+    // The first holds its reservation: the second cannot be admitted until it ends.
+    let (status, second) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 300, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["choices"][0]["text"].as_str().unwrap(), answer);
+    assert_eq!(
+        metric(&server, "llama4_requests_waited_for_cache_budget_total"),
+        1.0
+    );
+    let streamed: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(
+        streamed.iter().rev().find(|l| l.starts_with("data: ")).unwrap(),
+        "data: [DONE]"
+    );
+    assert!(metric(&server, "llama4_kv_cache_bytes") <= budget as f64);
+    let (status, too_big) = post_json(
+        &server,
+        "/v1/completions",
+        json!({"prompt": prompt, "max_tokens": 6000, "temperature": 0}),
+    );
+    assert_error(status, &too_big, 400, "beyond the budget");
+    assert!(
+        too_big["error"]["message"].as_str().unwrap().contains("budget"),
+        "{too_big}"
+    );
 }
 
 #[test]
