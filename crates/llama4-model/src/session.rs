@@ -29,7 +29,7 @@ pub enum Logits {
 ///
 /// `prefill` runs a batch of prompt tokens, `step` one generated token; both continue from
 /// where the sequence is. [`Session::step_logits`] is the decode step that allocates nothing
-/// once warmed up (the cache still grows, by steps, as the context does; see
+/// once warmed up (the cache still grows, a page at a time, as the context does; see
 /// [`Session::reserve`]).
 pub struct Session<M: Borrow<TextModel>> {
     model: M,
