@@ -100,23 +100,11 @@ impl CacheSpec {
     /// each layer holds whole pages for the most positions it held (`min(n, C)` for a chunked
     /// layer, `n` for a global one). Allocates nothing.
     pub fn estimate(&self, kinds: &[LayerKind], n_tokens: usize) -> Result<MemoryBytes> {
-        self.estimate_with(kinds, n_tokens, |kind, held| {
-            paged_capacity(self.page_len_for(kind), held)
-        })
-    }
-
-    fn estimate_with(
-        &self,
-        kinds: &[LayerKind],
-        n_tokens: usize,
-        capacity: impl Fn(LayerKind, usize) -> Result<usize>,
-    ) -> Result<MemoryBytes> {
         self.validate()?;
         let mut out = MemoryBytes::default();
         for &kind in kinds {
-            let held = kind.max_held(n_tokens);
-            let cap = if held == 0 { 0 } else { capacity(kind, held)? };
-            out.add(kind, self.layer_bytes(cap)?)?;
+            let positions = paged_capacity(self.page_len_for(kind), kind.max_held(n_tokens))?;
+            out.add(kind, self.layer_bytes(positions)?)?;
         }
         Ok(out)
     }

@@ -90,15 +90,8 @@ impl<M: Borrow<TextModel>> Session<M> {
     /// # Errors
     /// [`kv_cache::KvError::InvalidSpec`] once the session holds tokens.
     pub fn with_page_len(mut self, page_len: usize) -> Result<Self> {
-        if !self.cache.is_empty() {
-            return Err(kv_cache::KvError::InvalidSpec(format!(
-                "the page length is set before the first token (the session holds {})",
-                self.cache.len()
-            ))
-            .into());
-        }
         let spec = self.cache.spec().with_page_len(page_len);
-        self.cache = self.fresh_cache(spec, self.cache.pool().cloned())?;
+        self.cache = self.fresh_cache("page length", spec, self.cache.pool().cloned())?;
         Ok(self)
     }
 
@@ -109,19 +102,20 @@ impl<M: Borrow<TextModel>> Session<M> {
     /// # Errors
     /// [`kv_cache::KvError::InvalidSpec`] once the session holds tokens.
     pub fn with_pool(mut self, pool: PagePool) -> Result<Self> {
+        self.cache = self.fresh_cache("page pool", self.cache.spec(), Some(pool))?;
+        Ok(self)
+    }
+
+    /// An empty cache for this session's layers, in place of the current one, which must be
+    /// empty (`what` names the setting, for the error).
+    fn fresh_cache(&self, what: &str, spec: kv_cache::CacheSpec, pool: Option<PagePool>) -> Result<KvCache> {
         if !self.cache.is_empty() {
             return Err(kv_cache::KvError::InvalidSpec(format!(
-                "the page pool is set before the first token (the session holds {})",
+                "the {what} is set before the first token (the session holds {})",
                 self.cache.len()
             ))
             .into());
         }
-        self.cache = self.fresh_cache(self.cache.spec(), Some(pool))?;
-        Ok(self)
-    }
-
-    /// An empty cache for this session's layers.
-    fn fresh_cache(&self, spec: kv_cache::CacheSpec, pool: Option<PagePool>) -> Result<KvCache> {
         let kinds: Vec<_> = self.cache.kinds().collect();
         Ok(match pool {
             Some(pool) => KvCache::with_pool(&kinds, spec, pool)?,
