@@ -595,6 +595,10 @@ struct Span<E> {
     ks: *const f32,
     vs: *const f32,
     n: usize,
+    /// Where the keys go on after the last, in the next page (pointers as above, at its first
+    /// slot), when the item does; the read-ahead continues there rather than stopping at the
+    /// page's end.
+    then: Option<(*const E, *const E, (*const f32, *const f32))>,
 }
 
 impl<E: KvElem> Span<E> {
@@ -605,16 +609,22 @@ impl<E: KvElem> Span<E> {
         (self.k.add(j * d), self.v.add(j * d), (sc(self.ks), sc(self.vs)))
     }
 
-    /// Requests the lines of the block `DECODE_AHEAD` keys after key `j` (a hint).
+    /// Requests the lines of the block `DECODE_AHEAD` keys after key `j` (a hint), in the next
+    /// page once past this one's end.
     #[inline(always)]
     fn prefetch(&self, j: usize, d: usize) {
         let bytes = BLOCK * d * std::mem::size_of::<E>();
-        let ahead = (j + DECODE_AHEAD) * d;
-        prefetch_bytes(self.k.wrapping_add(ahead).cast(), bytes);
-        prefetch_bytes(self.v.wrapping_add(ahead).cast(), bytes);
-        if !self.ks.is_null() {
-            simd::prefetch(self.ks.wrapping_add(j + DECODE_AHEAD));
-            simd::prefetch(self.vs.wrapping_add(j + DECODE_AHEAD));
+        let mut ahead = j + DECODE_AHEAD;
+        let (mut k, mut v, (mut ks, mut vs)) = (self.k, self.v, (self.ks, self.vs));
+        if let Some(then) = self.then.filter(|_| ahead >= self.n) {
+            (k, v, (ks, vs)) = then;
+            ahead -= self.n;
+        }
+        prefetch_bytes(k.wrapping_add(ahead * d).cast(), bytes);
+        prefetch_bytes(v.wrapping_add(ahead * d).cast(), bytes);
+        if !ks.is_null() {
+            simd::prefetch(ks.wrapping_add(ahead));
+            simd::prefetch(vs.wrapping_add(ahead));
         }
     }
 }
@@ -967,6 +977,23 @@ unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
             ks,
             vs,
             n: b - a,
+            then: args.ahead.as_ref().filter(|_| b == len).map(|n| {
+                let sc = |s: &[f32]| {
+                    s.get(it.g * args.scale_stride..)
+                        .map_or(std::ptr::null(), <[f32]>::as_ptr)
+                };
+                (
+                    n.k.get(it.g * args.k_stride..)
+                        .map_or(std::ptr::null(), <[E]>::as_ptr),
+                    n.v.get(it.g * args.v_stride..)
+                        .map_or(std::ptr::null(), <[E]>::as_ptr),
+                    if ks.is_null() {
+                        (ks, vs)
+                    } else {
+                        (sc(n.k_scales), sc(n.v_scales))
+                    },
+                )
+            }),
         };
         match g {
             1 => rows_in_registers::<E, S, B, 1>(&rows, &span),

@@ -513,6 +513,17 @@ struct Args<'a, E> {
     scale_stride: usize,
     dims: Dims,
     ctx: &'a AttnContext<'a>,
+    /// The next segment's elements, when the item being run goes on into it.
+    ahead: Option<Ahead<'a, E>>,
+}
+
+/// Keys and values (and scales) of the segment after an item's, laid out as its own: decoding
+/// reads ahead into them as it nears a page's end.
+struct Ahead<'a, E> {
+    k: &'a [E],
+    v: &'a [E],
+    k_scales: &'a [f32],
+    v_scales: &'a [f32],
 }
 
 impl<E> Args<'_, E> {

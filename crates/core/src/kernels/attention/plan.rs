@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{
-    kernel, run_item, visible_slots, Args, AttentionScratch, AttnContext, Dims, Item, Kernel, KvElem,
+    kernel, run_item, visible_slots, Ahead, Args, AttentionScratch, AttnContext, Dims, Item, Kernel, KvElem,
     Partial, Path, Work, KEY_TILE, MIN_KEYS_PER_SPLIT, ROWS_PER_ITEM,
 };
 use crate::kernels::Isa;
@@ -72,6 +72,7 @@ impl<'c> Call<'c> {
                 ..self.dims
             },
             ctx: self.ctx,
+            ahead: None,
         })
     }
 
@@ -223,10 +224,21 @@ impl<'c> Call<'c> {
         l.fill(0.0);
         acc.fill(0.0);
         let mut spill = std::mem::take(&mut work.spill);
+        let mut next = self.segment_args::<E>(k, v, first);
         for p in first..=last {
-            let Some(args) = self.segment_args::<E>(k, v, p) else {
+            let this = next.take();
+            if p < last {
+                next = self.segment_args::<E>(k, v, p + 1);
+            }
+            let Some(mut args) = this else {
                 continue;
             };
+            args.ahead = next.as_ref().map(|n| Ahead {
+                k: n.k,
+                v: n.v,
+                k_scales: n.k_scales,
+                v_scales: n.v_scales,
+            });
             let base = p * self.seg;
             let sub = Item {
                 s0: it.s0.max(base) - base,
