@@ -26,8 +26,6 @@ pub(super) struct Work {
     pub(super) v: Vec<f32>,
     /// [`decode`]'s running sums of probabilities, one vector per row: `[rows, MAX_LANES]`.
     pub(super) l: Vec<f32>,
-    /// [`decode`]'s quantised query rows, for int8 keys ([`KvElem::INT_DOT`]): `[rows]`.
-    pub(super) qi: Vec<QueryI8>,
 }
 
 impl Work {
@@ -42,7 +40,6 @@ impl Work {
         refill(&mut self.k, KEY_TILE * d, 0f32);
         refill(&mut self.v, KEY_TILE * d, 0f32);
         refill(&mut self.l, rows * MAX_LANES, 0f32);
-        refill(&mut self.qi, rows, QueryI8::default());
     }
 }
 
@@ -447,6 +444,22 @@ fn prefetch_bytes(p: *const u8, bytes: usize) {
     }
 }
 
+/// The q8 scales of a block's `n <= BLOCK` keys at `s`, a key per lane and 0 past `n`; 0 in
+/// every lane for float formats (`s` null), whose keys carry no scale.
+///
+/// # Safety
+/// `s` is null or valid for `n` scales.
+#[inline(always)]
+unsafe fn block_scales<S: Simd>(s: *const f32, n: usize) -> S::V {
+    if s.is_null() {
+        S::splat(0.0)
+    } else if n == BLOCK {
+        S::load(s)
+    } else {
+        load_partial::<S>(s, n, 0.0)
+    }
+}
+
 /// The query rows of a [`decode`] item and their softmax state in memory, all `[g, ..]`.
 struct Rows {
     /// Scaled queries, `[g, D]`.
@@ -543,11 +556,7 @@ unsafe fn block<E: KvElem, S: Simd, const B: usize, const R: usize>(
         }
     }
     let scores = score_block::<E, S, B, R>(&qv, qi, k, ks, n);
-    let vsv = match (vs.is_null(), n == BLOCK) {
-        (true, _) => zero,
-        (false, true) => S::load(vs),
-        (false, false) => load_partial::<S>(vs, n, 0.0),
-    };
+    let vsv = block_scales::<S>(vs, n);
     let mut probs = [[0f32; MAX_LANES]; R];
     for r in 0..R {
         let s = scores[r];
@@ -701,17 +710,8 @@ unsafe fn rows_in_registers<E: KvElem, S: Simd, const B: usize, const R: usize>(
         let mut sum = [zero; R];
         for blk in 0..blocks {
             let j = j0 + blk * BLOCK;
-            let vs = if span.vs.is_null() {
-                None
-            } else {
-                // p_j (s_j v_j) = (p_j s_j) v_j; lanes past the keys have p = 0.
-                let m = (span.n - j).min(BLOCK);
-                Some(if m == BLOCK {
-                    S::load(span.vs.add(j))
-                } else {
-                    load_partial::<S>(span.vs.add(j), m, 0.0)
-                })
-            };
+            // p_j (s_j v_j) = (p_j s_j) v_j; lanes past the keys have p = 0.
+            let vs = (!span.vs.is_null()).then(|| block_scales::<S>(span.vs.add(j), (span.n - j).min(BLOCK)));
             for r in 0..R {
                 let pr = p[r].as_mut_ptr().add(blk * BLOCK);
                 let x = exp_nonpos::<S>(S::sub(S::load(pr), st.mv[r]));
@@ -813,11 +813,7 @@ unsafe fn score_block<E: KvElem, S: Simd, const B: usize, const R: usize>(
     let lanes = S::LANES;
     let d = B * lanes;
     let zero = S::splat(0.0);
-    let ksv = match (ks.is_null(), n == BLOCK) {
-        (true, _) => zero,
-        (false, true) => S::load(ks),
-        (false, false) => load_partial::<S>(ks, n, 0.0),
-    };
+    let ksv = block_scales::<S>(ks, n);
     let pad = if n == BLOCK {
         zero
     } else {
@@ -936,15 +932,8 @@ unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
     for (dst, &x) in work.q.iter_mut().zip(&args.q[(t * hq + it.g * g) * d..][..g * d]) {
         *dst = x * ctx.scale;
     }
-    // Only a call of one query token (a decode step) rounds its query: the tokens of a
-    // prefill keep one arithmetic, whichever kernel each item of them runs.
-    let int_dot = E::INT_DOT && args.dims.t == 1 && 32 % d == 0;
-    if int_dot {
-        refill(&mut work.qi, g, QueryI8::default());
-        for (qi, row) in work.qi.iter_mut().zip(work.q.chunks_exact(d)) {
-            *qi = QueryI8::new(row);
-        }
-    }
+    // The group's query rows rounded to int8, when the call scores its keys in integers.
+    let qi = args.qi.get(t * hq + it.g * g..).and_then(|r| r.get(..g));
     let Partial { acc, m, l } = out;
     m.fill(f32::NEG_INFINITY);
     acc.fill(0.0);
@@ -953,11 +942,7 @@ unsafe fn decode<E: KvElem, S: Simd, const B: usize>(
     if a < b {
         let rows = Rows {
             q: work.q.as_ptr(),
-            qi: if int_dot {
-                work.qi.as_ptr()
-            } else {
-                std::ptr::null()
-            },
+            qi: qi.map_or(std::ptr::null(), <[QueryI8]>::as_ptr),
             acc: acc.as_mut_ptr(),
             m: m.as_mut_ptr(),
             l: work.l.as_mut_ptr(),

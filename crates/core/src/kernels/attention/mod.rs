@@ -19,7 +19,7 @@
 use half::{bf16, f16};
 use ndarray::{Array3, ArrayView3, ArrayViewMut3};
 
-use super::simd::Elem;
+use super::simd::{Elem, QueryI8};
 use super::Isa;
 use crate::layer_kind::AttentionMask;
 use crate::{Error, KvData, KvView, Result};
@@ -435,6 +435,8 @@ pub struct AttentionScratch {
     l_all: Vec<f32>,
     /// The queries in standard layout, when the caller's are in another.
     q: Vec<f32>,
+    /// The scaled queries rounded to int8 ([`Args::qi`]), once per call.
+    qi: Vec<QueryI8>,
     /// Working space of the item kernels, one per pool task.
     work: Vec<Work>,
 }
@@ -511,6 +513,9 @@ struct Args<'a, E> {
     k_scales: &'a [f32],
     v_scales: &'a [f32],
     scale_stride: usize,
+    /// The scaled query rows rounded to int8, `[T · Hq]`, when a decode step scores int8 keys
+    /// in integers ([`KvElem::INT_DOT`]); else empty.
+    qi: &'a [QueryI8],
     dims: Dims,
     ctx: &'a AttnContext<'a>,
     /// The next segment's elements, when the item being run goes on into it.

@@ -7,6 +7,7 @@ use super::{
     kernel, run_item, visible_slots, Ahead, Args, AttentionScratch, AttnContext, Dims, Item, Kernel, KvElem,
     Partial, Path, Work, KEY_TILE, MIN_KEYS_PER_SPLIT, ROWS_PER_ITEM,
 };
+use crate::kernels::simd::QueryI8;
 use crate::kernels::Isa;
 use crate::pool::{self, SyncPtr};
 use crate::scratch::refill;
@@ -41,8 +42,28 @@ impl<'c> Call<'c> {
         }
         self.plan_items(scratch);
         self.prepare_work(scratch);
+        self.round_queries::<E>(&mut scratch.qi);
         self.execute::<E>(k, v, scratch);
         self.merge(scratch, out);
+    }
+
+    /// `qi`: the scaled query rows rounded to int8 when this call scores int8 keys in
+    /// integers, else nothing. Only a call of one query token (a decode step) rounds its
+    /// queries: the tokens of a prefill keep one arithmetic, whichever kernel each item of
+    /// them runs.
+    fn round_queries<E: KvElem>(&self, qi: &mut Vec<QueryI8>) {
+        let d = self.dims.d;
+        qi.clear();
+        if !(E::INT_DOT && self.dims.t == 1 && d > 0 && 32 % d == 0) {
+            return;
+        }
+        let mut row = [0f32; 32];
+        qi.extend(self.q.chunks_exact(d).map(|x| {
+            for (r, &v) in row.iter_mut().zip(x) {
+                *r = v * self.ctx.scale;
+            }
+            QueryI8::new(&row[..d])
+        }));
     }
 
     /// The inputs of the items' kernels over segment `p` of the views (one buffer, or one
@@ -51,6 +72,7 @@ impl<'c> Call<'c> {
         &'a self,
         k: &KvView<'a>,
         v: &KvView<'a>,
+        qi: &'a [QueryI8],
         p: usize,
     ) -> Option<Args<'a, E>> {
         let ((kd, k_stride), (vd, v_stride)) = (k.segment(p)?, v.segment(p)?);
@@ -66,6 +88,7 @@ impl<'c> Call<'c> {
             k_scales,
             v_scales,
             scale_stride: k_stride / self.dims.d.max(1),
+            qi,
             dims: Dims {
                 len: self.dims.len.checked_sub(base)?.min(seg),
                 first_pos: self.dims.first_pos + base,
@@ -183,6 +206,7 @@ impl<'c> Call<'c> {
     fn execute<E: KvElem>(&self, k: &KvView, v: &KvView, scratch: &mut AttentionScratch) {
         let (d, rep) = (self.dims.d, self.dims.group());
         let items = &scratch.items[..];
+        let qi = &scratch.qi[..];
         let workers = pool::threads().min(items.len());
         let next = AtomicUsize::new(0);
         let work = SyncPtr(scratch.work.as_mut_ptr());
@@ -208,7 +232,7 @@ impl<'c> Call<'c> {
                         l: std::slice::from_raw_parts_mut(l.get().add(it.row0), rows),
                     }
                 };
-                self.run_segments::<E>(k, v, it, work, out);
+                self.run_segments::<E>((k, v, qi), it, work, out);
             }
         });
     }
@@ -216,7 +240,13 @@ impl<'c> Call<'c> {
     /// One item over the segments its key slots cover: the first writes `out`, each later one
     /// is computed aside and folded in (log-sum-exp), so a page boundary costs one merge of
     /// the item's rows.
-    fn run_segments<E: KvElem>(&self, k: &KvView, v: &KvView, it: Item, work: &mut Work, out: Partial) {
+    fn run_segments<E: KvElem>(
+        &self,
+        (k, v, qi): (&KvView, &KvView, &[QueryI8]),
+        it: Item,
+        work: &mut Work,
+        out: Partial,
+    ) {
         let (first, last) = (it.s0 / self.seg, (it.s1 - 1) / self.seg);
         let Partial { acc, m, l } = out;
         // Nothing seen yet: what a segment that cannot be read (never, after `check`) leaves.
@@ -224,11 +254,11 @@ impl<'c> Call<'c> {
         l.fill(0.0);
         acc.fill(0.0);
         let mut spill = std::mem::take(&mut work.spill);
-        let mut next = self.segment_args::<E>(k, v, first);
+        let mut next = self.segment_args::<E>(k, v, qi, first);
         for p in first..=last {
             let this = next.take();
             if p < last {
-                next = self.segment_args::<E>(k, v, p + 1);
+                next = self.segment_args::<E>(k, v, qi, p + 1);
             }
             let Some(mut args) = this else {
                 continue;
