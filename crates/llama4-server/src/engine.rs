@@ -556,22 +556,28 @@ impl Scheduler {
             None => return Ok(Admission::Wait),
         };
         let with_images = embeddings.is_some();
-        let (index, shared) = self
+        // The prompt's tokens each slot holds (none across images: their tokens are
+        // placeholders, equal whatever the pictures).
+        let held: Vec<usize> = self
             .slots
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.job.is_none())
-            .map(|(i, s)| {
-                let shared = if with_images || s.has_images {
+            .map(|s| {
+                if with_images || s.has_images {
                     0
                 } else {
                     common_prefix(s.session.tokens(), &prompt)
-                };
-                (i, shared, s.last_used)
+                }
             })
+            .collect();
+        let (index, shared) = self
+            .slots
+            .iter()
+            .zip(&held)
+            .enumerate()
+            .filter(|(_, (s, _))| s.job.is_none())
             // Longest shared prefix, then the least recently used.
-            .max_by_key(|&(_, shared, used)| (shared, std::cmp::Reverse(used)))
-            .map(|(i, shared, _)| (i, shared))
+            .max_by_key(|&(_, (s, &shared))| (shared, std::cmp::Reverse(s.last_used)))
+            .map(|(i, (_, &shared))| (i, shared))
             .ok_or_else(|| EngineError::Internal("no free slot".into()))?;
         self.admitted += 1;
         // At least one prompt token runs: its logits choose the first generated token.
@@ -580,7 +586,7 @@ impl Scheduler {
         // at the start of that chunk.
         let mut reused = self.slots[index].session.cache().truncatable(shared.min(most));
         if !with_images {
-            reused = self.share_from_another_slot(index, &prompt, most, reused);
+            reused = self.share_from_another_slot(index, &held, most, reused);
         }
         let slot = &mut self.slots[index];
         if reused == 0 {
@@ -687,24 +693,18 @@ impl Scheduler {
         }
     }
 
-    /// When another slot, running or not, holds a longer prefix of `prompt` (up to `most`
-    /// tokens) than the `own` tokens slot `index` can keep, shares that slot's cache pages
-    /// into slot `index` (no copy, no prefill; see [`Session::share_prefix`]). Returns the
-    /// prompt tokens slot `index` then holds.
-    fn share_from_another_slot(&mut self, index: usize, prompt: &[u32], most: usize, own: usize) -> usize {
+    /// When another slot, running or not, holds a longer prefix of the prompt (`held[i]`
+    /// tokens of it in slot `i`; up to `most`) than the `own` tokens slot `index` can keep,
+    /// shares that slot's cache pages into slot `index` (no copy, no prefill; see
+    /// [`Session::share_prefix`]). Returns the prompt tokens slot `index` then holds.
+    fn share_from_another_slot(&mut self, index: usize, held: &[usize], most: usize, own: usize) -> usize {
         let donor = self
             .slots
             .iter()
+            .zip(held)
             .enumerate()
-            .filter(|&(i, s)| i != index && !s.has_images)
-            .map(|(i, s)| {
-                (
-                    i,
-                    s.session
-                        .cache()
-                        .truncatable(common_prefix(s.session.tokens(), prompt).min(most)),
-                )
-            })
+            .filter(|&(i, _)| i != index)
+            .map(|(i, (s, &n))| (i, s.session.cache().truncatable(n.min(most))))
             .max_by_key(|&(_, n)| n);
         let Some((donor, n)) = donor.filter(|&(_, n)| n > own) else {
             return own;
