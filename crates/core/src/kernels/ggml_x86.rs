@@ -24,6 +24,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 
 use super::super::quant::x86::{hsum256, prefetch, PF_BYTES};
 use super::{Acts, Mat};
@@ -728,6 +729,28 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     })
 }
 
+/// The super-block of a k-quant row at `bp` unpacked for [`pack_panel`], with its mins as
+/// the panel stores them.
+#[inline(always)]
+unsafe fn unpack_row<const TY: u32>(bp: *const u8) -> KUnpacked {
+    let mut kb = unpack_k::<TY>(bp);
+    // Q3_K and Q6_K: the offset of every value, removed as `o · sc` mins with `d`.
+    kb.mins = match TY {
+        11 => _mm256_slli_epi16::<2>(kb.sc),
+        14 => _mm256_slli_epi16::<5>(kb.sc),
+        // The eight per-32 mins as 16-bit lanes: i32 lanes 0..4 are pairs.
+        12 | 13 => {
+            let (_, mn) = scales_k4(&words3(bp.add(4)));
+            _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)))
+        }
+        _ => kb.mins,
+    };
+    if matches!(TY, 11 | 14) {
+        kb.dmin = kb.d;
+    }
+    kb
+}
+
 /// Packs rows `o0..o0 + rows` (`rows ≤ 8`; the rest of the panel is zero) of a `TY` weight
 /// into `out` (`panel_len` vectors) in the layout [`panel_tile`] reads.
 #[inline(always)]
@@ -761,35 +784,25 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
             }
         } else {
             // Each row built in place (zeroing the 2 KiB of `u` and then filling it cost a
-            // `memset` per super-block: 1.7% of a Q4_K_M prefill).
-            let ks: [KUnpacked; 8] = std::array::from_fn(|r| {
-                if r >= rows {
-                    return KUnpacked {
+            // `memset` per super-block: 1.7% of a Q4_K_M prefill). A loop, not a closure: a
+            // closure does not take this function's target features, so the intrinsics
+            // inlined into it would be calls (a quarter of a Q4_K_M prefill).
+            let mut ks = [const { MaybeUninit::<KUnpacked>::uninit() }; 8];
+            for (r, slot) in ks.iter_mut().enumerate() {
+                slot.write(if r < rows {
+                    unpack_row::<TY>(m.w.add((o0 + r) * m.row_bytes + s * ts))
+                } else {
+                    KUnpacked {
                         u: [zero; 8],
                         sc: zero,
                         mins: zero,
                         d: 0.0,
                         dmin: 0.0,
-                    };
-                }
-                let bp = m.w.add((o0 + r) * m.row_bytes + s * ts);
-                let mut kb = unpack_k::<TY>(bp);
-                // Q3_K and Q6_K: the offset of every value, removed as `o · sc` mins with `d`.
-                kb.mins = match TY {
-                    11 => _mm256_slli_epi16::<2>(kb.sc),
-                    14 => _mm256_slli_epi16::<5>(kb.sc),
-                    // The eight per-32 mins as 16-bit lanes: i32 lanes 0..4 are pairs.
-                    12 | 13 => {
-                        let (_, mn) = scales_k4(&words3(bp.add(4)));
-                        _mm256_castsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)))
                     }
-                    _ => kb.mins,
-                };
-                if matches!(TY, 11 | 14) {
-                    kb.dmin = kb.d;
-                }
-                kb
-            });
+                });
+            }
+            // SAFETY: the loop wrote all eight.
+            let ks: [KUnpacked; 8] = std::mem::transmute(ks);
             let scs: [__m256i; 8] = std::array::from_fn(|r| ks[r].sc);
             let mins: [__m256i; 8] = std::array::from_fn(|r| ks[r].mins);
             for r in 0..8 {
@@ -814,8 +827,11 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                 }
             } else {
                 // Per-16 scales: each lane doubled, lanes 0..4 | 8..12 then 4..8 | 12..16.
-                let lo = transpose8(scs.map(|v| _mm256_unpacklo_epi16(v, v)));
-                let hi = transpose8(scs.map(|v| _mm256_unpackhi_epi16(v, v)));
+                let (mut lo, mut hi) = (scs, scs);
+                for ((l, h), v) in lo.iter_mut().zip(&mut hi).zip(scs) {
+                    (*l, *h) = (_mm256_unpacklo_epi16(v, v), _mm256_unpackhi_epi16(v, v));
+                }
+                let (lo, hi) = (transpose8(lo), transpose8(hi));
                 for j in 0..8 {
                     let g = if j < 4 { j } else { j + 4 };
                     st(kd.vals() + g, lo[j]);

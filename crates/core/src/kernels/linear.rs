@@ -386,7 +386,14 @@ unsafe fn in_out_rows<S: Simd, E: Elem, const R: usize>(
             }
         })
     });
-    let xv = xs.map(|row| row.map(|v| S::splat(v)));
+    // Loops rather than closures (`map`, `from_fn`) around intrinsics: a closure does not
+    // take the caller's target features, and what it does not inline becomes calls.
+    let mut xv = [[S::splat(0.0); 4]; R];
+    for (xv, xs) in xv.iter_mut().zip(&xs) {
+        for (v, &x) in xv.iter_mut().zip(xs) {
+            *v = S::splat(x);
+        }
+    }
     let line = (64 / (l * std::mem::size_of::<E>())).max(1) * l;
     let mut c = c0;
     while c < cv {
@@ -395,7 +402,10 @@ unsafe fn in_out_rows<S: Simd, E: Elem, const R: usize>(
                 prefetch(a.wrapping_add(c));
             }
         }
-        let wv: [S::V; 4] = std::array::from_fn(|j| E::load::<S>(wr[j].add(c)));
+        let mut wv = [S::splat(0.0); 4];
+        for (v, w) in wv.iter_mut().zip(wr) {
+            *v = E::load::<S>(w.add(c));
+        }
         for (a, xv) in xv.iter().enumerate() {
             let yr = rows.y.add(a * rows.n + c);
             let mut acc = S::load(yr);

@@ -711,7 +711,11 @@ unsafe fn rows_in_registers<E: KvElem, S: Simd, const B: usize, const R: usize>(
         for blk in 0..blocks {
             let j = j0 + blk * BLOCK;
             // p_j (s_j v_j) = (p_j s_j) v_j; lanes past the keys have p = 0.
-            let vs = (!span.vs.is_null()).then(|| block_scales::<S>(span.vs.add(j), (span.n - j).min(BLOCK)));
+            let vs = if span.vs.is_null() {
+                None
+            } else {
+                Some(block_scales::<S>(span.vs.add(j), (span.n - j).min(BLOCK)))
+            };
             for r in 0..R {
                 let pr = p[r].as_mut_ptr().add(blk * BLOCK);
                 let x = exp_nonpos::<S>(S::sub(S::load(pr), st.mv[r]));
