@@ -24,6 +24,10 @@ pub(super) struct Work {
     /// A tile of keys and of values, widened: `[KEY_TILE, D]`.
     pub(super) k: Vec<f32>,
     pub(super) v: Vec<f32>,
+    /// The tile's keys transposed, `[D, KEY_TILE]`, and every row's scores against them,
+    /// `[rows, KEY_TILE]`.
+    pub(super) kt: Vec<f32>,
+    pub(super) s: Vec<f32>,
     /// [`decode`]'s running sums of probabilities, one vector per row: `[rows, MAX_LANES]`.
     pub(super) l: Vec<f32>,
 }
@@ -39,6 +43,8 @@ impl Work {
         self.vis.reserve(rows);
         refill(&mut self.k, KEY_TILE * d, 0f32);
         refill(&mut self.v, KEY_TILE * d, 0f32);
+        refill(&mut self.kt, d * KEY_TILE, 0f32);
+        refill(&mut self.s, rows * KEY_TILE, 0f32);
         refill(&mut self.l, rows * MAX_LANES, 0f32);
     }
 }
@@ -70,48 +76,72 @@ unsafe fn ld<S: Simd>(p: *const f32, n: usize, fill: f32) -> S::V {
     }
 }
 
-/// `a·b` over `d` elements (two interleaved accumulators): the keys of a partial block.
+/// `kt[i·KEY_TILE + j] = keys[j·d + i]` for the tile's `n` keys (`keys: [n, d]`); columns from
+/// `n` to the next multiple of `2 · LANES` are zeroed (they are scored, never used).
 #[inline(always)]
-unsafe fn dot<S: Simd>(a: *const f32, b: *const f32, d: usize) -> f32 {
-    let mut acc = [S::splat(0.0); 2];
-    let mut i = 0;
-    while i < d {
-        let c = (d - i).min(S::LANES);
-        let k = (i / S::LANES) & 1;
-        acc[k] = S::fma(ld::<S>(a.add(i), c, 0.0), ld::<S>(b.add(i), c, 0.0), acc[k]);
-        i += c;
+unsafe fn transpose_tile<S: Simd>(keys: &[f32], n: usize, d: usize, kt: &mut [f32]) {
+    debug_assert!(keys.len() >= n * d && kt.len() >= d * KEY_TILE && n <= KEY_TILE);
+    let padded = n.next_multiple_of(2 * S::LANES).min(KEY_TILE);
+    let (pk, pt) = (keys.as_ptr(), kt.as_mut_ptr());
+    for i in 0..d {
+        let row = pt.add(i * KEY_TILE);
+        for j in 0..n {
+            *row.add(j) = *pk.add(j * d + i);
+        }
+        for j in n..padded {
+            *row.add(j) = 0.0;
+        }
     }
-    S::hsum(S::add(acc[0], acc[1]))
 }
 
-/// `s[j] = q·k_j` for the `s.len()` keys `keys: [s.len(), d]`, `LANES` keys per pass: each
-/// loaded piece of `q` meets `LANES` keys in independent accumulators, which one shuffle-add
-/// tree ([`Simd::sum_each`]) then sums into a vector of `LANES` scores (no horizontal sum per key). Fewer than `LANES`
-/// keys left over take one dot product each.
+/// `s[r·KEY_TILE + j] = q_r · k_j` for `R` query rows (`q: [R, d]`) and the first `n` keys of
+/// a tile transposed by [`transpose_tile`], `2 · LANES` keys at a time: each loaded vector of
+/// keys meets all `R` rows (`2R` independent accumulators), and no sum crosses lanes.
 #[inline(always)]
-unsafe fn scores<S: Simd>(q: &[f32], keys: &[f32], d: usize, s: &mut [f32]) {
-    let n = s.len();
-    debug_assert!(q.len() >= d && keys.len() >= n * d);
-    let (pq, pk) = (q.as_ptr(), keys.as_ptr());
+unsafe fn scores_rows<S: Simd, const R: usize>(
+    q: *const f32,
+    kt: *const f32,
+    d: usize,
+    n: usize,
+    s: *mut f32,
+) {
+    let l = S::LANES;
     let mut j = 0;
-    while j + S::LANES <= n {
-        let block = pk.add(j * d);
-        let mut acc = [S::splat(0.0); MAX_LANES];
-        let mut i = 0;
-        while i < d {
-            let w = (d - i).min(S::LANES);
-            let qv = ld::<S>(pq.add(i), w, 0.0);
-            let col = block.add(i);
-            for (jj, a) in acc.iter_mut().enumerate().take(S::LANES) {
-                *a = S::fma(qv, ld::<S>(col.add(jj * d), w, 0.0), *a);
+    while j < n {
+        let mut acc = [[S::splat(0.0); 2]; R];
+        for i in 0..d {
+            let col = kt.add(i * KEY_TILE + j);
+            let (k0, k1) = (S::load(col), S::load(col.add(l)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let qv = S::splat(*q.add(r * d + i));
+                acc[0] = S::fma(qv, k0, acc[0]);
+                acc[1] = S::fma(qv, k1, acc[1]);
             }
-            i += w;
         }
-        S::store(s.as_mut_ptr().add(j), S::sum_each(&acc));
-        j += S::LANES;
+        for (r, acc) in acc.iter().enumerate() {
+            S::store(s.add(r * KEY_TILE + j), acc[0]);
+            S::store(s.add(r * KEY_TILE + j + l), acc[1]);
+        }
+        j += 2 * l;
     }
-    for (jj, x) in s.iter_mut().enumerate().skip(j) {
-        *x = dot::<S>(pq, pk.add(jj * d), d);
+}
+
+/// [`scores_rows`] for `rows` query rows (`q: [rows, d]`), four at a time.
+#[inline(always)]
+unsafe fn scores_all<S: Simd>(q: &[f32], rows: usize, kt: &[f32], d: usize, n: usize, s: &mut [f32]) {
+    debug_assert!(q.len() >= rows * d && s.len() >= rows * KEY_TILE && kt.len() >= d * KEY_TILE);
+    debug_assert!(n <= KEY_TILE && KEY_TILE.is_multiple_of(2 * S::LANES));
+    let (pq, pt, ps) = (q.as_ptr(), kt.as_ptr(), s.as_mut_ptr());
+    let mut r = 0;
+    while r < rows {
+        let (q, s) = (pq.add(r * d), ps.add(r * KEY_TILE));
+        match rows - r {
+            1 => scores_rows::<S, 1>(q, pt, d, n, s),
+            2 => scores_rows::<S, 2>(q, pt, d, n, s),
+            3 => scores_rows::<S, 3>(q, pt, d, n, s),
+            _ => scores_rows::<S, 4>(q, pt, d, n, s),
+        }
+        r += 4;
     }
 }
 
@@ -339,6 +369,8 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
         vis,
         k: kbuf,
         v: vbuf,
+        kt: kt_buf,
+        s: sbuf,
         ..
     } = work;
     for ti in 0..nt {
@@ -358,7 +390,6 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
     acc.fill(0.0);
-    let mut s = [0f32; KEY_TILE];
     let kh = &args.k[it.g * args.k_stride..];
     let vh = &args.v[it.g * args.v_stride..];
 
@@ -387,18 +418,20 @@ unsafe fn item_body<E: KvElem, S: Simd>(args: &Args<E>, it: Item, work: &mut Wor
                 (&kbuf[..n * d], &vbuf[..n * d])
             }
         };
+        // Every row against the whole tile at once (keys shared by four rows in registers);
+        // a row then reads the part its token sees. Rows that see none of the tile (past the
+        // diagonal) are scored too: few, in the last tiles of an item.
+        transpose_tile::<S>(ktile, n, d, kt_buf);
+        scores_all::<S>(qbuf, rows, kt_buf, d, n, sbuf);
         for (ti, &(lo, hi)) in vis.iter().enumerate() {
             let (a, b) = (lo.max(j0), hi.min(j1));
             if a >= b {
                 continue;
             }
-            let keys = &ktile[(a - j0) * d..(b - j0) * d];
             let vals = &vtile[(a - j0) * d..(b - j0) * d];
             for r in 0..rep {
                 let row = ti * rep + r;
-                let qr = &qbuf[row * d..(row + 1) * d];
-                let sc = &mut s[..b - a];
-                scores::<S>(qr, keys, d, sc);
+                let sc = &mut sbuf[row * KEY_TILE + (a - j0)..row * KEY_TILE + (b - j0)];
                 if !ks.is_empty() {
                     // q·(s_j k_j) = s_j (q·k_j).
                     mul_each::<S>(sc, &ks[a - j0..b - j0]);
