@@ -149,6 +149,25 @@ proptest! {
         }
     }
 
+    /// Every ISA gives the same bits: the sum of squares is taken in f64 (as ggml does), so
+    /// the mean does not depend on the vector width, nor do activations quantised after it.
+    #[test]
+    fn rms_norm_is_the_same_on_every_isa(t in 1usize..=4, h in 1usize..=300, with_weight in any::<bool>(), seed in any::<u64>()) {
+        let mut rng = Rng(seed);
+        let x = rng.array(t, h, 3.0);
+        let g = Array1::from(rng.vec(h, 1.0));
+        let mut first: Option<(Isa, Vec<u32>)> = None;
+        for isa in kernels::available_isas() {
+            let mut y = x.clone();
+            forced::rms_norm_inplace(isa, y.view_mut(), with_weight.then_some(g.view()), 1e-5).unwrap();
+            let bits: Vec<u32> = y.iter().map(|v| v.to_bits()).collect();
+            match &first {
+                Some((isa0, bits0)) => prop_assert_eq!(bits0, &bits, "{:?} against {:?}", isa, isa0),
+                None => first = Some((isa, bits)),
+            }
+        }
+    }
+
     #[test]
     fn layer_norm_matches_scalar(t in 1usize..=4, h in 1usize..=100, seed in any::<u64>()) {
         let mut rng = Rng(seed);

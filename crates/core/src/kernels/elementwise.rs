@@ -37,18 +37,24 @@ macro_rules! chunks {
     }};
 }
 
-/// `Σ x²` (two interleaved accumulators).
+/// `Σ x²` as ggml's RMSNorm sums it: each square rounded to f32, the sum in f64. The order of
+/// the f64 sum moves it by ~1e-16 relative, far below the rounding of the f32 mean taken from
+/// it, so every ISA gets the same mean (and llama.cpp's). Summed in f32, the order depended on
+/// the vector width, and on a Q8_0 file with 32-wide rows that one-ulp difference moved a
+/// quantised activation across a rounding boundary: logits 0.1 from llama.cpp's on AVX-512,
+/// equal on AVX2.
 #[inline(always)]
-unsafe fn sum_sq<S: Simd>(x: &[f32]) -> f32 {
-    let p = x.as_ptr();
-    let mut a = [S::splat(0.0); 2];
-    let mut k = 0;
-    chunks!(S, x.len(), |i, cnt| {
-        let v = ld::<S>(p, i, cnt, 0.0);
-        a[k & 1] = S::fma(v, v, a[k & 1]);
-        k += 1;
-    });
-    S::hsum(S::add(a[0], a[1]))
+fn sum_sq(x: &[f32]) -> f64 {
+    // Independent lanes, which the compiler vectorises without reassociating anything.
+    let mut acc = [0f64; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += (v * v) as f64;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| (v * v) as f64).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// RMSNorm of one row: `x / sqrt(mean(x²) + eps) · weight`.
@@ -58,7 +64,8 @@ pub(crate) unsafe fn rms_norm_row<S: Simd>(x: &mut [f32], weight: Option<&[f32]>
     if h == 0 {
         return;
     }
-    let inv = 1.0 / (sum_sq::<S>(x) / h as f32 + eps).sqrt();
+    let mean = (sum_sq(x) / h as f64) as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
     let s = S::splat(inv);
     let p = x.as_mut_ptr();
     match weight {
