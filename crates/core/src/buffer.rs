@@ -6,6 +6,28 @@ use std::sync::Arc;
 use bytemuck::Pod;
 use memmap2::Mmap;
 
+/// Whether `bytes` of mapped weights fit in half of this machine's memory (`MemTotal` of
+/// `/proc/meminfo`); `false` where that is unknown.
+pub(crate) fn fits_in_memory(bytes: u64) -> bool {
+    let total = || -> Option<u64> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        kib.checked_mul(1024)
+    };
+    total().is_some_and(|total| bytes <= total / 2)
+}
+
+/// Prefaults every page of `map` into the process's page tables (`MADV_POPULATE_READ`, Linux
+/// 5.14 and later), reading from the file what is not in the page cache. Advisory: on other
+/// systems, or when the kernel refuses, pages fault in when first read, as before.
+pub(crate) fn populate(map: &Mmap) {
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::PopulateRead);
+    #[cfg(not(target_os = "linux"))]
+    let _ = map;
+}
+
 /// A contiguous run of `T`, either owned or borrowed from a memory map.
 ///
 /// Cloning is cheap (a reference count); slicing shares the storage. A mapped buffer is only

@@ -229,6 +229,22 @@ impl Checkpoint {
         self
     }
 
+    /// Prefaults the pages of every file when the whole checkpoint fits in half of this
+    /// machine's memory, and reports whether it did. Faulting them in 4 KiB at a time during the
+    /// first forward pass cost 7% of a 512-token prefill of bench-mid (786 MB as Q8_0); a
+    /// checkpoint larger than memory is left to fault in what runs (a token reads only its
+    /// experts).
+    pub fn populate_resident_pages(&self) -> bool {
+        let total: u64 = self.files.iter().map(SafetensorsFile::file_len).sum();
+        let fits = crate::buffer::fits_in_memory(total);
+        if fits {
+            for f in &self.files {
+                f.populate_resident_pages();
+            }
+        }
+        fits
+    }
+
     /// Drops the mapped files' pages from the resident set. After load-time quantisation the
     /// float originals were read once and are not needed again; weights still used from the map
     /// fault back in from the page cache.

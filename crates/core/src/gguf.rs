@@ -738,6 +738,16 @@ impl GgufFile {
         self.progress.finish();
     }
 
+    /// Prefaults the file's pages when it fits in half of this machine's memory, and reports
+    /// whether it did (see [`crate::Checkpoint::populate_resident_pages`]).
+    pub fn populate_resident_pages(&self) -> bool {
+        let fits = crate::buffer::fits_in_memory(self.map.len() as u64);
+        if fits {
+            crate::buffer::populate(&self.map);
+        }
+        fits
+    }
+
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -251,6 +251,17 @@ impl SafetensorsFile {
         })
     }
 
+    /// Maps every page of the file into the process now (see [`crate::buffer::populate`]),
+    /// so that the first forward pass does not take one page fault per 4 KiB of weights.
+    pub fn populate_resident_pages(&self) {
+        crate::buffer::populate(&self.map);
+    }
+
+    /// Bytes of the file.
+    pub fn file_len(&self) -> u64 {
+        self.map.len() as u64
+    }
+
     /// Drops this file's pages from the process's resident set (they stay in the page cache and
     /// fault back in when read). Advisory: errors are ignored.
     pub fn release_resident_pages(&self) {

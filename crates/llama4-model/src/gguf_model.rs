@@ -75,7 +75,9 @@ impl TextModel {
     /// misshapen tensor names it too.
     pub fn load_gguf(path: impl AsRef<Path>) -> Result<Self> {
         let f = GgufFile::open(path.as_ref())?;
-        Self::from_gguf(&f)
+        let model = Self::from_gguf(&f)?;
+        f.populate_resident_pages();
+        Ok(model)
     }
 
     /// [`TextModel::load_gguf`] from an opened file (the weights share its map, which outlives
@@ -218,6 +220,7 @@ impl GgufModel {
         let f = GgufFile::open(path.as_ref())?.with_progress(progress);
         let model = TextModel::from_gguf(&f)?;
         f.finish_progress();
+        f.populate_resident_pages();
         let tokenizer_unsupported = GgufTokenizer::unsupported(&f);
         let tokenizer = match f.get("tokenizer.ggml.model") {
             Some(_) if tokenizer_unsupported.is_none() => Some(GgufTokenizer::from_gguf(&f)?),

@@ -41,7 +41,11 @@ impl TextModel {
         let dir = dir.as_ref();
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(ckpt, &config)
+        let model = Self::from_checkpoint(ckpt, &config)?;
+        if let Some(ckpt) = &model.checkpoint {
+            ckpt.populate_resident_pages();
+        }
+        Ok(model)
     }
 
     /// [`TextModel::load`] with load-time quantisation of the weights `policy` selects (see
@@ -89,10 +93,15 @@ impl TextModel {
         if let Some(ckpt) = &model.checkpoint {
             ckpt.finish_progress();
         }
-        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_some()) {
-            // Quantising read every selected float weight once; without this their pages would
-            // stay resident beside the quantised copies (2-4x the quantised bytes on bench-mid).
-            ckpt.release_resident_pages();
+        if let Some(ckpt) = &model.checkpoint {
+            if ckpt.quantization().is_some() {
+                // Quantising read every selected float weight once; without this their pages
+                // would stay resident beside the quantised copies (2-4x the quantised bytes on
+                // bench-mid).
+                ckpt.release_resident_pages();
+            } else {
+                ckpt.populate_resident_pages();
+            }
         }
         Ok(model)
     }

@@ -305,6 +305,9 @@ impl MultimodalModel {
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
         if let Some(ckpt) = text.checkpoint() {
             ckpt.finish_progress();
+            if ckpt.quantization().is_none() {
+                ckpt.populate_resident_pages();
+            }
         }
         Ok(MultimodalModel {
             text: Arc::new(text),
