@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use llama4_core::KvDtype;
-use llama4_model::{forward_batch, BatchEntry, Logits, Session, TextModel, Workspace};
+use llama4_model::{forward_batch, BatchEntry, FeedForwardLayer, Logits, Session, TextModel, Workspace};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -56,8 +56,9 @@ fn try_main() -> Result<(), Error> {
         dir.display(),
         llama4_core::pool::threads()
     );
-    println!("streams  ms/step  decode tok/s (all streams)");
+    println!("streams  ms/step  decode tok/s (all streams)  experts/layer");
     for &n in &streams {
+        let mut experts = 0.0;
         let mut times = Vec::with_capacity(runs);
         for run in 0..runs {
             let mut sessions = Vec::with_capacity(n);
@@ -79,6 +80,7 @@ fn try_main() -> Result<(), Error> {
                 sessions.push(session);
             }
             let mut ws = Workspace::new();
+            reset_routing_stats(&model);
             let t0 = Instant::now();
             for _ in 0..steps {
                 let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
@@ -97,12 +99,43 @@ fn try_main() -> Result<(), Error> {
                 }
             }
             times.push(t0.elapsed().as_secs_f64() / steps as f64);
+            experts = routed_experts(&model, steps);
         }
         times.sort_by(f64::total_cmp);
         let step = times[times.len() / 2];
-        println!("{n:>7}  {:>7.2}  {:>10.1}", step * 1e3, n as f64 / step);
+        println!(
+            "{n:>7}  {:>7.2}  {:>10.1}  {:>12.1}",
+            step * 1e3,
+            n as f64 / step,
+            experts
+        );
     }
     Ok(())
+}
+
+fn moe_layers(model: &TextModel) -> impl Iterator<Item = &moe_router::Moe> {
+    model.layers().iter().filter_map(|l| match &l.feed_forward {
+        FeedForwardLayer::Moe(m) => Some(m.as_ref()),
+        _ => None,
+    })
+}
+
+fn reset_routing_stats(model: &TextModel) {
+    moe_layers(model).for_each(|m| m.stats().reset());
+}
+
+/// Distinct routed experts per MoE layer per step, averaged over the last run: what a step
+/// reads beyond the dense weights.
+fn routed_experts(model: &TextModel, steps: usize) -> f64 {
+    let (mut experts, mut layers) = (0u64, 0u64);
+    for m in moe_layers(model) {
+        let s = m.stats();
+        let dense = m.min_decode_weight_bytes() - m.router().top_k() * m.experts().expert_bytes();
+        let fixed = dense as u64 * s.forward_calls();
+        experts += (s.weight_bytes_read() - fixed) / m.experts().expert_bytes() as u64;
+        layers += 1;
+    }
+    experts as f64 / (layers.max(1) * steps as u64) as f64
 }
 
 fn argmax(row: &[f32]) -> u32 {
