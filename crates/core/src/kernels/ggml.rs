@@ -357,7 +357,7 @@ unsafe fn run_rows(path: Path, m: &Mat, a: &Acts, t: usize, lo: usize, hi: usize
             _ => x86::panels_avx2,
         };
         let mut buf = PANEL.with(Cell::take);
-        let len = x86::panel_len(m.ty, a.k);
+        let len = x86::panel_buf_len(m.ty, a.k);
         if buf.len() < len {
             buf.resize(len, x86::V32([0; 32]));
         }
