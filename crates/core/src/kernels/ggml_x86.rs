@@ -18,7 +18,7 @@
 //!
 //! Prefill (`t > 3`, the panel kernels at the end of this file): eight rows at a time are
 //! unpacked once per call into a buffer laid out so that no horizontal sums are needed; with
-//! AVX-512 VNNI the k-quants take two such panels side by side in 512-bit vectors.
+//! AVX-512 VNNI two such panels side by side in 512-bit vectors.
 
 // Index loops state the block layouts most plainly.
 #![allow(clippy::needless_range_loop)]
@@ -988,9 +988,10 @@ unsafe fn panels<D: Dot, const TY: u32>(
 const WIDE_ROWS: usize = 2 * PANEL_ROWS;
 
 /// [`panel_tile`] over a wide panel (`p`: 64-byte aligned, [`Kind::stride`] 64-byte vectors
-/// per super-block) with 512-bit VNNI, for the unsigned types (the k-quants): every operation
-/// of the 256-bit tile is lane-wise, so each becomes its 512-bit form on sixteen rows. On a
-/// CPU with full-width AVX-512 (Zen 5) that doubles the products per instruction.
+/// per super-block) with 512-bit VNNI: every operation of the 256-bit tile is lane-wise, so
+/// each becomes its 512-bit form on sixteen rows. AVX-512 has no `vpsignb`: the sign of `w`
+/// moves onto the activation as a masked `0 − x` where `w < 0` (where `w = 0`, `|w|` is 0).
+/// On a CPU with full-width AVX-512 (Zen 5) this doubles the products per instruction.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn panel_tile_wide<const TY: u32, const T: usize>(
@@ -1003,8 +1004,10 @@ unsafe fn panel_tile_wide<const TY: u32, const T: usize>(
     o0: usize,
 ) {
     let kd = Kind::of(TY);
-    debug_assert!(!kd.signed && !kd.float_mins && kd.int_scale);
+    debug_assert!(!kd.float_mins);
     let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
+    let (ones, zero) = (_mm512_set1_epi16(1), _mm512_setzero_si512());
+    let direct = kd.acc16 == 1 && !kd.int_scale;
     let mut acc = [_mm512_setzero_ps(); T];
     for s in 0..nsb {
         let base = p.add(s * kd.stride());
@@ -1012,39 +1015,60 @@ unsafe fn panel_tile_wide<const TY: u32, const T: usize>(
         let mut isum = [_mm512_setzero_si512(); T];
         let gsteps = kd.g / 4;
         for g in 0..kd.steps() / gsteps {
-            let scale = vec(kd.vals() + g);
+            let scale = if kd.int_scale { vec(kd.vals() + g) } else { ones };
             for f in 0..gsteps / kd.acc16 {
                 let mut s16 = [_mm512_setzero_si512(); T];
                 for e in 0..kd.acc16 {
                     let step = g * gsteps + f * kd.acc16 + e;
-                    let u = vec(step);
+                    let (u, neg) = if kd.signed {
+                        (vec(2 * step + 1), _mm512_movepi8_mask(vec(2 * step)))
+                    } else {
+                        (vec(step), 0)
+                    };
                     for i in 0..T {
                         let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
-                        let pr = _mm512_maddubs_epi16(u, _mm512_set1_epi32(x4));
-                        s16[i] = if e == 0 { pr } else { _mm512_add_epi16(s16[i], pr) };
+                        let x = _mm512_set1_epi32(x4);
+                        let x = if kd.signed {
+                            _mm512_mask_sub_epi8(x, neg, zero, x)
+                        } else {
+                            x
+                        };
+                        if direct {
+                            isum[i] = _mm512_dpbusd_epi32(isum[i], u, x);
+                        } else {
+                            let pr = _mm512_maddubs_epi16(u, x);
+                            s16[i] = if e == 0 { pr } else { _mm512_add_epi16(s16[i], pr) };
+                        }
                     }
                 }
-                for i in 0..T {
-                    isum[i] = _mm512_dpwssd_epi32(isum[i], s16[i], scale);
+                if !direct {
+                    for i in 0..T {
+                        isum[i] = _mm512_dpwssd_epi32(isum[i], s16[i], scale);
+                    }
                 }
             }
         }
         let d = _mm512_load_ps(base.add(kd.at_d()).cast());
-        let dmin = _mm512_load_ps(base.add(kd.at_d() + 1).cast());
         for i in 0..T {
             let dx = _mm512_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(d, dx), acc[i]);
-            let bs = if kd.mins32 {
-                a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
-            } else {
-                a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
-            };
-            let mut msum = _mm512_setzero_si512();
-            for q in 0..kd.min_pairs() {
-                let pair = _mm512_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
-                msum = _mm512_dpwssd_epi32(msum, vec(kd.at_d() + 2 + q), pair);
+        }
+        if kd.int_mins {
+            let dmin = _mm512_load_ps(base.add(kd.at_d() + 1).cast());
+            for i in 0..T {
+                let bs = if kd.mins32 {
+                    a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
+                } else {
+                    a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
+                };
+                let mut msum = _mm512_setzero_si512();
+                for q in 0..kd.min_pairs() {
+                    let pair = _mm512_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
+                    msum = _mm512_dpwssd_epi32(msum, vec(kd.at_d() + 2 + q), pair);
+                }
+                let dx = _mm512_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[i]);
             }
-            acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[i]);
         }
     }
     for i in 0..T {
@@ -1052,7 +1076,7 @@ unsafe fn panel_tile_wide<const TY: u32, const T: usize>(
     }
 }
 
-/// [`panels`] with VNNI for the k-quants: sixteen rows at a time through [`panel_tile_wide`],
+/// [`panels`] with VNNI: sixteen rows at a time through [`panel_tile_wide`],
 /// the last `< 16` rows through the eight-row panels. `buf` holds [`panel_buf_len`] vectors.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -1145,12 +1169,14 @@ pub(super) unsafe fn panels_vnni(
     y: *mut f32,
     buf: *mut V32,
 ) {
-    match m.ty.id() {
-        10 => panels_wide::<10>(m, a, t, lo, hi, y, buf),
-        11 => panels_wide::<11>(m, a, t, lo, hi, y, buf),
-        12 => panels_wide::<12>(m, a, t, lo, hi, y, buf),
-        13 => panels_wide::<13>(m, a, t, lo, hi, y, buf),
-        14 => panels_wide::<14>(m, a, t, lo, hi, y, buf),
-        _ => panels_any::<Vnni>(m, a, t, lo, hi, y, buf),
+    macro_rules! go {
+        ($($ty:literal),*) => {
+            match m.ty.id() {
+                $($ty => panels_wide::<$ty>(m, a, t, lo, hi, y, buf),)*
+                _ => unreachable!("{}", m.ty),
+            }
+        };
     }
+    // As [`panels_any`].
+    go!(2, 6, 8, 10, 11, 12, 13, 14)
 }
