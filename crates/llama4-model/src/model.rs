@@ -52,7 +52,11 @@ impl TextModel {
     /// [`Checkpoint::set_quantization`]). Weights the checkpoint stores quantised are used as
     /// stored, with or without a policy, and never requantised.
     pub fn load_with_quantization(dir: impl AsRef<Path>, policy: Option<QuantPolicy>) -> Result<Self> {
-        Self::load_with_moe(dir, policy, &mut load_moe)
+        let options = LoadOptions {
+            quantization: policy,
+            progress: None,
+        };
+        Self::load_with_options(dir, &options)
     }
 
     /// [`TextModel::load_with_quantization`] with each MoE layer's feed-forward built by
@@ -73,8 +77,16 @@ impl TextModel {
     /// [`TextModel::load_with_quantization`] with `options.progress` told of every tensor
     /// loaded (and quantised), in stored bytes of the checkpoint's files; see
     /// [`llama4_core::progress`].
+    ///
+    /// Unquantised weights files that fit in half of memory are prefaulted after loading (see
+    /// [`Checkpoint::populate_resident_pages`]); the `_moe` loaders leave that to the caller,
+    /// whose builder may hold only some experts.
     pub fn load_with_options(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        Self::load_with_options_and_moe(dir, options, &mut load_moe)
+        let model = Self::load_with_options_and_moe(dir, options, &mut load_moe)?;
+        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_none()) {
+            ckpt.populate_resident_pages();
+        }
+        Ok(model)
     }
 
     /// [`TextModel::load_with_options`] with each MoE layer's feed-forward built by `build`
@@ -93,15 +105,10 @@ impl TextModel {
         if let Some(ckpt) = &model.checkpoint {
             ckpt.finish_progress();
         }
-        if let Some(ckpt) = &model.checkpoint {
-            if ckpt.quantization().is_some() {
-                // Quantising read every selected float weight once; without this their pages
-                // would stay resident beside the quantised copies (2-4x the quantised bytes on
-                // bench-mid).
-                ckpt.release_resident_pages();
-            } else {
-                ckpt.populate_resident_pages();
-            }
+        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_some()) {
+            // Quantising read every selected float weight once; without this their pages would
+            // stay resident beside the quantised copies (2-4x the quantised bytes on bench-mid).
+            ckpt.release_resident_pages();
         }
         Ok(model)
     }

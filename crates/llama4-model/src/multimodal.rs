@@ -230,7 +230,11 @@ impl MultimodalModel {
         token_ids: ImageTokenIds,
         policy: Option<QuantPolicy>,
     ) -> Result<Self> {
-        Self::load_with_moe(dir, token_ids, policy, &mut load_moe)
+        let options = LoadOptions {
+            quantization: policy,
+            progress: None,
+        };
+        Self::load_with_options(dir, token_ids, &options)
     }
 
     /// [`MultimodalModel::load_with_quantization`] with the text decoder's MoE layers built by
@@ -255,7 +259,12 @@ impl MultimodalModel {
         token_ids: ImageTokenIds,
         options: &LoadOptions,
     ) -> Result<Self> {
-        Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)
+        let model = Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)?;
+        // As [`TextModel::load_with_options`]: every weight is this process's to read.
+        if let Some(ckpt) = model.text.checkpoint().filter(|c| c.quantization().is_none()) {
+            ckpt.populate_resident_pages();
+        }
+        Ok(model)
     }
 
     /// [`MultimodalModel::load_with_options`] with the text decoder's MoE layers built by
@@ -305,9 +314,6 @@ impl MultimodalModel {
         let text = TextModel::from_checkpoint_with_moe(ckpt, &config, build)?;
         if let Some(ckpt) = text.checkpoint() {
             ckpt.finish_progress();
-            if ckpt.quantization().is_none() {
-                ckpt.populate_resident_pages();
-            }
         }
         Ok(MultimodalModel {
             text: Arc::new(text),
