@@ -853,12 +853,222 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
     }
 }
 
-/// Tokens `r0..r0 + T` of a packed panel (`nsb` super-blocks from `p`): `y[r][o0 + j]` for the
-/// panel's first `rows` rows `j`.
+/// The vectors of a panel tile at one width: [`Narrow`] (256 bits, the eight rows of one
+/// packed panel, with either [`Dot`]) or [`Wide`] (512 bits, sixteen rows: two packed panels
+/// interleaved vector by vector). Every operation of the tile is lane-wise, so one body
+/// ([`panel_tile`]) serves both.
+trait Tile {
+    /// Sixteen-bit / 32-bit integer lanes.
+    type I: Copy;
+    /// f32 lanes, one per row.
+    type F: Copy;
+    /// What [`Tile::sign`] takes of a weight vector.
+    type Neg: Copy;
+    /// Bytes per vector.
+    const BYTES: usize;
+    unsafe fn load(p: *const u8) -> Self::I;
+    unsafe fn zero() -> Self::I;
+    unsafe fn splat(x: i32) -> Self::I;
+    unsafe fn ones16() -> Self::I;
+    unsafe fn neg(w: Self::I) -> Self::Neg;
+    /// `x` with the sign of `w` moved onto it (any value where `w = 0`: `|w|` is 0 there).
+    unsafe fn sign(x: Self::I, w: Self::Neg) -> Self::I;
+    unsafe fn maddubs(u: Self::I, x: Self::I) -> Self::I;
+    unsafe fn add16(a: Self::I, b: Self::I) -> Self::I;
+    /// As [`Dot::dot4`].
+    unsafe fn dot4(acc: Self::I, u: Self::I, x: Self::I) -> Self::I;
+    /// As [`Dot::wsum`].
+    unsafe fn wsum(acc: Self::I, p: Self::I, w: Self::I) -> Self::I;
+    unsafe fn fzero() -> Self::F;
+    unsafe fn loadf(p: *const f32) -> Self::F;
+    unsafe fn splatf(x: f32) -> Self::F;
+    unsafe fn cvt(i: Self::I) -> Self::F;
+    unsafe fn mul(a: Self::F, b: Self::F) -> Self::F;
+    /// `a · b + c`.
+    unsafe fn fmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// `c − a · b`.
+    unsafe fn fnmadd(a: Self::F, b: Self::F, c: Self::F) -> Self::F;
+    /// The first `rows` lanes of `v` to `p`.
+    unsafe fn store(p: *mut f32, v: Self::F, rows: usize);
+}
+
+/// 256-bit tiles with the products of `D`.
+struct Narrow<D>(std::marker::PhantomData<D>);
+
+impl<D: Dot> Tile for Narrow<D> {
+    type I = __m256i;
+    type F = __m256;
+    type Neg = __m256i;
+    const BYTES: usize = 32;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m256i {
+        _mm256_load_si256(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn zero() -> __m256i {
+        _mm256_setzero_si256()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: i32) -> __m256i {
+        _mm256_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn ones16() -> __m256i {
+        _mm256_set1_epi16(1)
+    }
+    #[inline(always)]
+    unsafe fn neg(w: __m256i) -> __m256i {
+        w
+    }
+    #[inline(always)]
+    unsafe fn sign(x: __m256i, w: __m256i) -> __m256i {
+        _mm256_sign_epi8(x, w)
+    }
+    #[inline(always)]
+    unsafe fn maddubs(u: __m256i, x: __m256i) -> __m256i {
+        _mm256_maddubs_epi16(u, x)
+    }
+    #[inline(always)]
+    unsafe fn add16(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_add_epi16(a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot4(acc: __m256i, u: __m256i, x: __m256i) -> __m256i {
+        D::dot4(acc, u, x)
+    }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m256i, p: __m256i, w: __m256i) -> __m256i {
+        D::wsum(acc, p, w)
+    }
+    #[inline(always)]
+    unsafe fn fzero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn loadf(p: *const f32) -> __m256 {
+        _mm256_load_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splatf(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn cvt(i: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(i)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256, rows: usize) {
+        if rows == PANEL_ROWS {
+            _mm256_storeu_ps(p, v);
+        } else {
+            let mut lanes = [0f32; PANEL_ROWS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), p, rows);
+        }
+    }
+}
+
+/// 512-bit tiles with AVX-512 VNNI. AVX-512 has no `vpsignb`: the sign of `w` moves onto the
+/// activation as a masked `0 − x` where `w < 0` (the mask taken once per step).
+struct Wide;
+
+impl Tile for Wide {
+    type I = __m512i;
+    type F = __m512;
+    type Neg = __mmask64;
+    const BYTES: usize = 64;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_load_si512(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn zero() -> __m512i {
+        _mm512_setzero_si512()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: i32) -> __m512i {
+        _mm512_set1_epi32(x)
+    }
+    #[inline(always)]
+    unsafe fn ones16() -> __m512i {
+        _mm512_set1_epi16(1)
+    }
+    #[inline(always)]
+    unsafe fn neg(w: __m512i) -> __mmask64 {
+        _mm512_movepi8_mask(w)
+    }
+    #[inline(always)]
+    unsafe fn sign(x: __m512i, neg: __mmask64) -> __m512i {
+        _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x)
+    }
+    #[inline(always)]
+    unsafe fn maddubs(u: __m512i, x: __m512i) -> __m512i {
+        _mm512_maddubs_epi16(u, x)
+    }
+    #[inline(always)]
+    unsafe fn add16(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_add_epi16(a, b)
+    }
+    #[inline(always)]
+    unsafe fn dot4(acc: __m512i, u: __m512i, x: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, u, x)
+    }
+    #[inline(always)]
+    unsafe fn wsum(acc: __m512i, p: __m512i, w: __m512i) -> __m512i {
+        _mm512_dpwssd_epi32(acc, p, w)
+    }
+    #[inline(always)]
+    unsafe fn fzero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn loadf(p: *const f32) -> __m512 {
+        _mm512_load_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splatf(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn cvt(i: __m512i) -> __m512 {
+        _mm512_cvtepi32_ps(i)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fnmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512, rows: usize) {
+        _mm512_mask_storeu_ps(p, ((1u32 << rows) - 1) as __mmask16, v);
+    }
+}
+
+/// Tokens `r0..r0 + T` of a packed panel (`nsb` super-blocks from `p`, [`Kind::stride`]
+/// vectors of `L` each): `y[r][o0 + j]` for the panel's first `rows` rows `j`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
-    p: *const V32,
+unsafe fn panel_tile<L: Tile, const TY: u32, const T: usize>(
+    p: *const u8,
     nsb: usize,
     a: &Acts,
     r0: usize,
@@ -869,84 +1079,81 @@ unsafe fn panel_tile<D: Dot, const TY: u32, const T: usize>(
 ) {
     let kd = Kind::of(TY);
     let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
-    let ones = _mm256_set1_epi16(1);
     // Q8_0's products go straight to 32 bits (`dot4`); the others sum in 16 bits first.
     let direct = kd.acc16 == 1 && !kd.int_scale;
-    let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc = [L::fzero(); T];
     for s in 0..nsb {
-        let base = p.add(s * kd.stride());
-        let vec = |i: usize| _mm256_load_si256(base.add(i).cast());
-        let mut isum = [_mm256_setzero_si256(); T];
+        let base = p.add(s * kd.stride() * L::BYTES);
+        let vec = |i: usize| L::load(base.add(i * L::BYTES));
+        let mut isum = [L::zero(); T];
         let gsteps = kd.g / 4;
         for g in 0..kd.steps() / gsteps {
-            let scale = if kd.int_scale { vec(kd.vals() + g) } else { ones };
+            let scale = if kd.int_scale {
+                vec(kd.vals() + g)
+            } else {
+                L::ones16()
+            };
             for f in 0..gsteps / kd.acc16 {
-                let mut s16 = [_mm256_setzero_si256(); T];
+                let mut s16 = [L::zero(); T];
                 for e in 0..kd.acc16 {
                     let step = g * gsteps + f * kd.acc16 + e;
-                    let (w, u) = if kd.signed {
-                        (vec(2 * step), vec(2 * step + 1))
+                    let (u, neg) = if kd.signed {
+                        (vec(2 * step + 1), L::neg(vec(2 * step)))
                     } else {
-                        (vec(step), vec(step))
+                        let u = vec(step);
+                        (u, L::neg(u))
                     };
                     for i in 0..T {
                         let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
-                        let x = _mm256_set1_epi32(x4);
-                        let x = if kd.signed { _mm256_sign_epi8(x, w) } else { x };
+                        let x = L::splat(x4);
+                        let x = if kd.signed { L::sign(x, neg) } else { x };
                         if direct {
-                            isum[i] = D::dot4(isum[i], u, x);
+                            isum[i] = L::dot4(isum[i], u, x);
                         } else {
-                            let pr = _mm256_maddubs_epi16(u, x);
-                            s16[i] = if e == 0 { pr } else { _mm256_add_epi16(s16[i], pr) };
+                            let pr = L::maddubs(u, x);
+                            s16[i] = if e == 0 { pr } else { L::add16(s16[i], pr) };
                         }
                     }
                 }
                 if !direct {
                     for i in 0..T {
-                        isum[i] = D::wsum(isum[i], s16[i], scale);
+                        isum[i] = L::wsum(isum[i], s16[i], scale);
                     }
                 }
             }
         }
-        let d = _mm256_load_ps(base.add(kd.at_d()).cast());
+        let d = L::loadf(base.add(kd.at_d() * L::BYTES).cast());
         for i in 0..T {
-            let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(d, dx), acc[i]);
+            let dx = L::splatf(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+            acc[i] = L::fmadd(L::cvt(isum[i]), L::mul(d, dx), acc[i]);
         }
         if kd.int_mins {
-            let dmin = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            let dmin = L::loadf(base.add((kd.at_d() + 1) * L::BYTES).cast());
             for i in 0..T {
                 let bs = if kd.mins32 {
                     a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
                 } else {
                     a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
                 };
-                let mut msum = _mm256_setzero_si256();
+                let mut msum = L::zero();
                 for q in 0..kd.min_pairs() {
-                    let pair = _mm256_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
-                    msum = D::wsum(msum, vec(kd.at_d() + 2 + q), pair);
+                    let pair = L::splat(bs.add(2 * q).cast::<i32>().read_unaligned());
+                    msum = L::wsum(msum, vec(kd.at_d() + 2 + q), pair);
                 }
-                let dx = _mm256_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
-                acc[i] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, dx), acc[i]);
+                let dx = L::splatf(*a.d.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = L::fnmadd(L::cvt(msum), L::mul(dmin, dx), acc[i]);
             }
         }
         if kd.float_mins {
-            let mw = _mm256_load_ps(base.add(kd.at_d() + 1).cast());
+            let mw = L::loadf(base.add((kd.at_d() + 1) * L::BYTES).cast());
             for i in 0..T {
-                let sx = _mm256_set1_ps(*a.s.as_ptr().add((r0 + i) * a.nb + s));
-                acc[i] = _mm256_fmadd_ps(mw, sx, acc[i]);
+                let sx = L::splatf(*a.s.as_ptr().add((r0 + i) * a.nb + s));
+                acc[i] = L::fmadd(mw, sx, acc[i]);
             }
         }
     }
     for i in 0..T {
-        let out = y.add((r0 + i) * n + o0);
-        if rows == PANEL_ROWS {
-            _mm256_storeu_ps(out, acc[i]);
-        } else {
-            let mut v = [0f32; 8];
-            _mm256_storeu_ps(v.as_mut_ptr(), acc[i]);
-            std::ptr::copy_nonoverlapping(v.as_ptr(), out, rows);
-        }
+        L::store(y.add((r0 + i) * n + o0), acc[i], rows);
     }
 }
 
@@ -970,14 +1177,14 @@ unsafe fn panels<D: Dot, const TY: u32>(
         pack_panel::<TY>(m, o0, rows, nsb, buf);
         let mut r0 = 0;
         while r0 + TILE_T <= t {
-            panel_tile::<D, TY, TILE_T>(buf, nsb, a, r0, y, m.n, o0, rows);
+            panel_tile::<Narrow<D>, TY, TILE_T>(buf.cast(), nsb, a, r0, y, m.n, o0, rows);
             r0 += TILE_T;
         }
         match t - r0 {
             0 => {}
-            1 => panel_tile::<D, TY, 1>(buf, nsb, a, r0, y, m.n, o0, rows),
-            2 => panel_tile::<D, TY, 2>(buf, nsb, a, r0, y, m.n, o0, rows),
-            _ => panel_tile::<D, TY, 3>(buf, nsb, a, r0, y, m.n, o0, rows),
+            1 => panel_tile::<Narrow<D>, TY, 1>(buf.cast(), nsb, a, r0, y, m.n, o0, rows),
+            2 => panel_tile::<Narrow<D>, TY, 2>(buf.cast(), nsb, a, r0, y, m.n, o0, rows),
+            _ => panel_tile::<Narrow<D>, TY, 3>(buf.cast(), nsb, a, r0, y, m.n, o0, rows),
         }
         o0 += rows;
     }
@@ -987,96 +1194,7 @@ unsafe fn panels<D: Dot, const TY: u32>(
 /// 512-bit vector holds the same step of sixteen rows (lanes 0..8 the first panel's rows).
 const WIDE_ROWS: usize = 2 * PANEL_ROWS;
 
-/// [`panel_tile`] over a wide panel (`p`: 64-byte aligned, [`Kind::stride`] 64-byte vectors
-/// per super-block) with 512-bit VNNI: every operation of the 256-bit tile is lane-wise, so
-/// each becomes its 512-bit form on sixteen rows. AVX-512 has no `vpsignb`: the sign of `w`
-/// moves onto the activation as a masked `0 − x` where `w < 0` (where `w = 0`, `|w|` is 0).
-/// On a CPU with full-width AVX-512 (Zen 5) this doubles the products per instruction.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn panel_tile_wide<const TY: u32, const T: usize>(
-    p: *const __m512i,
-    nsb: usize,
-    a: &Acts,
-    r0: usize,
-    y: *mut f32,
-    n: usize,
-    o0: usize,
-) {
-    let kd = Kind::of(TY);
-    debug_assert!(!kd.float_mins);
-    let xs: [*const u8; T] = std::array::from_fn(|i| a.q.as_ptr().add((r0 + i) * a.k).cast());
-    let (ones, zero) = (_mm512_set1_epi16(1), _mm512_setzero_si512());
-    let direct = kd.acc16 == 1 && !kd.int_scale;
-    let mut acc = [_mm512_setzero_ps(); T];
-    for s in 0..nsb {
-        let base = p.add(s * kd.stride());
-        let vec = |i: usize| _mm512_load_si512(base.add(i).cast());
-        let mut isum = [_mm512_setzero_si512(); T];
-        let gsteps = kd.g / 4;
-        for g in 0..kd.steps() / gsteps {
-            let scale = if kd.int_scale { vec(kd.vals() + g) } else { ones };
-            for f in 0..gsteps / kd.acc16 {
-                let mut s16 = [_mm512_setzero_si512(); T];
-                for e in 0..kd.acc16 {
-                    let step = g * gsteps + f * kd.acc16 + e;
-                    let (u, neg) = if kd.signed {
-                        (vec(2 * step + 1), _mm512_movepi8_mask(vec(2 * step)))
-                    } else {
-                        (vec(step), 0)
-                    };
-                    for i in 0..T {
-                        let x4 = xs[i].add(s * kd.sb + 4 * step).cast::<i32>().read_unaligned();
-                        let x = _mm512_set1_epi32(x4);
-                        let x = if kd.signed {
-                            _mm512_mask_sub_epi8(x, neg, zero, x)
-                        } else {
-                            x
-                        };
-                        if direct {
-                            isum[i] = _mm512_dpbusd_epi32(isum[i], u, x);
-                        } else {
-                            let pr = _mm512_maddubs_epi16(u, x);
-                            s16[i] = if e == 0 { pr } else { _mm512_add_epi16(s16[i], pr) };
-                        }
-                    }
-                }
-                if !direct {
-                    for i in 0..T {
-                        isum[i] = _mm512_dpwssd_epi32(isum[i], s16[i], scale);
-                    }
-                }
-            }
-        }
-        let d = _mm512_load_ps(base.add(kd.at_d()).cast());
-        for i in 0..T {
-            let dx = _mm512_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
-            acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(d, dx), acc[i]);
-        }
-        if kd.int_mins {
-            let dmin = _mm512_load_ps(base.add(kd.at_d() + 1).cast());
-            for i in 0..T {
-                let bs = if kd.mins32 {
-                    a.bsums32.as_ptr().add((r0 + i) * a.k / 32 + 8 * s)
-                } else {
-                    a.bsums.as_ptr().add((r0 + i) * a.k / 16 + 16 * s)
-                };
-                let mut msum = _mm512_setzero_si512();
-                for q in 0..kd.min_pairs() {
-                    let pair = _mm512_set1_epi32(bs.add(2 * q).cast::<i32>().read_unaligned());
-                    msum = _mm512_dpwssd_epi32(msum, vec(kd.at_d() + 2 + q), pair);
-                }
-                let dx = _mm512_set1_ps(*a.d.as_ptr().add((r0 + i) * a.nb + s));
-                acc[i] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum), _mm512_mul_ps(dmin, dx), acc[i]);
-            }
-        }
-    }
-    for i in 0..T {
-        _mm512_storeu_ps(y.add((r0 + i) * n + o0), acc[i]);
-    }
-}
-
-/// [`panels`] with VNNI: sixteen rows at a time through [`panel_tile_wide`],
+/// [`panels`] with VNNI: sixteen rows at a time through 512-bit [`panel_tile`]s,
 /// the last `< 16` rows through the eight-row panels. `buf` holds [`panel_buf_len`] vectors.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -1093,7 +1211,7 @@ unsafe fn panels_wide<const TY: u32>(
     let len = panel_len(m.ty, a.k);
     let (pa, pb) = (buf, buf.add(len));
     let w0 = buf.add(2 * len);
-    let wide = w0.add(w0.align_offset(64)).cast::<__m512i>();
+    let wide = w0.add(w0.align_offset(64)).cast::<u8>();
     let mut o0 = lo;
     while o0 + WIDE_ROWS <= hi {
         pack_panel::<TY>(m, o0, PANEL_ROWS, nsb, pa);
@@ -1103,18 +1221,18 @@ unsafe fn panels_wide<const TY: u32>(
                 _mm512_castsi256_si512(_mm256_load_si256(pa.add(j).cast())),
                 _mm256_load_si256(pb.add(j).cast()),
             );
-            _mm512_store_si512(wide.add(j).cast(), v);
+            _mm512_store_si512(wide.add(64 * j).cast(), v);
         }
         let mut r0 = 0;
         while r0 + TILE_T <= t {
-            panel_tile_wide::<TY, TILE_T>(wide, nsb, a, r0, y, m.n, o0);
+            panel_tile::<Wide, TY, TILE_T>(wide, nsb, a, r0, y, m.n, o0, WIDE_ROWS);
             r0 += TILE_T;
         }
         match t - r0 {
             0 => {}
-            1 => panel_tile_wide::<TY, 1>(wide, nsb, a, r0, y, m.n, o0),
-            2 => panel_tile_wide::<TY, 2>(wide, nsb, a, r0, y, m.n, o0),
-            _ => panel_tile_wide::<TY, 3>(wide, nsb, a, r0, y, m.n, o0),
+            1 => panel_tile::<Wide, TY, 1>(wide, nsb, a, r0, y, m.n, o0, WIDE_ROWS),
+            2 => panel_tile::<Wide, TY, 2>(wide, nsb, a, r0, y, m.n, o0, WIDE_ROWS),
+            _ => panel_tile::<Wide, TY, 3>(wide, nsb, a, r0, y, m.n, o0, WIDE_ROWS),
         }
         o0 += WIDE_ROWS;
     }
