@@ -34,7 +34,7 @@ flags() {
   echo -n " -DGGML_F16C=$(on_off f16c) -DGGML_BMI2=$(on_off bmi2) -DGGML_AVX_VNNI=$(on_off avx_vnni)"
   echo -n " -DGGML_AVX512=$avx512"
   if [ $avx512 = ON ]; then
-    echo -n " -DGGML_AVX512_VBMI=$(on_off avx512_vbmi) -DGGML_AVX512_VNNI=$(on_off avx512_vnni)"
+    echo -n " -DGGML_AVX512_VBMI=$(on_off avx512vbmi) -DGGML_AVX512_VNNI=$(on_off avx512_vnni)"
     echo -n " -DGGML_AVX512_BF16=$(on_off avx512_bf16)"
   fi
   echo " -DLLAMA_CURL=OFF"
