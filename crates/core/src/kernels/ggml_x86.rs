@@ -699,9 +699,9 @@ pub(super) fn panel_len(ty: GgmlType, k: usize) -> usize {
 }
 
 /// Vectors of the buffer the panel kernels take for a `k`-wide weight of `ty`: two panels,
-/// and the two interleaved for the 512-bit tile (plus one vector to align it to 64 bytes).
+/// interleaved for the 512-bit tile (plus one vector to align them to 64 bytes).
 pub(super) fn panel_buf_len(ty: GgmlType, k: usize) -> usize {
-    4 * panel_len(ty, k) + 1
+    2 * panel_len(ty, k) + 1
 }
 
 /// `v[r]`'s i32 lane `j` to lane `r` of vector `j` (an 8 × 8 transpose of 32-bit lanes).
@@ -759,16 +759,24 @@ unsafe fn unpack_row<const TY: u32>(bp: *const u8) -> KUnpacked {
 }
 
 /// Packs rows `o0..o0 + rows` (`rows ≤ 8`; the rest of the panel is zero) of a `TY` weight
-/// into `out` (`panel_len` vectors) in the layout [`panel_tile`] reads.
+/// into `out` in the layout [`panel_tile`] reads, vector `i` at `out + i · spacing` (1: one
+/// panel of `panel_len` vectors; 2: every other vector, interleaved with a second panel).
 #[inline(always)]
-unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize, out: *mut V32) {
+unsafe fn pack_panel<const TY: u32>(
+    m: &Mat,
+    o0: usize,
+    rows: usize,
+    nsb: usize,
+    out: *mut V32,
+    spacing: usize,
+) {
     let kd = Kind::of(TY);
     let ts = m.ty.type_size();
     let zero = _mm256_setzero_si256();
     let per_sb = kd.sb / m.ty.block_size();
     for s in 0..nsb {
-        let base = out.add(s * kd.stride());
-        let st = |i: usize, v: __m256i| _mm256_store_si256(base.add(i).cast(), v);
+        let base = out.add(s * kd.stride() * spacing);
+        let st = |i: usize, v: __m256i| _mm256_store_si256(base.add(i * spacing).cast(), v);
         let mut d = [0f32; 8];
         let mut dmin = [0f32; 8];
         if kd.sb == 32 {
@@ -846,9 +854,12 @@ unsafe fn pack_panel<const TY: u32>(m: &Mat, o0: usize, rows: usize, nsb: usize,
                 }
             }
         }
-        _mm256_store_ps(base.add(kd.at_d()).cast(), _mm256_loadu_ps(d.as_ptr()));
+        _mm256_store_ps(base.add(kd.at_d() * spacing).cast(), _mm256_loadu_ps(d.as_ptr()));
         if kd.int_mins || kd.float_mins {
-            _mm256_store_ps(base.add(kd.at_d() + 1).cast(), _mm256_loadu_ps(dmin.as_ptr()));
+            _mm256_store_ps(
+                base.add((kd.at_d() + 1) * spacing).cast(),
+                _mm256_loadu_ps(dmin.as_ptr()),
+            );
         }
     }
 }
@@ -1174,7 +1185,7 @@ unsafe fn panels<D: Dot, const TY: u32>(
     let mut o0 = lo;
     while o0 < hi {
         let rows = (hi - o0).min(PANEL_ROWS);
-        pack_panel::<TY>(m, o0, rows, nsb, buf);
+        pack_panel::<TY>(m, o0, rows, nsb, buf, 1);
         let mut r0 = 0;
         while r0 + TILE_T <= t {
             panel_tile::<Narrow<D>, TY, TILE_T>(buf.cast(), nsb, a, r0, y, m.n, o0, rows);
@@ -1208,21 +1219,14 @@ unsafe fn panels_wide<const TY: u32>(
     buf: *mut V32,
 ) {
     let nsb = a.k / Kind::of(TY).sb;
-    let len = panel_len(m.ty, a.k);
-    let (pa, pb) = (buf, buf.add(len));
-    let w0 = buf.add(2 * len);
-    let wide = w0.add(w0.align_offset(64)).cast::<u8>();
+    // Two panels written into alternate vectors: vector `j` of the wide panel is vector `j`
+    // of the first eight rows, then of the next eight.
+    let wide = buf.add(buf.align_offset(64));
     let mut o0 = lo;
     while o0 + WIDE_ROWS <= hi {
-        pack_panel::<TY>(m, o0, PANEL_ROWS, nsb, pa);
-        pack_panel::<TY>(m, o0 + PANEL_ROWS, PANEL_ROWS, nsb, pb);
-        for j in 0..len {
-            let v = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(_mm256_load_si256(pa.add(j).cast())),
-                _mm256_load_si256(pb.add(j).cast()),
-            );
-            _mm512_store_si512(wide.add(64 * j).cast(), v);
-        }
+        pack_panel::<TY>(m, o0, PANEL_ROWS, nsb, wide, 2);
+        pack_panel::<TY>(m, o0 + PANEL_ROWS, PANEL_ROWS, nsb, wide.add(1), 2);
+        let wide = wide.cast::<u8>();
         let mut r0 = 0;
         while r0 + TILE_T <= t {
             panel_tile::<Wide, TY, TILE_T>(wide, nsb, a, r0, y, m.n, o0, WIDE_ROWS);
