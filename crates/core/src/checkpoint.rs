@@ -230,13 +230,13 @@ impl Checkpoint {
     }
 
     /// Prefaults the pages of every file when the whole checkpoint fits in half of this
-    /// machine's memory, and reports whether it did. Faulting them in 4 KiB at a time during the
-    /// first forward pass cost 7% of a 512-token prefill of bench-mid (786 MB as Q8_0); a
-    /// checkpoint larger than memory is left to fault in what runs (a token reads only its
-    /// experts).
+    /// machine's memory and is not quantised at load, and reports whether it did. Faulting them
+    /// in 4 KiB at a time during the first forward pass cost 7% of a 512-token prefill of
+    /// bench-mid (786 MB as Q8_0). A checkpoint larger than memory is left to fault in what runs
+    /// (a token reads only its experts); a quantised one no longer reads its float originals.
     pub fn populate_resident_pages(&self) -> bool {
         let total: u64 = self.files.iter().map(SafetensorsFile::file_len).sum();
-        let fits = crate::buffer::fits_in_memory(total);
+        let fits = self.quant.is_none() && crate::buffer::fits_in_memory(total);
         if fits {
             for f in &self.files {
                 f.populate_resident_pages();

@@ -38,14 +38,7 @@ impl std::fmt::Debug for TextModel {
 impl TextModel {
     /// Loads the text model of the checkpoint in `dir` (config.json plus safetensors).
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref();
-        let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
-        let model = Self::from_checkpoint(ckpt, &config)?;
-        if let Some(ckpt) = &model.checkpoint {
-            ckpt.populate_resident_pages();
-        }
-        Ok(model)
+        Self::load_with_quantization(dir, None)
     }
 
     /// [`TextModel::load`] with load-time quantisation of the weights `policy` selects (see
@@ -78,12 +71,12 @@ impl TextModel {
     /// loaded (and quantised), in stored bytes of the checkpoint's files; see
     /// [`llama4_core::progress`].
     ///
-    /// Unquantised weights files that fit in half of memory are prefaulted after loading (see
+    /// Weight files that fit in half of memory are prefaulted after loading (see
     /// [`Checkpoint::populate_resident_pages`]); the `_moe` loaders leave that to the caller,
     /// whose builder may hold only some experts.
     pub fn load_with_options(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let model = Self::load_with_options_and_moe(dir, options, &mut load_moe)?;
-        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| c.quantization().is_none()) {
+        if let Some(ckpt) = &model.checkpoint {
             ckpt.populate_resident_pages();
         }
         Ok(model)

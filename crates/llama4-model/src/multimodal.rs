@@ -261,7 +261,7 @@ impl MultimodalModel {
     ) -> Result<Self> {
         let model = Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)?;
         // As [`TextModel::load_with_options`]: every weight is this process's to read.
-        if let Some(ckpt) = model.text.checkpoint().filter(|c| c.quantization().is_none()) {
+        if let Some(ckpt) = model.text.checkpoint() {
             ckpt.populate_resident_pages();
         }
         Ok(model)
