@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Options: `--streams 1,4,8,16`, `--prompt-len 128`, `--new-tokens 128`, `--rounds 1` (the median
-//! of several rounds is printed), `--api-key KEY`.
+//! of several rounds is printed), `--api-key KEY`, `--timeline` (each stream's first and last
+//! token times, on stderr).
 //!
 //! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
 //! aggregate is the sum over streams (they run side by side), also given as all tokens over the
@@ -30,6 +31,7 @@ struct Args {
     new_tokens: usize,
     rounds: usize,
     api_key: Option<String>,
+    timeline: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         new_tokens: 128,
         rounds: 1,
         api_key: None,
+        timeline: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -59,6 +62,7 @@ fn parse_args() -> Result<Args, String> {
             "--new-tokens" => a.new_tokens = num(v()?)?,
             "--rounds" => a.rounds = num(v()?)?.max(1),
             "--api-key" => a.api_key = Some(v()?),
+            "--timeline" => a.timeline = true,
             other => return Err(format!("unknown option `{other}`")),
         }
     }
@@ -122,9 +126,11 @@ fn run_stream(
     })
 }
 
-/// A prompt of `len` ids drawn from `[256, vocab)` with a fixed LCG (different per stream).
-fn prompt(len: usize, vocab: usize, stream: usize) -> Vec<u32> {
-    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (stream as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+/// A prompt of `len` ids drawn from `[256, vocab)` with a fixed LCG, different per stream, per
+/// number of streams `n` and per round, so that no run finds its prompts in the server's caches.
+fn prompt(len: usize, vocab: usize, stream: usize, n: usize, round: usize) -> Vec<u32> {
+    let seed = (round as u64) << 40 | (n as u64) << 20 | (stream as u64 + 1);
+    let mut x = 0x2545_F491_4F6C_DD1Du64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let span = vocab.saturating_sub(256).max(1) as u64;
     (0..len)
         .map(|_| {
@@ -182,13 +188,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("streams  decode tok/s (sum of streams)  tok/s (all tokens / wall)  mean time to first token");
     for &n in &args.streams {
         let (mut decode, mut overall, mut ttft) = (vec![], vec![], vec![]);
-        for _ in 0..args.rounds {
+        for round in 0..args.rounds {
             let started = Instant::now();
             let results: Vec<Result<StreamResult, String>> = std::thread::scope(|s| {
                 let handles: Vec<_> = (0..n)
                     .map(|i| {
                         let (url, key) = (&url, args.api_key.as_deref());
-                        let p = prompt(args.prompt_len, vocab, i);
+                        let p = prompt(args.prompt_len, vocab, i, n, round);
                         s.spawn(move || run_stream(url, key, &p, args.new_tokens))
                     })
                     .collect();
@@ -199,6 +205,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             });
             let wall = started.elapsed().as_secs_f64();
             let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+            if args.timeline {
+                for (i, r) in results.iter().enumerate() {
+                    let at = |t: Instant| (t - started).as_secs_f64();
+                    eprintln!(
+                        "  stream {i:>2}: first token {:.3} s, last {:.3} s, {:.1} tok/s",
+                        at(r.first),
+                        at(r.last),
+                        r.tokens.saturating_sub(1) as f64 / (r.last - r.first).as_secs_f64().max(1e-9)
+                    );
+                }
+            }
             decode.push(
                 results
                     .iter()

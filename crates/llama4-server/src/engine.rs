@@ -18,10 +18,10 @@
 
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llama4_core::KvDtype;
 use llama4_model::kv_cache::PagePool;
@@ -172,6 +172,12 @@ pub struct EngineConfig {
     pub queue_size: usize,
     /// Prompt tokens prefilled per step, over all prefilling sequences.
     pub prefill_chunk: usize,
+    /// When a request reaches an idle engine, how long the engine waits for more before its
+    /// first step (it stops waiting once every slot is taken). Clients that send several
+    /// requests at once spread them over a few milliseconds; gathered, their prompts share
+    /// the first steps and their streams start decoding together, instead of the first one
+    /// decoding through the others' prefill.
+    pub batch_window: Duration,
     /// Storage of the key/value caches.
     pub kv_dtype: KvDtype,
     /// Bytes every slot's key/value cache may hold together (`None`: as much as memory
@@ -459,6 +465,7 @@ impl Scheduler {
                     },
                 };
                 self.waiting = self.admit(next);
+                self.gather_burst(&rx);
             }
             while self.waiting.is_none() && self.slots.iter().any(|s| s.job.is_none()) {
                 match rx.try_recv() {
@@ -480,6 +487,21 @@ impl Scheduler {
                 None => self.slots.iter().map(|s| s.session.cache_memory().total()).sum(),
             };
             self.metrics.kv_cache_bytes.set(cache_bytes as f64);
+        }
+    }
+
+    /// Admits what arrives within [`EngineConfig::batch_window`] of now, while slots are free.
+    fn gather_burst(&mut self, rx: &Receiver<Queued>) {
+        let deadline = Instant::now() + self.config.batch_window;
+        while self.waiting.is_none() && self.slots.iter().any(|s| s.job.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match rx.recv_timeout(left) {
+                Ok(q) => self.waiting = self.admit(q),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+            }
         }
     }
 

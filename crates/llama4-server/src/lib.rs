@@ -75,6 +75,9 @@ pub struct ServerConfig {
     pub queue_size: usize,
     /// Prompt tokens prefilled per engine step.
     pub prefill_chunk: usize,
+    /// How long an idle engine waits for more requests after one arrives (see
+    /// [`engine::EngineConfig::batch_window`]).
+    pub batch_window: std::time::Duration,
     /// Load-time quantisation.
     pub quantization: Option<QuantPolicy>,
     /// Required as `Authorization: Bearer KEY` when set.
@@ -108,6 +111,7 @@ impl Default for ServerConfig {
             ctx_size: None,
             queue_size: 64,
             prefill_chunk: 512,
+            batch_window: std::time::Duration::from_millis(5),
             quantization: None,
             api_key: None,
             max_body_bytes: 16 << 20,
@@ -255,6 +259,7 @@ fn start(
             ctx_size,
             queue_size: config.queue_size,
             prefill_chunk: config.prefill_chunk.max(1),
+            batch_window: config.batch_window,
             kv_dtype: config.kv_dtype,
             kv_budget: config.kv_budget,
         },

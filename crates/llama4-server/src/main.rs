@@ -19,6 +19,8 @@
 //! --ctx-size N           context limit per sequence in tokens (default: the checkpoint's, at most 8192)
 //! --queue-size N         requests that may wait for a slot; beyond, 503 (default 64)
 //! --prefill-chunk N      prompt tokens prefilled per engine step (default 512)
+//! --batch-window-ms N    after a request reaches an idle server, wait up to N ms for more so
+//!                      that a burst starts together (default 5; 0: start at once)
 //! --kv-cache f32|bf16|f16|q8  key/value cache storage (default f32; q8: int8, one scale per
 //!                      token and head); `--kv-dtype` is the same flag
 //! --kv-budget-mib N      MiB of key/value cache all sequences may hold together; a request
@@ -90,6 +92,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--ctx-size" | "-c" => c.ctx_size = Some(value(&flag, it.next())?),
             "--queue-size" => c.queue_size = value(&flag, it.next())?,
             "--prefill-chunk" => c.prefill_chunk = value(&flag, it.next())?,
+            "--batch-window-ms" => {
+                c.batch_window = std::time::Duration::from_millis(value(&flag, it.next())?)
+            }
             "--kv-cache" | "--kv-dtype" => {
                 let name: String = value(&flag, it.next())?;
                 c.kv_dtype = KvDtype::parse(&name)
@@ -312,6 +317,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<ServerConfig, String> {
         parse_args(args.iter().map(|a| a.to_string())).map(|a| a.config)
+    }
+
+    #[test]
+    fn batch_window_flag_is_in_milliseconds() {
+        use std::time::Duration;
+        assert_eq!(parse(&[]).unwrap().batch_window, Duration::from_millis(5));
+        assert_eq!(
+            parse(&["--batch-window-ms", "0"]).unwrap().batch_window,
+            Duration::ZERO
+        );
+        assert_eq!(
+            parse(&["--batch-window-ms", "20"]).unwrap().batch_window,
+            Duration::from_millis(20)
+        );
+        assert!(parse(&["--batch-window-ms", "-1"]).is_err());
     }
 
     #[test]

@@ -918,3 +918,36 @@ fn a_group_given_a_gguf_file_stops_its_workers() {
         "{worker_err}"
     );
 }
+
+/// Requests that reach an idle server within its batch window are prefilled in one step and
+/// then decode together (`max_tokens` steps in all); with no window the first starts alone.
+#[test]
+fn a_burst_of_requests_starts_in_one_step() {
+    let n = 6;
+    let body =
+        |prompt: [u32; 3]| json!({"prompt": prompt, "max_tokens": n, "ignore_eos": true, "temperature": 0});
+    for window in [Duration::from_secs(5), Duration::ZERO] {
+        let server = start(ServerConfig {
+            parallel: 2,
+            batch_window: window,
+            ..Default::default()
+        });
+        std::thread::scope(|s| {
+            let first = s.spawn(|| post_json(&server, "/v1/completions", body([1, 5, 9])));
+            std::thread::sleep(Duration::from_millis(50));
+            let (status, second) = post_json(&server, "/v1/completions", body([1, 7, 3]));
+            assert_eq!(status, 200, "{second}");
+            let (status, first) = first.join().unwrap();
+            assert_eq!(status, 200, "{first}");
+            for r in [&first, &second] {
+                assert_eq!(r["usage"]["completion_tokens"], n, "{r}");
+            }
+        });
+        let steps = metric(&server, "llama4_steps_total");
+        if window.is_zero() {
+            assert!(steps > n as f64, "no window: {steps} steps");
+        } else {
+            assert_eq!(steps, n as f64, "a {window:?} window");
+        }
+    }
+}
