@@ -9,6 +9,8 @@
 #
 # Needs `cargo build --release -p llama4-server --bin llama4-server --example load` first. Each
 # server gets as many slots as the largest N and is started once per round, then stopped.
+# OURS_ARGS adds flags to our server (e.g. `--prefill-chunk 2048`, llama-server's logical
+# batch); when OURS_ARGS2 is set, a second configuration of ours runs in each round too.
 set -u
 B=${BUILD:?}/bin
 LOAD=${LOAD:-target/release/examples/load}
@@ -31,13 +33,16 @@ run() {
   "$@" >/tmp/server_compare.$name.log 2>&1 &
   local pid=$!
   wait_up || { kill $pid; tail /tmp/server_compare.$name.log; return 1; }
-  echo "== $name (round $round) $(uptime | sed 's/.*load/load/')"
+  echo "== $name: ${*:2} (round $round) $(uptime | sed 's/.*load/load/')"
   "$LOAD" --url "http://127.0.0.1:$PORT" --streams "$STREAMS" 2>&1 | grep -v '^$'
   kill $pid; wait $pid 2>/dev/null
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  run ours "$OURS" --model "${MODEL:?}" --port "$PORT" --parallel "$slots"
+  run ours "$OURS" --model "${MODEL:?}" --port "$PORT" --parallel "$slots" ${OURS_ARGS:-}
+  if [ -n "${OURS_ARGS2:-}" ]; then
+    run ours2 "$OURS" --model "${MODEL:?}" --port "$PORT" --parallel "$slots" $OURS_ARGS2
+  fi
   run llama.cpp "$B/llama-server" -m "${GGUF:?}" --port "$PORT" -np "$slots" -t 2 \
     -c $((slots * 512)) --no-webui
 done

@@ -14,7 +14,10 @@
 //!
 //! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
 //! aggregate is the sum over streams (they run side by side), also given as all tokens over the
-//! wall time of the round (prefill included).
+//! wall time of the round (prefill included). "While all decode" counts the text pieces every
+//! stream received between the latest first token and the earliest last token, over that time:
+//! the batched decode rate with every stream in the batch and no prompt being prefilled, which
+//! the arrival order and the server's prefill schedule do not change.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -77,6 +80,8 @@ struct StreamResult {
     tokens: usize,
     first: Instant,
     last: Instant,
+    /// When each non-empty text piece arrived.
+    pieces: Vec<Instant>,
 }
 
 fn agent() -> ureq::Agent {
@@ -101,7 +106,7 @@ fn run_stream(
         req = req.header("Authorization", format!("Bearer {k}"));
     }
     let resp = req.send(body.to_string()).map_err(|e| e.to_string())?;
-    let (mut first, mut last, mut tokens) = (None, Instant::now(), 0);
+    let (mut first, mut last, mut tokens, mut pieces) = (None, Instant::now(), 0, vec![]);
     for line in BufReader::new(resp.into_body().into_reader()).lines() {
         let line = line.map_err(|e| e.to_string())?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -117,12 +122,14 @@ fn run_stream(
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
+            pieces.push(now);
         }
     }
     Ok(StreamResult {
         tokens,
         first: first.ok_or("no tokens streamed")?,
         last,
+        pieces,
     })
 }
 
@@ -140,6 +147,19 @@ fn prompt(len: usize, vocab: usize, stream: usize, n: usize, round: usize) -> Ve
             (256.min(vocab as u64 - 1) + (x >> 33) % span) as u32
         })
         .collect()
+}
+
+/// Text pieces per second over all streams while every stream was past its first token and
+/// before its last (`None` when those spans do not overlap).
+fn while_all_decode(results: &[StreamResult]) -> Option<f64> {
+    let from = results.iter().map(|r| r.first).max()?;
+    let to = results.iter().map(|r| r.last).min()?;
+    let span = to.checked_duration_since(from)?.as_secs_f64();
+    let pieces: usize = results
+        .iter()
+        .map(|r| r.pieces.iter().filter(|&&t| t > from && t <= to).count())
+        .sum();
+    (span > 0.0).then(|| pieces as f64 / span)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -185,9 +205,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.new_tokens,
         args.rounds
     );
-    println!("streams  decode tok/s (sum of streams)  tok/s (all tokens / wall)  mean time to first token");
+    println!(
+        "streams  decode tok/s (sum of streams)  while all decode  tok/s (all tokens / wall)  mean time to first token"
+    );
     for &n in &args.streams {
-        let (mut decode, mut overall, mut ttft) = (vec![], vec![], vec![]);
+        let (mut decode, mut steady, mut overall, mut ttft) = (vec![], vec![], vec![], vec![]);
         for round in 0..args.rounds {
             let started = Instant::now();
             let results: Vec<Result<StreamResult, String>> = std::thread::scope(|s| {
@@ -222,6 +244,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(|r| (r.tokens.saturating_sub(1)) as f64 / (r.last - r.first).as_secs_f64().max(1e-9))
                     .sum::<f64>(),
             );
+            steady.extend(while_all_decode(&results));
             overall.push(results.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall);
             ttft.push(
                 results
@@ -231,8 +254,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     / n as f64,
             );
         }
+        let steady = match steady.is_empty() {
+            true => "-".to_string(),
+            false => format!("{:.1}", median(steady)),
+        };
         println!(
-            "{n:>7}  {:>30.1}  {:>25.1}  {:>22.2} s",
+            "{n:>7}  {:>30.1}  {steady:>16}  {:>25.1}  {:>22.2} s",
             median(decode),
             median(overall),
             median(ttft)
