@@ -14,10 +14,13 @@
 //!
 //! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
 //! aggregate is the sum over streams (they run side by side), also given as all tokens over the
-//! wall time of the round (prefill included). "While all decode" counts the text pieces every
-//! stream received between the latest first token and the earliest last token, over that time:
-//! the batched decode rate with every stream in the batch and no prompt being prefilled, which
-//! the arrival order and the server's prefill schedule do not change.
+//! wall time of the round (prefill included). "While all decode" counts the tokens every stream
+//! received between the latest first token and the earliest last token, over that time: the
+//! batched decode rate with every stream in the batch and no prompt being prefilled, which the
+//! arrival order and the server's prefill schedule do not change. Streams carry text pieces,
+//! and a server may hold back the tokens of an unfinished UTF-8 character and send them in one
+//! piece (llama-server does), so a stream's pieces in the window are scaled by its tokens per
+//! piece.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -149,17 +152,24 @@ fn prompt(len: usize, vocab: usize, stream: usize, n: usize, round: usize) -> Ve
         .collect()
 }
 
-/// Text pieces per second over all streams while every stream was past its first token and
-/// before its last (`None` when those spans do not overlap).
+/// Tokens per second over all streams while every stream was past its first token and before
+/// its last (`None` when those spans do not overlap): each stream's pieces in that window times
+/// its tokens per piece.
 fn while_all_decode(results: &[StreamResult]) -> Option<f64> {
     let from = results.iter().map(|r| r.first).max()?;
     let to = results.iter().map(|r| r.last).min()?;
     let span = to.checked_duration_since(from)?.as_secs_f64();
-    let pieces: usize = results
+    let tokens: f64 = results
         .iter()
-        .map(|r| r.pieces.iter().filter(|&&t| t > from && t <= to).count())
+        .map(|r| {
+            let within = r.pieces.iter().filter(|&&t| t > from && t <= to).count();
+            // The pieces after the first carry the tokens after the first.
+            let per_piece =
+                r.tokens.saturating_sub(1) as f64 / r.pieces.len().saturating_sub(1).max(1) as f64;
+            within as f64 * per_piece
+        })
         .sum();
-    (span > 0.0).then(|| pieces as f64 / span)
+    (span > 0.0).then(|| tokens / span)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
