@@ -81,10 +81,23 @@ fn parse_args() -> Result<Args, String> {
 /// One stream's timings.
 struct StreamResult {
     tokens: usize,
-    first: Instant,
-    last: Instant,
-    /// When each non-empty text piece arrived.
+    /// When each non-empty text piece arrived (at least one).
     pieces: Vec<Instant>,
+}
+
+impl StreamResult {
+    fn first(&self) -> Instant {
+        self.pieces[0]
+    }
+
+    fn last(&self) -> Instant {
+        self.pieces[self.pieces.len() - 1]
+    }
+
+    /// (tokens − 1) / (time of the last token − time of the first).
+    fn decode_rate(&self) -> f64 {
+        self.tokens.saturating_sub(1) as f64 / (self.last() - self.first()).as_secs_f64().max(1e-9)
+    }
 }
 
 fn agent() -> ureq::Agent {
@@ -109,7 +122,7 @@ fn run_stream(
         req = req.header("Authorization", format!("Bearer {k}"));
     }
     let resp = req.send(body.to_string()).map_err(|e| e.to_string())?;
-    let (mut first, mut last, mut tokens, mut pieces) = (None, Instant::now(), 0, vec![]);
+    let (mut tokens, mut pieces) = (0, vec![]);
     for line in BufReader::new(resp.into_body().into_reader()).lines() {
         let line = line.map_err(|e| e.to_string())?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -122,18 +135,13 @@ fn run_stream(
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             tokens = n as usize;
         } else if v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()) {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-            pieces.push(now);
+            pieces.push(Instant::now());
         }
     }
-    Ok(StreamResult {
-        tokens,
-        first: first.ok_or("no tokens streamed")?,
-        last,
-        pieces,
-    })
+    if pieces.is_empty() {
+        return Err("no tokens streamed".into());
+    }
+    Ok(StreamResult { tokens, pieces })
 }
 
 /// A prompt of `len` ids drawn from `[256, vocab)` with a fixed LCG, different per stream, per
@@ -156,8 +164,8 @@ fn prompt(len: usize, vocab: usize, stream: usize, n: usize, round: usize) -> Ve
 /// its last (`None` when those spans do not overlap): each stream's pieces in that window times
 /// its tokens per piece.
 fn while_all_decode(results: &[StreamResult]) -> Option<f64> {
-    let from = results.iter().map(|r| r.first).max()?;
-    let to = results.iter().map(|r| r.last).min()?;
+    let from = results.iter().map(StreamResult::first).max()?;
+    let to = results.iter().map(StreamResult::last).min()?;
     let span = to.checked_duration_since(from)?.as_secs_f64();
     let tokens: f64 = results
         .iter()
@@ -242,24 +250,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let at = |t: Instant| (t - started).as_secs_f64();
                     eprintln!(
                         "  stream {i:>2}: first token {:.3} s, last {:.3} s, {:.1} tok/s",
-                        at(r.first),
-                        at(r.last),
-                        r.tokens.saturating_sub(1) as f64 / (r.last - r.first).as_secs_f64().max(1e-9)
+                        at(r.first()),
+                        at(r.last()),
+                        r.decode_rate()
                     );
                 }
             }
-            decode.push(
-                results
-                    .iter()
-                    .map(|r| (r.tokens.saturating_sub(1)) as f64 / (r.last - r.first).as_secs_f64().max(1e-9))
-                    .sum::<f64>(),
-            );
+            decode.push(results.iter().map(StreamResult::decode_rate).sum::<f64>());
             steady.extend(while_all_decode(&results));
             overall.push(results.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall);
             ttft.push(
                 results
                     .iter()
-                    .map(|r| (r.first - started).as_secs_f64())
+                    .map(|r| (r.first() - started).as_secs_f64())
                     .sum::<f64>()
                     / n as f64,
             );
