@@ -9,8 +9,9 @@
 //! ```
 //!
 //! Options: `--streams 1,4,8,16`, `--prompt-len 128`, `--new-tokens 128`, `--rounds 1` (the median
-//! of several rounds is printed), `--api-key KEY`, `--timeline` (each stream's first and last
-//! token times, on stderr).
+//! of several rounds is printed), `--warmup` (first an unmeasured round of the largest N, with
+//! prompts of its own: a server just started measures as it serves later), `--api-key KEY`,
+//! `--timeline` (each stream's first and last token times, on stderr).
 //!
 //! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
 //! aggregate is the sum over streams (they run side by side), also given as all tokens over the
@@ -36,6 +37,7 @@ struct Args {
     prompt_len: usize,
     new_tokens: usize,
     rounds: usize,
+    warmup: bool,
     api_key: Option<String>,
     timeline: bool,
 }
@@ -48,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
         prompt_len: 128,
         new_tokens: 128,
         rounds: 1,
+        warmup: false,
         api_key: None,
         timeline: false,
     };
@@ -69,6 +72,7 @@ fn parse_args() -> Result<Args, String> {
             "--rounds" => a.rounds = num(v()?)?.max(1),
             "--api-key" => a.api_key = Some(v()?),
             "--timeline" => a.timeline = true,
+            "--warmup" => a.warmup = true,
             other => return Err(format!("unknown option `{other}`")),
         }
     }
@@ -144,6 +148,9 @@ fn run_stream(
     Ok(StreamResult { tokens, pieces })
 }
 
+/// The round number whose prompts the warm-up round sends (no measured round has it).
+const WARMUP_ROUND: usize = 0xff_ffff;
+
 /// A prompt of `len` ids drawn from `[256, vocab)` with a fixed LCG, different per stream, per
 /// number of streams `n` and per round, so that no run finds its prompts in the server's caches.
 fn prompt(len: usize, vocab: usize, stream: usize, n: usize, round: usize) -> Vec<u32> {
@@ -215,36 +222,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let models: Value = serde_json::from_str(&req.call()?.body_mut().read_to_string()?)?;
     let vocab = models["data"][0]["meta"]["n_vocab"].as_u64().unwrap_or(32_000) as usize;
+    let counts: Vec<String> = args.streams.iter().map(usize::to_string).collect();
     println!(
-        "model {} at {url}: {} streams of {}-id prompts, {} new tokens each (ignore_eos), {} round(s)",
+        "model {} at {url}: {} concurrent streams of {}-id prompts, {} new tokens each (ignore_eos), {} round(s){}",
         models["data"][0]["id"],
-        args.streams.len(),
+        counts.join(", "),
         args.prompt_len,
         args.new_tokens,
-        args.rounds
+        args.rounds,
+        if args.warmup { " after a warm-up round" } else { "" }
     );
     println!(
         "streams  decode tok/s (sum of streams)  while all decode  tok/s (all tokens / wall)  mean time to first token"
     );
+    let run_round = |n: usize, round: usize| -> Result<(Instant, Vec<StreamResult>), String> {
+        let started = Instant::now();
+        let results: Vec<Result<StreamResult, String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..n)
+                .map(|i| {
+                    let (url, key) = (&url, args.api_key.as_deref());
+                    let p = prompt(args.prompt_len, vocab, i, n, round);
+                    s.spawn(move || run_stream(url, key, &p, args.new_tokens))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("stream thread panicked".into())))
+                .collect()
+        });
+        Ok((started, results.into_iter().collect::<Result<Vec<_>, _>>()?))
+    };
+    if args.warmup {
+        run_round(max_streams, WARMUP_ROUND)?;
+    }
     for &n in &args.streams {
         let (mut decode, mut steady, mut overall, mut ttft) = (vec![], vec![], vec![], vec![]);
         for round in 0..args.rounds {
-            let started = Instant::now();
-            let results: Vec<Result<StreamResult, String>> = std::thread::scope(|s| {
-                let handles: Vec<_> = (0..n)
-                    .map(|i| {
-                        let (url, key) = (&url, args.api_key.as_deref());
-                        let p = prompt(args.prompt_len, vocab, i, n, round);
-                        s.spawn(move || run_stream(url, key, &p, args.new_tokens))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err("stream thread panicked".into())))
-                    .collect()
-            });
+            let (started, results) = run_round(n, round)?;
             let wall = started.elapsed().as_secs_f64();
-            let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
             if args.timeline {
                 for (i, r) in results.iter().enumerate() {
                     let at = |t: Instant| (t - started).as_secs_f64();
