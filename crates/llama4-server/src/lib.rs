@@ -73,7 +73,8 @@ pub struct ServerConfig {
     pub ctx_size: Option<usize>,
     /// Requests that may wait for a slot; beyond, 503.
     pub queue_size: usize,
-    /// Prompt tokens prefilled per engine step.
+    /// Prompt tokens prefilled per engine step while some sequence decodes (see
+    /// [`engine::EngineConfig::prefill_chunk`]).
     pub prefill_chunk: usize,
     /// How long an idle engine waits for more requests after one arrives (see
     /// [`engine::EngineConfig::batch_window`]).

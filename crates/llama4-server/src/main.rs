@@ -18,7 +18,8 @@
 //! --parallel N           sequences run at once (default 4)
 //! --ctx-size N           context limit per sequence in tokens (default: the checkpoint's, at most 8192)
 //! --queue-size N         requests that may wait for a slot; beyond, 503 (default 64)
-//! --prefill-chunk N      prompt tokens prefilled per engine step (default 512)
+//! --prefill-chunk N      prompt tokens prefilled per engine step while a stream decodes (default
+//!                        512; four times as many while none does)
 //! --batch-window-ms N    after a request reaches an idle server, wait up to N ms for more so
 //!                      that a burst starts together (default 5; 0: start at once)
 //! --kv-cache f32|bf16|f16|q8  key/value cache storage (default f32; q8: int8, one scale per

@@ -951,3 +951,38 @@ fn a_burst_of_requests_starts_in_one_step() {
         }
     }
 }
+
+#[test]
+fn a_burst_is_prefilled_in_larger_steps_while_nothing_decodes() {
+    // Two 7-id prompts gathered by the window, at a chunk of 4: with nothing decoding a step
+    // takes up to 16 prompt tokens, so one step prefills both and samples their first tokens,
+    // and every later step decodes both. At 4 tokens per step it would take four steps.
+    let n = 5;
+    let server = start(ServerConfig {
+        parallel: 2,
+        prefill_chunk: 4,
+        batch_window: Duration::from_secs(5),
+        ..Default::default()
+    });
+    std::thread::scope(|s| {
+        let handles: Vec<_> = [[1u32, 5, 9, 2, 6, 3, 7], [1, 7, 3, 8, 4, 9, 5]]
+            .into_iter()
+            .map(|prompt| {
+                let server = &server;
+                s.spawn(move || {
+                    post_json(
+                        server,
+                        "/v1/completions",
+                        json!({"prompt": prompt, "max_tokens": n, "ignore_eos": true, "temperature": 0}),
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            let (status, body) = h.join().unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["usage"]["completion_tokens"], n, "{body}");
+        }
+    });
+    assert_eq!(metric(&server, "llama4_steps_total"), n as f64);
+}
