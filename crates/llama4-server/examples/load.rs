@@ -10,7 +10,7 @@
 //!
 //! Options: `--streams 1,4,8,16`, `--prompt-len 128`, `--new-tokens 128`, `--rounds 1` (the median
 //! of several rounds is printed), `--warmup` (first an unmeasured round of the largest N, with
-//! prompts of its own: a server just started measures as it serves later), `--api-key KEY`,
+//! prompts of its own, so that a server just started is measured warm), `--api-key KEY`,
 //! `--timeline` (each stream's first and last token times, on stderr).
 //!
 //! Per stream, decode rate = (tokens − 1) / (time of the last token − time of the first); the
