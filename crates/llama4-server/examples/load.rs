@@ -282,9 +282,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     / n as f64,
             );
         }
-        let steady = match steady.is_empty() {
-            true => "-".to_string(),
-            false => format!("{:.1}", median(steady)),
+        let steady = if steady.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{:.1}", median(steady))
         };
         println!(
             "{n:>7}  {:>30.1}  {steady:>16}  {:>25.1}  {:>22.2} s",

@@ -952,11 +952,12 @@ fn a_burst_of_requests_starts_in_one_step() {
     }
 }
 
+/// Two 7-id prompts gathered by the window, at a chunk of 4: with nothing decoding a step takes
+/// up to 16 prompt tokens, so one step prefills both and samples their first tokens, and every
+/// later step decodes both (`max_tokens` steps in all). At 4 tokens per step the prefill alone
+/// would take four steps.
 #[test]
 fn a_burst_is_prefilled_in_larger_steps_while_nothing_decodes() {
-    // Two 7-id prompts gathered by the window, at a chunk of 4: with nothing decoding a step
-    // takes up to 16 prompt tokens, so one step prefills both and samples their first tokens,
-    // and every later step decodes both. At 4 tokens per step it would take four steps.
     let n = 5;
     let server = start(ServerConfig {
         parallel: 2,
