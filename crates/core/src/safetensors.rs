@@ -220,6 +220,9 @@ pub struct SafetensorsFile {
     path: PathBuf,
     map: Arc<Mmap>,
     header: Header,
+    /// `map` is an anonymous copy ([`SafetensorsFile::copy_to_huge_pages`]): its pages hold the
+    /// only copy of the bytes, so they are never released.
+    copied: bool,
 }
 
 impl SafetensorsFile {
@@ -248,6 +251,7 @@ impl SafetensorsFile {
             path,
             map: Arc::new(map),
             header,
+            copied: false,
         })
     }
 
@@ -257,19 +261,31 @@ impl SafetensorsFile {
         crate::buffer::populate(&self.map);
     }
 
+    /// Replaces the file's map by a copy in anonymous memory backed by huge pages (see
+    /// [`crate::buffer::copy_to_huge_pages`]). Tensors loaded before keep reading the map.
+    pub(crate) fn copy_to_huge_pages(&mut self) -> std::io::Result<()> {
+        self.map = Arc::new(crate::buffer::copy_to_huge_pages(&self.map)?);
+        self.copied = true;
+        Ok(())
+    }
+
     /// Bytes of the file.
     pub fn file_len(&self) -> u64 {
         self.map.len() as u64
     }
 
     /// Drops this file's pages from the process's resident set (they stay in the page cache and
-    /// fault back in when read). Advisory: errors are ignored.
+    /// fault back in when read). Advisory: errors are ignored. Nothing is released from a copy
+    /// in huge pages, whose pages would come back as zeros.
     pub fn release_resident_pages(&self) {
         #[cfg(unix)]
-        // SAFETY: the map is read-only and private, so dropping its pages discards nothing: a
-        // later read refaults the same bytes from the file.
-        unsafe {
-            let _ = self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+        if !self.copied {
+            // SAFETY: the map is a read-only private map of the file (not a copy, checked
+            // above), so dropping its pages discards nothing: a later read refaults the same
+            // bytes from the file.
+            unsafe {
+                let _ = self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
+            }
         }
     }
 
@@ -277,7 +293,7 @@ impl SafetensorsFile {
     /// holding its first byte; a neighbour sharing that page refaults if read).
     pub fn release_tensor_pages(&self, name: &str) {
         #[cfg(unix)]
-        if let Some(info) = self.header.tensors.get(name) {
+        if let Some(info) = self.header.tensors.get(name).filter(|_| !self.copied) {
             const PAGE: usize = 4096;
             let start = (self.header.data_start + info.data_offsets.0) / PAGE * PAGE;
             let end = self.header.data_start + info.data_offsets.1;

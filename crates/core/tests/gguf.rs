@@ -79,6 +79,34 @@ fn rich(version: u32) -> Gguf {
         .tensor(tensor("iq", &[256, 1], 16, vec![0; 66]))
 }
 
+/// A file copied into huge pages reads the same tensors, still borrowed from a map; it is
+/// copied exactly when the kernel offers transparent huge pages (it fits in any memory).
+#[test]
+fn a_copy_into_huge_pages_reads_the_same_tensors() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("m.gguf");
+    std::fs::write(&path, rich(3).build()).unwrap();
+    let offered = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"));
+    let mapped = GgufFile::open(&path).unwrap();
+    let mut copied = GgufFile::open(&path).unwrap();
+    assert_eq!(copied.copy_to_huge_pages(), offered);
+    for name in ["norm", "w", "experts"] {
+        assert_eq!(
+            copied.raw_bytes(name).unwrap(),
+            mapped.raw_bytes(name).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(copied.to_f32("norm", &[256]).unwrap()[5], 1.25);
+    let (w, want) = (
+        copied.weight("w", [3, 512]).unwrap(),
+        mapped.weight("w", [3, 512]).unwrap(),
+    );
+    assert!(w.data().is_mapped());
+    assert_eq!(w.to_f32_out_in(), want.to_f32_out_in());
+}
+
 #[test]
 fn every_value_type_and_tensor_reads_back() {
     for version in [2, 3] {

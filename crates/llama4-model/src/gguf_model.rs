@@ -74,9 +74,13 @@ impl TextModel {
     /// (the IQ family, ...) is [`llama4_core::Error::UnsupportedDtype`] naming it, a missing or
     /// misshapen tensor names it too.
     pub fn load_gguf(path: impl AsRef<Path>) -> Result<Self> {
-        let f = GgufFile::open(path.as_ref())?;
+        let mut f = GgufFile::open(path.as_ref())?;
+        // As `TextModel::load_with_options`: huge pages when the file fits, else prefaulted.
+        let copied = f.copy_to_huge_pages();
         let model = Self::from_gguf(&f)?;
-        f.populate_resident_pages();
+        if !copied {
+            f.populate_resident_pages();
+        }
         Ok(model)
     }
 
@@ -217,10 +221,13 @@ impl GgufModel {
     /// [`GgufModel::load`] with `progress` told of every tensor loaded, in stored bytes of the
     /// file (see [`llama4_core::progress`]); its last report has `done == total`.
     pub fn load_with_progress(path: impl AsRef<Path>, progress: Option<SharedProgress>) -> Result<Self> {
-        let f = GgufFile::open(path.as_ref())?.with_progress(progress);
+        let mut f = GgufFile::open(path.as_ref())?.with_progress(progress);
+        let copied = f.copy_to_huge_pages();
         let model = TextModel::from_gguf(&f)?;
         f.finish_progress();
-        f.populate_resident_pages();
+        if !copied {
+            f.populate_resident_pages();
+        }
         let tokenizer_unsupported = GgufTokenizer::unsupported(&f);
         let tokenizer = match f.get("tokenizer.ggml.model") {
             Some(_) if tokenizer_unsupported.is_none() => Some(GgufTokenizer::from_gguf(&f)?),

@@ -71,12 +71,14 @@ impl TextModel {
     /// loaded (and quantised), in stored bytes of the checkpoint's files; see
     /// [`llama4_core::progress`].
     ///
-    /// Weight files that fit in half of memory are prefaulted after loading (see
-    /// [`Checkpoint::populate_resident_pages`]); the `_moe` loaders leave that to the caller,
-    /// whose builder may hold only some experts.
+    /// A checkpoint that fits in half of memory and is not quantised at load is copied into
+    /// memory backed by 2 MiB pages before its tensors are loaded (see
+    /// [`Checkpoint::copy_to_huge_pages`]), or else its mapped pages are prefaulted after
+    /// loading (see [`Checkpoint::populate_resident_pages`]); the `_moe` loaders leave the
+    /// files mapped as they are, as their builder may hold only some experts.
     pub fn load_with_options(dir: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
-        let model = Self::load_with_options_and_moe(dir, options, &mut load_moe)?;
-        if let Some(ckpt) = &model.checkpoint {
+        let model = Self::load_checkpoint(dir.as_ref(), options, &mut load_moe, true)?;
+        if let Some(ckpt) = model.checkpoint.as_ref().filter(|c| !c.in_huge_pages()) {
             ckpt.populate_resident_pages();
         }
         Ok(model)
@@ -89,11 +91,24 @@ impl TextModel {
         options: &LoadOptions,
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
+        Self::load_checkpoint(dir.as_ref(), options, build, false)
+    }
+
+    /// The loaders' body; with `whole`, every weight is this process's to read, so the files
+    /// may be copied into huge pages.
+    fn load_checkpoint(
+        dir: &Path,
+        options: &LoadOptions,
+        build: &mut MoeBuilder<'_>,
+        whole: bool,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?
+        let mut ckpt = Checkpoint::open(dir)?
             .with_quantization(options.quantization)
             .with_progress(options.progress.clone());
+        if whole {
+            ckpt.copy_to_huge_pages();
+        }
         let model = Self::from_checkpoint_with_moe(ckpt, &config, build)?;
         if let Some(ckpt) = &model.checkpoint {
             ckpt.finish_progress();

@@ -259,9 +259,9 @@ impl MultimodalModel {
         token_ids: ImageTokenIds,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let model = Self::load_with_options_and_moe(dir, token_ids, options, &mut load_moe)?;
         // As [`TextModel::load_with_options`]: every weight is this process's to read.
-        if let Some(ckpt) = model.text.checkpoint() {
+        let model = Self::load_checkpoint(dir.as_ref(), token_ids, options, &mut load_moe, true)?;
+        if let Some(ckpt) = model.text.checkpoint().filter(|c| !c.in_huge_pages()) {
             ckpt.populate_resident_pages();
         }
         Ok(model)
@@ -275,7 +275,18 @@ impl MultimodalModel {
         options: &LoadOptions,
         build: &mut MoeBuilder<'_>,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
+        Self::load_checkpoint(dir.as_ref(), token_ids, options, build, false)
+    }
+
+    /// The loaders' body; with `whole`, the files may be copied into huge pages (see
+    /// [`TextModel::load_with_options`]).
+    fn load_checkpoint(
+        dir: &Path,
+        token_ids: ImageTokenIds,
+        options: &LoadOptions,
+        build: &mut MoeBuilder<'_>,
+        whole: bool,
+    ) -> Result<Self> {
         let config = ModelConfig::from_dir(dir)?;
         let multimodal = config.multimodal.as_ref().ok_or_else(|| Error::Config {
             field: "vision_config",
@@ -302,9 +313,12 @@ impl MultimodalModel {
                 ),
             });
         }
-        let ckpt = Checkpoint::open(dir)?
+        let mut ckpt = Checkpoint::open(dir)?
             .with_quantization(options.quantization)
             .with_progress(options.progress.clone());
+        if whole {
+            ckpt.copy_to_huge_pages();
+        }
         let vision = VisionModel::load(ckpt.scope("vision_model"), vision_cfg)?;
         let projector = Projector::load(
             ckpt.scope("multi_modal_projector"),

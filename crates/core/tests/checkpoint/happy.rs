@@ -228,3 +228,40 @@ fn empty_tensors_and_metadata_are_accepted() {
         Some("pt")
     );
 }
+
+/// A checkpoint copied into huge pages hands out the same tensors, still borrowed rather than
+/// owned. It is copied exactly when the kernel offers transparent huge pages (a file this small
+/// fits in half of any memory), and never when it is quantised at load.
+#[test]
+fn a_copy_into_huge_pages_reads_the_same_tensors() {
+    let tensors = [
+        tensor("model.embed_tokens.weight", DType::F32, &[5, 3], 1),
+        tensor("model.layers.0.self_attn.q_proj.weight", DType::BF16, &[4, 6], 2),
+        tensor("model.norm.weight", DType::F16, &[3], 3),
+    ];
+    let (dir, _) = single(&serialize(&tensors));
+    let offered = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"));
+
+    let mut ckpt = Checkpoint::open(dir.path()).unwrap();
+    assert!(!ckpt.in_huge_pages());
+    assert_eq!(ckpt.copy_to_huge_pages(), offered);
+    assert_eq!(ckpt.in_huge_pages(), offered);
+    let model = ckpt.scope("model");
+    let embed = model.weight("embed_tokens.weight", [5, 3]).unwrap();
+    assert!(embed.data().is_mapped());
+    assert_out_in(&embed, &tensors[0].values);
+    let q = model.weight("layers.0.self_attn.q_proj.weight", [4, 6]).unwrap();
+    assert!(q.data().is_mapped());
+    assert_out_in(&q, &tensors[1].values);
+    let norm = model.vector("norm.weight", 3).unwrap();
+    assert_bits_eq(norm.as_slice().unwrap(), &tensors[2].values);
+
+    let spec = QuantSpec::new(QuantFormat::Q8, 32);
+    let policy = QuantPolicy::new(spec, QuantScope::AllLinear, |_| TensorRole::Projection);
+    let mut quantised = Checkpoint::open(dir.path())
+        .unwrap()
+        .with_quantization(Some(policy));
+    assert!(!quantised.copy_to_huge_pages());
+    assert!(!quantised.in_huge_pages());
+}

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use llama4_core::safetensors::{parse_header, Header, SafetensorsFile, MAX_HEADER_LEN};
-use llama4_core::{bf16, f16, Checkpoint, DType, Error, Layout, Weight};
+use llama4_core::{
+    bf16, f16, Checkpoint, DType, Error, Layout, QuantFormat, QuantPolicy, QuantScope, QuantSpec, TensorRole,
+    Weight,
+};
 use proptest::prelude::*;
 use safetensors::tensor::TensorView;
 use tempfile::TempDir;
