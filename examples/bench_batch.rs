@@ -51,8 +51,13 @@ fn try_main() -> Result<(), Error> {
     }
     let model = TextModel::load(&dir)?;
     let vocab = model.config().vocab_size as u64;
+    let pages = if model.checkpoint().is_some_and(|c| c.in_huge_pages()) {
+        "weights in 2 MiB pages"
+    } else {
+        "weights mapped from the file"
+    };
     println!(
-        "{}: {prompt_len}-id prompts, {steps} decode steps, median of {runs} runs, cache {dtype}, {} threads",
+        "{}: {prompt_len}-id prompts, {steps} decode steps, median of {runs} runs, cache {dtype}, {} threads, {pages}",
         dir.display(),
         llama4_core::pool::threads()
     );

@@ -10,7 +10,10 @@
 # Needs `cargo build --release -p llama4-server --bin llama4-server --example load` first. Each
 # server gets as many slots as the largest N and is started once per round, then stopped.
 # OURS_ARGS adds flags to our server (e.g. `--prefill-chunk 2048`, llama-server's logical
-# batch); when OURS_ARGS2 is set, a second configuration of ours runs in each round too.
+# batch); when OURS_ARGS2 or OURS2 (another build of the server) is set, a second configuration
+# of ours runs in each round too.
+# LLAMA_ARGS adds flags to llama-server (e.g. `--load-mode none`, to read its weights from
+# memory it allocated rather than from the file's map).
 set -u
 B=${BUILD:?}/bin
 LOAD=${LOAD:-target/release/examples/load}
@@ -23,6 +26,7 @@ slots=$(echo "$STREAMS" | tr ',' '\n' | sort -n | tail -1)
 wait_up() {
   for _ in $(seq 1 600); do
     curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && return 0
+    kill -0 "$1" 2>/dev/null || break  # the server exited (a refused flag, say)
     sleep 0.5
   done
   echo "server did not come up" >&2; return 1
@@ -32,7 +36,7 @@ run() {
   local name=$1; shift
   "$@" >/tmp/server_compare.$name.log 2>&1 &
   local pid=$!
-  wait_up || { kill $pid; tail /tmp/server_compare.$name.log; return 1; }
+  wait_up $pid || { kill $pid 2>/dev/null; tail /tmp/server_compare.$name.log; return 1; }
   echo "== $name: ${*:2} (round $round) $(uptime | sed 's/.*load/load/')"
   "$LOAD" --url "http://127.0.0.1:$PORT" --streams "$STREAMS" 2>&1 | grep -v '^$'
   kill $pid; wait $pid 2>/dev/null
@@ -40,9 +44,9 @@ run() {
 
 for round in $(seq 1 "$ROUNDS"); do
   run ours "$OURS" --model "${MODEL:?}" --port "$PORT" --parallel "$slots" ${OURS_ARGS:-}
-  if [ -n "${OURS_ARGS2:-}" ]; then
-    run ours2 "$OURS" --model "${MODEL:?}" --port "$PORT" --parallel "$slots" $OURS_ARGS2
+  if [ -n "${OURS_ARGS2:-}${OURS2:-}" ]; then
+    run ours2 "${OURS2:-$OURS}" --model "${MODEL:?}" --port "$PORT" --parallel "$slots" ${OURS_ARGS2:-}
   fi
   run llama.cpp "$B/llama-server" -m "${GGUF:?}" --port "$PORT" -np "$slots" -t 2 \
-    -c $((slots * 512)) --no-webui
+    -c $((slots * 512)) --no-webui ${LLAMA_ARGS:-}
 done
