@@ -42,18 +42,35 @@ pub(crate) fn huge_pages_available() -> bool {
     }
 }
 
-/// A read-only copy of `map` in anonymous memory that the kernel is asked to back with
-/// transparent huge pages (2 MiB on x86-64, `MADV_HUGEPAGE`).
+/// A read-only copy of the file map `map` in anonymous memory that the kernel is asked to back
+/// with transparent huge pages (2 MiB on x86-64, `MADV_HUGEPAGE`).
 ///
 /// Why: a decode step streams every weight it uses once, and with the 4 KiB pages of a file
 /// map each 4 KiB costs a TLB miss and a page walk (two-level in a virtual machine), which the
 /// hardware prefetchers do not run ahead of. File maps get huge pages only on file systems
 /// that offer them; anonymous memory gets them wherever the kernel does.
+///
+/// The copy goes a block at a time, and each block of `map` is dropped from the resident set
+/// once copied, so that the process does not hold the file twice at its peak. `map` must be a
+/// private read-only map of a file (its dropped pages refault from the file), never an earlier
+/// copy (whose dropped pages would read as zeros).
 pub(crate) fn copy_to_huge_pages(map: &Mmap) -> std::io::Result<Mmap> {
+    const BLOCK: usize = 64 << 20;
     let mut copy = memmap2::MmapOptions::new().len(map.len()).map_anon()?;
     #[cfg(target_os = "linux")]
     copy.advise(memmap2::Advice::HugePage)?;
-    copy.copy_from_slice(map);
+    for (start, (dst, src)) in (0..)
+        .step_by(BLOCK)
+        .zip(copy.chunks_mut(BLOCK).zip(map.chunks(BLOCK)))
+    {
+        dst.copy_from_slice(src);
+        #[cfg(unix)]
+        // SAFETY: `map` is a private read-only map of a file (this function's contract), so
+        // dropping its pages discards nothing: a later read refaults them from the file.
+        unsafe {
+            let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, src.len());
+        }
+    }
     copy.make_read_only()
 }
 

@@ -685,6 +685,8 @@ pub struct GgufFile {
     header: Header,
     /// Stored bytes of the tensors handed out, for a load-progress observer.
     progress: ProgressCounter,
+    /// `map` is an anonymous copy ([`GgufFile::copy_to_huge_pages`]).
+    copied: bool,
 }
 
 impl GgufFile {
@@ -715,6 +717,7 @@ impl GgufFile {
             map: Arc::new(map),
             header,
             progress: ProgressCounter::default(),
+            copied: false,
         })
     }
 
@@ -743,12 +746,16 @@ impl GgufFile {
     /// did (see [`crate::Checkpoint::copy_to_huge_pages`]). Call it before loading tensors:
     /// those loaded before keep reading the file's map.
     pub fn copy_to_huge_pages(&mut self) -> bool {
+        if self.copied {
+            return true;
+        }
         if !crate::buffer::fits_in_memory(self.map.len() as u64) || !crate::buffer::huge_pages_available() {
             return false;
         }
         match crate::buffer::copy_to_huge_pages(&self.map) {
             Ok(copy) => {
                 self.map = Arc::new(copy);
+                self.copied = true;
                 true
             }
             Err(_) => false,

@@ -264,6 +264,9 @@ impl SafetensorsFile {
     /// Replaces the file's map by a copy in anonymous memory backed by huge pages (see
     /// [`crate::buffer::copy_to_huge_pages`]). Tensors loaded before keep reading the map.
     pub(crate) fn copy_to_huge_pages(&mut self) -> std::io::Result<()> {
+        if self.copied {
+            return Ok(());
+        }
         self.map = Arc::new(crate::buffer::copy_to_huge_pages(&self.map)?);
         self.copied = true;
         Ok(())
