@@ -52,7 +52,7 @@ fn try_main() -> Result<(), Error> {
     let model = TextModel::load(&dir)?;
     let vocab = model.config().vocab_size as u64;
     let pages = if model.checkpoint().is_some_and(|c| c.in_huge_pages()) {
-        "weights in 2 MiB pages"
+        "weights copied for 2 MiB pages"
     } else {
         "weights mapped from the file"
     };

@@ -37,7 +37,7 @@ run() {
   "$@" >/tmp/server_compare.$name.log 2>&1 &
   local pid=$!
   wait_up $pid || { kill $pid 2>/dev/null; tail /tmp/server_compare.$name.log; return 1; }
-  echo "== $name: ${*:2} (round $round) $(uptime | sed 's/.*load/load/')"
+  echo "== $name: $* (round $round) $(uptime | sed 's/.*load/load/')"
   "$LOAD" --url "http://127.0.0.1:$PORT" --streams "$STREAMS" 2>&1 | grep -v '^$'
   kill $pid; wait $pid 2>/dev/null
 }

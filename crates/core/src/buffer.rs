@@ -29,8 +29,12 @@ pub(crate) fn populate(map: &Mmap) {
 }
 
 /// Whether the kernel backs anonymous memory with transparent huge pages when asked
-/// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`).
+/// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`), and the
+/// environment does not keep weights in their file maps (`LLAMA4_WEIGHTS=mapped`).
 pub(crate) fn huge_pages_available() -> bool {
+    if std::env::var("LLAMA4_WEIGHTS").is_ok_and(|v| v.trim() == "mapped") {
+        return false;
+    }
     #[cfg(target_os = "linux")]
     {
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -42,19 +46,45 @@ pub(crate) fn huge_pages_available() -> bool {
     }
 }
 
+/// Whether a private copy of `bytes` fits in half of the memory this process can have: the
+/// smaller of `MemAvailable` and a cgroup's limit (v2 `memory.max`, v1
+/// `memory.limit_in_bytes`). Unlike a file's pages, which the kernel reclaims and processes
+/// share, a copy stays this process's own; `false` where the memory is unknown.
+pub(crate) fn copy_fits_in_memory(bytes: u64) -> bool {
+    let meminfo = || -> Option<u64> {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()?
+            .checked_mul(1024)
+    };
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+    .min();
+    meminfo().is_some_and(|available| bytes <= available.min(cgroup.unwrap_or(u64::MAX)) / 2)
+}
+
 /// A read-only copy of the file map `map` in anonymous memory that the kernel is asked to back
 /// with transparent huge pages (2 MiB on x86-64, `MADV_HUGEPAGE`).
 ///
 /// Why: a decode step streams every weight it uses once, and with the 4 KiB pages of a file
-/// map each 4 KiB costs a TLB miss and a page walk (two-level in a virtual machine), which the
-/// hardware prefetchers do not run ahead of. File maps get huge pages only on file systems
-/// that offer them; anonymous memory gets them wherever the kernel does.
+/// map each 4 KiB needs its own TLB entry and page walk (two-level in a virtual machine),
+/// which the hardware prefetchers do not run ahead of. File maps get huge pages only on file
+/// systems that offer them; anonymous memory gets them wherever the kernel does.
 ///
 /// The copy goes a block at a time, and each block of `map` is dropped from the resident set
-/// once copied, so that the process does not hold the file twice at its peak. `map` must be a
-/// private read-only map of a file (its dropped pages refault from the file), never an earlier
-/// copy (whose dropped pages would read as zeros).
-pub(crate) fn copy_to_huge_pages(map: &Mmap) -> std::io::Result<Mmap> {
+/// once copied, so that the process does not hold the file twice at its peak.
+///
+/// # Safety
+/// `map` is a read-only map of a file, whose dropped pages refault from the file; never an
+/// earlier copy, whose dropped pages would read as zeros.
+pub(crate) unsafe fn copy_to_huge_pages(map: &Mmap) -> std::io::Result<Mmap> {
     const BLOCK: usize = 64 << 20;
     let mut copy = memmap2::MmapOptions::new().len(map.len()).map_anon()?;
     #[cfg(target_os = "linux")]
@@ -65,11 +95,13 @@ pub(crate) fn copy_to_huge_pages(map: &Mmap) -> std::io::Result<Mmap> {
     {
         dst.copy_from_slice(src);
         #[cfg(unix)]
-        // SAFETY: `map` is a private read-only map of a file (this function's contract), so
-        // dropping its pages discards nothing: a later read refaults them from the file.
+        // SAFETY: `map` is a read-only map of a file (the caller's contract), so dropping its
+        // pages discards nothing: a later read refaults them from the file.
         unsafe {
             let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, src.len());
         }
+        #[cfg(not(unix))]
+        let _ = start;
     }
     copy.make_read_only()
 }

@@ -42,7 +42,7 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// The tensors of a checkpoint: one `model.safetensors`, or the shards that
 /// `model.safetensors.index.json` lists. Every file is memory-mapped; nothing is read until a
-/// weight is used.
+/// weight is used, unless the files are copied ([`Checkpoint::copy_to_huge_pages`]).
 pub struct Checkpoint {
     location: PathBuf,
     files: Vec<SafetensorsFile>,
@@ -233,20 +233,26 @@ impl Checkpoint {
     }
 
     /// Copies every file into anonymous memory backed by 2 MiB pages when the whole checkpoint
-    /// fits in half of this machine's memory, is not quantised at load, and the kernel offers
-    /// transparent huge pages; reports whether it did. Call it before loading tensors: those
-    /// loaded before keep reading the file's map.
+    /// fits in half of the memory this process can have (`MemAvailable`, a cgroup's limit), is
+    /// not quantised at load, holds no fp8 tensor (fp8 experts are transposed into memory of
+    /// their own at load, so a copy would hold them twice), and the kernel offers transparent
+    /// huge pages (`LLAMA4_WEIGHTS=mapped` keeps the files mapped); reports whether every file
+    /// is copied. Call it before loading tensors (those loaded before keep reading the file)
+    /// and before setting a quantisation policy.
     ///
     /// A decode step streams each weight it uses once, and with a file map's 4 KiB pages each
-    /// 4 KiB costs a TLB miss. Measured on bench-mid (bf16, 1.4 GB), 8-stream decode steps,
-    /// builds alternated over 10 pairs (AMD EPYC Zen 5, 2 cores, a virtual machine): 24.9 ms
-    /// mapped against 21.0 ms copied, a median ratio of 0.863 (0.79-0.96). The copy replaces
-    /// the prefault of [`Checkpoint::populate_resident_pages`] (both read the whole file); a
-    /// failed copy leaves the files mapped.
+    /// 4 KiB needs its own TLB entry and page walk. Measured on bench-mid (bf16, 1.4 GB),
+    /// 8-stream decode steps, builds alternated (AMD EPYC Zen 5, 2 cores, a virtual machine):
+    /// median ratios of step times, copied / mapped, 0.863, 0.871 and 0.907 over sets of 8-10
+    /// pairs; one stream 0.737. The copy replaces the prefault of
+    /// [`Checkpoint::populate_resident_pages`] (both read the whole file); a file whose copy
+    /// fails stays mapped.
     pub fn copy_to_huge_pages(&mut self) -> bool {
         let total: u64 = self.files.iter().map(SafetensorsFile::file_len).sum();
+        let fp8 = |f: &SafetensorsFile| f.header().tensors.values().any(|t| t.dtype == "F8_E4M3");
         if self.quant.is_some()
-            || !crate::buffer::fits_in_memory(total)
+            || self.files.iter().any(fp8)
+            || !crate::buffer::copy_fits_in_memory(total)
             || !crate::buffer::huge_pages_available()
         {
             return false;

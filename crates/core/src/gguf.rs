@@ -741,18 +741,21 @@ impl GgufFile {
         self.progress.finish();
     }
 
-    /// Copies the file into anonymous memory backed by 2 MiB pages when it fits in half of this
-    /// machine's memory and the kernel offers transparent huge pages, and reports whether it
-    /// did (see [`crate::Checkpoint::copy_to_huge_pages`]). Call it before loading tensors:
+    /// Copies the file into anonymous memory backed by 2 MiB pages when it fits in half of the
+    /// memory this process can have and the kernel offers transparent huge pages, and reports
+    /// whether it is copied (see [`crate::Checkpoint::copy_to_huge_pages`]). Call it before loading tensors:
     /// those loaded before keep reading the file's map.
     pub fn copy_to_huge_pages(&mut self) -> bool {
         if self.copied {
             return true;
         }
-        if !crate::buffer::fits_in_memory(self.map.len() as u64) || !crate::buffer::huge_pages_available() {
+        if !crate::buffer::copy_fits_in_memory(self.map.len() as u64)
+            || !crate::buffer::huge_pages_available()
+        {
             return false;
         }
-        match crate::buffer::copy_to_huge_pages(&self.map) {
+        // SAFETY: not copied yet (checked above), so `map` is the file's map.
+        match unsafe { crate::buffer::copy_to_huge_pages(&self.map) } {
             Ok(copy) => {
                 self.map = Arc::new(copy);
                 self.copied = true;

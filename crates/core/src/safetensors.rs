@@ -221,7 +221,7 @@ pub struct SafetensorsFile {
     map: Arc<Mmap>,
     header: Header,
     /// `map` is an anonymous copy ([`SafetensorsFile::copy_to_huge_pages`]): its pages hold the
-    /// only copy of the bytes, so they are never released.
+    /// bytes, not a cache of the file, so they are never released.
     copied: bool,
 }
 
@@ -262,12 +262,14 @@ impl SafetensorsFile {
     }
 
     /// Replaces the file's map by a copy in anonymous memory backed by huge pages (see
-    /// [`crate::buffer::copy_to_huge_pages`]). Tensors loaded before keep reading the map.
+    /// [`crate::buffer::copy_to_huge_pages`]); a second call keeps the first copy. Tensors
+    /// loaded before keep reading the file.
     pub(crate) fn copy_to_huge_pages(&mut self) -> std::io::Result<()> {
         if self.copied {
             return Ok(());
         }
-        self.map = Arc::new(crate::buffer::copy_to_huge_pages(&self.map)?);
+        // SAFETY: not copied yet (checked above), so `map` is the file's map.
+        self.map = Arc::new(unsafe { crate::buffer::copy_to_huge_pages(&self.map) }?);
         self.copied = true;
         Ok(())
     }
@@ -281,22 +283,26 @@ impl SafetensorsFile {
     /// fault back in when read). Advisory: errors are ignored. Nothing is released from a copy
     /// in huge pages, whose pages would come back as zeros.
     pub fn release_resident_pages(&self) {
+        if self.copied {
+            return;
+        }
         #[cfg(unix)]
-        if !self.copied {
-            // SAFETY: the map is a read-only private map of the file (not a copy, checked
-            // above), so dropping its pages discards nothing: a later read refaults the same
-            // bytes from the file.
-            unsafe {
-                let _ = self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
-            }
+        // SAFETY: the map is a read-only map of the file (not a copy, checked above), so
+        // dropping its pages discards nothing: a later read refaults the same bytes from the
+        // file.
+        unsafe {
+            let _ = self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed);
         }
     }
 
     /// [`Self::release_resident_pages`] for the pages of tensor `name` only (from the page
     /// holding its first byte; a neighbour sharing that page refaults if read).
     pub fn release_tensor_pages(&self, name: &str) {
+        if self.copied {
+            return;
+        }
         #[cfg(unix)]
-        if let Some(info) = self.header.tensors.get(name).filter(|_| !self.copied) {
+        if let Some(info) = self.header.tensors.get(name) {
             const PAGE: usize = 4096;
             let start = (self.header.data_start + info.data_offsets.0) / PAGE * PAGE;
             let end = self.header.data_start + info.data_offsets.1;

@@ -142,3 +142,30 @@ fn a_projector_gguf_reports_its_tensors() {
     check(&calls, total, f.header().tensors.len());
     assert_eq!(calls[calls.len() - 2].0, total);
 }
+
+/// Only a load that holds every weight as stored copies the files into huge pages: `load` (when
+/// the machine offers them), never a load that quantises, nor the `_moe` loaders whose builder
+/// may hold only some experts. Each model gives the same logits whatever the storage.
+#[test]
+fn only_whole_float_loads_copy_into_huge_pages() {
+    let dir = llama4_testkit::fixture("models/scout");
+    let offered = std::env::var("LLAMA4_WEIGHTS").is_err()
+        && std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|mode| mode.contains("[always]") || mode.contains("[madvise]"));
+    let copied = |m: &TextModel| m.checkpoint().unwrap().in_huge_pages();
+    let whole = TextModel::load(&dir).unwrap();
+    assert_eq!(copied(&whole), offered);
+    let mut build = |_: usize, scope: &llama4_core::Scope<'_>, cfg: &moe_router::MoeConfig| {
+        Ok(llama4_model::FeedForwardLayer::Moe(Box::new(
+            moe_router::Moe::load(scope, cfg)?,
+        )))
+    };
+    let partial = TextModel::load_with_moe(&dir, None, &mut build).unwrap();
+    assert!(!copied(&partial));
+    let ids = [1u32, 5, 9, 2];
+    let logits = |m: &TextModel| m.forward_uncached(&ids).unwrap();
+    assert_eq!(logits(&whole), logits(&partial));
+    let q8 = quant_policy(QuantSpec::new(QuantFormat::Q8, 32), QuantScope::Experts);
+    let quantised = TextModel::load_with_quantization(&dir, Some(q8)).unwrap();
+    assert!(!copied(&quantised));
+}
