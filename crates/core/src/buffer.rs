@@ -6,16 +6,23 @@ use std::sync::Arc;
 use bytemuck::Pod;
 use memmap2::Mmap;
 
+/// A `/proc/meminfo` field in bytes; `None` where it cannot be read.
+fn meminfo(field: &str) -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1024)
+}
+
 /// Whether `bytes` of mapped weights fit in half of this machine's memory (`MemTotal` of
 /// `/proc/meminfo`); `false` where that is unknown.
 pub(crate) fn fits_in_memory(bytes: u64) -> bool {
-    let total = || -> Option<u64> {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        kib.checked_mul(1024)
-    };
-    total().is_some_and(|total| bytes <= total / 2)
+    meminfo("MemTotal").is_some_and(|total| bytes <= total / 2)
 }
 
 /// Prefaults every page of `map` into the process's page tables (`MADV_POPULATE_READ`, Linux
@@ -31,7 +38,7 @@ pub(crate) fn populate(map: &Mmap) {
 /// Whether the kernel backs anonymous memory with transparent huge pages when asked
 /// (`/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`), and the
 /// environment does not keep weights in their file maps (`LLAMA4_WEIGHTS=mapped`).
-pub(crate) fn huge_pages_available() -> bool {
+fn huge_pages_available() -> bool {
     if std::env::var("LLAMA4_WEIGHTS").is_ok_and(|v| v.trim() == "mapped") {
         return false;
     }
@@ -46,20 +53,12 @@ pub(crate) fn huge_pages_available() -> bool {
     }
 }
 
-/// Whether a private copy of `bytes` fits in half of the memory this process can have: the
-/// smaller of `MemAvailable` and a cgroup's limit (v2 `memory.max`, v1
+/// Whether a file of `bytes` is to be copied into huge pages: the kernel offers them
+/// ([`huge_pages_available`]) and the copy fits in half of the memory this process can have,
+/// the smaller of `MemAvailable` and a cgroup's limit (v2 `memory.max`, v1
 /// `memory.limit_in_bytes`). Unlike a file's pages, which the kernel reclaims and processes
-/// share, a copy stays this process's own; `false` where the memory is unknown.
-pub(crate) fn copy_fits_in_memory(bytes: u64) -> bool {
-    let meminfo = || -> Option<u64> {
-        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        line.split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()?
-            .checked_mul(1024)
-    };
+/// share, a copy stays this process's own.
+pub(crate) fn may_copy_to_huge_pages(bytes: u64) -> bool {
     let cgroup = [
         "/sys/fs/cgroup/memory.max",
         "/sys/fs/cgroup/memory/memory.limit_in_bytes",
@@ -67,7 +66,9 @@ pub(crate) fn copy_fits_in_memory(bytes: u64) -> bool {
     .iter()
     .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
     .min();
-    meminfo().is_some_and(|available| bytes <= available.min(cgroup.unwrap_or(u64::MAX)) / 2)
+    let fits = meminfo("MemAvailable")
+        .is_some_and(|available| bytes <= available.min(cgroup.unwrap_or(u64::MAX)) / 2);
+    fits && huge_pages_available()
 }
 
 /// A read-only copy of the file map `map` in anonymous memory that the kernel is asked to back

@@ -56,8 +56,6 @@ pub struct Checkpoint {
     quantized_weights: AtomicUsize,
     /// Stored bytes of the tensors handed out, for a load-progress observer.
     progress: ProgressCounter,
-    /// Every file was copied into huge pages ([`Checkpoint::copy_to_huge_pages`]).
-    in_huge_pages: bool,
 }
 
 impl Checkpoint {
@@ -162,7 +160,6 @@ impl Checkpoint {
             weight_bytes: AtomicUsize::new(0),
             quantized_weights: AtomicUsize::new(0),
             progress: ProgressCounter::default(),
-            in_huge_pages: false,
         }
     }
 
@@ -250,28 +247,22 @@ impl Checkpoint {
     pub fn copy_to_huge_pages(&mut self) -> bool {
         let total: u64 = self.files.iter().map(SafetensorsFile::file_len).sum();
         let fp8 = |f: &SafetensorsFile| f.header().tensors.values().any(|t| t.dtype == "F8_E4M3");
-        if self.quant.is_some()
-            || self.files.iter().any(fp8)
-            || !crate::buffer::copy_fits_in_memory(total)
-            || !crate::buffer::huge_pages_available()
+        if self.quant.is_some() || self.files.iter().any(fp8) || !crate::buffer::may_copy_to_huge_pages(total)
         {
             return false;
         }
         // Files copied before a failure stay copied; the answer is whether all were.
-        let mut copied = 0;
         for f in &mut self.files {
             if f.copy_to_huge_pages().is_err() {
                 break;
             }
-            copied += 1;
         }
-        self.in_huge_pages = copied == self.files.len();
-        self.in_huge_pages
+        self.in_huge_pages()
     }
 
     /// Whether [`Checkpoint::copy_to_huge_pages`] copied every file.
     pub fn in_huge_pages(&self) -> bool {
-        self.in_huge_pages
+        self.files.iter().all(SafetensorsFile::is_copied)
     }
 
     /// Prefaults the pages of every file when the whole checkpoint fits in half of this

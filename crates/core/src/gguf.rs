@@ -743,15 +743,13 @@ impl GgufFile {
 
     /// Copies the file into anonymous memory backed by 2 MiB pages when it fits in half of the
     /// memory this process can have and the kernel offers transparent huge pages, and reports
-    /// whether it is copied (see [`crate::Checkpoint::copy_to_huge_pages`]). Call it before loading tensors:
-    /// those loaded before keep reading the file's map.
+    /// whether it is copied (see [`crate::Checkpoint::copy_to_huge_pages`]). Call it before
+    /// loading tensors: those loaded before keep reading the file's map.
     pub fn copy_to_huge_pages(&mut self) -> bool {
         if self.copied {
             return true;
         }
-        if !crate::buffer::copy_fits_in_memory(self.map.len() as u64)
-            || !crate::buffer::huge_pages_available()
-        {
+        if !crate::buffer::may_copy_to_huge_pages(self.map.len() as u64) {
             return false;
         }
         // SAFETY: not copied yet (checked above), so `map` is the file's map.

@@ -274,6 +274,11 @@ impl SafetensorsFile {
         Ok(())
     }
 
+    /// Whether the file is read from a copy ([`SafetensorsFile::copy_to_huge_pages`]).
+    pub(crate) fn is_copied(&self) -> bool {
+        self.copied
+    }
+
     /// Bytes of the file.
     pub fn file_len(&self) -> u64 {
         self.map.len() as u64
