@@ -49,12 +49,14 @@ impl Work {
     }
 }
 
-/// Runs item `it` on `isa` (AVX2 or portable; any other runs portable).
+/// Runs item `it` on `isa`: AVX2 for AVX2 and AVX-512 (q8 items the AVX-512 kernels do not
+/// take), else portable.
 pub(super) fn item<E: KvElem>(isa: Isa, args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
     match isa {
-        // SAFETY: the caller passes an ISA only if this CPU has it.
+        // SAFETY: the caller passes an ISA only if this CPU has it, and AVX-512 implies AVX2
+        // (`Isa::is_available`).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { item_avx2(args, it, work, out) },
+        Isa::Avx2 | Isa::Avx512 => unsafe { item_avx2(args, it, work, out) },
         // SAFETY: the portable vocabulary needs no CPU feature.
         _ => unsafe { item_body::<E, simd::Portable>(args, it, work, out) },
     }

@@ -106,6 +106,10 @@ trait KvElem: Elem {
     /// the decode kernel runs and the head dim divides 32.
     const INT_DOT: bool = false;
 
+    /// Whether [`keys_avx512`] reads this dtype. Items it would run go to the AVX2 body
+    /// otherwise; the rows-in-lanes kernel reads every dtype.
+    const KEYS_AVX512: bool = true;
+
     /// The AVX-512 key-blocked item kernel for this dtype.
     ///
     /// # Safety
@@ -161,8 +165,9 @@ impl KvElem for bf16 {
     }
 }
 
-/// [`KvData::Q8`]: int8 elements, each vector times its scale. Runs the AVX2/portable body
-/// only (an AVX-512 call is sent to AVX2 in [`attention_path_into`]).
+/// [`KvData::Q8`]: int8 elements, each vector times its scale. On AVX-512, items of many rows
+/// (prefill) run [`rows_avx512`], which widens each key and value with its scale; the rest
+/// (decoding) run the AVX2 body, which scores in integers.
 impl KvElem for i8 {
     fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
         match data {
@@ -175,9 +180,11 @@ impl KvElem for i8 {
     /// products exact in integers, both scales applied after.
     const INT_DOT: bool = true;
 
+    const KEYS_AVX512: bool = false;
+
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(_: &Args<Self>, _: Item, _: &mut keys_avx512::Work, _: Partial) {
-        unreachable!("q8 attention never runs the AVX-512 kernels")
+        unreachable!("`kernel` never picks the key-blocked kernel for q8")
     }
 
     #[inline(always)]
@@ -377,16 +384,8 @@ fn attention_path_into(
             "output not contiguous in standard layout",
         ));
     };
-    let mut isa = if isa.is_available() { isa } else { Isa::Portable };
+    let isa = if isa.is_available() { isa } else { Isa::Portable };
     let first = k.segment(0).map(|(data, _)| data);
-    if matches!(first, Some(KvData::Q8 { .. })) && isa == Isa::Avx512 {
-        // The AVX-512 item kernels read float formats only; AVX-512 CPUs have AVX2.
-        isa = if Isa::Avx2.is_available() {
-            Isa::Avx2
-        } else {
-            Isa::Portable
-        };
-    }
     // Queries in another layout are copied into the scratch (moved out meanwhile, as `run`
     // borrows the rest of it).
     let mut q_copy = std::mem::take(&mut scratch.q);
@@ -584,9 +583,9 @@ enum Kernel {
     Body,
 }
 
-/// The kernel that runs an item of `rows` query rows.
+/// The kernel that runs an item of `rows` query rows of keys in `E`.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn kernel(isa: Isa, path: Path, rows: usize) -> Kernel {
+fn kernel<E: KvElem>(isa: Isa, path: Path, rows: usize) -> Kernel {
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
@@ -597,8 +596,10 @@ fn kernel(isa: Isa, path: Path, rows: usize) -> Kernel {
             };
             if by_rows {
                 Kernel::Rows
-            } else {
+            } else if E::KEYS_AVX512 {
                 Kernel::Keys
+            } else {
+                Kernel::Body
             }
         }
         _ => Kernel::Body,
@@ -607,7 +608,7 @@ fn kernel(isa: Isa, path: Path, rows: usize) -> Kernel {
 
 fn run_item<E: KvElem>(isa: Isa, path: Path, args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
     let rows = (it.t1 - it.t0) * args.dims.group();
-    match kernel(isa, path, rows) {
+    match kernel::<E>(isa, path, rows) {
         // SAFETY (both AVX-512 kernels): `kernel` picks them for `Isa::Avx512` only, and
         // `attention_path_into` passes an ISA only if it is available.
         #[cfg(target_arch = "x86_64")]

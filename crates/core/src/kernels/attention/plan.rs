@@ -41,7 +41,7 @@ impl<'c> Call<'c> {
             return;
         }
         self.plan_items(scratch);
-        self.prepare_work(scratch);
+        self.prepare_work::<E>(scratch);
         self.round_queries::<E>(&mut scratch.qi);
         self.execute::<E>(k, v, scratch);
         self.merge(scratch, out);
@@ -178,7 +178,7 @@ impl<'c> Call<'c> {
 
     /// One working space per thread, each sized for the largest item of each kernel, whichever
     /// items its task ends up with.
-    fn prepare_work(&self, scratch: &mut AttentionScratch) {
+    fn prepare_work<E: KvElem>(&self, scratch: &mut AttentionScratch) {
         let threads = pool::threads();
         if scratch.work.len() < threads {
             scratch.work.resize_with(threads, Work::default);
@@ -187,7 +187,7 @@ impl<'c> Call<'c> {
         let mut largest = [(Kernel::Body, 0usize); 3];
         for it in &scratch.items {
             let rows = (it.t1 - it.t0) * rep;
-            let k = kernel(self.isa, self.path, rows);
+            let k = kernel::<E>(self.isa, self.path, rows);
             let slot = &mut largest[k as usize];
             *slot = (k, slot.1.max(rows));
         }

@@ -189,8 +189,12 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, 
         if wa >= wb {
             continue;
         }
-        widen_rows(&kh[wa * d..wb * d], &mut st.kw[(wa - j0) * dp..], d, dp);
-        widen_rows(&vh[wa * d..wb * d], &mut st.vw[(wa - j0) * dp..], d, dp);
+        let (ks, vs) = (
+            args.scales(args.k_scales, it.g, wa, wb),
+            args.scales(args.v_scales, it.g, wa, wb),
+        );
+        widen_rows(&kh[wa * d..wb * d], ks, &mut st.kw[(wa - j0) * dp..], d, dp);
+        widen_rows(&vh[wa * d..wb * d], vs, &mut st.vw[(wa - j0) * dp..], d, dp);
         for (blk, br) in blocks.iter().enumerate() {
             let (a, b) = (br.ua.max(j0), br.ub.min(j1));
             if a >= b {
@@ -242,14 +246,19 @@ struct State<'a> {
     s: &'a mut [f32],
 }
 
-/// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened, for every key `j` of `src`.
+/// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened (times `scales[j]` for a scaled
+/// format; `scales` is empty for floats), for every key `j` of `src`.
 #[inline(always)]
-fn widen_rows<E: KvElem>(src: &[E], dst: &mut [f32], d: usize, dp: usize) {
-    if d == dp {
+fn widen_rows<E: KvElem>(src: &[E], scales: &[f32], dst: &mut [f32], d: usize, dp: usize) {
+    if d == dp && scales.is_empty() {
         E::widen(src, &mut dst[..src.len()]);
     } else {
         for (j, s) in src.chunks_exact(d).enumerate() {
-            E::widen(s, &mut dst[j * dp..j * dp + d]);
+            let row = &mut dst[j * dp..j * dp + d];
+            E::widen(s, row);
+            if let Some(&scale) = scales.get(j) {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
         }
     }
 }
