@@ -6,11 +6,13 @@
 //! that share a kv head are processed together, so each key and value is read from memory once
 //! per call, whatever the group size ([`plan`]).
 //!
-//! On AVX-512 there are two item kernels: [`keys_avx512`], register-blocked over keys so that
+//! On AVX-512 there are three item kernels: [`keys_avx512`], register-blocked over keys so that
 //! decoding (a few query rows) at long context is bound by memory bandwidth, and
 //! [`rows_avx512`], which puts 16 query rows in the lanes of a vector for prefill (many rows per
-//! item), where the arithmetic, not memory, is the limit. The AVX2 and portable paths share one
-//! body generic over the crate's vector vocabulary ([`body`]).
+//! item), where the arithmetic, not memory, is the limit; with AVX-512 BF16, [`rows_bf16`] does
+//! the same with bf16 dot products for the q8 cache, whose elements carry no more precision
+//! than bf16. The AVX2 and portable paths share one body generic over the crate's vector
+//! vocabulary ([`body`]).
 //!
 //! The instruction set is the crate's ([`super::active_isa`], `LLAMA4_KERNEL`). Every buffer of
 //! a call (work items, partial results, the kernels' working space) lives in an
@@ -18,6 +20,9 @@
 
 use half::{bf16, f16};
 use ndarray::{Array3, ArrayView3, ArrayViewMut3};
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
 
 use super::simd::{Elem, QueryI8};
 use super::Isa;
@@ -35,6 +40,8 @@ mod path_tests;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_avx512;
+#[cfg(target_arch = "x86_64")]
+mod rows_bf16;
 #[cfg(test)]
 mod tests;
 
@@ -67,6 +74,10 @@ const KEY_TILE: usize = 64;
 /// Query vectors (tokens × heads of one group) per work item: bounds the accumulators to
 /// 64 × D floats and leaves enough items to keep the threads busy during prefill.
 const ROWS_PER_ITEM: usize = 64;
+/// Query vectors per work item where [`rows_bf16`] runs them: it rounds each tile of keys and
+/// values to bf16 once per item, so more rows share that work.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const ROWS_PER_ITEM_BF16: usize = 256;
 /// Below this many keys per work item, decoding does not split the keys further.
 const MIN_KEYS_PER_SPLIT: usize = 1024;
 /// From this many query rows per item on, AVX-512 runs the rows-in-lanes kernel
@@ -81,9 +92,14 @@ enum Path {
     /// Always the key-blocked kernel.
     #[cfg_attr(not(test), allow(dead_code))]
     Keys,
-    /// Always the rows-in-lanes kernel.
+    /// Always a rows-in-lanes kernel: [`rows_bf16`] for the formats that take it
+    /// ([`KvElem::BF16_DOTS`]) where the CPU has AVX-512 BF16, else [`rows_avx512`].
     #[cfg_attr(not(test), allow(dead_code))]
     Rows,
+    /// Always a rows-in-lanes kernel, [`rows_bf16`] whatever the format where the CPU has
+    /// AVX-512 BF16.
+    #[cfg_attr(not(test), allow(dead_code))]
+    RowsBf16,
 }
 
 /// A stored key/value element.
@@ -106,6 +122,20 @@ trait KvElem: Elem {
     /// the decode kernel runs and the head dim divides 32.
     const INT_DOT: bool = false;
 
+    /// Whether prefill runs [`rows_bf16`] on CPUs that have AVX-512 BF16: for a format whose
+    /// own elements carry no more than bf16's 8 significant bits, rounding the queries and
+    /// probabilities to bf16 as well halves the arithmetic at no precision that was there.
+    const BF16_DOTS: bool = false;
+
+    /// Elements `p[0..16]` (those `m` selects; others read as zero) as f32, unscaled.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; every selected element readable.
+    ///
+    /// Implementations carry `#[target_feature]` themselves, as [`keys_avx512::Elem::load32`].
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, m: __mmask16) -> __m512;
+
     /// Whether [`keys_avx512`] reads this dtype. Items it would run go to the AVX2 body
     /// otherwise; the rows-in-lanes kernel reads every dtype.
     const KEYS_AVX512: bool = true;
@@ -119,6 +149,13 @@ trait KvElem: Elem {
 }
 
 impl KvElem for f32 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(m, p)
+    }
+
     fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
         match data {
             KvData::F32(x) => Some((x, &[])),
@@ -143,6 +180,14 @@ impl KvElem for f32 {
 }
 
 impl KvElem for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+        let raw = _mm256_maskz_loadu_epi16(m, p as *const i16);
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)))
+    }
+
     fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
         match data {
             KvData::BF16(x) => Some((x, &[])),
@@ -169,6 +214,13 @@ impl KvElem for bf16 {
 /// (prefill) run [`rows_avx512`], which widens each key and value with its scale; the rest
 /// (decoding) run the AVX2 body, which scores in integers.
 impl KvElem for i8 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)))
+    }
+
     fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
         match data {
             KvData::Q8 { q, scales } => Some((q, scales)),
@@ -181,6 +233,8 @@ impl KvElem for i8 {
     const INT_DOT: bool = true;
 
     const KEYS_AVX512: bool = false;
+
+    const BF16_DOTS: bool = true;
 
     #[cfg(target_arch = "x86_64")]
     unsafe fn item_avx512(_: &Args<Self>, _: Item, _: &mut keys_avx512::Work, _: Partial) {
@@ -196,6 +250,13 @@ impl KvElem for i8 {
 }
 
 impl KvElem for f16 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn load16(p: *const Self, m: __mmask16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+    }
+
     fn typed<'a>(data: KvData<'a>) -> Option<(&'a [Self], &'a [f32])> {
         match data {
             KvData::F16(x) => Some((x, &[])),
@@ -465,6 +526,8 @@ struct Work {
     keys: keys_avx512::Work,
     #[cfg(target_arch = "x86_64")]
     rows: rows_avx512::Work,
+    #[cfg(target_arch = "x86_64")]
+    rows_bf16: rows_bf16::Work,
     /// An item's partial result over a later page, before it is folded into the first's.
     spill: Spill,
 }
@@ -496,6 +559,8 @@ impl Work {
             Kernel::Keys => self.keys.prepare(d, rows),
             #[cfg(target_arch = "x86_64")]
             Kernel::Rows => self.rows.prepare(d, rows),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::RowsBf16 => self.rows_bf16.prepare(d, rows),
             Kernel::Body => self.body.prepare(d, rows),
         }
     }
@@ -579,6 +644,9 @@ enum Kernel {
     /// [`rows_avx512::item`].
     #[cfg(target_arch = "x86_64")]
     Rows,
+    /// [`rows_bf16::item`].
+    #[cfg(target_arch = "x86_64")]
+    RowsBf16,
     /// [`body::item`] (AVX2 and portable).
     Body,
 }
@@ -592,9 +660,12 @@ fn kernel<E: KvElem>(isa: Isa, path: Path, rows: usize) -> Kernel {
             let by_rows = match path {
                 Path::Auto => rows >= MIN_ROWS_FOR_ROWS_KERNEL,
                 Path::Keys => false,
-                Path::Rows => true,
+                Path::Rows | Path::RowsBf16 => true,
             };
-            if by_rows {
+            let bf16 = path == Path::RowsBf16 || E::BF16_DOTS;
+            if by_rows && bf16 && rows_bf16::available() {
+                Kernel::RowsBf16
+            } else if by_rows {
                 Kernel::Rows
             } else if E::KEYS_AVX512 {
                 Kernel::Keys
@@ -613,6 +684,9 @@ fn run_item<E: KvElem>(isa: Isa, path: Path, args: &Args<E>, it: Item, work: &mu
         // `attention_path_into` passes an ISA only if it is available.
         #[cfg(target_arch = "x86_64")]
         Kernel::Rows => unsafe { rows_avx512::item(args, it, &mut work.rows, out) },
+        // SAFETY: `kernel` picks it only where `rows_bf16::available`.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::RowsBf16 => unsafe { rows_bf16::item(args, it, &mut work.rows_bf16, out) },
         #[cfg(target_arch = "x86_64")]
         Kernel::Keys => unsafe { E::item_avx512(args, it, &mut work.keys, out) },
         Kernel::Body => body::item(isa, args, it, &mut work.body, out),

@@ -146,16 +146,28 @@ fn check(c: &Case) -> Result<(), TestCaseError> {
         Dt::Q8 if c.t == 1 => &[Path::Rows],
         _ => &[Path::Rows, Path::Keys, Path::Auto],
     };
-    for &path in paths {
+    // Where the bf16 kernel runs, its roundings (see `rows_bf16`) bound the error instead.
+    let bf16_kernel = super::rows_bf16::available();
+    let tol = |path: Path| match (path, c.dt) {
+        (Path::RowsBf16, _) | (Path::Rows | Path::Auto, Dt::Q8) if bf16_kernel => 2e-2 * scale + 1e-4,
+        _ => 2e-5 * scale + 1e-6,
+    };
+    for &path in paths.iter().chain(&[Path::RowsBf16]) {
         let got = attention_path(Isa::Avx512, path, q.view(), &k, &v, &ctx).unwrap();
         let diff = got
             .iter()
             .zip(&want)
             .fold(0f32, |m, (&a, &b)| m.max((a - b).abs()));
-        prop_assert!(
-            diff <= 2e-5 * scale + 1e-6,
-            "{path:?}: max diff {diff:e} (scale {scale})"
-        );
+        if std::env::var_os("PATH_TESTS_PRINT").is_some() {
+            eprintln!(
+                "{path:?} {:?} d {} len {} diff/scale {:e}",
+                c.dt,
+                c.d,
+                c.len,
+                diff / scale
+            );
+        }
+        prop_assert!(diff <= tol(path), "{path:?}: max diff {diff:e} (scale {scale})");
     }
     Ok(())
 }

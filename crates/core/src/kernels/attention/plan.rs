@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{
     kernel, run_item, visible_slots, Ahead, Args, AttentionScratch, AttnContext, Dims, Item, Kernel, KvElem,
-    Partial, Path, Work, KEY_TILE, MIN_KEYS_PER_SPLIT, ROWS_PER_ITEM,
+    Partial, Path, Work, KEY_TILE, MIN_KEYS_PER_SPLIT, ROWS_PER_ITEM, ROWS_PER_ITEM_BF16,
 };
 use crate::kernels::simd::QueryI8;
 use crate::kernels::Isa;
@@ -40,7 +40,7 @@ impl<'c> Call<'c> {
         if self.dims.t == 0 || self.dims.len == 0 {
             return;
         }
-        self.plan_items(scratch);
+        self.plan_items::<E>(scratch);
         self.prepare_work::<E>(scratch);
         self.round_queries::<E>(&mut scratch.qi);
         self.execute::<E>(k, v, scratch);
@@ -102,7 +102,7 @@ impl<'c> Call<'c> {
     /// Items: kv heads × query blocks; when that leaves threads idle (decoding with few kv
     /// heads), the keys of each item are split too and the pieces merged afterwards. Sizes the
     /// partial buffers for them.
-    fn plan_items(&self, scratch: &mut AttentionScratch) {
+    fn plan_items<E: KvElem>(&self, scratch: &mut AttentionScratch) {
         let Dims {
             t,
             hkv,
@@ -113,7 +113,12 @@ impl<'c> Call<'c> {
         } = self.dims;
         let rep = self.dims.group();
         let ctx = self.ctx;
-        let tokens_per_item = (ROWS_PER_ITEM / rep).max(1);
+        let rows_per_item = match kernel::<E>(self.isa, self.path, ROWS_PER_ITEM) {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::RowsBf16 => ROWS_PER_ITEM_BF16,
+            _ => ROWS_PER_ITEM,
+        };
+        let tokens_per_item = (rows_per_item / rep).max(1);
         let base = &mut scratch.base;
         base.clear();
         for g in 0..hkv {
@@ -184,7 +189,7 @@ impl<'c> Call<'c> {
             scratch.work.resize_with(threads, Work::default);
         }
         let rep = self.dims.group();
-        let mut largest = [(Kernel::Body, 0usize); 3];
+        let mut largest = [(Kernel::Body, 0usize); 4];
         for it in &scratch.items {
             let rows = (it.t1 - it.t0) * rep;
             let k = kernel::<E>(self.isa, self.path, rows);

@@ -31,33 +31,26 @@ const TILE: usize = 64;
 /// Keys scored together: 8 independent accumulator chains cover the FMA latency.
 const KEY_GROUP: usize = 8;
 
-/// Working space of [`item`], reused from item to item.
+/// What both rows-in-lanes kernels ([`item`], [`super::rows_bf16::item`]) keep per item of
+/// `nblk` blocks of [`LANES`] rows: visible ranges and the online-softmax state.
 #[derive(Debug, Default)]
-pub(super) struct Work {
-    /// Transposed, scaled queries, `[blk][dp][LANES]`.
-    qt: Vec<f32>,
+pub(super) struct RowState {
     /// Visible key slots of each row (`[blk][LANES]`), empty as `0..0`.
-    lo: Vec<i32>,
-    hi: Vec<i32>,
+    pub(super) lo: Vec<i32>,
+    pub(super) hi: Vec<i32>,
     /// Key ranges of each block of rows.
-    blocks: Vec<BlockRange>,
-    /// The buffers of [`State`].
-    acc: Vec<f32>,
-    m: Vec<f32>,
-    l: Vec<f32>,
-    kw: Vec<f32>,
-    vw: Vec<f32>,
-    s: Vec<f32>,
+    pub(super) blocks: Vec<BlockRange>,
+    /// Unnormalised outputs, `[blk][dp][LANES]`.
+    pub(super) acc: Vec<f32>,
+    /// Running max and sum, `[blk][LANES]`.
+    pub(super) m: Vec<f32>,
+    pub(super) l: Vec<f32>,
 }
 
-impl Work {
-    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, with
-    /// their initial values. Once done for the largest item of a call (see `run`), doing it
-    /// for any item of the call allocates nothing.
-    pub(super) fn prepare(&mut self, d: usize, rows: usize) {
-        let nblk = rows.div_ceil(LANES);
-        let dp = d.div_ceil(LANES) * LANES;
-        refill(&mut self.qt, nblk * dp * LANES, 0f32);
+impl RowState {
+    /// Empties the buffers and sizes them for `nblk` blocks of head dim `dp` (padded), with
+    /// their initial values.
+    pub(super) fn prepare(&mut self, nblk: usize, dp: usize) {
         refill(&mut self.lo, nblk * LANES, 0i32);
         refill(&mut self.hi, nblk * LANES, 0i32);
         self.blocks.clear();
@@ -65,25 +58,12 @@ impl Work {
         refill(&mut self.acc, nblk * dp * LANES, 0f32);
         refill(&mut self.m, nblk * LANES, f32::NEG_INFINITY);
         refill(&mut self.l, nblk * LANES, 0f32);
-        // Room for a key group past the tile: scores of keys past the range are computed on
-        // whatever is there (finite: zeros or earlier keys of this item) and never used.
-        refill(&mut self.kw, (TILE + KEY_GROUP) * dp, 0f32);
-        refill(&mut self.vw, TILE * dp, 0f32);
-        refill(&mut self.s, (TILE + KEY_GROUP) * LANES, 0f32);
     }
 
     /// Garbage in every buffer (tests: a call must not read what an earlier one left).
     #[cfg(test)]
     pub(super) fn poison(&mut self) {
-        for x in [
-            &mut self.qt,
-            &mut self.acc,
-            &mut self.m,
-            &mut self.l,
-            &mut self.kw,
-            &mut self.vw,
-            &mut self.s,
-        ] {
+        for x in [&mut self.acc, &mut self.m, &mut self.l] {
             x.fill(f32::NAN);
         }
         self.lo.fill(i32::MAX);
@@ -97,6 +77,45 @@ impl Work {
     }
 }
 
+/// Working space of [`item`], reused from item to item.
+#[derive(Debug, Default)]
+pub(super) struct Work {
+    /// Transposed, scaled queries, `[blk][dp][LANES]`.
+    qt: Vec<f32>,
+    rows: RowState,
+    /// The tile's keys and values widened, `[key][dp]` (zeros past `d`).
+    kw: Vec<f32>,
+    vw: Vec<f32>,
+    /// Scores, then probabilities, of one block against the tile: `[key][LANES]`.
+    s: Vec<f32>,
+}
+
+impl Work {
+    /// Empties the buffers and sizes them for an item of `rows` query rows of dim `d`, with
+    /// their initial values. Once done for the largest item of a call (see `run`), doing it
+    /// for any item of the call allocates nothing.
+    pub(super) fn prepare(&mut self, d: usize, rows: usize) {
+        let nblk = rows.div_ceil(LANES);
+        let dp = d.div_ceil(LANES) * LANES;
+        refill(&mut self.qt, nblk * dp * LANES, 0f32);
+        self.rows.prepare(nblk, dp);
+        // Room for a key group past the tile: scores of keys past the range are computed on
+        // whatever is there (finite: zeros or earlier keys of this item) and never used.
+        refill(&mut self.kw, (TILE + KEY_GROUP) * dp, 0f32);
+        refill(&mut self.vw, TILE * dp, 0f32);
+        refill(&mut self.s, (TILE + KEY_GROUP) * LANES, 0f32);
+    }
+
+    /// Garbage in every buffer (tests: a call must not read what an earlier one left).
+    #[cfg(test)]
+    pub(super) fn poison(&mut self) {
+        for x in [&mut self.qt, &mut self.kw, &mut self.vw, &mut self.s] {
+            x.fill(f32::NAN);
+        }
+        self.rows.poison();
+    }
+}
+
 /// One item on AVX-512 with rows in lanes (see the module doc), its result written to `out`.
 ///
 /// # Safety
@@ -104,66 +123,33 @@ impl Work {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
 pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, out: Partial) {
     let d = args.dims.d;
-    let hq = args.dims.hq;
-    let rep = args.dims.group();
-    let ctx = args.ctx;
-    let nt = it.t1 - it.t0;
-    let rows = nt * rep;
-    let nblk = rows.div_ceil(LANES);
+    let rows = (it.t1 - it.t0) * args.dims.group();
     let dp = d.div_ceil(LANES) * LANES;
 
     work.prepare(d, rows);
     let Work {
         qt,
+        rows: st_rows,
+        kw,
+        vw,
+        s,
+    } = work;
+    let RowState {
         lo,
         hi,
         blocks,
         acc,
         m,
         l,
-        kw,
-        vw,
-        s,
-    } = work;
-    // Transposed, scaled queries `[blk][dp][LANES]` and visible slots per lane.
-    for ti in 0..nt {
-        let t = it.t0 + ti;
-        let (a, b) = visible_slots(ctx.mask, ctx.positions[t], args.dims.first_pos, args.dims.len);
-        let (a, b) = (a.max(it.s0), b.min(it.s1));
-        for r in 0..rep {
-            let row = ti * rep + r;
-            let (blk, lane) = (row / LANES, row % LANES);
-            if a < b {
-                lo[row] = a as i32;
-                hi[row] = b as i32;
-            }
-            let src = &args.q[(t * hq + it.g * rep + r) * d..][..d];
-            for (i, &x) in src.iter().enumerate() {
-                qt[(blk * dp + i) * LANES + lane] = x * ctx.scale;
-            }
+    } = st_rows;
+    block_ranges(args, it, lo, hi, blocks);
+    // Transposed, scaled queries `[blk][dp][LANES]`.
+    for row in 0..rows {
+        let (blk, lane) = (row / LANES, row % LANES);
+        for (i, &x) in query_row(args, it, row).iter().enumerate() {
+            qt[(blk * dp + i) * LANES + lane] = x * args.ctx.scale;
         }
     }
-    // Per block: the union of the rows' ranges, and the intersection (a tile inside it needs
-    // no masks). Empty rows and padding lanes make the intersection empty.
-    blocks.extend((0..nblk).map(|blk| {
-        let real = (rows - blk * LANES).min(LANES);
-        let mut br = BlockRange {
-            ua: usize::MAX,
-            ub: 0,
-            ia: 0,
-            ib: usize::MAX,
-        };
-        for lane in 0..real {
-            let (a, b) = (lo[blk * LANES + lane] as usize, hi[blk * LANES + lane] as usize);
-            if a < b {
-                br.ua = br.ua.min(a);
-                br.ub = br.ub.max(b);
-            }
-            br.ia = br.ia.max(a);
-            br.ib = br.ib.min(b);
-        }
-        br
-    }));
 
     let mut st = State {
         dp,
@@ -179,16 +165,9 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, 
 
     for j0 in (it.s0..it.s1).step_by(TILE) {
         let j1 = (j0 + TILE).min(it.s1);
-        // Widen only the keys some block reads.
-        let (wa, wb) = blocks
-            .iter()
-            .filter(|br| br.ua < br.ub)
-            .fold((j1, j0), |(a, b), br| {
-                (a.min(br.ua.max(j0)), b.max(br.ub.min(j1)))
-            });
-        if wa >= wb {
+        let Some((wa, wb)) = tile_span(blocks, j0, j1) else {
             continue;
-        }
+        };
         let (ks, vs) = (
             args.scales(args.k_scales, it.g, wa, wb),
             args.scales(args.v_scales, it.g, wa, wb),
@@ -210,24 +189,108 @@ pub(super) unsafe fn item<E: KvElem>(args: &Args<E>, it: Item, work: &mut Work, 
         }
     }
 
-    // Back to `[rows, d]`.
+    write_out(&st.acc[..], &st.m[..], &st.l[..], 1.0, out, rows, d, dp);
+}
+
+/// Query row `row` of item `it` (token-major, then the heads of its group), unscaled: `[D]`.
+#[inline(always)]
+pub(super) fn query_row<'a, E>(args: &Args<'a, E>, it: Item, row: usize) -> &'a [f32] {
+    let (d, rep) = (args.dims.d, args.dims.group());
+    let (t, r) = (it.t0 + row / rep, row % rep);
+    &args.q[(t * args.dims.hq + it.g * rep + r) * d..][..d]
+}
+
+/// Visible key slots of each row of item `it` (`lo..hi` per lane of `[blk][LANES]`, left
+/// `0..0` when empty), and per block of rows the union and the intersection of its rows'
+/// ranges (a tile inside the intersection needs no masks). Empty rows and padding lanes make
+/// the intersection empty.
+pub(super) fn block_ranges<E>(
+    args: &Args<E>,
+    it: Item,
+    lo: &mut [i32],
+    hi: &mut [i32],
+    blocks: &mut Vec<BlockRange>,
+) {
+    let rep = args.dims.group();
+    let rows = (it.t1 - it.t0) * rep;
+    for row in 0..rows {
+        let t = it.t0 + row / rep;
+        let (a, b) = visible_slots(
+            args.ctx.mask,
+            args.ctx.positions[t],
+            args.dims.first_pos,
+            args.dims.len,
+        );
+        let (a, b) = (a.max(it.s0), b.min(it.s1));
+        if a < b {
+            lo[row] = a as i32;
+            hi[row] = b as i32;
+        }
+    }
+    blocks.extend((0..rows.div_ceil(LANES)).map(|blk| {
+        let real = (rows - blk * LANES).min(LANES);
+        let mut br = BlockRange {
+            ua: usize::MAX,
+            ub: 0,
+            ia: 0,
+            ib: usize::MAX,
+        };
+        for lane in 0..real {
+            let (a, b) = (lo[blk * LANES + lane] as usize, hi[blk * LANES + lane] as usize);
+            if a < b {
+                br.ua = br.ua.min(a);
+                br.ub = br.ub.max(b);
+            }
+            br.ia = br.ia.max(a);
+            br.ib = br.ib.min(b);
+        }
+        br
+    }));
+}
+
+/// The key slots of tile `j0..j1` that some block reads (`None`: no block reads the tile).
+pub(super) fn tile_span(blocks: &[BlockRange], j0: usize, j1: usize) -> Option<(usize, usize)> {
+    let (a, b) = blocks
+        .iter()
+        .filter(|br| br.ua < br.ub)
+        .fold((j1, j0), |(a, b), br| {
+            (a.min(br.ua.max(j0)), b.max(br.ub.min(j1)))
+        });
+    (a < b).then_some((a, b))
+}
+
+/// An item's result back in `[rows, d]` from accumulators `acc: [blk][dp][LANES]`, with each
+/// running max times `m_scale` (the unit the merge reads scores in) and the sums `l`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn write_out(
+    acc: &[f32],
+    m: &[f32],
+    l: &[f32],
+    m_scale: f32,
+    out: Partial,
+    rows: usize,
+    d: usize,
+    dp: usize,
+) {
     for (row, dst) in out.acc.chunks_exact_mut(d.max(1)).enumerate().take(rows) {
         let (blk, lane) = (row / LANES, row % LANES);
         for (i, y) in dst.iter_mut().enumerate() {
-            *y = st.acc[(blk * dp + i) * LANES + lane];
+            *y = acc[(blk * dp + i) * LANES + lane];
         }
     }
-    out.m.copy_from_slice(&st.m[..rows]);
-    out.l.copy_from_slice(&st.l[..rows]);
+    for (y, &x) in out.m.iter_mut().zip(&m[..rows]) {
+        *y = x * m_scale;
+    }
+    out.l.copy_from_slice(&l[..rows]);
 }
 
 /// Key slots `ua..ub` that some row of a block sees, and `ia..ib` that all of them see.
 #[derive(Clone, Debug)]
-struct BlockRange {
-    ua: usize,
-    ub: usize,
-    ia: usize,
-    ib: usize,
+pub(super) struct BlockRange {
+    pub(super) ua: usize,
+    pub(super) ub: usize,
+    pub(super) ia: usize,
+    pub(super) ib: usize,
 }
 
 /// Per-item buffers (in [`Work`]).
@@ -249,7 +312,7 @@ struct State<'a> {
 /// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened (times `scales[j]` for a scaled
 /// format; `scales` is empty for floats), for every key `j` of `src`.
 #[inline(always)]
-fn widen_rows<E: KvElem>(src: &[E], scales: &[f32], dst: &mut [f32], d: usize, dp: usize) {
+pub(super) fn widen_rows<E: KvElem>(src: &[E], scales: &[f32], dst: &mut [f32], d: usize, dp: usize) {
     if d == dp && scales.is_empty() {
         E::widen(src, &mut dst[..src.len()]);
     } else {

@@ -65,6 +65,7 @@ impl AttentionScratch {
             {
                 w.keys.poison();
                 w.rows.poison();
+                w.rows_bf16.poison();
             }
         }
     }
@@ -116,7 +117,7 @@ fn into_matches_fresh(sh: &Shape, seed: u64, scratch: &mut AttentionScratch) {
     };
     for isa in available_isas() {
         let paths: &[Path] = if isa == Isa::Avx512 {
-            &[Path::Auto, Path::Keys, Path::Rows]
+            &[Path::Auto, Path::Keys, Path::Rows, Path::RowsBf16]
         } else {
             &[Path::Auto]
         };
