@@ -15,7 +15,8 @@
 //! kernel is bound by arithmetic; throughput is the visible query-key pairs per call
 //! (query heads × keys each query sees), so criterion reports pairs per second.
 //! - `demo`: the demo model's layout (4 query heads, 2 kv heads, head dim 16), 512 tokens at
-//!   32K context, as `examples/long_context.rs` prefills.
+//!   32K context, as `examples/long_context.rs` prefills; `demo_q8` the same over a q8 cache
+//!   (on CPUs with AVX-512 BF16, the bf16-dot kernel).
 //! - `scout`: Scout's layout, 64 tokens at 8K context.
 //! - `mid`: `bench-mid`'s layout (16 query heads, 4 kv heads, head dim 64), a 512-token prompt
 //!   prefilled from position 0, as `examples/bench_generate.rs --prompt-len 512` does.
@@ -32,7 +33,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use half::bf16;
 use irope_attn::{attention, AttnContext, LayerKind};
-use llama4_core::{pool, KvData, KvDtype, KvView};
+use llama4_core::{pool, quantize_q8, KvData, KvDtype, KvView};
 use llama4_model::kv_cache::{CacheSpec, LayerCache};
 use ndarray::Array3;
 
@@ -268,10 +269,11 @@ fn prefill(c: &mut Criterion) {
     group.sample_size(10);
     group.warm_up_time(std::time::Duration::from_secs(1));
     group.measurement_time(std::time::Duration::from_secs(4));
-    for (name, hq, hkv, d, ctx_len, t) in [
-        ("demo", 4, 2, 16, 32 * 1024, 512),
-        ("scout", HQ, HKV, D, 8 * 1024, 64),
-        ("mid", 16, 4, 64, 512, 512),
+    for (name, hq, hkv, d, ctx_len, t, q8) in [
+        ("demo", 4, 2, 16, 32 * 1024, 512, false),
+        ("demo_q8", 4, 2, 16, 32 * 1024, 512, true),
+        ("scout", HQ, HKV, D, 8 * 1024, 64, false),
+        ("mid", 16, 4, 64, 512, 512, false),
     ] {
         let k = fill(hkv * ctx_len * d, 4);
         let v = fill(hkv * ctx_len * d, 5);
@@ -280,8 +282,31 @@ fn prefill(c: &mut Criterion) {
             fill(t * hq * d, 6).iter().map(|x| x.to_f32()).collect(),
         )
         .expect("sized");
-        let kv = KvView::contiguous(KvData::BF16(&k), hkv, ctx_len, d, ctx_len * d, 0);
-        let vv = KvView::contiguous(KvData::BF16(&v), hkv, ctx_len, d, ctx_len * d, 0);
+        // q8: the same values quantised per head vector, as the cache stores them.
+        let quant = |x: &[bf16]| {
+            let mut q = vec![0i8; x.len()];
+            let s: Vec<f32> = x
+                .chunks_exact(d)
+                .zip(q.chunks_exact_mut(d))
+                .map(|(x, q)| quantize_q8(&x.iter().map(|v| v.to_f32()).collect::<Vec<_>>(), q))
+                .collect();
+            (q, s)
+        };
+        let ((kq, ks), (vq, vs)) = if q8 {
+            (quant(&k), quant(&v))
+        } else {
+            Default::default()
+        };
+        let (kd, vd) = if q8 {
+            (
+                KvData::Q8 { q: &kq, scales: &ks },
+                KvData::Q8 { q: &vq, scales: &vs },
+            )
+        } else {
+            (KvData::BF16(&k), KvData::BF16(&v))
+        };
+        let kv = KvView::contiguous(kd, hkv, ctx_len, d, ctx_len * d, 0);
+        let vv = KvView::contiguous(vd, hkv, ctx_len, d, ctx_len * d, 0);
         let positions: Vec<usize> = (ctx_len - t..ctx_len).collect();
         let actx = AttnContext {
             positions: &positions,
