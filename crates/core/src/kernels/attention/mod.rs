@@ -211,8 +211,9 @@ impl KvElem for bf16 {
 }
 
 /// [`KvData::Q8`]: int8 elements, each vector times its scale. On AVX-512, items of many rows
-/// (prefill) run [`rows_avx512`], which widens each key and value with its scale; the rest
-/// (decoding) run the AVX2 body, which scores in integers.
+/// (prefill) run a rows-in-lanes kernel, which applies each key's and value's scale as it
+/// widens them ([`rows_bf16`] with AVX-512 BF16, else [`rows_avx512`]); the rest (decoding)
+/// run the AVX2 body, which scores in integers.
 impl KvElem for i8 {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw")]
