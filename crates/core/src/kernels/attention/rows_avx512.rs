@@ -312,7 +312,7 @@ struct State<'a> {
 /// `dst[j·dp .. j·dp + d] = src[j·d .. (j+1)·d]` widened (times `scales[j]` for a scaled
 /// format; `scales` is empty for floats), for every key `j` of `src`.
 #[inline(always)]
-pub(super) fn widen_rows<E: KvElem>(src: &[E], scales: &[f32], dst: &mut [f32], d: usize, dp: usize) {
+fn widen_rows<E: KvElem>(src: &[E], scales: &[f32], dst: &mut [f32], d: usize, dp: usize) {
     if d == dp && scales.is_empty() {
         E::widen(src, &mut dst[..src.len()]);
     } else {
